@@ -1,0 +1,89 @@
+"""Outbox relay: publishes committed config changes to JetStream and the KV snapshot bucket.
+
+Commands write state and an outbox row in one Postgres transaction. This relay then, in outbox
+order, publishes the `config.*` event (`Nats-Msg-Id` = event id, so a retry is deduplicated)
+and applies the KV put/delete, and marks the row published. A crash between those steps
+replays the row: both effects are idempotent. `resync()` makes the bucket equal Postgres state
+at start-up, so a lost KV write is repaired by a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import structlog
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from psycopg_pool import AsyncConnectionPool
+
+from events.publisher import MSG_ID
+from schemas.entities import HEARTBEAT_KEY, Heartbeat, entity_encoder
+
+log = structlog.get_logger(__name__)
+
+
+class OutboxRelay:
+    def __init__(self, pool: AsyncConnectionPool[Any], js: JetStreamContext, kv: KeyValue, stream: str) -> None:
+        self._pool = pool
+        self._js = js
+        self._kv = kv
+        self._stream = stream
+        self._lock = asyncio.Lock()
+        self.last_revision = 0
+
+    async def flush(self) -> int:
+        """Publish every pending outbox row in order; return the last KV revision written."""
+        async with self._lock, self._pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT event_id, subject, event, kv_key, kv_value FROM config_outbox "
+                "WHERE published_at IS NULL ORDER BY seq"
+            )
+            for event_id, subject, event, kv_key, kv_value in await cur.fetchall():
+                await self._js.publish(subject, bytes(event), stream=self._stream, headers={MSG_ID: str(event_id)})
+                if kv_value is None:
+                    try:
+                        self.last_revision = await self._kv.delete(kv_key)
+                    except KeyNotFoundError:
+                        pass
+                else:
+                    self.last_revision = await self._kv.put(kv_key, bytes(kv_value))
+                await conn.execute("UPDATE config_outbox SET published_at = now() WHERE event_id = %s", (event_id,))
+                await conn.commit()
+            return self.last_revision
+
+    async def resync(self) -> int:
+        """Make the bucket equal the live rows of `config_entity`. Returns keys changed."""
+        async with self._lock, self._pool.connection() as conn:
+            cur = await conn.execute("SELECT kv_key, body::text FROM config_entity WHERE deleted_at IS NULL")
+            wanted = {k: v.encode() for k, v in await cur.fetchall()}
+        changed = 0
+        try:
+            existing = set(await self._kv.keys())
+        except Exception:  # noqa: BLE001 - nats-py raises a bare NoKeysError subclass for an empty bucket
+            existing = set()
+        for key in existing - set(wanted) - {HEARTBEAT_KEY}:
+            await self._kv.delete(key)
+            changed += 1
+        for key, value in wanted.items():
+            try:
+                current = await self._kv.get(key)
+                if current.value == value:
+                    continue
+            except KeyNotFoundError:
+                pass
+            await self._kv.put(key, value)
+            changed += 1
+        return changed
+
+    async def run(self, heartbeat_s: float) -> None:
+        """Heartbeat and retry unpublished rows until cancelled (covers a NATS outage)."""
+        while True:
+            try:
+                await self._kv.put(HEARTBEAT_KEY, entity_encoder.encode(Heartbeat(ts_ms=int(time.time() * 1000))))
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - keep the loop alive through NATS/PG outages
+                log.warning("relay_iteration_failed", error=type(exc).__name__)
+            await asyncio.sleep(heartbeat_s)

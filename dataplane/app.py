@@ -1,0 +1,100 @@
+"""The data-plane worker: an aiohttp app wired from the cleanup context.
+
+Resources (NATS, the snapshot watcher, the event publisher, the upstream HTTP session) live in
+`_resources`; handlers read them through the `WORKER` key. The worker is stateless: kill it and
+start another anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+
+from dataplane.chat import begin, chat_completions
+from dataplane.http import error_middleware
+from dataplane.models import list_models
+from dataplane.pricing import warm
+from dataplane.snapshot import SnapshotStore, SnapshotWatcher
+from dataplane.state import WORKER, WorkerState
+from events.jetstream import connect, ensure_kv
+from events.publisher import EventPublisher
+from schemas.keys import KeyRing
+from schemas.openai import ModelList
+from schemas.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+_encoder = msgspec.json.Encoder()
+
+
+async def models(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    rec = begin(request, worker)
+    body = ModelList(data=list_models(rec.snap, rec.vk.workspace_id))
+    return web.Response(body=_encoder.encode(body), content_type="application/json",
+                        headers={"Alephant-Request-Id": rec.ctx.request_id})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    worker = request.app[WORKER]
+    status = worker.store.status(int(time.time() * 1000), worker.settings.stale_after_s)
+    status["events_pending"] = worker.publisher.pending
+    status["events_published"] = worker.publisher.published
+    return web.json_response(status)
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[WORKER].store.ready.is_set()
+    return web.json_response({"ready": ready}, status=200 if ready else 503)
+
+
+def _resources(settings: Settings) -> web.CleanupContext:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        keyring = KeyRing(settings.secret_key)
+        warm()
+        nc = await connect(settings.nats_url, "alephant-dataplane")
+        js = nc.jetstream()
+        kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
+        store = SnapshotStore()
+        watcher = SnapshotWatcher(kv, store)
+        publisher = EventPublisher(js, stream=settings.stream, subject_prefix=settings.subject_prefix,
+                                   batch_max=settings.event_batch_max,
+                                   flush_interval_s=settings.event_flush_interval_s)
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
+        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, publisher=publisher,
+                                  session=session)
+        tasks = [asyncio.create_task(t, name=n) for n, t in (
+            ("snapshot-watcher", watcher.run()),
+            ("bucket-status", watcher.poll_bucket_seq()),
+            ("event-publisher", publisher.run()),
+        )]
+        yield
+        if not await publisher.drain(timeout=5.0):
+            log.error("events_not_flushed_on_shutdown", pending=publisher.pending)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await session.close()
+        await nc.drain()
+
+    return ctx
+
+
+def build_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    app.cleanup_ctx.append(_resources(settings))
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

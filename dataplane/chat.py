@@ -1,0 +1,176 @@
+"""`POST /v1/chat/completions`: the request lifecycle for Chat Completions.
+
+Order: readiness -> authenticate -> agent context -> parse -> resolve model -> dispatch ->
+price -> respond -> emit `llm.call` (off the request path, always, success or failure).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+import structlog
+from aiohttp import web
+
+from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
+from dataplane.pricing import call_cost_nanos
+from dataplane.providers.base import CallStats, UpstreamCall
+from dataplane.providers.registry import adapter_for
+from dataplane.http import read_json
+from dataplane.snapshot import Snapshot
+from dataplane.state import WORKER, WorkerState
+from schemas.entities import VirtualKey
+from schemas.errors import GatewayError, UpstreamError, render_openai
+from schemas.events import LlmCall, Usage
+from schemas.ids import uuid7
+from schemas.money import nanos_to_decimal_str
+from schemas.openai import ChatCompletionRequest
+
+log = structlog.get_logger(__name__)
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+@dataclass(slots=True)
+class CallRecord:
+    """Facts gathered while serving one call, turned into the `llm.call` event at the end."""
+
+    snap: Snapshot
+    vk: VirtualKey
+    ctx: AgentContext
+    started: float
+    target: Target | None = None
+    requested_model: str = ""
+    stream: bool = False
+    status: int = 200
+    error_code: str | None = None
+    usage: Usage | None = None
+    cost_nanos: int = 0
+    priced: bool = True
+    ttfb_ms: float | None = None
+    partial: bool = False
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def price(self) -> None:
+        if self.usage is not None and self.target is not None:
+            self.cost_nanos, self.priced = call_cost_nanos(self.snap.prices, self.target.provider,
+                                                          self.target.model, self.usage)
+
+    def event(self) -> LlmCall:
+        provider = self.target.provider.name if self.target else self.requested_model.partition("/")[0]
+        model = self.target.model if self.target else self.requested_model
+        return LlmCall(
+            event_id=uuid7(),
+            occurred_at=dt.datetime.now(dt.UTC),
+            workspace_id=self.vk.workspace_id,
+            agent_id=self.ctx.agent_id,
+            run_id=self.ctx.run_id,
+            session_id=self.ctx.session_id,
+            workflow_id=self.ctx.workflow_id,
+            request_id=self.ctx.request_id,
+            snapshot_revision=self.snap.revision,
+            provider=provider,
+            model=model,
+            stream=self.stream,
+            status=self.status,
+            error_code=self.error_code,
+            usage=self.usage or Usage(),
+            cost_nanos=self.cost_nanos,
+            priced=self.priced,
+            key_id=self.vk.id,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            ttfb_ms=self.ttfb_ms,
+            partial=self.partial,
+        )
+
+    def headers(self) -> dict[str, str]:
+        h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": "miss"}
+        if self.target is not None:
+            h["Alephant-Provider"] = self.target.provider.name
+        return h
+
+
+def begin(request: web.Request, worker: WorkerState) -> CallRecord:
+    """Readiness, authentication and agent context: what every ingress does first."""
+    store = worker.store
+    if not store.ready.is_set():
+        raise UpstreamError("The gateway is starting and has not loaded its configuration yet.",
+                            status=503, code="not_ready")
+    snap = store.current
+    key = bearer_token(request.headers.get("Authorization"), request.headers.get("x-api-key"))
+    vk = authenticate(snap, key, worker.keyring.hash_key)
+    ctx = agent_context(request.headers, vk, _new_request_id)
+    request["Alephant-Request-Id"] = ctx.request_id
+    return CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter())
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    worker = request.app[WORKER]
+    rec = begin(request, worker)
+    typed, raw = await read_json(request, ChatCompletionRequest, worker.settings.max_body_bytes)
+    rec.requested_model = typed.model
+    rec.stream = bool(typed.stream)
+    try:
+        rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
+        adapter = adapter_for(rec.target.provider.type)
+        raw["model"] = rec.target.model
+        call = UpstreamCall(
+            provider=rec.target.provider,
+            model=rec.target.model,
+            body=raw,
+            api_key=worker.provider_key(rec.target.provider.api_key_enc),
+            session=worker.session,
+            timeout_s=worker.settings.upstream_timeout_s,
+            client_wants_usage=bool(typed.stream_options and typed.stream_options.include_usage),
+        )
+        if rec.stream:
+            return await _relay_stream(request, rec, adapter.stream(call, stats := CallStats()), stats)
+        result = await adapter.complete(call)
+        rec.usage = result.usage
+        rec.price()
+        headers = rec.headers()
+        headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
+        return web.Response(body=result.body, content_type="application/json", headers=headers)
+    except GatewayError as err:
+        rec.status, rec.error_code = err.status, err.code
+        raise
+    finally:
+        worker.publisher.emit(rec.event())
+
+
+async def _relay_stream(request: web.Request, rec: CallRecord, events: AsyncGenerator[bytes, None],
+                        stats: CallStats) -> web.StreamResponse:
+    first = await events.__anext__()  # upstream errors before the first byte become JSON errors
+    rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
+    resp = web.StreamResponse(headers={**SSE_HEADERS, **rec.headers()})
+    await resp.prepare(request)
+    try:
+        await resp.write(first)
+        async for chunk in events:
+            if chunk.startswith(b"data: [DONE]"):
+                rec.usage = stats.usage
+                rec.price()
+                # An SSE comment: clients ignore it, humans and our tests can read the cost.
+                await resp.write(f": alephant-cost-usd {nanos_to_decimal_str(rec.cost_nanos)}\n\n".encode())
+            await resp.write(chunk)
+    except GatewayError as err:
+        rec.status, rec.error_code, rec.partial = err.status, err.code, True
+        rec.usage = stats.usage
+        rec.price()
+        await resp.write(b"data: " + render_openai(err) + b"\n\n")
+    except (ConnectionResetError, OSError):
+        # The client went away: stop reading upstream and record what was consumed.
+        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+        rec.usage = stats.usage
+        rec.price()
+        await events.aclose()
+        return resp
+    await resp.write_eof()
+    return resp

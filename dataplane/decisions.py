@@ -1,0 +1,111 @@
+"""Pure request decisions over one snapshot: authentication, agent context, model resolution.
+
+No IO, no clock, no globals: each function takes the snapshot and request facts and returns a
+value or raises a `GatewayError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from dataplane.snapshot import Snapshot
+from schemas.entities import Provider, VirtualKey
+from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+
+MAX_HEADER_ID_LEN = 200
+
+# Agent-context headers (contract).
+AGENT_ID = "Alephant-Agent-Id"
+RUN_ID = "Alephant-Run-Id"
+SESSION_ID = "Alephant-Session-Id"
+WORKFLOW_ID = "Alephant-Workflow-Id"
+REQUEST_ID = "Alephant-Request-Id"
+PROPERTY_PREFIX = "alephant-property-"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentContext:
+    request_id: str
+    agent_id: str | None
+    run_id: str | None
+    session_id: str | None
+    workflow_id: str | None
+    properties: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    model: str
+
+
+def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str:
+    """The credential from `Authorization: Bearer <key>` (or `x-api-key`, for Anthropic clients)."""
+    if authorization:
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer <virtual key>'.")
+    if x_api_key:
+        return x_api_key.strip()
+    raise AuthenticationFailed(
+        "You didn't provide an API key. Send your virtual key as 'Authorization: Bearer <key>'."
+    )
+
+
+def authenticate(snap: Snapshot, key: str, hash_key: Callable[[str], str]) -> VirtualKey:
+    """The virtual key whose keyed hash matches, or 401 `invalid_api_key`."""
+    vk = snap.keys_by_hash.get(hash_key(key))
+    if vk is None:
+        raise AuthenticationFailed("Incorrect API key provided. The key is unknown or has been revoked.")
+    return vk
+
+
+def _header_id(headers: Mapping[str, str], name: str) -> str | None:
+    value = headers.get(name)
+    if value is None or value == "":
+        return None
+    if len(value) > MAX_HEADER_ID_LEN or not value.isprintable():
+        raise InvalidRequest(f"Header {name} must be printable and at most {MAX_HEADER_ID_LEN} characters.",
+                             param=name)
+    return value
+
+
+def agent_context(headers: Mapping[str, str], vk: VirtualKey, new_request_id: Callable[[], str]) -> AgentContext:
+    """Agent context from the contract headers. A key bound to an agent may only act as it."""
+    agent = _header_id(headers, AGENT_ID)
+    if vk.agent_id is not None:
+        if agent is not None and agent != vk.agent_id:
+            raise PermissionDenied(
+                f"This key is bound to agent '{vk.agent_id}' and cannot act as '{agent}'.", code="agent_mismatch"
+            )
+        agent = vk.agent_id
+    props = tuple(
+        (k[len(PROPERTY_PREFIX):], v) for k, v in headers.items() if k.lower().startswith(PROPERTY_PREFIX)
+    )
+    return AgentContext(
+        request_id=_header_id(headers, REQUEST_ID) or new_request_id(),
+        agent_id=agent,
+        run_id=_header_id(headers, RUN_ID),
+        session_id=_header_id(headers, SESSION_ID),
+        workflow_id=_header_id(headers, WORKFLOW_ID),
+        properties=props,
+    )
+
+
+def resolve_model(snap: Snapshot, workspace_id: str, model: str) -> Target:
+    """`provider/model_id` or a workspace alias, to the provider entity and upstream model id."""
+    alias = snap.aliases.get((workspace_id, model))
+    name = alias.target if alias is not None else model
+    provider_name, sep, model_id = name.partition("/")
+    if not sep or not provider_name or not model_id:
+        raise NotFound(
+            f"The model '{model}' does not exist. Name models as 'provider/model_id' (for example 'mock/echo').",
+            param="model",
+        )
+    provider = snap.providers.get((workspace_id, provider_name))
+    if provider is None:
+        raise NotFound(f"The model '{model}' does not exist: provider '{provider_name}' is not configured "
+                       "for this workspace.", param="model")
+    return Target(provider=provider, model=model_id)

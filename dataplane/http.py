@@ -1,0 +1,137 @@
+"""HTTP edge shared by the data plane and the admin API: body intake and error rendering.
+
+`read_json` enforces the content type and the body limit *before* decoding, then decodes with
+msgspec into a typed Struct. `error_middleware` is the one place errors become responses.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import structlog
+from aiohttp import web
+
+from schemas.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    render_anthropic,
+    render_openai,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
+_PATH_RE = re.compile(r"`\$\.?([^`]*)`")
+_FIELD_RE = re.compile(r"required field `([^`]+)`")
+
+
+def _is_json(content_type: str) -> bool:
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The raw body, or 415 / 413. Never reads more than `limit + 1` bytes."""
+    if not _is_json(request.content_type):
+        raise UnsupportedMediaType(
+            f"Unsupported Content-Type '{request.content_type or 'none'}'; send 'application/json'."
+        )
+    too_large = PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
+    text = str(exc)
+    field = _FIELD_RE.search(text)
+    path = _PATH_RE.search(text)
+    param = field.group(1) if field else (path.group(1) if path else None)
+    if field and path and path.group(1):
+        param = f"{path.group(1)}.{field.group(1)}"
+    message = _PATH_RE.sub("", text).replace(" - at", "").strip().rstrip("-").strip()
+    where = f" (at '{param}')" if param else ""
+    return InvalidRequest(f"Invalid request body: {message}{where}.", param=param)
+
+
+def decode_json(body: bytes) -> Any:
+    """Decode bytes to plain JSON values, or a 400 that does not echo parser internals."""
+    try:
+        return _any_decoder.decode(body)
+    except msgspec.DecodeError:
+        raise InvalidRequest(
+            "We could not parse the JSON body of your request. The body must be valid UTF-8 JSON."
+        ) from None
+
+
+def validate(raw: Any, schema: type[T]) -> T:
+    """Convert decoded JSON into `schema`, or a 400 naming the offending field in `param`."""
+    if not isinstance(raw, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        return msgspec.convert(raw, schema)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc) from None
+
+
+async def read_json(request: web.Request, schema: type[T], limit: int) -> tuple[T, dict[str, Any]]:
+    """`(typed, raw)`: the validated Struct and the decoded dict (forwarded as-is upstream)."""
+    raw = decode_json(await read_body(request, limit))
+    return validate(raw, schema), raw
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path.startswith("/v1/messages") or path.startswith("/anthropic/")
+
+
+def error_response(request: web.Request, err: GatewayError) -> web.Response:
+    body = render_anthropic(err) if is_anthropic_path(request.path) else render_openai(err)
+    headers = dict(err.headers)
+    if "Alephant-Request-Id" in request:
+        headers["Alephant-Request-Id"] = request["Alephant-Request-Id"]
+    return web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound(f"Unknown path. No route matches '{exc.reason}'.", code="unknown_url")
+    if exc.status == 405:
+        err = InvalidRequest("Method not allowed for this path.", code="method_not_allowed")
+        err.status = 405
+        return err
+    if exc.status == 413:
+        return PayloadTooLarge("Request body is too large.")
+    err = InvalidRequest(exc.reason or "Bad request.")
+    err.status = exc.status
+    return err
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every failure in the ingress API's error shape; never leak a stack trace."""
+    try:
+        return await handler(request)
+    except GatewayError as err:
+        return error_response(request, err)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = _from_http_exception(exc)
+        if exc.status == 404:
+            err.message = f"Unknown request URL: {request.method} {request.path}."
+        return error_response(request, err)
+    except Exception:
+        log.exception("unhandled_error", path=request.path)
+        return error_response(request, InternalError("The gateway hit an internal error. It has been logged."))

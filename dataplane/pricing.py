@@ -1,0 +1,91 @@
+"""Call cost in integer nano-USD, from provider-reported usage.
+
+Resolution order: an operator `PriceOverride` in the snapshot, then the bundled `genai-prices`
+catalog, then "unpriced" (cost 0, `priced=False` on the event so finance can find it).
+Pure apart from genai-prices' in-memory catalog; no IO, no clock.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from decimal import Decimal
+
+from genai_prices import Usage as GPUsage
+from genai_prices import calc_price, data_snapshot
+
+from schemas.entities import PriceOverride, Provider
+from schemas.events import Usage
+from schemas.money import decimal_to_nanos
+
+# Our provider `type` -> the genai-prices provider id whose catalog prices it.
+CATALOG_PROVIDER = {"openai": "openai"}
+
+_MILLION = 1_000_000
+
+
+def override_cost_nanos(price: PriceOverride, usage: Usage) -> int:
+    """Exact integer arithmetic: token counts times nano-USD per million tokens, rounded half up."""
+    cache_read_price = price.input_per_mtok_nanos if price.cache_read_per_mtok_nanos is None \
+        else price.cache_read_per_mtok_nanos
+    cache_write_price = price.input_per_mtok_nanos if price.cache_write_per_mtok_nanos is None \
+        else price.cache_write_per_mtok_nanos
+    uncached = max(0, usage.input_tokens - usage.cache_read_tokens - usage.cache_write_tokens)
+    micro = (
+        uncached * price.input_per_mtok_nanos
+        + usage.cache_read_tokens * cache_read_price
+        + usage.cache_write_tokens * cache_write_price
+        + usage.output_tokens * price.output_per_mtok_nanos
+    )
+    return (micro + _MILLION // 2) // _MILLION
+
+
+@functools.lru_cache(maxsize=4096)
+def _catalog_cost(provider_id: str, model: str, usage: Usage) -> Decimal | None:
+    try:
+        result = calc_price(
+            GPUsage(
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cache_read_tokens=usage.cache_read_tokens or None,
+                cache_write_tokens=usage.cache_write_tokens or None,
+            ),
+            model,
+            provider_id=provider_id,
+        )
+    except LookupError:
+        return None
+    return result.total_price
+
+
+def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: Provider, model: str,
+                    usage: Usage) -> tuple[int, bool]:
+    """`(cost_nanos, priced)` for one call. `prices` is the snapshot's override index."""
+    override = prices.get((provider.name, model))
+    if override is not None:
+        return override_cost_nanos(override, usage), True
+    catalog_id = CATALOG_PROVIDER.get(provider.type)
+    if catalog_id is None:
+        return 0, False
+    total = _catalog_cost(catalog_id, model, usage)
+    if total is None:
+        return 0, False
+    return decimal_to_nanos(total), True
+
+
+@functools.lru_cache(maxsize=64)
+def catalog_models(provider_type: str) -> tuple[tuple[str, int | None], ...]:
+    """`(model_id, context_window)` pairs the bundled catalog knows for a provider type."""
+    catalog_id = CATALOG_PROVIDER.get(provider_type)
+    if catalog_id is None:
+        return ()
+    for prov in data_snapshot.get_snapshot().providers:
+        if prov.id == catalog_id:
+            return tuple((m.id, m.context_window) for m in prov.models if not m.deprecated)
+    return ()
+
+
+def warm(provider_types: Iterable[str] = ("openai",)) -> None:
+    """Load the catalog before the first request pays for it (about 150 ms)."""
+    for ptype in provider_types:
+        catalog_models(ptype)

@@ -1,0 +1,75 @@
+"""The provider adapter seam: one module per provider, all behind `ChatProvider`.
+
+Adapters speak OpenAI Chat Completions on the gateway side (the canonical internal shape) and
+the provider's native format upstream. They report usage through `CallStats` and raise only
+`GatewayError`s; mapping the provider's errors is their job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from schemas.entities import Provider
+from schemas.events import Usage
+from schemas.openai import CompletionUsage
+from schemas.settings import Secret
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """One dispatch: the body is the client's decoded body with `model` set to the upstream id."""
+
+    provider: Provider
+    model: str
+    body: dict[str, Any]
+    api_key: Secret | None
+    session: aiohttp.ClientSession
+    timeout_s: float
+    client_wants_usage: bool = False
+    extra_headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class CallStats:
+    """What the adapter learned about the call; read by the handler after the stream ends."""
+
+    usage: Usage | None = None
+    upstream_status: int = 200
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResponse:
+    body: bytes
+    usage: Usage | None
+    content_type: str = "application/json"
+
+
+class ChatProvider(Protocol):
+    async def complete(self, call: UpstreamCall) -> ChatResponse:
+        """Non-streaming completion. Raises GatewayError on upstream failure."""
+        ...
+
+    def stream(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        """SSE events (`data: ...\\n\\n`, ending with `data: [DONE]`). Failures before the first
+        event raise GatewayError from the first `__anext__`; later ones raise mid-iteration."""
+        ...
+
+
+def usage_from_openai(u: CompletionUsage) -> Usage:
+    """OpenAI usage to ours: prompt tokens include cached ones; completion tokens include reasoning."""
+    return Usage(
+        input_tokens=u.prompt_tokens,
+        output_tokens=u.completion_tokens,
+        cache_read_tokens=u.prompt_tokens_details.cached_tokens if u.prompt_tokens_details else 0,
+        reasoning_tokens=u.completion_tokens_details.reasoning_tokens if u.completion_tokens_details else 0,
+    )
+
+
+def sse_event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"

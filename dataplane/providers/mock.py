@@ -1,0 +1,114 @@
+"""The built-in `mock` provider: offline, deterministic, OpenAI-compatible, with usage.
+
+It answers in-process, so a demo works with no provider account and no network. Model ids:
+`echo` repeats the last user message; any other id answers with a fixed sentence naming it.
+Token counts are deterministic estimates (4 characters per token), and `max_tokens` /
+`max_completion_tokens` truncate the answer with `finish_reason: "length"`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import msgspec
+
+from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
+from schemas.openai import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Choice,
+    ChunkChoice,
+    ChunkDelta,
+    CompletionTokensDetails,
+    CompletionUsage,
+    PromptTokensDetails,
+)
+
+MODELS = ("echo", "fixed")
+_encoder = msgspec.json.Encoder()
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _tokens(text: str) -> int:
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def answer_for(model: str, messages: list[dict[str, Any]]) -> str:
+    if model == "echo":
+        for msg in reversed(messages):
+            if msg.get("role") == "user":
+                text = _text_of(msg.get("content"))
+                if text:
+                    return text
+        return "(nothing to echo)"
+    return f"This is the mock provider answering as '{model}'."
+
+
+def plan(call: UpstreamCall) -> tuple[list[str], str, CompletionUsage, str]:
+    """Deterministic answer words, finish reason, usage and id for a request body."""
+    messages = call.body.get("messages") or []
+    words = answer_for(call.model, messages).split(" ")
+    limit = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
+    finish = "stop"
+    if isinstance(limit, int) and limit < sum(_tokens(w) for w in words):
+        kept: list[str] = []
+        for w in words:
+            if sum(_tokens(k) for k in [*kept, w]) > limit:
+                break
+            kept.append(w)
+        words, finish = kept, "length"
+    prompt = sum(_tokens(_text_of(m.get("content"))) + 3 for m in messages if isinstance(m, dict))
+    completion = sum(_tokens(w) for w in words)
+    usage = CompletionUsage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=0),
+        completion_tokens_details=CompletionTokensDetails(reasoning_tokens=0),
+    )
+    digest = hashlib.sha256(_encoder.encode(call.body)).hexdigest()[:24]
+    return words, finish, usage, f"chatcmpl-mock{digest}"
+
+
+class MockProvider:
+    async def complete(self, call: UpstreamCall) -> ChatResponse:
+        words, finish, usage, cid = plan(call)
+        body = ChatCompletion(
+            id=cid,
+            created=int(time.time()),
+            model=call.model,
+            choices=[Choice(index=0, message=AssistantMessage(content=" ".join(words)), finish_reason=finish)],
+            usage=usage,
+        )
+        return ChatResponse(_encoder.encode(body), usage_from_openai(usage))
+
+    async def stream(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        words, finish, usage, cid = plan(call)
+        created = int(time.time())
+
+        def chunk(delta: ChunkDelta, finish_reason: str | None = None) -> bytes:
+            return sse_event(_encoder.encode(ChatCompletionChunk(
+                id=cid, created=created, model=call.model,
+                choices=[ChunkChoice(index=0, delta=delta, finish_reason=finish_reason)],
+            )))
+
+        yield chunk(ChunkDelta(role="assistant", content=""))
+        for i, word in enumerate(words):
+            yield chunk(ChunkDelta(content=word if i == 0 else " " + word))
+        yield chunk(ChunkDelta(), finish)
+        stats.usage = usage_from_openai(usage)
+        if call.client_wants_usage:
+            yield sse_event(_encoder.encode(ChatCompletionChunk(id=cid, created=created, model=call.model,
+                                                                choices=[], usage=usage)))
+        yield SSE_DONE

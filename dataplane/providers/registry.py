@@ -1,0 +1,21 @@
+"""Provider registry: provider `type` -> adapter. A new provider is one module plus one line here."""
+
+from __future__ import annotations
+
+from dataplane.providers.base import ChatProvider
+from dataplane.providers.mock import MockProvider
+from dataplane.providers.openai import OpenAIProvider
+from schemas.errors import NotFound
+
+ADAPTERS: dict[str, ChatProvider] = {
+    "mock": MockProvider(),
+    "openai": OpenAIProvider(),
+}
+
+
+def adapter_for(provider_type: str) -> ChatProvider:
+    adapter = ADAPTERS.get(provider_type)
+    if adapter is None:
+        raise NotFound(f"Provider type '{provider_type}' is not supported by this gateway version.",
+                       code="provider_not_found")
+    return adapter

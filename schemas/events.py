@@ -1,0 +1,84 @@
+"""The event log's envelope: one frozen, keyword-only tagged union keyed by `type`.
+
+Every event carries its identity (`event_id`, a UUIDv7 that is also the `Nats-Msg-Id` and the
+journal's unique key), the agent context, and the snapshot revision it was decided under.
+New fields always get defaults; readers ignore unknown fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import msgspec
+
+
+class _Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    event_id: uuid.UUID
+    occurred_at: dt.datetime
+    workspace_id: str
+    agent_id: str | None = None
+    run_id: str | None = None
+    session_id: str | None = None
+    workflow_id: str | None = None
+    request_id: str | None = None
+    snapshot_revision: int = 0
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    """Token counts, normalized: `input_tokens` includes cached reads and cache writes;
+    `output_tokens` includes reasoning tokens (OpenAI's convention)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+
+
+class LlmCall(_Envelope, tag="llm.call"):
+    """One client request to a model, whatever its outcome. `cost_nanos` is integer nano-USD."""
+
+    provider: str
+    model: str
+    ingress: str = "chat.completions"
+    stream: bool = False
+    status: int = 200
+    error_code: str | None = None
+    usage: Usage = msgspec.field(default_factory=Usage)
+    cost_nanos: int = 0
+    currency: str = "USD"
+    priced: bool = True
+    key_id: str | None = None
+    latency_ms: float = 0.0
+    ttfb_ms: float | None = None
+    cache: str = "miss"
+    partial: bool = False
+
+
+class ConfigChanged(_Envelope, tag="config.changed"):
+    """An admin command changed config state. `data` never contains secrets."""
+
+    entity: str
+    entity_id: str
+    op: str
+    actor: str = "admin"
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+Event = LlmCall | ConfigChanged
+
+event_encoder = msgspec.json.Encoder()
+event_decoder = msgspec.json.Decoder(Event)
+
+
+def event_type(event: Event) -> str:
+    tag = type(event).__struct_config__.tag
+    assert isinstance(tag, str)
+    return tag
+
+
+def subject_for(event: Event, prefix: str) -> str:
+    """`<prefix>.<workspace>.<type>` (prefix `events` by default): the subject an event goes to."""
+    return f"{prefix}.{event.workspace_id}.{event_type(event)}"

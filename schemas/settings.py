@@ -1,0 +1,101 @@
+"""Process configuration: one Struct, loaded from `ALEPHANT_*` environment variables.
+
+Loading fails fast with a message naming the offending variable. Secrets are wrapped in
+`Secret`, whose repr is `***`, so a settings object can be logged safely.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs. Read it with `.reveal()`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+class SettingsError(ValueError):
+    """A configuration variable is missing or malformed; the message names it."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a process needs, with defaults for the local stack.
+
+    Service URLs are required by the long-running processes; `alephant dev` fills them in for
+    the services it launches.
+    """
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    secret_key: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    admin_token: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8081
+    state_dir: str = ".alephant"
+    stream: str = "ALEPHANT_EVENTS"
+    subject_prefix: str = "events"
+    kv_bucket: str = "alephant_config"
+    stream_replicas: int = 1
+    max_body_bytes: int = 4 * 1024 * 1024
+    upstream_timeout_s: float = 600.0
+    stale_after_s: float = 15.0
+    heartbeat_interval_s: float = 2.0
+    event_batch_max: int = 256
+    event_flush_interval_s: float = 0.05
+    projector_batch: int = 512
+    log_level: str = "info"
+
+
+_ENV_PREFIX = "ALEPHANT_"
+_SECRET_FIELDS = {"secret_key", "admin_token"}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build Settings from `ALEPHANT_<FIELD>` variables, then explicit overrides.
+
+    Raises SettingsError naming the variable when a value does not parse.
+    """
+    source = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for field in msgspec.structs.fields(Settings):
+        var = _ENV_PREFIX + field.name.upper()
+        if var not in source:
+            continue
+        value = source[var]
+        if field.name in _SECRET_FIELDS:
+            raw[field.name] = Secret(value)
+            continue
+        try:
+            raw[field.name] = msgspec.convert(value, field.type, strict=False)
+        except msgspec.ValidationError:
+            raise SettingsError(f"{var}={value!r} is not a valid {field.type}") from None
+    raw.update(overrides)
+    return Settings(**raw)
