@@ -1,0 +1,55 @@
+# Alephant Gateway. `make run` starts the local stack; `make test` runs the test suite.
+# Both install everything they need first: a pinned uv in .tools/, then the locked deps in .venv/.
+
+PYTHON ?= python3
+UV_VERSION := 0.9.7
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+STAMP := $(VENV)/.synced
+PYTEST_ARGS ?=
+WORKERS ?= 1
+
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PYTHON)
+
+.PHONY: install run test test-all lint fmt bench clean help
+
+help: ## Show the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(UV):
+	@echo "==> bootstrapping uv $(UV_VERSION) into $(TOOLS)/"
+	@$(PYTHON) -m venv $(TOOLS)
+	@$(TOOLS)/bin/pip install --quiet --disable-pip-version-check "uv==$(UV_VERSION)"
+
+$(STAMP): $(UV) pyproject.toml uv.lock
+	@echo "==> installing locked dependencies into $(VENV)/"
+	@$(UV) sync --frozen --all-groups
+	@touch $(STAMP)
+
+install: $(STAMP) ## Install uv and every locked dependency
+
+run: install ## Start the whole local stack with a demo workspace and key (Ctrl-C stops it)
+	@$(VENV)/bin/alephant dev --workers $(WORKERS)
+
+test: install ## Lint, type-check and run the test suite (slow tests only with SLOW=1)
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/mypy
+	@$(VENV)/bin/pytest $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
+
+lint: install ## ruff and mypy --strict
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/ruff format --check . || true
+	@$(VENV)/bin/mypy
+
+fmt: install ## Format and autofix
+	@$(VENV)/bin/ruff check --fix .
+	@$(VENV)/bin/ruff format .
+
+bench: install ## Gateway vs. the fake upstream called directly, same run; prints ratios
+	@$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
+
+clean: ## Remove the venv, tools and local state
+	rm -rf $(VENV) $(TOOLS) .alephant .pytest_cache .mypy_cache .ruff_cache
