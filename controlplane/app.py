@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane import commands as c
@@ -44,7 +46,7 @@ class AdminState:
 ADMIN: web.AppKey[AdminState] = web.AppKey("admin", AdminState)
 
 
-def _auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -157,7 +159,7 @@ def openapi_document() -> dict[str, Any]:
     for r in ROUTES:
         op: dict[str, Any] = {
             "summary": r.summary,
-            "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_').replace('{', '').replace('}', '')}",
+            "operationId": r.method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", r.path.strip("/")).strip("_"),
             "responses": {
                 str(r.status): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
                 "default": {"description": "Error", "content": {"application/json": {"schema": error_ref}}},
@@ -184,7 +186,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
     return _json(openapi_document())
 
 
-def _resources(settings: Settings) -> web.CleanupContext:
+def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         keyring = KeyRing(settings.secret_key)
         nc = await connect(settings.nats_url, "alephant-controlplane")

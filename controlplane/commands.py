@@ -102,7 +102,8 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
 
 
 class ConfigCommands:
-    def __init__(self, pool: AsyncConnectionPool[Any], keyring: KeyRing, relay: OutboxRelay, subject_prefix: str) -> None:
+    def __init__(self, pool: AsyncConnectionPool[Any], keyring: KeyRing, relay: OutboxRelay,
+                 subject_prefix: str) -> None:
         self._pool = pool
         self._keyring = keyring
         self._relay = relay
@@ -155,8 +156,8 @@ class ConfigCommands:
 
     async def _load(self, kind: str, entity_id: str) -> dict[str, Any] | None:
         async with self._pool.connection() as conn:
-            cur = await conn.execute("SELECT body FROM config_entity WHERE kind = %s AND id = %s AND deleted_at IS NULL",
-                                     (kind, entity_id))
+            cur = await conn.execute(
+                "SELECT body FROM config_entity WHERE kind = %s AND id = %s AND deleted_at IS NULL", (kind, entity_id))
             row = await cur.fetchone()
         return None if row is None else dict(row[0])
 
@@ -164,7 +165,7 @@ class ConfigCommands:
         body = await self._load(kind, entity_id)
         if body is None:
             raise NotFound(f"No {kind} with id '{entity_id}'.", code="not_found")
-        return public_view(msgspec.convert(body | {"kind": kind}, ConfigEntity))  # type: ignore[arg-type]
+        return public_view(msgspec.convert(body | {"kind": kind}, ConfigEntity))
 
     async def list(self, kind: str, workspace_id: str | None) -> list[dict[str, Any]]:
         async with self._pool.connection() as conn:
@@ -174,7 +175,7 @@ class ConfigCommands:
                 (kind, workspace_id, workspace_id),
             )
             rows = await cur.fetchall()
-        return [public_view(msgspec.convert(r[0] | {"kind": kind}, ConfigEntity)) for r in rows]  # type: ignore[arg-type]
+        return [public_view(msgspec.convert(r[0] | {"kind": kind}, ConfigEntity)) for r in rows]
 
     async def create_workspace(self, cmd: CreateWorkspace) -> dict[str, Any]:
         ws = Workspace(id=cmd.id or new_id("ws"), name=cmd.name)

@@ -10,6 +10,7 @@ at start-up, so a lost KV write is repaired by a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -44,10 +45,11 @@ class OutboxRelay:
             for event_id, subject, event, kv_key, kv_value in await cur.fetchall():
                 await self._js.publish(subject, bytes(event), stream=self._stream, headers={MSG_ID: str(event_id)})
                 if kv_value is None:
-                    try:
-                        self.last_revision = await self._kv.delete(kv_key)
-                    except KeyNotFoundError:
-                        pass
+                    with contextlib.suppress(KeyNotFoundError):
+                        await self._kv.delete(kv_key)
+                    # nats-py's delete() drops the PubAck; the bucket's last sequence is at least
+                    # the delete marker's revision, which is what "applied >= R" waiters need.
+                    self.last_revision = (await self._kv.status()).stream_info.state.last_seq
                 else:
                     self.last_revision = await self._kv.put(kv_key, bytes(kv_value))
                 await conn.execute("UPDATE config_outbox SET published_at = now() WHERE event_id = %s", (event_id,))
@@ -62,7 +64,7 @@ class OutboxRelay:
         changed = 0
         try:
             existing = set(await self._kv.keys())
-        except Exception:  # noqa: BLE001 - nats-py raises a bare NoKeysError subclass for an empty bucket
+        except Exception:
             existing = set()
         for key in existing - set(wanted) - {HEARTBEAT_KEY}:
             await self._kv.delete(key)
@@ -84,6 +86,6 @@ class OutboxRelay:
             try:
                 await self._kv.put(HEARTBEAT_KEY, entity_encoder.encode(Heartbeat(ts_ms=int(time.time() * 1000))))
                 await self.flush()
-            except Exception as exc:  # noqa: BLE001 - keep the loop alive through NATS/PG outages
+            except Exception as exc:
                 log.warning("relay_iteration_failed", error=type(exc).__name__)
             await asyncio.sleep(heartbeat_s)

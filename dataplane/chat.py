@@ -16,10 +16,10 @@ import structlog
 from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
+from dataplane.http import read_json
 from dataplane.pricing import call_cost_nanos
 from dataplane.providers.base import CallStats, UpstreamCall
 from dataplane.providers.registry import adapter_for
-from dataplane.http import read_json
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import VirtualKey

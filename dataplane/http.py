@@ -128,10 +128,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        err = _from_http_exception(exc)
+        mapped = _from_http_exception(exc)
         if exc.status == 404:
-            err.message = f"Unknown request URL: {request.method} {request.path}."
-        return error_response(request, err)
+            mapped.message = f"Unknown request URL: {request.method} {request.path}."
+        return error_response(request, mapped)
     except Exception:
         log.exception("unhandled_error", path=request.path)
         return error_response(request, InternalError("The gateway hit an internal error. It has been logged."))

@@ -1,7 +1,8 @@
 """Call cost in integer nano-USD, from provider-reported usage.
 
-Resolution order: an operator `PriceOverride` in the snapshot, then the bundled `genai-prices`
-catalog, then "unpriced" (cost 0, `priced=False` on the event so finance can find it).
+Resolution order: an operator `PriceOverride` in the snapshot, then a built-in provider's own
+price (the `mock` provider), then the bundled `genai-prices` catalog, then "unpriced" (cost 0,
+`priced=False` on the event so finance can find it).
 Pure apart from genai-prices' in-memory catalog; no IO, no clock.
 """
 
@@ -14,6 +15,7 @@ from decimal import Decimal
 from genai_prices import Usage as GPUsage
 from genai_prices import calc_price, data_snapshot
 
+from dataplane.providers import mock
 from schemas.entities import PriceOverride, Provider
 from schemas.events import Usage
 from schemas.money import decimal_to_nanos
@@ -22,6 +24,14 @@ from schemas.money import decimal_to_nanos
 CATALOG_PROVIDER = {"openai": "openai"}
 
 _MILLION = 1_000_000
+
+# Prices that ship with a built-in provider type, keyed by (provider type, model).
+BUILTIN_PRICES = {
+    ("mock", model): PriceOverride(id=f"builtin-mock-{model}", provider="mock", model=model,
+                                   input_per_mtok_nanos=mock.INPUT_PER_MTOK_NANOS,
+                                   output_per_mtok_nanos=mock.OUTPUT_PER_MTOK_NANOS)
+    for model in mock.MODELS
+}
 
 
 def override_cost_nanos(price: PriceOverride, usage: Usage) -> int:
@@ -61,7 +71,7 @@ def _catalog_cost(provider_id: str, model: str, usage: Usage) -> Decimal | None:
 def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: Provider, model: str,
                     usage: Usage) -> tuple[int, bool]:
     """`(cost_nanos, priced)` for one call. `prices` is the snapshot's override index."""
-    override = prices.get((provider.name, model))
+    override = prices.get((provider.name, model)) or BUILTIN_PRICES.get((provider.type, model))
     if override is not None:
         return override_cost_nanos(override, usage), True
     catalog_id = CATALOG_PROVIDER.get(provider.type)

@@ -142,7 +142,7 @@ class SnapshotWatcher:
         staging: dict[str, ConfigEntity] = {}
         revision = 0
         while True:  # replay phase: until the end-of-initial-values marker (None)
-            entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+            entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
             if entry is None:
                 break
             _apply(staging, entry.key, entry.operation, entry.value)
@@ -151,7 +151,7 @@ class SnapshotWatcher:
         self._store.ready.set()
         log.info("snapshot_ready", revision=revision, entities=len(staging))
         while True:  # follow phase
-            entry = await watcher.updates(timeout=None)  # type: ignore[arg-type]
+            entry = await watcher.updates(timeout=None)  # type: ignore[no-untyped-call]
             if entry is None:
                 continue
             changed: set[str] = set()
@@ -178,7 +178,7 @@ class SnapshotWatcher:
             try:
                 status = await self._kv.status()
                 self._store.bucket_last_seq = status.stream_info.state.last_seq
-            except Exception as exc:  # noqa: BLE001 - NATS down: keep serving, report stale
+            except Exception as exc:
                 log.debug("bucket_status_failed", error=type(exc).__name__)
             await asyncio.sleep(interval_s)
 

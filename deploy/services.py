@@ -178,7 +178,8 @@ def start_postgres(state_dir: Path) -> Service:
     def ready() -> bool:
         if proc.poll() is not None:
             raise ServiceStartError(f"postgres exited with {proc.returncode} (log: {log})")
-        return subprocess.run([isready, "-h", "127.0.0.1", "-p", str(port), "-q"], check=False).returncode == 0
+        probe = [isready, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"]
+        return subprocess.run(probe, check=False).returncode == 0
 
     wait_until(ready, 60, "postgres", log)
     return svc

@@ -18,9 +18,13 @@ def stream_subjects(subject_prefix: str) -> list[str]:
 
 
 async def connect(url: str, name: str) -> NATS:
-    """Connect with unbounded reconnects: a worker must outlive a NATS restart."""
+    """Connect with unbounded reconnects: a worker must outlive a NATS restart.
+
+    `url` may list several servers separated by commas (a NATS cluster).
+    """
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     return await nats.connect(
-        url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True
+        servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True
     )
 
 

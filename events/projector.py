@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,8 @@ def _run_deltas(events: list[LlmCall]) -> dict[tuple[str, str], _RunDelta]:
     return deltas
 
 
-async def _post_transfers(cur: psycopg.AsyncCursor[Any], ws_run: dict[str, tuple[str, str | None, Any]],
-                          transfers: list[tuple[str, Transfer]]) -> None:
+async def _post_transfers(cur: psycopg.AsyncCursor[Any], ws_run: dict[uuid.UUID, tuple[str, str | None, Any]],
+                          transfers: list[tuple[uuid.UUID, Transfer]]) -> None:
     accounts: dict[str, list[int]] = {}
     currency: dict[str, str] = {}
     for _, t in transfers:
@@ -130,7 +131,8 @@ async def _update_runs(cur: psycopg.AsyncCursor[Any], calls: list[LlmCall]) -> N
     )
 
 
-async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str, msgs: list[tuple[int, str, bytes]]) -> BatchResult:
+async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str,
+                      msgs: list[tuple[int, str, bytes]]) -> BatchResult:
     """Fold `(stream_seq, subject, data)` messages into Postgres in one transaction. Idempotent."""
     result = BatchResult(received=len(msgs))
     decoded: list[tuple[int, Event]] = []
@@ -147,7 +149,8 @@ async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str, msgs: lis
             "ON CONFLICT (projector) DO NOTHING",
             (PROJECTOR_NAME, stream),
         )
-        await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE", (PROJECTOR_NAME,))
+        await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE",
+                          (PROJECTOR_NAME,))
         if dead:
             await cur.executemany(
                 "INSERT INTO dead_letter (stream, stream_seq, subject, body, error) VALUES (%s, %s, %s, %s, %s) "
@@ -159,7 +162,8 @@ async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str, msgs: lis
         if decoded:
             await cur.execute(
                 """
-                INSERT INTO event_journal (event_id, stream_seq, type, workspace_id, occurred_at, snapshot_revision, body)
+                INSERT INTO event_journal
+                    (event_id, stream_seq, type, workspace_id, occurred_at, snapshot_revision, body)
                 SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::timestamptz[],
                                      %s::bigint[], %s::jsonb[])
                 ON CONFLICT (event_id) DO NOTHING
@@ -187,7 +191,8 @@ async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str, msgs: lis
             result.transfers = len(transfers)
         await _update_runs(cur, [e for e in unique if isinstance(e, LlmCall)])
         await cur.execute(
-            "UPDATE projector_checkpoint SET last_seq = GREATEST(last_seq, %s), updated_at = now() WHERE projector = %s",
+            "UPDATE projector_checkpoint SET last_seq = GREATEST(last_seq, %s), updated_at = now() "
+            "WHERE projector = %s",
             (result.last_seq, PROJECTOR_NAME),
         )
     return result

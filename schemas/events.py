@@ -37,7 +37,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     reasoning_tokens: int = 0
 
 
-class LlmCall(_Envelope, tag="llm.call"):
+class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     """One client request to a model, whatever its outcome. `cost_nanos` is integer nano-USD."""
 
     provider: str
@@ -57,7 +57,7 @@ class LlmCall(_Envelope, tag="llm.call"):
     partial: bool = False
 
 
-class ConfigChanged(_Envelope, tag="config.changed"):
+class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
     """An admin command changed config state. `data` never contains secrets."""
 
     entity: str

@@ -96,6 +96,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         try:
             raw[field.name] = msgspec.convert(value, field.type, strict=False)
         except msgspec.ValidationError:
-            raise SettingsError(f"{var}={value!r} is not a valid {field.type}") from None
+            kind = getattr(field.type, "__name__", field.type)
+            raise SettingsError(f"{var}={value!r} is not a valid {kind}") from None
     raw.update(overrides)
     return Settings(**raw)

@@ -29,6 +29,11 @@ from schemas.openai import (
 )
 
 MODELS = ("echo", "fixed")
+
+# The mock is priced like a small hosted model ($0.15 / $0.60 per million tokens), so the demo's
+# ledger shows real, non-zero integer costs. Nano-USD per million tokens.
+INPUT_PER_MTOK_NANOS = 150_000_000
+OUTPUT_PER_MTOK_NANOS = 600_000_000
 _encoder = msgspec.json.Encoder()
 
 

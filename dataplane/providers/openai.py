@@ -7,7 +7,6 @@ be priced, and drops the usage-only chunk again when the client did not ask for 
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -103,7 +102,7 @@ class OpenAIProvider:
         resp = await self._post(call, call.body)
         try:
             raw = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
         finally:
             resp.release()
@@ -141,7 +140,7 @@ class OpenAIProvider:
                 yield data + b"\n"
                 if data.startswith(SSE_DONE[:-2]):
                     return
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
         finally:
             resp.release()

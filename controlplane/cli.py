@@ -1,0 +1,333 @@
+"""`alephant`: the one command line for every process and for administration.
+
+    alephant dev            the whole stack on this machine (what `make run` starts)
+    alephant dataplane      a data-plane worker (stateless; run N behind a load balancer)
+    alephant controlplane   the admin API and the config-snapshot publisher
+    alephant projector      folds the event stream into the Postgres ledgers
+    alephant migrate        Postgres migrations + JetStream stream + config bucket (idempotent)
+    alephant workspaces|agents|providers|keys|aliases|prices|runs|ledger ...   admin commands
+
+Admin commands talk to the admin API at ALEPHANT_ADMIN_URL with ALEPHANT_ADMIN_TOKEN; when those
+are unset they read `.alephant/demo.env`, so they work against `make run` out of the box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from schemas.settings import Settings, SettingsError, load_settings
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        sys.exit(f"alephant: {exc}")
+
+
+def _uvloop_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+# ---- process roles -----------------------------------------------------------------------------
+
+def cmd_dataplane(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from controlplane.logs import configure_logging
+    from dataplane.app import build_app
+
+    settings = _settings()
+    configure_logging(settings.log_level, service="dataplane")
+    # reuse_port lets several workers share one port; the kernel balances connections.
+    web.run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+                reuse_port=True, access_log=None, print=None, loop=_uvloop_loop(), shutdown_timeout=10)
+
+
+def cmd_controlplane(args: argparse.Namespace) -> None:
+    from aiohttp import web
+
+    from controlplane.app import build_admin_app
+    from controlplane.logs import configure_logging
+    from events.db import migrate
+
+    settings = _settings()
+    configure_logging(settings.log_level, service="controlplane")
+    loop = _uvloop_loop()
+    loop.run_until_complete(migrate(settings.database_url))
+    try:
+        app = build_admin_app(settings)
+    except ValueError as exc:
+        sys.exit(f"alephant controlplane: {exc}")
+    web.run_app(app, host=args.host or settings.admin_host, port=args.port or settings.admin_port,
+                access_log=None, print=None, loop=loop)
+
+
+async def _run_projector(settings: Settings) -> None:
+    from events.jetstream import connect, ensure_stream
+    from events.projector import Projector
+
+    nc = await connect(settings.nats_url, "alephant-projector")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
+        projector = Projector(js, settings.database_url, stream=settings.stream,
+                              subject_prefix=settings.subject_prefix, batch=settings.projector_batch)
+        task = asyncio.ensure_future(projector.run())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    finally:
+        await nc.close()
+
+
+def cmd_projector(args: argparse.Namespace) -> None:
+    from controlplane.logs import configure_logging
+
+    settings = _settings()
+    configure_logging(settings.log_level, service="projector")
+    _uvloop_loop().run_until_complete(_run_projector(settings))
+
+
+async def _migrate(settings: Settings) -> list[str]:
+    from events.db import migrate
+    from events.jetstream import connect, ensure_kv, ensure_stream
+
+    applied = await migrate(settings.database_url)
+    nc = await connect(settings.nats_url, "alephant-migrate")
+    try:
+        js = nc.jetstream()
+        await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
+        await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
+    finally:
+        await nc.close()
+    return applied
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    settings = _settings()
+    applied = asyncio.run(_migrate(settings))
+    print(f"migrations applied: {', '.join(applied) if applied else 'none pending'}")
+    print(f"stream {settings.stream} and bucket {settings.kv_bucket} are in place")
+
+
+def cmd_dev(args: argparse.Namespace) -> None:
+    from deploy.stack import Stack
+
+    stack = Stack(state_dir=Path(args.state_dir), port=args.port, admin_port=args.admin_port, workers=args.workers)
+    print(f"Alephant Gateway: starting the local stack (state in {args.state_dir}/)", flush=True)
+
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        stack.start()
+        _print_banner(stack)
+        stack.supervise()
+    except KeyboardInterrupt:
+        print("\n==> stopping", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not abandon the children
+        stack.stop()
+        print("stopped.", flush=True)
+
+
+def _print_banner(stack: Any) -> None:
+    d = stack.demo
+    env_path = Path(stack.state_dir) / "demo.env"
+    print(f"""
+Alephant Gateway is running.
+  gateway    {d['ALEPHANT_BASE_URL']}
+  admin API  {d['ALEPHANT_ADMIN_URL']}/admin/v1  (OpenAPI: /admin/v1/openapi.json)
+  demo key   {d['ALEPHANT_API_KEY'][:12]}...   (full key and admin token in {env_path})
+  logs       {stack.state_dir}/logs/
+
+Try it:
+  set -a; . {env_path}; set +a
+  curl -s $ALEPHANT_BASE_URL/chat/completions -H "Authorization: Bearer $ALEPHANT_API_KEY" \\
+    -H 'Content-Type: application/json' -H 'Alephant-Agent-Id: demo-agent' -H 'Alephant-Run-Id: run-1' \\
+    -d '{{"model":"'$ALEPHANT_DEMO_MODEL'","messages":[{{"role":"user","content":"hello gateway"}}]}}'
+  .venv/bin/alephant runs get run-1
+
+Ctrl-C stops everything.""", flush=True)
+
+
+# ---- admin commands ----------------------------------------------------------------------------
+
+def _admin(args: argparse.Namespace) -> Any:
+    from deploy.stack import AdminClient, read_env_file
+
+    demo = read_env_file(Path(args.state_dir) / "demo.env")
+    url = os.environ.get("ALEPHANT_ADMIN_URL") or demo.get("ALEPHANT_ADMIN_URL")
+    token = os.environ.get("ALEPHANT_ADMIN_TOKEN") or demo.get("ALEPHANT_ADMIN_TOKEN")
+    if not url or not token:
+        sys.exit("alephant: set ALEPHANT_ADMIN_URL and ALEPHANT_ADMIN_TOKEN (or start `alephant dev`, "
+                 "which writes them to .alephant/demo.env)")
+    return AdminClient(url, token)
+
+
+def _default_ws(args: argparse.Namespace) -> str:
+    ws: str | None = getattr(args, "workspace", None) or os.environ.get("ALEPHANT_WORKSPACE")
+    return ws or "demo"
+
+
+def _admin_call(method: str, path: Callable[[argparse.Namespace], str],
+                body: Callable[[argparse.Namespace], Any] | None = None) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        from deploy.stack import AdminError
+
+        try:
+            result = _admin(args).call(method, path(args), body(args) if body else None)
+        except AdminError as exc:
+            sys.exit(f"alephant: {exc}")
+        except OSError as exc:
+            sys.exit(f"alephant: cannot reach the admin API: {exc}")
+        print(json.dumps(result, indent=2))
+
+    return run
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def _add_admin_commands(sub: Any) -> None:
+    def group(name: str, help_text: str) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def leaf(parent: Any, name: str, help_text: str, fn: Callable[[argparse.Namespace], None],
+             ws: bool = True) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        if ws:
+            p.add_argument("--workspace", "-w", help="workspace id (default: $ALEPHANT_WORKSPACE or 'demo')")
+        p.set_defaults(fn=fn)
+        return p
+
+    g = group("workspaces", "Create and list workspaces")
+    p = leaf(g, "create", "Create a workspace", _admin_call("POST", lambda a: "/admin/v1/workspaces",
+             lambda a: _drop_none({"name": a.name, "id": a.id})), ws=False)
+    p.add_argument("name")
+    p.add_argument("--id")
+    leaf(g, "list", "List workspaces", _admin_call("GET", lambda a: "/admin/v1/workspaces"), ws=False)
+
+    g = group("agents", "Register and list agents")
+    p = leaf(g, "create", "Register an agent", _admin_call("POST", lambda a: "/admin/v1/agents",
+             lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "id": a.id})))
+    p.add_argument("name")
+    p.add_argument("--id")
+    leaf(g, "list", "List agents", _admin_call("GET", lambda a: f"/admin/v1/agents?workspace_id={_default_ws(a)}"))
+
+    g = group("providers", "Configure upstream providers (keys are encrypted at rest)")
+    p = leaf(g, "set", "Create or replace a provider", _admin_call("POST", lambda a: "/admin/v1/providers",
+             lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "type": a.type,
+                                   "base_url": a.base_url, "api_key": a.api_key_from_env and
+                                   os.environ.get(a.api_key_from_env)})))
+    p.add_argument("name", help="the name clients use as the model prefix, e.g. 'openai' in openai/gpt-4o")
+    p.add_argument("--type", required=True, choices=["openai", "mock"])
+    p.add_argument("--base-url")
+    p.add_argument("--api-key-from-env", metavar="VAR",
+                   help="read the provider key from this environment variable (never pass keys as arguments)")
+    leaf(g, "list", "List providers",
+         _admin_call("GET", lambda a: f"/admin/v1/providers?workspace_id={_default_ws(a)}"))
+
+    g = group("keys", "Virtual keys for clients")
+    p = leaf(g, "create", "Create a virtual key (the key is printed once)",
+             _admin_call("POST", lambda a: "/admin/v1/virtual-keys",
+                         lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "agent_id": a.agent})))
+    p.add_argument("--name", default="")
+    p.add_argument("--agent", help="bind the key to one agent id")
+    leaf(g, "list", "List virtual keys",
+         _admin_call("GET", lambda a: f"/admin/v1/virtual-keys?workspace_id={_default_ws(a)}"))
+    p = leaf(g, "revoke", "Revoke a key fleet-wide",
+             _admin_call("POST", lambda a: f"/admin/v1/virtual-keys/{a.id}/revoke"), ws=False)
+    p.add_argument("id")
+
+    g = group("aliases", "Model aliases")
+    p = leaf(g, "set", "Point an alias at provider/model", _admin_call("POST", lambda a: "/admin/v1/model-aliases",
+             lambda a: {"workspace_id": _default_ws(a), "alias": a.alias, "target": a.target}))
+    p.add_argument("alias")
+    p.add_argument("target", help="provider/model_id")
+    leaf(g, "list", "List aliases",
+         _admin_call("GET", lambda a: f"/admin/v1/model-aliases?workspace_id={_default_ws(a)}"))
+
+    g = group("prices", "Operator price overrides (integer nano-USD per million tokens)")
+    p = leaf(g, "set", "Set the price of provider/model", _admin_call("POST", lambda a: "/admin/v1/prices",
+             lambda a: _drop_none({"provider": a.provider, "model": a.model,
+                                   "input_per_mtok_nanos": a.input, "output_per_mtok_nanos": a.output,
+                                   "cache_read_per_mtok_nanos": a.cache_read})), ws=False)
+    p.add_argument("provider")
+    p.add_argument("model")
+    p.add_argument("--input", type=int, required=True, help="nano-USD per million input tokens ($2.50 = 2500000000)")
+    p.add_argument("--output", type=int, required=True, help="nano-USD per million output tokens")
+    p.add_argument("--cache-read", type=int)
+    leaf(g, "list", "List price overrides", _admin_call("GET", lambda a: "/admin/v1/prices"), ws=False)
+
+    g = group("runs", "Agent runs: cost and usage from the ledger")
+    p = leaf(g, "get", "Cost and usage of one run", _admin_call("GET", lambda a: f"/admin/v1/runs/{a.run_id}"),
+             ws=False)
+    p.add_argument("run_id")
+
+    g = group("ledger", "The double-entry ledger")
+    leaf(g, "balance", "Debits and credits per currency",
+         _admin_call("GET", lambda a: "/admin/v1/ledger/balance"), ws=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alephant", description="Alephant Gateway: an agentic finance gateway for LLM calls.",
+        epilog="Configuration comes from ALEPHANT_* environment variables; see the README.",
+    )
+    parser.add_argument("--state-dir", default=os.environ.get("ALEPHANT_STATE_DIR", ".alephant"),
+                        help="local state directory (default: .alephant)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("dev", help="run the whole stack locally with a demo workspace and key",
+                       description="Start NATS, Postgres and Redis (embedded unless ALEPHANT_*_URL is set), the "
+                                   "control plane, data-plane workers and the projector; seed a demo workspace; "
+                                   "write <state-dir>/demo.env. Ctrl-C stops everything.")
+    p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
+    p.add_argument("--admin-port", type=int, default=8081, help="admin API port (default 8081; 0 = any free port)")
+    p.add_argument("--workers", type=int, default=1, help="data-plane worker processes sharing the port (default 1)")
+    p.set_defaults(fn=cmd_dev)
+
+    for name, fn, help_text in (
+        ("dataplane", cmd_dataplane, "run one data-plane worker (ALEPHANT_HOST/ALEPHANT_PORT)"),
+        ("controlplane", cmd_controlplane, "run the admin API (ALEPHANT_ADMIN_HOST/ALEPHANT_ADMIN_PORT)"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--host")
+        p.add_argument("--port", type=int)
+        p.set_defaults(fn=fn)
+    sub.add_parser("projector", help="fold the event stream into the Postgres ledgers",
+                   description="A durable JetStream consumer; safe to restart or run twice.").set_defaults(
+        fn=cmd_projector)
+    sub.add_parser("migrate", help="apply Postgres migrations and create the stream and config bucket",
+                   description="Idempotent; safe to run on every deploy.").set_defaults(fn=cmd_migrate)
+    _add_admin_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,291 @@
+"""The local stack behind `alephant dev` (and the integration tests and the benchmark).
+
+Order: backing services (embedded or `ALEPHANT_*_URL`) -> `alephant migrate` (Postgres
+migrations, JetStream stream, KV bucket) -> control plane -> data-plane worker(s) -> projector
+-> demo seed -> `<state_dir>/demo.env`. Every gateway process is a child running the same
+`alephant <role>` command an operator would run, so the stack exercises the real entry points.
+
+State lives under `state_dir`: service data, logs, generated secrets (`secrets.env`) and the
+demo credentials (`demo.env`), so a second start reuses all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.services import Service, ServiceStartError, free_port, port_open, start_services, wait_until
+
+DEMO_WORKSPACE = "demo"
+DEMO_AGENT = "demo-agent"
+DEMO_MODEL = "mock/echo"
+
+# Contract: the variables `.alephant/demo.env` carries.
+DEMO_ENV_KEYS = ("ALEPHANT_BASE_URL", "ALEPHANT_API_KEY", "ALEPHANT_ADMIN_URL", "ALEPHANT_ADMIN_TOKEN",
+                 "ALEPHANT_DEMO_MODEL")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """`KEY=value` lines (comments and blanks ignored); empty dict if the file is absent."""
+    if not path.exists():
+        return {}
+    out: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def write_env_file(path: Path, values: Mapping[str, str], header: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"# {header}\n" + "".join(f"{k}={v}\n" for k, v in values.items()))
+    tmp.chmod(0o600)
+    tmp.replace(path)
+
+
+class AdminClient:
+    """A minimal synchronous client for the admin API (the CLI and the stack seeder use it)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"admin URL must be http(s): {base_url!r}")
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"AdminClient({self.base_url!r}, token=***)"
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """`(status, decoded JSON)`; HTTP errors are returned, not raised."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base_url + path, data=data, method=method)  # noqa: S310 - http(s) only
+        req.add_header("Authorization", f"Bearer {self._token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=self._timeout) as resp:  # noqa: S310 - our own admin URL
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, {"error": {"message": raw.decode("utf-8", "replace")}}
+
+    def call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201)) -> Any:
+        status, data = self.request(method, path, body)
+        if status not in ok:
+            message = data.get("error", {}).get("message") if isinstance(data, dict) else data
+            raise AdminError(status, f"{method} {path} -> {status}: {message}")
+        return data
+
+
+class AdminError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback health check
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Stack:
+    """The whole gateway on one machine. `start()` is idempotent over a reused `state_dir`."""
+
+    state_dir: Path
+    port: int = 8080
+    admin_port: int = 8081
+    workers: int = 1
+    env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    extra_env: Mapping[str, str] = field(default_factory=dict)
+    log: Callable[[str], None] = print
+    services: dict[str, Service] = field(default_factory=dict)
+    procs: dict[str, Service] = field(default_factory=dict)
+    demo: dict[str, str] = field(default_factory=dict)
+
+    # ---- configuration handed to every child process -------------------------------------
+    def _secrets(self) -> dict[str, str]:
+        """The master secret and admin token: from the environment, else generated once and kept."""
+        path = self.state_dir / "secrets.env"
+        saved = read_env_file(path)
+        values = {
+            "ALEPHANT_SECRET_KEY": self.env.get("ALEPHANT_SECRET_KEY") or saved.get("ALEPHANT_SECRET_KEY")
+            or secrets.token_urlsafe(32),
+            "ALEPHANT_ADMIN_TOKEN": self.env.get("ALEPHANT_ADMIN_TOKEN") or saved.get("ALEPHANT_ADMIN_TOKEN")
+            or "adm-" + secrets.token_urlsafe(24),
+        }
+        if values != {k: saved.get(k) for k in values}:
+            write_env_file(path, values, "Generated by `alephant dev`; keep private. Reused on the next start.")
+        return values
+
+    def child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in self.env.items()}
+        env.update(self._secrets())
+        env.update({
+            "ALEPHANT_NATS_URL": self.services["nats"].url,
+            "ALEPHANT_DATABASE_URL": self.services["postgres"].url,
+            "ALEPHANT_REDIS_URL": self.services["redis"].url,
+            "ALEPHANT_PORT": str(self.port),
+            "ALEPHANT_ADMIN_PORT": str(self.admin_port),
+            "ALEPHANT_STATE_DIR": str(self.state_dir),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(self.extra_env)
+        return env
+
+    @property
+    def origin(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def admin(self) -> AdminClient:
+        return AdminClient(self.admin_url, self._secrets()["ALEPHANT_ADMIN_TOKEN"])
+
+    # ---- processes -----------------------------------------------------------------------
+    def _pick_ports(self) -> None:
+        for attr in ("port", "admin_port"):
+            wanted = getattr(self, attr)
+            if wanted == 0 or port_open(wanted):
+                chosen = free_port()
+                if wanted:
+                    self.log(f"  port {wanted} is busy; using {chosen} instead")
+                setattr(self, attr, chosen)
+
+    def spawn(self, name: str, *args: str) -> Service:
+        """Start `alephant <args>` as a child named `name`, logging to `<state_dir>/logs/<name>.log`."""
+        log = self.state_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "controlplane.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                env=self.child_env(), start_new_session=True,
+            )
+        svc = Service(name, "", proc, log, stop_signal=signal.SIGTERM)
+        self.procs[name] = svc
+        return svc
+
+    def _wait_http(self, svc: Service, url: str, timeout: float) -> None:
+        def ready() -> bool:
+            if svc.proc is not None and svc.proc.poll() is not None:
+                raise ServiceStartError(f"{svc.name} exited with {svc.proc.returncode} (log: {svc.log})")
+            return _http_ok(url)
+
+        wait_until(ready, timeout, svc.name, svc.log)
+
+    def start_controlplane(self) -> None:
+        svc = self.spawn("controlplane", "controlplane")
+        self._wait_http(svc, f"{self.admin_url}/admin/v1/healthz", 60)
+
+    def start_worker(self, index: int) -> None:
+        svc = self.spawn(f"dataplane-{index}", "dataplane")
+        self._wait_http(svc, f"{self.origin}/readyz", 60)
+
+    def start_projector(self) -> None:
+        self.spawn("projector", "projector")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send `sig` to a child (fault tests). The entry stays, so `procs[name].proc` shows the exit."""
+        svc = self.procs[name]
+        if svc.proc is not None and svc.proc.poll() is None:
+            svc.proc.send_signal(sig)
+            svc.proc.wait(10)
+
+    # ---- lifecycle -----------------------------------------------------------------------
+    def start(self, *, seed: bool = True) -> None:
+        """Bring everything up; on any failure, stop what was started and re-raise."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.log("==> backing services")
+            self.services = start_services(self.state_dir, self.env, self.log)
+            self._pick_ports()
+            self.log("==> migrations, event stream and config bucket")
+            subprocess.run([sys.executable, "-m", "controlplane.cli", "migrate"], env=self.child_env(),
+                           check=True, stdout=subprocess.DEVNULL)
+            self.log("==> control plane")
+            self.start_controlplane()
+            self.log(f"==> data plane ({self.workers} worker{'s' if self.workers != 1 else ''})")
+            for i in range(self.workers):
+                self.start_worker(i)
+            self.log("==> projector")
+            self.start_projector()
+            if seed:
+                self.log("==> demo workspace")
+                self.demo = self.seed_demo()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop gateway processes first (so they flush events), then the backing services."""
+        for svc in reversed(list(self.procs.values())):
+            svc.stop(timeout=15)
+        for svc in reversed(list(self.services.values())):
+            svc.stop()
+
+    def supervise(self, poll_s: float = 1.0) -> None:
+        """Block until interrupted, restarting any gateway process that dies (with a notice)."""
+        while True:
+            time.sleep(poll_s)
+            for name, svc in list(self.procs.items()):
+                if svc.proc is not None and svc.proc.poll() is not None:
+                    self.log(f"!! {name} exited with {svc.proc.returncode}; restarting (log: {svc.log})")
+                    args = ("dataplane",) if name.startswith("dataplane") else (name,)
+                    self.spawn(name, *args)
+
+    # ---- demo seed -----------------------------------------------------------------------
+    def seed_demo(self) -> dict[str, str]:
+        """Create the demo workspace, agent, providers and key (idempotent) and write demo.env."""
+        admin = self.admin()
+        admin.call("POST", "/admin/v1/workspaces", {"id": DEMO_WORKSPACE, "name": "Demo workspace"}, ok=(201, 409))
+        admin.call("POST", "/admin/v1/agents", {"workspace_id": DEMO_WORKSPACE, "id": DEMO_AGENT, "name": "Demo agent"},
+                   ok=(201, 409))
+        admin.call("POST", "/admin/v1/providers", {"workspace_id": DEMO_WORKSPACE, "name": "mock", "type": "mock"})
+        if self.env.get("OPENAI_API_KEY"):
+            body = {"workspace_id": DEMO_WORKSPACE, "name": "openai", "type": "openai",
+                    "api_key": self.env["OPENAI_API_KEY"]}
+            if self.env.get("OPENAI_BASE_URL"):
+                body["base_url"] = self.env["OPENAI_BASE_URL"]
+            admin.call("POST", "/admin/v1/providers", body)
+            self.log("  provider  openai (OPENAI_API_KEY)")
+        demo_path = self.state_dir / "demo.env"
+        previous = read_env_file(demo_path)
+        key, key_id = previous.get("ALEPHANT_API_KEY"), previous.get("ALEPHANT_DEMO_KEY_ID")
+        live = {k["id"] for k in admin.call("GET", f"/admin/v1/virtual-keys?workspace_id={DEMO_WORKSPACE}")["data"]}
+        if not key or key_id not in live:
+            created = admin.call("POST", "/admin/v1/virtual-keys", {"workspace_id": DEMO_WORKSPACE, "name": "demo"})
+            key, key_id = created["key"], created["id"]
+        values = {
+            "ALEPHANT_BASE_URL": f"{self.origin}/v1",
+            "ALEPHANT_API_KEY": key,
+            "ALEPHANT_ADMIN_URL": self.admin_url,
+            "ALEPHANT_ADMIN_TOKEN": self._secrets()["ALEPHANT_ADMIN_TOKEN"],
+            "ALEPHANT_DEMO_MODEL": DEMO_MODEL,
+            "ALEPHANT_DEMO_KEY_ID": key_id or "",
+            "ALEPHANT_DEMO_WORKSPACE": DEMO_WORKSPACE,
+        }
+        write_env_file(demo_path, values, "Written by `alephant dev`: the demo gateway's URLs and credentials.")
+        return values
