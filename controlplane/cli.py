@@ -85,7 +85,8 @@ async def _run_projector(settings: Settings) -> None:
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
         projector = Projector(js, settings.database_url, stream=settings.stream,
-                              subject_prefix=settings.subject_prefix, batch=settings.projector_batch)
+                              subject_prefix=settings.subject_prefix, batch=settings.projector_batch,
+                              ack_wait_s=settings.projector_ack_wait_s)
         task = asyncio.ensure_future(projector.run())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -70,7 +70,7 @@ def decode_json(body: bytes) -> Any:
     """Decode bytes to plain JSON values, or a 400 that does not echo parser internals."""
     try:
         return _any_decoder.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for invalid UTF-8
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid UTF-8 JSON."
         ) from None

@@ -95,11 +95,20 @@ def _bin(name: str) -> str:
     return found
 
 
+def _as_user(user: str | None) -> dict[str, object]:
+    """subprocess arguments that drop to `user` *and* its group; `user=` alone keeps root's gid 0."""
+    if user is None:
+        return {}
+    entry = pwd.getpwnam(user)
+    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+
+
 def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         # A new session keeps Ctrl-C in the terminal from reaching services before their clients.
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, user=user)
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                **_as_user(user))  # type: ignore[call-overload]
 
 
 def start_nats(state_dir: Path) -> Service:
@@ -161,10 +170,13 @@ def start_postgres(state_dir: Path) -> Service:
             os.chown(p, entry.pw_uid, entry.pw_gid)
         _grant_traverse(pgdata.parent)
     if not (pgdata / "PG_VERSION").exists():
-        subprocess.run(
+        init = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8"],
-            check=True, capture_output=True, user=user,
+            check=False, capture_output=True, cwd=pgdata, **_as_user(user),  # type: ignore[call-overload]
         )
+        if init.returncode != 0:
+            detail = (init.stderr or init.stdout).decode("utf-8", "replace").strip()[-600:]
+            raise ServiceStartError(f"initdb failed for {pgdata}: {detail}")
     port = free_port()
     proc = _spawn(
         [str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port),

@@ -202,12 +202,13 @@ class Projector:
     """Runs `apply_batch` over a durable pull consumer until cancelled."""
 
     def __init__(self, js: JetStreamContext, database_url: str, *, stream: str, subject_prefix: str,
-                 batch: int = 512) -> None:
+                 batch: int = 512, ack_wait_s: float = 30.0) -> None:
         self._js = js
         self._database_url = database_url
         self._stream = stream
         self._subject = f"{subject_prefix}.>"
         self._batch = batch
+        self._ack_wait_s = ack_wait_s
         self.applied = 0
 
     async def run(self) -> None:
@@ -218,7 +219,7 @@ class Projector:
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=60,
+                ack_wait=self._ack_wait_s,
                 max_ack_pending=self._batch * 4,
             ),
         )

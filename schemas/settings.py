@@ -71,6 +71,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_batch_max: int = 256
     event_flush_interval_s: float = 0.05
     projector_batch: int = 512
+    # A batch not acked within this window (its projector died) is redelivered to another one.
+    projector_ack_wait_s: float = 30.0
     log_level: str = "info"
 
 

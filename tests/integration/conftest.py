@@ -1,0 +1,146 @@
+"""Integration fixtures: the real stack (the same `Stack` that `make run` starts) plus a fake upstream.
+
+Backing services are embedded by default. When `ALEPHANT_NATS_URL` / `ALEPHANT_DATABASE_URL` /
+`ALEPHANT_REDIS_URL` point at shared servers, the session isolates itself: a fresh database, and
+a stream, bucket and subject prefix of its own, all removed at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import psycopg
+import pytest
+import pytest_asyncio
+
+from deploy.stack import AdminClient, Stack
+from events.jetstream import connect
+from tests.fakes.upstream import FakeUpstream
+
+T = TypeVar("T")
+
+# Variables a developer's shell may carry that would change what the stack registers.
+_SCRUBBED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+             "ALEPHANT_SECRET_KEY", "ALEPHANT_ADMIN_TOKEN", "ALEPHANT_PORT", "ALEPHANT_ADMIN_PORT")
+
+
+@dataclass
+class Gateway:
+    """Handles on the running stack for tests."""
+
+    stack: Stack
+    base_url: str
+    admin: AdminClient
+    database_url: str
+    nats_url: str
+    stream: str
+    subject_prefix: str
+    demo_key: str
+
+    def create_key(self, workspace: str = "demo", **extra: Any) -> dict[str, Any]:
+        created: dict[str, Any] = self.admin.call(
+            "POST", "/admin/v1/virtual-keys", {"workspace_id": workspace, **extra})
+        return created
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
+    tag = secrets.token_hex(4)
+    created_db: tuple[str, str] | None = None
+    if env.get("ALEPHANT_DATABASE_URL"):
+        server_url, db = env["ALEPHANT_DATABASE_URL"], f"alephant_test_{tag}"
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{db}"')
+        created_db = (server_url, db)
+        env["ALEPHANT_DATABASE_URL"] = _with_database(server_url, db)
+    names = {"ALEPHANT_STREAM": f"T{tag.upper()}_EVENTS", "ALEPHANT_KV_BUCKET": f"t{tag}_config",
+             "ALEPHANT_SUBJECT_PREFIX": f"t{tag}", "ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5",
+             "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2"}
+    stack = Stack(state_dir=Path(tmp_path_factory.mktemp("stack")), port=0, admin_port=0, env=env,
+                  extra_env=names, log=lambda _msg: None)
+    stack.start()
+    try:
+        yield Gateway(
+            stack=stack, base_url=stack.demo["ALEPHANT_BASE_URL"], admin=stack.admin(),
+            database_url=stack.child_env()["ALEPHANT_DATABASE_URL"], nats_url=stack.services["nats"].url,
+            stream=names["ALEPHANT_STREAM"], subject_prefix=names["ALEPHANT_SUBJECT_PREFIX"],
+            demo_key=stack.demo["ALEPHANT_API_KEY"],
+        )
+    finally:
+        stack.stop()
+        if env.get("ALEPHANT_NATS_URL"):
+            asyncio.run(_drop_nats_resources(env["ALEPHANT_NATS_URL"], names))
+        if created_db is not None:
+            with psycopg.connect(created_db[0], autocommit=True) as conn:
+                conn.execute(f'DROP DATABASE IF EXISTS "{created_db[1]}" WITH (FORCE)')
+
+
+async def _drop_nats_resources(url: str, names: dict[str, str]) -> None:
+    nc = await connect(url, "alephant-tests-cleanup")
+    try:
+        js = nc.jetstream()
+        for stream in (names["ALEPHANT_STREAM"], f"KV_{names['ALEPHANT_KV_BUCKET']}"):
+            try:
+                await js.delete_stream(stream)
+            except Exception:  # noqa: BLE001 - best effort cleanup of a shared server
+                pass
+    finally:
+        await nc.close()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def fake_upstream() -> AsyncIterator[FakeUpstream]:
+    async with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="session")
+def fake_provider(gateway: Gateway, fake_upstream: FakeUpstream) -> str:
+    """Register the fake as provider `fake` (OpenAI type) in the demo workspace, with a known price."""
+    gateway.admin.call("POST", "/admin/v1/providers", {
+        "workspace_id": "demo", "name": "fake", "type": "openai", "base_url": fake_upstream.base_url,
+        "api_key": "sk-fake-upstream-canary-0123456789"})
+    gateway.admin.call("POST", "/admin/v1/prices", {
+        "provider": "fake", "model": "gpt-4o-mini", "input_per_mtok_nanos": 150_000_000,
+        "output_per_mtok_nanos": 600_000_000})
+    return "fake"
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 15.0, interval: float = 0.05) -> T:
+    """Poll an async check until it returns a non-None value; fail with the last value after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await check()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+async def wait_until_true(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    async def as_optional() -> bool | None:
+        return True if await check() else None
+
+    await eventually(as_optional, timeout)
