@@ -95,20 +95,21 @@ def _bin(name: str) -> str:
     return found
 
 
-def _as_user(user: str | None) -> dict[str, object]:
-    """subprocess arguments that drop to `user` *and* its group; `user=` alone keeps root's gid 0."""
+def _as_user(user: str | None) -> tuple[int | None, int | None, list[int] | None]:
+    """`(uid, gid, extra_groups)` that drop to `user` *and* its group; `user=` alone keeps root's gid 0."""
     if user is None:
-        return {}
+        return None, None, None
     entry = pwd.getpwnam(user)
-    return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+    return entry.pw_uid, entry.pw_gid, []
 
 
 def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         # A new session keeps Ctrl-C in the terminal from reaching services before their clients.
+        uid, gid, groups = _as_user(user)
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                **_as_user(user))  # type: ignore[call-overload]
+                                user=uid, group=gid, extra_groups=groups)
 
 
 def start_nats(state_dir: Path) -> Service:
@@ -170,9 +171,10 @@ def start_postgres(state_dir: Path) -> Service:
             os.chown(p, entry.pw_uid, entry.pw_gid)
         _grant_traverse(pgdata.parent)
     if not (pgdata / "PG_VERSION").exists():
+        uid, gid, groups = _as_user(user)
         init = subprocess.run(
             [str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8"],
-            check=False, capture_output=True, cwd=pgdata, **_as_user(user),  # type: ignore[call-overload]
+            check=False, capture_output=True, cwd=pgdata, user=uid, group=gid, extra_groups=groups,
         )
         if init.returncode != 0:
             detail = (init.stderr or init.stdout).decode("utf-8", "replace").strip()[-600:]

@@ -8,6 +8,7 @@ a stream, bucket and subject prefix of its own, all removed at the end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
@@ -95,10 +96,8 @@ async def _drop_nats_resources(url: str, names: dict[str, str]) -> None:
     try:
         js = nc.jetstream()
         for stream in (names["ALEPHANT_STREAM"], f"KV_{names['ALEPHANT_KV_BUCKET']}"):
-            try:
+            with contextlib.suppress(Exception):  # best-effort cleanup of a shared server
                 await js.delete_stream(stream)
-            except Exception:  # noqa: BLE001 - best effort cleanup of a shared server
-                pass
     finally:
         await nc.close()
 
