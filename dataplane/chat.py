@@ -16,7 +16,7 @@ import structlog
 from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
-from dataplane.http import read_json
+from dataplane.http import REQUEST_ID, read_json
 from dataplane.pricing import call_cost_nanos
 from dataplane.providers.base import CallStats, UpstreamCall
 from dataplane.providers.registry import adapter_for
@@ -107,17 +107,17 @@ def begin(request: web.Request, worker: WorkerState) -> CallRecord:
     key = bearer_token(request.headers.get("Authorization"), request.headers.get("x-api-key"))
     vk = authenticate(snap, key, worker.keyring.hash_key)
     ctx = agent_context(request.headers, vk, _new_request_id)
-    request["Alephant-Request-Id"] = ctx.request_id
+    request[REQUEST_ID] = ctx.request_id
     return CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter())
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     worker = request.app[WORKER]
     rec = begin(request, worker)
-    typed, raw = await read_json(request, ChatCompletionRequest, worker.settings.max_body_bytes)
-    rec.requested_model = typed.model
-    rec.stream = bool(typed.stream)
     try:
+        typed, raw = await read_json(request, ChatCompletionRequest, worker.settings.max_body_bytes)
+        rec.requested_model = typed.model
+        rec.stream = bool(typed.stream)
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
         adapter = adapter_for(rec.target.provider.type)
         raw["model"] = rec.target.model

@@ -30,6 +30,9 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Set once the request is authenticated, so error responses carry it too.
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("alephant_request_id", str)
+
 _any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 _PATH_RE = re.compile(r"`\$\.?([^`]*)`")
 _FIELD_RE = re.compile(r"required field `([^`]+)`")
@@ -99,8 +102,8 @@ def is_anthropic_path(path: str) -> bool:
 def error_response(request: web.Request, err: GatewayError) -> web.Response:
     body = render_anthropic(err) if is_anthropic_path(request.path) else render_openai(err)
     headers = dict(err.headers)
-    if "Alephant-Request-Id" in request:
-        headers["Alephant-Request-Id"] = request["Alephant-Request-Id"]
+    if REQUEST_ID in request:
+        headers["Alephant-Request-Id"] = request[REQUEST_ID]
     return web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
 
 
