@@ -42,10 +42,13 @@ async def ensure_stream(js: JetStreamContext, name: str, subject_prefix: str, re
         max_msg_size=1024 * 1024,
     )
     try:
-        await js.stream_info(name)
+        info = await js.stream_info(name)
     except NotFoundError:
         await js.add_stream(config)
         return
+    # Never lower durability: a process started without ALEPHANT_STREAM_REPLICAS must not turn an
+    # R3 stream into R1.
+    config.num_replicas = max(replicas, info.config.num_replicas or 1)
     await js.update_stream(config)
 
 
