@@ -22,8 +22,9 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
+from schemas.entities import ProviderKind
 from schemas.settings import Settings, SettingsError, load_settings
 
 
@@ -239,10 +240,13 @@ def _add_admin_commands(sub: Any) -> None:
     p = leaf(g, "set", "Create or replace a provider", _admin_call("POST", lambda a: "/admin/v1/providers",
              lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "type": a.type,
                                    "base_url": a.base_url, "api_key": a.api_key_from_env and
-                                   os.environ.get(a.api_key_from_env)})))
+                                   os.environ.get(a.api_key_from_env),
+                                   "options": dict(o.split("=", 1) for o in a.option) or None})))
     p.add_argument("name", help="the name clients use as the model prefix, e.g. 'openai' in openai/gpt-4o")
-    p.add_argument("--type", required=True, choices=["openai", "mock"])
+    p.add_argument("--type", required=True, choices=list(get_args(ProviderKind)))
     p.add_argument("--base-url")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="type-specific setting, e.g. api_version=2024-10-21 (azure), region=us-east-1 (bedrock)")
     p.add_argument("--api-key-from-env", metavar="VAR",
                    help="read the provider key from this environment variable (never pass keys as arguments)")
     leaf(g, "list", "List providers",

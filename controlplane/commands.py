@@ -59,6 +59,7 @@ class UpsertProvider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     type: ProviderKind
     base_url: str = ""
     api_key: str | None = None
+    options: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class CreateVirtualKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -195,6 +196,7 @@ class ConfigCommands:
         provider = Provider(
             id=f"{cmd.workspace_id}.{cmd.name}", workspace_id=cmd.workspace_id, name=cmd.name, type=cmd.type,
             base_url=cmd.base_url, api_key_enc=self._keyring.encrypt(cmd.api_key) if cmd.api_key else None,
+            options=cmd.options,
         )
         async with self._pool.connection() as conn, conn.transaction():
             await self._require(conn, "ws", cmd.workspace_id, "Workspace")

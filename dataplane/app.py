@@ -17,8 +17,9 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from dataplane.chat import begin, chat_completions
 from dataplane.http import error_middleware
+from dataplane.ingress.chat import ChatIngress
+from dataplane.lifecycle import begin, serve
 from dataplane.models import list_models
 from dataplane.pricing import warm
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
@@ -93,6 +94,11 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app.cleanup_ctx.append(_resources(settings))
+    chat = ChatIngress()
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        return await serve(request, chat)
+
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)

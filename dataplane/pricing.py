@@ -21,7 +21,11 @@ from schemas.events import Usage
 from schemas.money import decimal_to_nanos
 
 # Our provider `type` -> the genai-prices provider id whose catalog prices it.
-CATALOG_PROVIDER = {"openai": "openai"}
+CATALOG_PROVIDER = {
+    "openai": "openai", "azure": "azure", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws",
+    "groq": "groq", "mistral": "mistral", "deepseek": "deepseek", "xai": "x-ai", "together": "together",
+    "fireworks": "fireworks", "openrouter": "openrouter", "perplexity": "perplexity", "cohere": "cohere",
+}
 
 _MILLION = 1_000_000
 

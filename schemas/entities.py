@@ -11,7 +11,13 @@ from typing import Literal
 
 import msgspec
 
-ProviderKind = Literal["mock", "openai"]
+# Provider types the gateway has an adapter for. The OpenAI-compatible family (groq ... cohere) shares
+# the OpenAI adapter with a per-type quirks table; `openai` and `anthropic` also serve any custom base
+# URL that speaks those APIs.
+ProviderKind = Literal[
+    "mock", "openai", "azure", "anthropic", "gemini", "bedrock", "ollama",
+    "groq", "mistral", "deepseek", "xai", "together", "fireworks", "openrouter", "perplexity", "cohere",
+]
 
 
 class Workspace(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="ws"):
@@ -34,6 +40,8 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     type: ProviderKind
     base_url: str = ""
     api_key_enc: str | None = None
+    # Non-secret, type-specific settings, e.g. `api_version` (azure), `region` (bedrock).
+    options: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="vk"):

@@ -1,7 +1,9 @@
-"""`POST /v1/chat/completions`: the request lifecycle for Chat Completions.
+"""The request lifecycle every model-call ingress shares.
 
-Order: readiness -> authenticate -> agent context -> parse -> resolve model -> dispatch ->
-price -> respond -> emit `llm.call` (off the request path, always, success or failure).
+Order: readiness -> authenticate -> agent context -> body intake (limit, then decode) -> the
+ingress's plan (validate + translate to Chat Completions) -> resolve model -> adapter dispatch ->
+price -> render in the ingress's format -> emit `llm.call` (off the request path, always, success
+or failure).
 """
 
 from __future__ import annotations
@@ -10,24 +12,24 @@ import datetime as dt
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
-from dataplane.http import REQUEST_ID, read_json
+from dataplane.http import REQUEST_ID, decode_json, read_body
+from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.pricing import call_cost_nanos
 from dataplane.providers.base import CallStats, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import VirtualKey
-from schemas.errors import GatewayError, UpstreamError, render_openai
+from schemas.errors import GatewayError, InvalidRequest, UpstreamError
 from schemas.events import LlmCall, Usage
 from schemas.ids import uuid7
 from schemas.money import nanos_to_decimal_str
-from schemas.openai import ChatCompletionRequest
 
 log = structlog.get_logger(__name__)
 
@@ -56,7 +58,7 @@ class CallRecord:
     priced: bool = True
     ttfb_ms: float | None = None
     partial: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
+    ingress: str = "chat.completions"
 
     def price(self) -> None:
         if self.usage is not None and self.target is not None:
@@ -78,6 +80,7 @@ class CallRecord:
             snapshot_revision=self.snap.revision,
             provider=provider,
             model=model,
+            ingress=self.ingress,
             stream=self.stream,
             status=self.status,
             error_code=self.error_code,
@@ -111,33 +114,40 @@ def begin(request: web.Request, worker: WorkerState) -> CallRecord:
     return CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter())
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
+    """The whole lifecycle for one model call through `ingress`. Always emits one `llm.call`."""
     worker = request.app[WORKER]
     rec = begin(request, worker)
+    rec.ingress = ingress.name
     try:
-        typed, raw = await read_json(request, ChatCompletionRequest, worker.settings.max_body_bytes)
-        rec.requested_model = typed.model
-        rec.stream = bool(typed.stream)
-        rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
+        raw = decode_json(await read_body(request, worker.settings.max_body_bytes))
+        if not isinstance(raw, dict):
+            raise InvalidRequest("The request body must be a JSON object.")
+        plan = ingress.plan(raw, request.headers)
+        rec.requested_model, rec.stream = plan.model, plan.stream
+        rec.target = resolve_model(rec.snap, rec.vk.workspace_id, plan.model)
         adapter = adapter_for(rec.target.provider.type)
-        raw["model"] = rec.target.model
+        plan.body["model"] = rec.target.model
         call = UpstreamCall(
             provider=rec.target.provider,
             model=rec.target.model,
-            body=raw,
+            body=plan.body,
             api_key=worker.provider_key(rec.target.provider.api_key_enc),
             session=worker.session,
             timeout_s=worker.settings.upstream_timeout_s,
-            client_wants_usage=bool(typed.stream_options and typed.stream_options.include_usage),
+            client_wants_usage=plan.include_usage,
+            extra_headers=plan.forward_headers,
         )
         if rec.stream:
-            return await _relay_stream(request, rec, adapter.stream(call, stats := CallStats()), stats)
+            stats = CallStats()
+            return await _relay_stream(request, rec, ingress, plan, adapter.stream(call, stats), stats)
         result = await adapter.complete(call)
         rec.usage = result.usage
         rec.price()
         headers = rec.headers()
         headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
-        return web.Response(body=result.body, content_type="application/json", headers=headers)
+        return web.Response(body=ingress.render(result.body, plan), content_type="application/json",
+                            headers=headers)
     except GatewayError as err:
         rec.status, rec.error_code = err.status, err.code
         raise
@@ -145,32 +155,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         worker.publisher.emit(rec.event())
 
 
-async def _relay_stream(request: web.Request, rec: CallRecord, events: AsyncGenerator[bytes, None],
-                        stats: CallStats) -> web.StreamResponse:
-    first = await events.__anext__()  # upstream errors before the first byte become JSON errors
+async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, plan: ChatPlan,
+                        chunks: AsyncGenerator[bytes, None], stats: CallStats) -> web.StreamResponse:
+    events = ingress.render_stream(chunks, plan)
+    first = await anext(events)  # upstream errors before the first byte become ordinary JSON errors
     rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **rec.headers()})
     await resp.prepare(request)
     try:
         await resp.write(first)
-        async for chunk in events:
-            if chunk.startswith(b"data: [DONE]"):
-                rec.usage = stats.usage
-                rec.price()
-                # An SSE comment: clients ignore it, humans and our tests can read the cost.
-                await resp.write(f": alephant-cost-usd {nanos_to_decimal_str(rec.cost_nanos)}\n\n".encode())
-            await resp.write(chunk)
+        async for event in events:
+            await resp.write(event)
+        rec.usage = stats.usage
+        rec.price()
+        await resp.write(ingress.stream_end(nanos_to_decimal_str(rec.cost_nanos)))
     except GatewayError as err:
         rec.status, rec.error_code, rec.partial = err.status, err.code, True
         rec.usage = stats.usage
         rec.price()
-        await resp.write(b"data: " + render_openai(err) + b"\n\n")
+        await resp.write(ingress.stream_error(err))
     except (ConnectionResetError, OSError):
         # The client went away: stop reading upstream and record what was consumed.
         rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
         rec.usage = stats.usage
         rec.price()
-        await events.aclose()
+        await chunks.aclose()
         return resp
     await resp.write_eof()
     return resp
