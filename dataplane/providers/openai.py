@@ -14,58 +14,14 @@ import aiohttp
 import msgspec
 
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, usage_from_openai
-from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
+from dataplane.providers.upstream import post
+from schemas.errors import UpstreamError
 from schemas.openai import UsageOnly
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
-MAX_ERROR_BODY = 64 * 1024
 
 _usage_decoder = msgspec.json.Decoder(UsageOnly)
 _encoder = msgspec.json.Encoder()
-_any_decoder = msgspec.json.Decoder()
-
-
-def _provider_message(raw: bytes, secret: str | None) -> str:
-    """The provider's error message (nested `error.message` or flat `message`), secrets masked."""
-    message = ""
-    try:
-        parsed = _any_decoder.decode(raw)
-    except msgspec.DecodeError:
-        parsed = None
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict) and isinstance(err.get("message"), str):
-            message = err["message"]
-        elif isinstance(err, str):
-            message = err
-        elif isinstance(parsed.get("message"), str):
-            message = parsed["message"]
-    if not message:
-        message = raw[:300].decode("utf-8", "replace")
-    if secret:
-        message = message.replace(secret, "***")
-    return message[:500]
-
-
-def map_upstream_error(provider: str, status: int, raw: bytes, headers: dict[str, str],
-                       secret: str | None) -> GatewayError:
-    """Map a provider's error response to ours (ARCHITECTURE §7). Credentials problems with the
-    provider are the operator's, so they surface as 502, not as the client's 401."""
-    msg = _provider_message(raw, secret)
-    text = f"Provider '{provider}' returned {status}: {msg}"
-    if status == 429:
-        retry = headers.get("retry-after")
-        return RateLimited(text, code="upstream_rate_limited", headers={"Retry-After": retry} if retry else None)
-    if status == 404:
-        return NotFound(text, param="model")
-    if status in (400, 409, 413, 422):
-        return InvalidRequest(text, code="upstream_invalid_request")
-    if status in (401, 403):
-        return UpstreamError(f"Provider '{provider}' rejected the gateway's provider credentials.",
-                             status=502, code="upstream_auth_error")
-    if status == 504:
-        return UpstreamError(text, status=504, code="upstream_timeout")
-    return UpstreamError(text, status=503 if status in (503, 529) else 502)
 
 
 class OpenAIProvider:
@@ -78,25 +34,7 @@ class OpenAIProvider:
 
     async def _post(self, call: UpstreamCall, body: dict[str, Any]) -> aiohttp.ClientResponse:
         url, headers = self._request(call)
-        try:
-            resp = await call.session.post(
-                url, data=_encoder.encode(body), headers=headers,
-                timeout=aiohttp.ClientTimeout(total=call.timeout_s, sock_connect=10),
-            )
-        except TimeoutError:
-            raise UpstreamError(f"Provider '{call.provider.name}' timed out.", status=504,
-                                code="upstream_timeout") from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(f"Could not reach provider '{call.provider.name}': {type(exc).__name__}.",
-                                code="upstream_unreachable") from None
-        if resp.status >= 400:
-            try:
-                raw = await resp.content.read(MAX_ERROR_BODY)
-            finally:
-                resp.release()
-            secret = call.api_key.reveal() if call.api_key else None
-            raise map_upstream_error(call.provider.name, resp.status, raw, dict(resp.headers), secret)
-        return resp
+        return await post(call, url, _encoder.encode(body), headers)
 
     async def complete(self, call: UpstreamCall) -> ChatResponse:
         resp = await self._post(call, call.body)

@@ -1,0 +1,108 @@
+"""The HTTP edge every provider adapter shares: one POST with our timeouts, and the one table that
+maps a provider's error response to a `GatewayError` (ARCHITECTURE §7).
+
+Retryable versus terminal (used by routing and fallback):
+    retryable: 408, 409 (conflict/lock), 429, 500, 502, 503, 504, 529 (Anthropic overloaded),
+               connection errors and connect timeouts
+    terminal:  400, 401, 403, 404, 413, 422 and any other 4xx
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from dataplane.providers.base import UpstreamCall
+from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
+
+MAX_ERROR_BODY = 64 * 1024
+RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
+
+_any_decoder = msgspec.json.Decoder()
+
+
+def is_retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUSES
+
+
+def provider_message(raw: bytes, secret: str | None = None) -> str:
+    """The provider's error message from any of the shapes providers use, secrets masked:
+    `{"error": {"message"}}` (OpenAI, Anthropic, Gemini), `{"error": "..."}` (Ollama),
+    `{"message": "..."}` (Mistral, Bedrock), or a list of those (Gemini streams)."""
+    message = ""
+    try:
+        parsed: Any = _any_decoder.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        parsed = None
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            message = err["message"]
+        elif isinstance(err, str):
+            message = err
+        elif isinstance(parsed.get("message"), str):
+            message = parsed["message"]
+        elif isinstance(parsed.get("Message"), str):
+            message = parsed["Message"]
+    if not message:
+        message = raw[:300].decode("utf-8", "replace")
+    if secret:
+        message = message.replace(secret, "***")
+    return message[:500]
+
+
+def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[str, str],
+                       secret: str | None) -> GatewayError:
+    """Map a provider's error response to ours. Credential problems with the provider are the
+    operator's, so they surface as 502, not as the client's 401. `headers` should be the
+    case-insensitive response headers."""
+    msg = provider_message(raw, secret)
+    text = f"Provider '{provider}' returned {status}: {msg}"
+    if status == 429:
+        retry = headers.get("retry-after") or headers.get("Retry-After")
+        return RateLimited(text, code="upstream_rate_limited", headers={"Retry-After": retry} if retry else None)
+    if status == 404:
+        return NotFound(text, param="model")
+    if status in (400, 409, 413, 422):
+        return InvalidRequest(text, code="upstream_invalid_request")
+    if status in (401, 403):
+        return UpstreamError(f"Provider '{provider}' rejected the gateway's provider credentials.",
+                             status=502, code="upstream_auth_error")
+    if status in (408, 504):
+        return UpstreamError(text, status=504, code="upstream_timeout")
+    if status in (503, 529):
+        return UpstreamError(text, status=503, code="upstream_overloaded")
+    return UpstreamError(text, status=502)
+
+
+ErrorMapper = Callable[[str, int, bytes, Mapping[str, str], str | None], GatewayError]
+
+
+async def post(call: UpstreamCall, url: str, body: bytes, headers: Mapping[str, str], *,
+               map_error: ErrorMapper = map_upstream_error) -> aiohttp.ClientResponse:
+    """POST to the provider. Returns the open response on 2xx (the caller must release it);
+    raises the mapped GatewayError otherwise. Never lets a secret reach an error message."""
+    try:
+        resp = await call.session.post(
+            url, data=body, headers=headers,
+            timeout=aiohttp.ClientTimeout(total=call.timeout_s, sock_connect=10),
+        )
+    except TimeoutError:
+        raise UpstreamError(f"Provider '{call.provider.name}' timed out.", status=504,
+                            code="upstream_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Could not reach provider '{call.provider.name}': {type(exc).__name__}.",
+                            code="upstream_unreachable") from None
+    if resp.status >= 400:
+        try:
+            raw = await resp.content.read(MAX_ERROR_BODY)
+        finally:
+            resp.release()
+        secret = call.api_key.reveal() if call.api_key else None
+        raise map_error(call.provider.name, resp.status, raw, resp.headers, secret)
+    return resp
