@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 import structlog
@@ -19,9 +19,9 @@ from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
 from dataplane.http import REQUEST_ID, decode_json, read_body
-from dataplane.ingress.base import ChatPlan, Ingress
+from dataplane.ingress.base import Ingress
 from dataplane.pricing import call_cost_nanos
-from dataplane.providers.base import CallStats, UpstreamCall
+from dataplane.providers.base import CallStats, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
@@ -127,11 +127,14 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         rec.requested_model, rec.stream = plan.model, plan.stream
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, plan.model)
         adapter = adapter_for(rec.target.provider.type)
-        plan.body["model"] = rec.target.model
+        native = plan.native_api if isinstance(adapter, NativeProvider) and plan.native_api in adapter.native_apis \
+            else None
+        body = plan.native_body if native and plan.native_body is not None else plan.body
+        body["model"] = rec.target.model
         call = UpstreamCall(
             provider=rec.target.provider,
             model=rec.target.model,
-            body=plan.body,
+            body=body,
             api_key=worker.provider_key(rec.target.provider.api_key_enc),
             session=worker.session,
             timeout_s=worker.settings.upstream_timeout_s,
@@ -140,14 +143,24 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         )
         if rec.stream:
             stats = CallStats()
-            return await _relay_stream(request, rec, ingress, plan, adapter.stream(call, stats), stats)
-        result = await adapter.complete(call)
+            if native is not None:
+                assert isinstance(adapter, NativeProvider)
+                events = adapter.stream_native(native, call, stats)
+                return await _relay_stream(request, rec, ingress, events, events, stats)
+            chunks = adapter.stream(call, stats)
+            return await _relay_stream(request, rec, ingress, ingress.render_stream(chunks, plan), chunks, stats)
+        if native is not None:
+            assert isinstance(adapter, NativeProvider)
+            result = await adapter.complete_native(native, call)
+            body_out = result.body
+        else:
+            result = await adapter.complete(call)
+            body_out = ingress.render(result.body, plan)
         rec.usage = result.usage
         rec.price()
         headers = rec.headers()
         headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
-        return web.Response(body=ingress.render(result.body, plan), content_type="application/json",
-                            headers=headers)
+        return web.Response(body=body_out, content_type="application/json", headers=headers)
     except GatewayError as err:
         rec.status, rec.error_code = err.status, err.code
         raise
@@ -155,9 +168,10 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         worker.publisher.emit(rec.event())
 
 
-async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, plan: ChatPlan,
+async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, events: AsyncIterator[bytes],
                         chunks: AsyncGenerator[bytes, None], stats: CallStats) -> web.StreamResponse:
-    events = ingress.render_stream(chunks, plan)
+    """Relay `events` (the client's format) as SSE; `chunks` is the adapter's generator, closed on
+    client disconnect so the upstream request is cancelled."""
     first = await anext(events)  # upstream errors before the first byte become ordinary JSON errors
     rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **rec.headers()})

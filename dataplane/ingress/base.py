@@ -22,6 +22,10 @@ class ChatPlan:
     stream: bool
     include_usage: bool  # the client wants the usage-only chunk (Chat Completions semantics)
     forward_headers: dict[str, str] = field(default_factory=dict)  # e.g. anthropic-beta, for native upstreams
+    # The client's own body and API (e.g. "anthropic.messages"). When the provider adapter speaks that
+    # API natively, the lifecycle sends `native_body` as-is and relays the native answer unchanged.
+    native_api: str | None = None
+    native_body: dict[str, Any] | None = None
 
 
 class Ingress(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -59,6 +59,21 @@ class ChatProvider(Protocol):
         """SSE events (`data: ...\\n\\n`, ending with `data: [DONE]`). Failures before the first
         event raise GatewayError from the first `__anext__`; later ones raise mid-iteration."""
         ...
+
+
+@runtime_checkable
+class NativeProvider(Protocol):
+    """Optional capability: the adapter also speaks some ingress APIs natively (full fidelity).
+
+    For those, `call.body` is the client's native body (with `model` set to the upstream id); the
+    answer is the provider's native body or SSE events, relayed unchanged; `stats.usage` / the
+    returned usage are parsed from it."""
+
+    native_apis: frozenset[str]  # e.g. {"anthropic.messages"}
+
+    async def complete_native(self, api: str, call: UpstreamCall) -> ChatResponse: ...
+
+    def stream_native(self, api: str, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]: ...
 
 
 def usage_from_openai(u: CompletionUsage) -> Usage:
