@@ -1,0 +1,204 @@
+"""Closed-loop HTTP load generator for one benchmark scenario; prints one JSON object.
+
+``python -m tests.bench.loadgen --url http://127.0.0.1:9999/v1 --connections 32 [--stream]``
+
+``--connections`` workers share a keep-alive pool of that many connections; each sends a
+chat completion, reads the whole response, and immediately sends the next. Requests that
+complete during the first ``--warmup`` seconds are discarded; the measured window is the
+following ``--duration`` seconds. A request counts in the window if it *completes* inside it;
+after the window no new request starts, and in-flight ones are awaited but not counted.
+
+A request is an error when the status is not 2xx, the transport fails, or a stream does not
+end with ``data: [DONE]``. Latencies are wall-clock from just before sending to the last byte
+(``latency``) and, for streams, to the first body byte (``ttfb``). Units: milliseconds.
+
+Output (stdout, one line): ``{"label", "url", "stream", "connections", "duration_s",
+"requests", "errors", "error_kinds": {kind: count}, "rps", "p50_ms", "p90_ms", "p99_ms",
+"max_ms", "mean_ms", "ttfb_p50_ms", "ttfb_p99_ms"}``. ``requests`` and ``rps`` count successes
+only; the ttfb fields are ``null`` when not streaming, and every latency field is ``null`` when
+nothing succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import msgspec
+
+PROMPT = "Reply with a short friendly greeting for the benchmark."
+_DONE_TAIL = b"data: [DONE]\n\n"
+
+
+@dataclass(slots=True)
+class _Tally:
+    """Mutable per-run accumulator shared by the workers of one event loop."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    ttfbs_ns: list[int] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+def chat_body(model: str, *, stream: bool) -> bytes:
+    """The benchmark request body: one short user message, ``stream_options`` when streaming."""
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}]}
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return msgspec.json.encode(body)
+
+
+def percentile(sorted_ns: list[int], q: float) -> float | None:
+    """Nearest-rank ``q``-quantile (0 < q <= 1) of sorted nanoseconds, in milliseconds."""
+    if not sorted_ns:
+        return None
+    rank = max(1, min(len(sorted_ns), int(q * len(sorted_ns) + 0.999999)))
+    return sorted_ns[rank - 1] / 1e6
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str], stream: bool
+) -> tuple[str | None, int, int]:
+    """Send one request; return ``(error kind or None, ttfb ns, latency ns)``."""
+    start = time.perf_counter_ns()
+    ttfb = 0
+    try:
+        async with session.post(url, data=body, headers=headers) as resp:
+            if stream:
+                tail = b""
+                first = True
+                while True:
+                    data = await resp.content.readany()
+                    if not data:
+                        break
+                    if first:
+                        ttfb = time.perf_counter_ns() - start
+                        first = False
+                    tail = (tail + data)[-len(_DONE_TAIL) :]
+                if resp.status >= 300:
+                    kind: str | None = f"http {resp.status}"
+                elif tail != _DONE_TAIL:
+                    kind = "stream without [DONE]"
+                else:
+                    kind = None
+            else:
+                await resp.read()
+                kind = f"http {resp.status}" if resp.status >= 300 else None
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        kind = type(exc).__name__
+    return kind, ttfb, time.perf_counter_ns() - start
+
+
+async def run(
+    *,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    stream: bool,
+    connections: int,
+    warmup_s: float,
+    duration_s: float,
+    timeout_s: float = 30.0,
+) -> dict[str, Any]:
+    """Run one scenario and return its summary (see the module docstring for the fields)."""
+    tally = _Tally()
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=connections)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    started = time.perf_counter_ns()
+    window_start = started + int(warmup_s * 1e9)
+    window_end = window_start + int(duration_s * 1e9)
+
+    async def worker() -> None:
+        while time.perf_counter_ns() < window_end:
+            kind, ttfb, latency = await _one(session, url, body, headers, stream)
+            done = time.perf_counter_ns()
+            if not window_start <= done <= window_end:
+                continue
+            if kind is not None:
+                tally.errors[kind] += 1
+                continue
+            tally.latencies_ns.append(latency)
+            if stream:
+                tally.ttfbs_ns.append(ttfb)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await asyncio.gather(*(worker() for _ in range(connections)))
+
+    lat = sorted(tally.latencies_ns)
+    ttfb = sorted(tally.ttfbs_ns)
+    ok = len(lat)
+    return {
+        "url": url,
+        "stream": stream,
+        "connections": connections,
+        "duration_s": duration_s,
+        "requests": ok,
+        "errors": sum(tally.errors.values()),
+        "error_kinds": dict(tally.errors),
+        "rps": ok / duration_s if duration_s > 0 else 0.0,
+        "p50_ms": percentile(lat, 0.50),
+        "p90_ms": percentile(lat, 0.90),
+        "p99_ms": percentile(lat, 0.99),
+        "max_ms": lat[-1] / 1e6 if lat else None,
+        "mean_ms": sum(lat) / ok / 1e6 if ok else None,
+        "ttfb_p50_ms": percentile(ttfb, 0.50) if stream else None,
+        "ttfb_p99_ms": percentile(ttfb, 0.99) if stream else None,
+    }
+
+
+def _parse_header(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"header must look like 'Name: value', got {raw!r}")
+    return name.strip(), value.strip()
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.loadgen", description=__doc__.split("\n")[0])
+    parser.add_argument("--url", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:9999/v1")
+    parser.add_argument("--api-key", default="sk-bench", help="sent as 'Authorization: Bearer <key>'")
+    parser.add_argument("--model", default="gpt-4o-mini")
+    parser.add_argument("--connections", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
+    parser.add_argument("--stream", action="store_true", help="stream with stream_options.include_usage")
+    parser.add_argument("--header", action="append", type=_parse_header, default=[], help="'Name: value'")
+    parser.add_argument("--label", default="", help="copied into the output")
+    return parser.parse_args(argv)
+
+
+async def _main(args: argparse.Namespace) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {args.api_key}", "Content-Type": "application/json"}
+    headers.update(dict(args.header))
+    result = await run(
+        url=args.url.rstrip("/") + "/chat/completions",
+        headers=headers,
+        body=chat_body(args.model, stream=args.stream),
+        stream=args.stream,
+        connections=args.connections,
+        warmup_s=args.warmup,
+        duration_s=args.duration,
+    )
+    return {"label": args.label, **result}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: run one scenario (uvloop when installed) and print its JSON summary."""
+    args = _parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        result = asyncio.run(_main(args))
+    else:
+        result = uvloop.run(_main(args))
+    sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
+
+
+if __name__ == "__main__":
+    main()
