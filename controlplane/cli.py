@@ -131,6 +131,8 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 def cmd_dev(args: argparse.Namespace) -> None:
     from deploy.stack import Stack
 
+    if args.dev_state_dir:
+        args.state_dir = args.dev_state_dir
     stack = Stack(state_dir=Path(args.state_dir), port=args.port, admin_port=args.admin_port, workers=args.workers)
     print(f"Alephant Gateway: starting the local stack (state in {args.state_dir}/)", flush=True)
 
@@ -138,6 +140,8 @@ def cmd_dev(args: argparse.Namespace) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupted)
+    # A shell may start background jobs with SIGINT ignored; Ctrl-C/kill -INT must still stop us.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         stack.start()
         _print_banner(stack)
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
     p.add_argument("--admin-port", type=int, default=8081, help="admin API port (default 8081; 0 = any free port)")
     p.add_argument("--workers", type=int, default=1, help="data-plane worker processes sharing the port (default 1)")
+    p.add_argument("--state-dir", dest="dev_state_dir", metavar="DIR",
+                   help="local state directory (same as the global --state-dir)")
     p.set_defaults(fn=cmd_dev)
 
     for name, fn, help_text in (

@@ -14,6 +14,7 @@ import contextlib
 import time
 from typing import Any
 
+import msgspec
 import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -21,7 +22,7 @@ from nats.js.kv import KeyValue
 from psycopg_pool import AsyncConnectionPool
 
 from events.publisher import MSG_ID
-from schemas.entities import HEARTBEAT_KEY, Heartbeat, entity_encoder
+from schemas.entities import HEARTBEAT_KEY, ConfigEntity, Heartbeat, entity_encoder
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +60,10 @@ class OutboxRelay:
     async def resync(self) -> int:
         """Make the bucket equal the live rows of `config_entity`. Returns keys changed."""
         async with self._lock, self._pool.connection() as conn:
-            cur = await conn.execute("SELECT kv_key, body::text FROM config_entity WHERE deleted_at IS NULL")
-            wanted = {k: v.encode() for k, v in await cur.fetchall()}
+            cur = await conn.execute("SELECT kv_key, body FROM config_entity WHERE deleted_at IS NULL")
+            # Re-encode through the entity type so the bytes equal what flush() writes (jsonb's own
+            # rendering differs), else every restart would rewrite every key.
+            wanted = {k: entity_encoder.encode(msgspec.convert(v, ConfigEntity)) for k, v in await cur.fetchall()}
         changed = 0
         try:
             existing = set(await self._kv.keys())
