@@ -48,12 +48,11 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise UnsupportedMediaType(
             f"Unsupported Content-Type '{request.content_type or 'none'}'; send 'application/json'."
         )
-    too_large = PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
     if request.content_length is not None and request.content_length > limit:
-        raise too_large
+        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
     body = await request.content.read(limit + 1)
     if len(body) > limit:
-        raise too_large
+        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
     return body
 
 

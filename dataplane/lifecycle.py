@@ -9,8 +9,8 @@ or failure).
 from __future__ import annotations
 
 import datetime as dt
+import os
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
@@ -37,7 +37,7 @@ SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
 
 
 def _new_request_id() -> str:
-    return f"req_{uuid.uuid4().hex}"
+    return "req_" + os.urandom(16).hex()
 
 
 @dataclass(slots=True)
@@ -127,8 +127,8 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         rec.requested_model, rec.stream = plan.model, plan.stream
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, plan.model)
         adapter = adapter_for(rec.target.provider.type)
-        native = plan.native_api if isinstance(adapter, NativeProvider) and plan.native_api in adapter.native_apis \
-            else None
+        # A plain attribute read: isinstance() on a runtime-checkable Protocol costs ~4% of a request.
+        native = plan.native_api if plan.native_api in getattr(adapter, "native_apis", ()) else None
         body = plan.native_body if native and plan.native_body is not None else plan.body
         body["model"] = rec.target.model
         call = UpstreamCall(
