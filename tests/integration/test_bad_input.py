@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.integration.conftest import Gateway
+from tests.conftest import Gateway
 
 GOOD = b'{"model":"mock/echo","messages":[{"role":"user","content":"hi"}]}'
 

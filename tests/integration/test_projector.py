@@ -16,7 +16,7 @@ from events.publisher import EventPublisher
 from schemas.events import LlmCall, Usage
 from schemas.ids import uuid7
 from schemas.money import decimal_to_nanos
-from tests.integration.conftest import Gateway, eventually, wait_until_true
+from tests.conftest import Gateway, eventually, wait_until_true
 
 
 async def _ledger_for_run(gw: Gateway, run_id: str) -> tuple[int, int, int, int]:

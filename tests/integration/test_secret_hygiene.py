@@ -10,7 +10,7 @@ import psycopg
 
 from events.jetstream import connect
 from tests.fakes.upstream import FakeUpstream
-from tests.integration.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually
 
 PROVIDER_CANARY = "sk-canary-provider-7f3a9c1e5b2d4f60"
 
