@@ -6,13 +6,7 @@ Upstream: `POST {base}/{api_version}/models/{model}:generateContent` and
 Each SSE `data:` is a whole `GenerateContentResponse`; there is no `[DONE]`, so a stream that ends
 before every candidate has a `finishReason` is a truncation and raises `UpstreamError`.
 
-Request translation (pure, `to_gemini_request`): system/developer -> `systemInstruction`;
-user/assistant -> `contents` with roles user/model (consecutive same-role turns merged); image
-data URLs, audio and files -> `inlineData`, remote image URLs -> `fileData`; assistant tool calls
--> `functionCall` parts; tool results -> `functionResponse` parts named from the matching call
-id; tools -> `functionDeclarations` with the JSON Schema narrowed to the OpenAPI subset Gemini
-accepts (`gemini_schema`); tool_choice -> `toolConfig.functionCallingConfig`; sampling knobs,
-`n`, `response_format` and `reasoning_effort` -> `generationConfig`.
+Request translation is pure and lives in `gemini_translate` (`to_gemini_request`).
 
 Response translation: candidates -> choices; `thought: true` parts -> `reasoning_content`;
 `functionCall` parts -> `tool_calls` (args serialized as a JSON string); `finishReason` per
@@ -36,11 +30,10 @@ Thought signatures (Gemini 2.5/3 must get them back on the next turn or answer 4
 from __future__ import annotations
 
 import math
-import mimetypes
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -49,17 +42,17 @@ import aiohttp
 import msgspec
 
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
+from dataplane.providers.gemini_translate import new_call_id, to_gemini_request, tool_call_id
 from dataplane.providers.sse import iter_sse
 from dataplane.providers.upstream import map_upstream_error, post
-from schemas.errors import GatewayError, InvalidRequest, UpstreamError
+from schemas.errors import GatewayError, UpstreamError
 from schemas.openai import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 DEFAULT_API_VERSION = "v1beta"
-SIGNATURE_SEPARATOR = "__ts_"
+MAX_LINE = 16 * 1024 * 1024
 
 _encoder = msgspec.json.Encoder()
-_any_decoder = msgspec.json.Decoder()
 
 
 # --- Gemini response wire shapes (unknown fields tolerated) ---------------------------------------
@@ -151,332 +144,6 @@ def usage_from_gemini(m: GeminiUsage) -> CompletionUsage:
         prompt_tokens_details=PromptTokensDetails(cached_tokens=m.cached_content_token_count),
         completion_tokens_details=CompletionTokensDetails(reasoning_tokens=m.thoughts_token_count),
     )
-
-
-def tool_call_id(base: str, signature: str | None) -> str:
-    """The OpenAI tool call id carrying `signature` (see the module docstring)."""
-    if signature and re.fullmatch(r"[A-Za-z0-9+/_-]+=*", signature):
-        return base + SIGNATURE_SEPARATOR + signature.rstrip("=").replace("+", "-").replace("/", "_")
-    return base
-
-
-def split_tool_call_id(call_id: str) -> tuple[str, str | None]:
-    """Inverse of `tool_call_id`: (base id, standard base64 signature or None)."""
-    base, sep, encoded = call_id.partition(SIGNATURE_SEPARATOR)
-    if not sep or not encoded:
-        return call_id, None
-    std = encoded.replace("-", "+").replace("_", "/")
-    return base, std + "=" * (-len(std) % 4)
-
-
-def new_call_id() -> str:
-    return "call_" + os.urandom(12).hex()
-
-
-# --- request translation --------------------------------------------------------------------------
-
-_SCHEMA_KEEP = frozenset({
-    "description", "nullable", "minItems", "maxItems", "minLength", "maxLength", "pattern",
-    "minimum", "maximum", "minProperties", "maxProperties", "propertyOrdering", "default",
-})
-_FORMATS = {"STRING": {"enum", "date-time"}, "INTEGER": {"int32", "int64"}, "NUMBER": {"float", "double"}}
-_MAX_SCHEMA_DEPTH = 24
-
-
-def gemini_schema(schema: Any, defs: Mapping[str, Any] | None = None, depth: int = 0) -> dict[str, Any]:
-    """A JSON Schema narrowed to the OpenAPI 3.0 subset Gemini's `Schema` accepts: local `$ref`s
-    inlined (cycles cut at depth 24), type lists and `null` members -> `nullable`, `oneOf` ->
-    `anyOf`, `allOf` merged, `const` -> `enum`, non-string enums moved into the description, and
-    every other key (`$schema`, `additionalProperties`, `strict`, `title`, `exclusive*`, ...)
-    dropped. Pure; never raises."""
-    if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
-        return {}
-    if defs is None:
-        defs = {**(schema.get("definitions") or {}), **(schema.get("$defs") or {})}
-    ref = schema.get("$ref")
-    if isinstance(ref, str):
-        target = defs.get(ref.rsplit("/", 1)[-1]) if ref.startswith(("#/$defs/", "#/definitions/")) else None
-        merged = {**(target if isinstance(target, dict) else {}), **{k: v for k, v in schema.items() if k != "$ref"}}
-        return gemini_schema(merged, defs, depth + 1)
-    out: dict[str, Any] = {k: v for k, v in schema.items() if k in _SCHEMA_KEEP}
-    for sub in schema.get("allOf") or []:
-        part = gemini_schema(sub, defs, depth + 1)
-        out.setdefault("properties", {}).update(part.pop("properties", {}))
-        out.setdefault("required", []).extend(part.pop("required", []))
-        out.update({k: v for k, v in part.items() if k not in out})
-    kind = schema.get("type")
-    kinds = [kind] if isinstance(kind, str) else [k for k in kind if isinstance(k, str)] if isinstance(
-        kind, list) else []
-    if "null" in kinds:
-        out["nullable"] = True
-    kinds = [k.upper() for k in kinds if k != "null"]
-    variants = [gemini_schema(s, defs, depth + 1) for s in (schema.get("anyOf") or schema.get("oneOf") or [])]
-    if any(v == {"nullable": True} or v.get("type") == "NULL" for v in variants):
-        out["nullable"] = True
-        variants = [v for v in variants if v != {"nullable": True} and v.get("type") != "NULL"]
-    if len(kinds) > 1:
-        variants = [{"type": k} for k in kinds]
-    elif kinds:
-        out["type"] = kinds[0]
-    if len(variants) == 1:
-        out = {**variants[0], **out}
-    elif variants:
-        out["anyOf"] = variants
-    enum = [schema["const"]] if "const" in schema else schema.get("enum")
-    if isinstance(enum, list) and enum:
-        if None in enum:
-            out["nullable"] = True
-        values = [v for v in enum if v is not None]
-        if values and all(isinstance(v, str) for v in values):
-            out["enum"] = values
-            out.setdefault("type", "STRING")
-        elif values:
-            allowed = "Allowed values: " + ", ".join(_encoder.encode(v).decode() for v in values)
-            out["description"] = f"{out['description']} ({allowed})" if out.get("description") else allowed
-    fmt = schema.get("format")
-    if isinstance(fmt, str) and fmt in _FORMATS.get(out.get("type", ""), ()):
-        out["format"] = fmt
-    props = schema.get("properties")
-    if isinstance(props, dict) and props:
-        out["properties"] = {**out.get("properties", {}),
-                             **{str(k): gemini_schema(v, defs, depth + 1) for k, v in props.items()}}
-    if not out.get("properties"):
-        out.pop("properties", None)
-    required = [*out.pop("required", []), *(schema.get("required") or [])]
-    names = out.get("properties", {})
-    required = [r for r in dict.fromkeys(required) if r in names]
-    if required:
-        out["required"] = required
-    items = schema.get("items")
-    if isinstance(items, list):
-        items = items[0] if items else None
-    if isinstance(items, dict):
-        out["items"] = gemini_schema(items, defs, depth + 1)
-    return out
-
-
-def _data_url(url: str) -> dict[str, Any] | None:
-    if not url.startswith("data:"):
-        return None
-    meta, sep, data = url[5:].partition(",")
-    if not sep or not meta.endswith(";base64"):
-        raise InvalidRequest("Only base64 data URLs are supported for inline media.", param="messages")
-    return {"inlineData": {"mimeType": meta[: -len(";base64")] or "application/octet-stream", "data": data}}
-
-
-def _media_part(part: dict[str, Any]) -> dict[str, Any]:
-    kind = part.get("type")
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
-        inline = _data_url(url)
-        if inline is not None:
-            return inline
-        mime = mimetypes.guess_type(url.split("?", 1)[0])[0] or "image/jpeg"
-        return {"fileData": {"mimeType": mime, "fileUri": url}}
-    if kind == "input_audio":
-        audio = part.get("input_audio") or {}
-        return {"inlineData": {"mimeType": f"audio/{audio.get('format', 'wav')}", "data": audio.get("data", "")}}
-    if kind == "file":
-        file = part.get("file") or {}
-        inline = _data_url(str(file.get("file_data", "")))
-        if inline is not None:
-            return inline
-    raise InvalidRequest(f"Content part type '{kind}' is not supported by Gemini.", param="messages")
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text") or p.get("refusal") or "" for p in content if isinstance(p, dict))
-    return ""
-
-
-def _parts(content: Any) -> list[dict[str, Any]]:
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    if not isinstance(content, list):
-        raise InvalidRequest("Message content must be a string or a list of parts.", param="messages")
-    parts: list[dict[str, Any]] = []
-    for part in content:
-        if not isinstance(part, dict):
-            raise InvalidRequest("Message content parts must be objects.", param="messages")
-        if part.get("type") in ("text", "refusal"):
-            text = part.get("text") or part.get("refusal") or ""
-            if text:
-                parts.append({"text": text})
-        else:
-            parts.append(_media_part(part))
-    return parts
-
-
-def _signature_of(holder: Mapping[str, Any]) -> str | None:
-    extra = holder.get("extra_content")
-    google = extra.get("google") if isinstance(extra, dict) else None
-    sig = google.get("thought_signature") if isinstance(google, dict) else None
-    return sig if isinstance(sig, str) and sig else None
-
-
-def _model_parts(msg: Mapping[str, Any], names: dict[str, str]) -> list[dict[str, Any]]:
-    parts = _parts(msg.get("content"))
-    text_sig = _signature_of(msg)
-    if text_sig and parts:
-        parts[-1]["thoughtSignature"] = text_sig
-    for call in msg.get("tool_calls") or []:
-        fn = call.get("function") or {}
-        full_id = str(call.get("id") or "")
-        base, id_sig = split_tool_call_id(full_id)
-        name = str(fn.get("name") or "")
-        names[full_id] = names[base] = name
-        raw_args = fn.get("arguments") or "{}"
-        try:
-            args = _any_decoder.decode(raw_args) if isinstance(raw_args, str) else raw_args
-        except msgspec.DecodeError:
-            # Agents replay a model's malformed call so it can see its mistake; keep it as text.
-            args = {"raw_arguments": raw_args}
-        fc: dict[str, Any] = {"name": name, "args": args if isinstance(args, dict) else {"value": args}}
-        if base and not base.startswith("call_"):
-            fc["id"] = base
-        part: dict[str, Any] = {"functionCall": fc}
-        sig = _signature_of(call) or id_sig
-        if sig:
-            part["thoughtSignature"] = sig
-        parts.append(part)
-    return parts
-
-
-def _function_response(msg: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, Any]:
-    call_id = str(msg.get("tool_call_id") or "")
-    base, _ = split_tool_call_id(call_id)
-    name = names.get(call_id) or names.get(base) or msg.get("name")
-    if not name:
-        raise InvalidRequest(f"Tool message refers to unknown tool_call_id '{call_id[:64]}'.", param="messages")
-    text = _text_of(msg.get("content"))
-    try:
-        parsed = _any_decoder.decode(text) if text.lstrip().startswith("{") else None
-    except msgspec.DecodeError:
-        parsed = None
-    fr: dict[str, Any] = {"name": name, "response": parsed if isinstance(parsed, dict) else {"output": text}}
-    if base and not base.startswith("call_"):
-        fr["id"] = base
-    return {"functionResponse": fr}
-
-
-def _contents(messages: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    system: list[dict[str, Any]] = []
-    contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}
-    for msg in messages:
-        if not isinstance(msg, dict):
-            raise InvalidRequest("Each message must be an object.", param="messages")
-        role = msg.get("role")
-        if role in ("system", "developer"):
-            system.extend({"text": t} for t in [_text_of(msg.get("content"))] if t)
-            continue
-        if role == "user":
-            turn, parts = "user", _parts(msg.get("content"))
-        elif role == "assistant":
-            turn, parts = "model", _model_parts(msg, names)
-        elif role in ("tool", "function"):
-            turn, parts = "user", [_function_response(msg, names)]
-        else:
-            raise InvalidRequest(f"Message role '{role}' is not supported by Gemini.", param="messages")
-        if not parts:
-            continue
-        if contents and contents[-1]["role"] == turn:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": turn, "parts": parts})
-    return system, contents
-
-
-def _tools(tools: Any) -> list[dict[str, Any]]:
-    decls: list[dict[str, Any]] = []
-    for tool in tools or []:
-        fn = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
-        if not isinstance(fn, dict) or not fn.get("name"):
-            raise InvalidRequest("Only function tools with a name are supported by Gemini.", param="tools")
-        decl: dict[str, Any] = {"name": fn["name"]}
-        if fn.get("description"):
-            decl["description"] = fn["description"]
-        params = gemini_schema(fn.get("parameters"))
-        if params.get("properties"):
-            decl["parameters"] = {**params, "type": "OBJECT"}
-        decls.append(decl)
-    return [{"functionDeclarations": decls}] if decls else []
-
-
-def _tool_config(choice: Any) -> dict[str, Any] | None:
-    if choice is None:
-        return None
-    modes = {"auto": "AUTO", "none": "NONE", "required": "ANY"}
-    if isinstance(choice, str) and choice in modes:
-        return {"functionCallingConfig": {"mode": modes[choice]}}
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
-    if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
-        allowed = choice.get("allowed_tools") or {}
-        if allowed.get("mode") != "required":
-            return {"functionCallingConfig": {"mode": "AUTO"}}
-        names = [(t.get("function") or {}).get("name") for t in allowed.get("tools") or [] if isinstance(t, dict)]
-        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [n for n in names if n]}}
-    raise InvalidRequest("Unsupported tool_choice for Gemini.", param="tool_choice")
-
-
-_THINKING_BUDGET = {"none": 0, "minimal": 512, "low": 1024, "medium": 8192, "high": 24576}
-
-
-def _generation_config(body: Mapping[str, Any], model: str) -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    limit = body.get("max_completion_tokens") or body.get("max_tokens")
-    simple = {"temperature": "temperature", "top_p": "topP", "top_k": "topK", "n": "candidateCount",
-              "seed": "seed", "presence_penalty": "presencePenalty", "frequency_penalty": "frequencyPenalty"}
-    config.update({g: body[o] for o, g in simple.items() if body.get(o) is not None})
-    if limit is not None:
-        config["maxOutputTokens"] = limit
-    stop = body.get("stop")
-    if stop:
-        config["stopSequences"] = [stop] if isinstance(stop, str) else list(stop)
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") in ("json_object", "json_schema"):
-        config["responseMimeType"] = "application/json"
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if schema:
-            config["responseSchema"] = gemini_schema(schema)
-    effort = body.get("reasoning_effort")
-    if isinstance(effort, str) and effort in _THINKING_BUDGET:
-        thinking: dict[str, Any] = {"includeThoughts": effort != "none"}
-        if "gemini-3" in model:
-            thinking["thinkingLevel"] = "minimal" if effort == "none" else effort
-        else:
-            thinking["thinkingBudget"] = _THINKING_BUDGET[effort]
-        config["thinkingConfig"] = thinking
-    return config
-
-
-def to_gemini_request(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Chat Completions body -> `GenerateContentRequest`. Pure; raises InvalidRequest for input
-    Gemini cannot express (unknown roles, part types or tool kinds, bad tool-call JSON)."""
-    system, contents = _contents(list(body.get("messages") or []))
-    if not contents:
-        raise InvalidRequest("Gemini needs at least one user, assistant or tool message.", param="messages")
-    out: dict[str, Any] = {"contents": contents}
-    if system:
-        out["systemInstruction"] = {"parts": system}
-    tools = _tools(body.get("tools"))
-    if tools:
-        out["tools"] = tools
-        tool_config = _tool_config(body.get("tool_choice"))
-        if tool_config:
-            out["toolConfig"] = tool_config
-    config = _generation_config(body, str(body.get("model") or ""))
-    if config:
-        out["generationConfig"] = config
-    return out
 
 
 # --- response translation -------------------------------------------------------------------------
@@ -622,6 +289,24 @@ def map_gemini_error(provider: str, status: int, raw: bytes, headers: Mapping[st
     return map_upstream_error(provider, status, raw, headers, secret)
 
 
+async def _lines(content: aiohttp.StreamReader, provider: str) -> AsyncIterator[bytes]:
+    """Lines of a response body, each with its newline. Unlike iterating the `StreamReader`, a
+    line may exceed aiohttp's 128 KiB line cap (a whole function call arrives as one line); past
+    `MAX_LINE` the stream is refused."""
+    buf = bytearray()
+    async for data in content.iter_any():
+        scan, start = len(buf), 0
+        buf += data
+        while (nl := buf.find(b"\n", scan)) != -1:
+            yield bytes(buf[start:nl + 1])
+            start = scan = nl + 1
+        del buf[:start]
+        if len(buf) > MAX_LINE:
+            raise UpstreamError(f"Provider '{provider}' sent a stream line longer than {MAX_LINE} bytes.")
+    if buf:
+        yield bytes(buf)
+
+
 class GeminiProvider:
     """`ChatProvider` for the Gemini API. Stateless; safe to share across requests."""
 
@@ -666,7 +351,7 @@ class GeminiProvider:
         resp = await self._post(call, stream=True)
         translator: GeminiStreamTranslator | None = None
         try:
-            async for event in iter_sse(resp.content):
+            async for event in iter_sse(_lines(resp.content, call.provider.name)):
                 try:
                     chunk = _response_decoder.decode(event.data)
                 except (msgspec.DecodeError, msgspec.ValidationError):
@@ -678,10 +363,11 @@ class GeminiProvider:
                     translator = GeminiStreamTranslator(
                         "chatcmpl-" + (chunk.response_id or os.urandom(12).hex()), int(time.time()),
                         chunk.model_version or call.model)
-                for out in translator.feed(chunk):
-                    yield out
-                if translator.usage is not None:
+                events = translator.feed(chunk)
+                if translator.usage is not None:  # before yielding: the consumer may stop at any event
                     stats.usage = usage_from_openai(translator.usage)
+                for out in events:
+                    yield out
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
         finally:

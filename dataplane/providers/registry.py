@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataplane.providers.base import ChatProvider
+from dataplane.providers.gemini import GeminiProvider
 from dataplane.providers.mock import MockProvider
+from dataplane.providers.ollama import OllamaProvider
 from dataplane.providers.openai import OpenAIProvider
 from schemas.errors import NotFound
 
 ADAPTERS: dict[str, ChatProvider] = {
     "mock": MockProvider(),
     "openai": OpenAIProvider(),
+    "gemini": GeminiProvider(),
+    "ollama": OllamaProvider(),
 }
 
 
