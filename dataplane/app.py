@@ -19,6 +19,7 @@ from aiohttp import web
 
 from dataplane.http import error_middleware
 from dataplane.ingress.chat import ChatIngress
+from dataplane.ingress.messages import MessagesIngress, serve_count_tokens
 from dataplane.lifecycle import begin, serve
 from dataplane.models import list_models
 from dataplane.pricing import warm
@@ -100,6 +101,13 @@ def build_app(settings: Settings) -> web.Application:
         return await serve(request, chat)
 
     app.router.add_post("/v1/chat/completions", chat_completions)
+    messages = MessagesIngress()
+
+    async def anthropic_messages(request: web.Request) -> web.StreamResponse:
+        return await serve(request, messages)
+
+    app.router.add_post("/v1/messages", anthropic_messages)  # Claude Code adds ?beta=true: only a query
+    app.router.add_post("/v1/messages/count_tokens", serve_count_tokens)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

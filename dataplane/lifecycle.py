@@ -139,7 +139,8 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
             session=worker.session,
             timeout_s=worker.settings.upstream_timeout_s,
             client_wants_usage=plan.include_usage,
-            extra_headers=plan.forward_headers,
+            # Client API headers (anthropic-version/-beta) only mean something to that API itself.
+            extra_headers=plan.forward_headers if native else {},
         )
         if rec.stream:
             stats = CallStats()

@@ -81,6 +81,9 @@ NATIVE_API = "anthropic.messages"
 _OWN_HEADERS = frozenset({"x-api-key", "authorization", "content-type", "content-length", "host",
                           "accept-encoding", "connection", "transfer-encoding"})
 
+# Native streams: events decoded for usage, errors and the end (with no event name, always).
+_NATIVE_WATCHED = frozenset({None, "message_start", "message_delta", "message_stop", "error"})
+
 _json = msgspec.json.Encoder()
 _message_decoder = msgspec.json.Decoder(Message)
 _event_decoder: msgspec.json.Decoder[StreamEvent] = msgspec.json.Decoder(StreamEvent)
@@ -151,7 +154,8 @@ class AnthropicProvider:
             resp.release()
 
     def _translated(self, call: UpstreamCall, stream: bool) -> dict[str, Any]:
-        version = self._headers(call)["anthropic-version"]
+        version = next((v for k, v in call.extra_headers.items() if k.lower() == "anthropic-version"),
+                       DEFAULT_VERSION)
         body = to_anthropic_request({**call.body, "model": call.model, "stream": stream}, api_version=version)
         if not stream:
             body.pop("stream", None)
@@ -176,9 +180,7 @@ class AnthropicProvider:
         translator = ChatStreamTranslator(call.provider.name, int(time.time()), wants_usage=call.client_wants_usage)
         try:
             async with contextlib.aclosing(self._events(call, resp.content)) as events:
-                async for _, event in events:
-                    if event is None:
-                        continue
+                async for event in events:
                     chunks = translator.feed(event)
                     stats.usage = translator.usage
                     for chunk in chunks:
@@ -209,8 +211,10 @@ class AnthropicProvider:
         resp = await self._post(call, "/v1/messages", call.body)
         usage = AnthropicUsage()
         try:
-            async with contextlib.aclosing(self._events(call, resp.content)) as events:
-                async for sse, event in events:
+            async with contextlib.aclosing(self._sse(call, resp.content)) as events:
+                async for sse in events:
+                    # Only these carry usage, errors or the end; content deltas are relayed undecoded.
+                    event = self._decode(call, sse) if sse.event in _NATIVE_WATCHED else None
                     if isinstance(event, StreamError):
                         raise stream_error(call.provider.name, event)
                     if isinstance(event, MessageStart):
@@ -261,11 +265,17 @@ class AnthropicProvider:
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamError(f"Provider '{call.provider.name}' sent a malformed stream event.") from None
 
-    async def _events(self, call: UpstreamCall, content: aiohttp.StreamReader,
-                      ) -> AsyncGenerator[tuple[SseEvent, StreamEvent | None], None]:
-        """Each SSE event with its typed form (None for event types we do not know)."""
+    async def _sse(self, call: UpstreamCall, content: aiohttp.StreamReader) -> AsyncGenerator[SseEvent, None]:
         async for sse in iter_sse(self._lines(call, content)):
-            yield sse, self._decode(call, sse)
+            yield sse
+
+    async def _events(self, call: UpstreamCall, content: aiohttp.StreamReader,
+                      ) -> AsyncGenerator[StreamEvent, None]:
+        """Typed events; event types we do not know are skipped."""
+        async for sse in iter_sse(self._lines(call, content)):
+            event = self._decode(call, sse)
+            if event is not None:
+                yield event
 
 
 def _frame(sse: SseEvent) -> bytes:

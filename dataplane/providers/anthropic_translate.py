@@ -246,7 +246,8 @@ def _messages(chat: list[Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any
             raise InvalidRequest("Each message must be an object.", param=where)
         role = msg.get("role")
         if role in ("system", "developer"):
-            system.extend(_content_blocks(msg.get("content"), where))
+            # Anthropic's system prompt holds text only.
+            system.extend(b for b in _content_blocks(msg.get("content"), where) if b["type"] == "text")
             continue
         if role == "user":
             turn, blocks = "user", _content_blocks(msg.get("content"), where)
@@ -327,7 +328,8 @@ def to_anthropic_request(body: Mapping[str, Any], *, api_version: str) -> dict[s
         if choice is not None:
             out["tool_choice"] = choice
     thinking = _thinking(body.get("reasoning_effort"), explicit_max, out)
-    if api_version < SAMPLING_REMOVED_IN and thinking is None:
+    # Thinking is incompatible with temperature/top_k; API versions from 2026-10-21 reject all three.
+    if api_version < SAMPLING_REMOVED_IN and not thinking:
         if isinstance(body.get("temperature"), int | float):
             out["temperature"] = min(float(body["temperature"]), 1.0)  # Chat allows 0..2, Anthropic 0..1
         for name in ("top_p", "top_k"):
@@ -344,20 +346,21 @@ def to_anthropic_request(body: Mapping[str, Any], *, api_version: str) -> dict[s
     return out
 
 
-def _thinking(effort: Any, explicit_max: Any, out: dict[str, Any]) -> dict[str, Any] | None:
-    """Map `reasoning_effort` to a thinking budget in `out` (which it updates). The budget must stay
-    below `max_tokens`: without a client cap it is added to the default; with one, it takes at most half."""
+def _thinking(effort: Any, explicit_max: Any, out: dict[str, Any]) -> bool:
+    """Map `reasoning_effort` to a thinking budget in `out` (which it updates); True when enabled.
+    The budget must stay below `max_tokens`: without a client cap it is added to the default;
+    with one, it takes at most half of it (below Anthropic's minimum of 1024, no thinking)."""
     budget = EFFORT_BUDGET.get(effort) if isinstance(effort, str) else None
     if budget is None:
-        return None
+        return False
     if explicit_max:
         budget = min(budget, int(explicit_max) // 2)
         if budget < 1024:
-            return None
+            return False
     else:
         out["max_tokens"] = DEFAULT_MAX_TOKENS + budget
     out["thinking"] = {"type": "enabled", "budget_tokens": budget}
-    return out["thinking"]  # type: ignore[no-any-return]
+    return True
 
 
 # -- Anthropic answer -> Chat answer ---------------------------------------------------------

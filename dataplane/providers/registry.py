@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataplane.providers.anthropic import AnthropicProvider
 from dataplane.providers.base import ChatProvider
 from dataplane.providers.gemini import GeminiProvider
 from dataplane.providers.mock import MockProvider
@@ -12,6 +13,7 @@ from schemas.errors import NotFound
 ADAPTERS: dict[str, ChatProvider] = {
     "mock": MockProvider(),
     "openai": OpenAIProvider(),
+    "anthropic": AnthropicProvider(),
     "gemini": GeminiProvider(),
     "ollama": OllamaProvider(),
 }

@@ -90,7 +90,8 @@ async def post(call: UpstreamCall, url: str, body: bytes, headers: Mapping[str, 
     try:
         resp = await call.session.post(
             url, data=body, headers=headers,
-            timeout=aiohttp.ClientTimeout(total=call.timeout_s, sock_connect=10),
+            # A read timeout, not a total: an agent's stream may legitimately run for many minutes.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=call.timeout_s),
         )
     except TimeoutError:
         raise UpstreamError(f"Provider '{call.provider.name}' timed out.", status=504,
