@@ -15,7 +15,8 @@ Provider configuration:
 The model id is percent-encoded into the path (inference-profile ARNs contain `:` and `/`) and
 sent exactly as signed. Translation rules live in the functions below; what OpenAI has and
 Converse does not (`n > 1`, remote image URLs, audio/file parts) is rejected with a 400, and
-unmodelled sampling parameters (`seed`, `response_format`, ...) are dropped. Reasoning text is
+unmodelled sampling parameters (`seed`, `response_format`, ...) are dropped. Replayed tool-call
+arguments that are not a JSON object are sent as `{"raw_arguments": "<text>"}`. Reasoning text is
 surfaced as `reasoning_content`. Client `extra_headers` are forwarded unsigned and never
 override the signed ones.
 """
@@ -27,7 +28,7 @@ import re
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
@@ -102,7 +103,10 @@ class _ConverseResponse(msgspec.Struct, rename="camel", kw_only=True):
 
 
 _response_decoder = msgspec.json.Decoder(_ConverseResponse)
-_usage_decoder = msgspec.json.Decoder(_TokenUsage)
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def finish_reason(stop_reason: str) -> str:
@@ -173,12 +177,17 @@ def _user_blocks(content: Any) -> list[dict[str, Any]]:
 def _assistant_blocks(msg: dict[str, Any]) -> list[dict[str, Any]]:
     blocks: list[dict[str, Any]] = [{"text": t} for t in _text_parts(msg.get("content"), "assistant") if t.strip()]
     for call in msg.get("tool_calls") or []:
-        fn = call.get("function") or {} if isinstance(call, dict) else {}
+        if not isinstance(call, dict) or not isinstance(fn := call.get("function"), dict):
+            raise InvalidRequest("Each tool call needs a 'function' object.", param="messages")
         args = fn.get("arguments") or "{}"
         try:
             parsed = _any_decoder.decode(args) if isinstance(args, str) else args
         except msgspec.DecodeError:
-            raise InvalidRequest("Tool call arguments must be valid JSON.", param="messages") from None
+            parsed = None
+        if not isinstance(parsed, dict):
+            # Models do emit malformed arguments and agents replay them; rejecting the replay would
+            # wedge the conversation, and Converse (Claude) needs an object, so wrap the text.
+            parsed = {"raw_arguments": args if isinstance(args, str) else _json.encode(args).decode()}
         blocks.append({"toolUse": {"toolUseId": str(call.get("id") or ""), "name": str(fn.get("name") or ""),
                                    "input": parsed}})
     return blocks
@@ -379,11 +388,11 @@ class ConverseStreamTranslator:
         event = msg.event_type
         block = data.get("contentBlockIndex", 0)
         if event == "contentBlockStart":
-            tool = (data.get("start") or {}).get("toolUse")
+            tool = _obj(data.get("start")).get("toolUse")
             if isinstance(tool, dict) and block not in self._tools:
                 return self._tool_start(block, str(tool.get("toolUseId", "")), str(tool.get("name", "")))
         elif event == "contentBlockDelta":
-            delta = data.get("delta") or {}
+            delta = _obj(data.get("delta"))
             if isinstance(delta.get("text"), str):
                 return self._chunk({"content": delta["text"]}) if delta["text"] else []
             if isinstance(tool := delta.get("toolUse"), dict):
@@ -405,7 +414,7 @@ class ConverseStreamTranslator:
             return self._chunk({}, finish_reason(str(data.get("stopReason", "end_turn"))))
         elif event == "metadata" and isinstance(data.get("usage"), dict):
             try:
-                usage, openai = usage_of(_usage_decoder.decode(_json.encode(data["usage"])))
+                usage, openai = usage_of(msgspec.convert(data["usage"], _TokenUsage))
             except msgspec.ValidationError:
                 return []
             self.usage = usage
@@ -421,12 +430,12 @@ class ConverseStreamTranslator:
 # -- errors ------------------------------------------------------------------------------------
 
 
-def bedrock_error(provider: str, error_type: str, status: int, message: str,
+def bedrock_error(provider: str, error_type: str, text: str,
                   headers: Mapping[str, str] | None = None) -> GatewayError | None:
     """The GatewayError for an AWS error name (`ThrottlingException`, `throttlingException`,
-    `ThrottlingException:http://...`), None when the name is unknown."""
+    `ThrottlingException:http://...`) carrying the client-facing `text`; None when the name is
+    unknown. Credential failures never carry the provider's text."""
     kind = _ERRORS.get(error_type.split(":", 1)[0].strip().lower())
-    text = f"Provider '{provider}' returned {status}: {message}"
     if kind == "rate":
         retry = (headers or {}).get("retry-after")
         return RateLimited(text, code="upstream_rate_limited", headers={"Retry-After": retry} if retry else None)
@@ -467,16 +476,17 @@ def map_bedrock_error(provider: str, status: int, raw: bytes, headers: Mapping[s
             parsed = None
         if isinstance(parsed, dict) and isinstance(parsed.get("__type"), str):
             error_type = parsed["__type"].rsplit("#", 1)[-1]
-    mapped = bedrock_error(provider, error_type, status, provider_message(raw, secret), headers)
+    text = f"Provider '{provider}' returned {status}: {provider_message(raw, secret)}"
+    mapped = bedrock_error(provider, error_type, text, headers)
     return mapped or map_upstream_error(provider, status, raw, headers, secret)
 
 
-def stream_exception(provider: str, exception_type: str, payload: bytes,
-                     secret: str | None = None) -> GatewayError:
-    """The GatewayError for an exception frame (`:message-type` = `exception`)."""
-    message = provider_message(_masked(payload, secret), secret) if payload else exception_type
-    return (bedrock_error(provider, exception_type, 200, message)
-            or UpstreamError(f"Provider '{provider}' stream failed with {exception_type or 'an exception'}: {message}"))
+def stream_exception(provider: str, exception_type: str, payload: bytes) -> GatewayError:
+    """The GatewayError for an exception frame (`:message-type` = `exception`); unknown
+    exception names are a 502."""
+    message = provider_message(payload) if payload else "no details"
+    text = f"Provider '{provider}' stream failed with {exception_type or 'an exception'}: {message}"
+    return bedrock_error(provider, exception_type, text) or UpstreamError(text)
 
 
 # -- the adapter -------------------------------------------------------------------------------
@@ -526,7 +536,7 @@ class BedrockProvider:
         body = _json.encode(to_converse(call.body))
         headers = self._headers(call, url, body, accept)
         # `encoded=True` keeps `%3A` in the path exactly as signed (yarl would otherwise decode it).
-        wire = cast(str, URL(url, encoded=True))  # `post` hands the URL to aiohttp, which takes str | URL
+        wire = URL(url, encoded=True)  # keep %3A/%2F exactly as signed; yarl would decode a str
         return await post(call, wire, body, headers, map_error=map_bedrock_error)
 
     def _ids(self) -> tuple[str, int]:
@@ -561,7 +571,7 @@ class BedrockProvider:
                         stats.usage = translator.usage
             decoder.close()
         except EventStreamError:
-            raise UpstreamError(f"Provider '{call.provider.name}' sent a corrupt event stream.") from None
+            raise UpstreamError(f"Provider '{call.provider.name}' sent a truncated or corrupt event stream.") from None
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
         finally:

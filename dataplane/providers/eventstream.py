@@ -163,15 +163,18 @@ def decode_headers(raw: bytes) -> dict[str, HeaderValue]:
 class EventStreamDecoder:
     """Incremental decoder: `feed` any chunking of the stream, get the messages completed by it.
 
-    Holds at most one incomplete message (bounded by MAX_MESSAGE_BYTES). Any framing error is
-    raised from `feed` and is final: the decoder must be discarded. Call `close` at end of
-    input; it raises if a message was cut short.
+    Holds at most one incomplete message (bounded by MAX_MESSAGE_BYTES). A framing error is
+    final. It is raised by `feed` when no message precedes it in that call; otherwise `feed`
+    returns the good messages before it and the next `feed` or `close` raises, so no decoded
+    message is ever lost to a later corrupt one. Call `close` at end of input; it raises if a
+    message was cut short.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_error")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._error: EventStreamError | None = None
 
     @property
     def pending(self) -> int:
@@ -179,8 +182,19 @@ class EventStreamDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[EventMessage]:
+        if self._error is not None:
+            raise self._error
         self._buf += data
         out: list[EventMessage] = []
+        try:
+            self._decode_into(out)
+        except EventStreamError as exc:
+            if not out:
+                raise
+            self._error = exc
+        return out
+
+    def _decode_into(self, out: list[EventMessage]) -> None:
         buf = self._buf
         while len(buf) >= PRELUDE_BYTES:
             total, head_len, prelude_crc = struct.unpack_from(">III", buf, 0)
@@ -201,9 +215,11 @@ class EventStreamDecoder:
             payload = bytes(buf[PRELUDE_BYTES + head_len : total - 4])
             del buf[:total]
             out.append(EventMessage(headers, payload))
-        return out
 
     def close(self) -> None:
-        """End of input. Raises EventStreamError if an incomplete message is buffered."""
+        """End of input. Raises the deferred framing error, or EventStreamError if an incomplete
+        message is buffered."""
+        if self._error is not None:
+            raise self._error
         if self._buf:
             raise EventStreamError(f"event-stream ended inside a message ({len(self._buf)} bytes pending)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataplane.providers.anthropic import AnthropicProvider
 from dataplane.providers.base import ChatProvider
+from dataplane.providers.bedrock import BedrockProvider
 from dataplane.providers.gemini import GeminiProvider
 from dataplane.providers.mock import MockProvider
 from dataplane.providers.ollama import OllamaProvider
@@ -14,6 +15,7 @@ ADAPTERS: dict[str, ChatProvider] = {
     "mock": MockProvider(),
     "openai": OpenAIProvider(),
     "anthropic": AnthropicProvider(),
+    "bedrock": BedrockProvider(),
     "gemini": GeminiProvider(),
     "ollama": OllamaProvider(),
 }

@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from aiohttp.typedefs import StrOrURL
 
 from dataplane.providers.base import UpstreamCall
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
@@ -83,7 +84,7 @@ def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[
 ErrorMapper = Callable[[str, int, bytes, Mapping[str, str], str | None], GatewayError]
 
 
-async def post(call: UpstreamCall, url: str, body: bytes, headers: Mapping[str, str], *,
+async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[str, str], *,
                map_error: ErrorMapper = map_upstream_error) -> aiohttp.ClientResponse:
     """POST to the provider. Returns the open response on 2xx (the caller must release it);
     raises the mapped GatewayError otherwise. Never lets a secret reach an error message."""
