@@ -23,6 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from controlplane import commands as c
 from controlplane.queries import ledger_balance, run_summary
 from controlplane.relay import OutboxRelay
+from controlplane.ssrf import parse_allow_list
 from dataplane.http import Handler, decode_json, error_middleware, read_body, validate
 from events.db import open_pool
 from events.jetstream import connect, ensure_kv, ensure_stream
@@ -199,7 +200,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         await relay.flush()
         changed = await relay.resync()
         log.info("kv_resynced", changed=changed)
-        app[ADMIN] = AdminState(settings, pool, c.ConfigCommands(pool, keyring, relay, settings.subject_prefix), relay)
+        app[ADMIN] = AdminState(settings, pool, c.ConfigCommands(pool, keyring, relay, settings.subject_prefix,
+                                                              ssrf_allow=parse_allow_list(settings.ssrf_allow)), relay)
         task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
         yield
         task.cancel()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
+from collections.abc import Collection
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane.relay import OutboxRelay
+from controlplane.ssrf import check_base_url_resolving
 from schemas.entities import (
     Agent,
     ConfigEntity,
@@ -85,7 +86,6 @@ class UpsertPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_write_per_mtok_nanos: NonNegative | None = None
 
 
-_URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 
 
 def _stable_id(*parts: str) -> str:
@@ -104,7 +104,8 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
 
 class ConfigCommands:
     def __init__(self, pool: AsyncConnectionPool[Any], keyring: KeyRing, relay: OutboxRelay,
-                 subject_prefix: str) -> None:
+                 subject_prefix: str, ssrf_allow: Collection[str] = ()) -> None:
+        self._ssrf_allow = ssrf_allow
         self._pool = pool
         self._keyring = keyring
         self._relay = relay
@@ -191,8 +192,8 @@ class ConfigCommands:
         return public_view(agent) | {"snapshot_revision": await self._relay.flush()}
 
     async def upsert_provider(self, cmd: UpsertProvider) -> dict[str, Any]:
-        if cmd.type != "mock" and cmd.base_url and not _URL_RE.match(cmd.base_url):
-            raise InvalidRequest("base_url must be an http(s) URL.", param="base_url")
+        if cmd.type != "mock" and cmd.base_url:
+            await check_base_url_resolving(cmd.base_url, self._ssrf_allow)
         provider = Provider(
             id=f"{cmd.workspace_id}.{cmd.name}", workspace_id=cmd.workspace_id, name=cmd.name, type=cmd.type,
             base_url=cmd.base_url, api_key_enc=self._keyring.encrypt(cmd.api_key) if cmd.api_key else None,

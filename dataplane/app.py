@@ -19,29 +19,22 @@ from aiohttp import web
 
 from dataplane.http import error_middleware
 from dataplane.ingress.chat import ChatIngress
+from dataplane.ingress.embeddings import embeddings
 from dataplane.ingress.messages import MessagesIngress, serve_count_tokens
-from dataplane.lifecycle import begin, serve
-from dataplane.models import list_models
+from dataplane.ingress.responses import ResponsesIngress
+from dataplane.lifecycle import serve
+from dataplane.models import ModelCatalog
 from dataplane.pricing import warm
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
 from events.jetstream import connect, ensure_kv
 from events.publisher import EventPublisher
 from schemas.keys import KeyRing
-from schemas.openai import ModelList
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
 
 _encoder = msgspec.json.Encoder()
-
-
-async def models(request: web.Request) -> web.Response:
-    worker = request.app[WORKER]
-    rec = begin(request, worker)
-    body = ModelList(data=list_models(rec.snap, rec.vk.workspace_id))
-    return web.Response(body=_encoder.encode(body), content_type="application/json",
-                        headers={"Alephant-Request-Id": rec.ctx.request_id})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -106,9 +99,18 @@ def build_app(settings: Settings) -> web.Application:
     async def anthropic_messages(request: web.Request) -> web.StreamResponse:
         return await serve(request, messages)
 
-    app.router.add_post("/v1/messages", anthropic_messages)  # Claude Code adds ?beta=true: only a query
+    app.router.add_post("/v1/messages", anthropic_messages)
+    responses = ResponsesIngress()
+
+    async def openai_responses(request: web.Request) -> web.StreamResponse:
+        return await serve(request, responses)
+
+    app.router.add_post("/v1/responses", openai_responses)  # Claude Code adds ?beta=true: only a query
     app.router.add_post("/v1/messages/count_tokens", serve_count_tokens)
-    app.router.add_get("/v1/models", models)
+    catalog = ModelCatalog()
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", catalog.list_handler)
+    app.router.add_get("/v1/models/{model:.+}", catalog.retrieve_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     return app

@@ -8,11 +8,13 @@ or failure).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -114,12 +116,48 @@ def begin(request: web.Request, worker: WorkerState) -> CallRecord:
     return CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter())
 
 
+def upstream_call(worker: WorkerState, target: Target, body: dict[str, Any], *, include_usage: bool = False,
+                  headers: dict[str, str] | None = None) -> UpstreamCall:
+    """The dispatch for `target`: its decrypted key, the shared session and the upstream timeout."""
+    return UpstreamCall(
+        provider=target.provider,
+        model=target.model,
+        body=body,
+        api_key=worker.provider_key(target.provider.api_key_enc),
+        session=worker.session,
+        timeout_s=worker.settings.upstream_timeout_s,
+        client_wants_usage=include_usage,
+        extra_headers=headers or {},
+    )
+
+
+@contextlib.contextmanager
+def recorded(worker: WorkerState, rec: CallRecord) -> Iterator[None]:
+    """Around a handler's work: a GatewayError is noted on the record and re-raised (the error
+    middleware renders it), and exactly one `llm.call` event is emitted whatever happens."""
+    try:
+        yield
+    except GatewayError as err:
+        rec.status, rec.error_code = err.status, err.code
+        raise
+    finally:
+        worker.publisher.emit(rec.event())
+
+
+def priced_json(rec: CallRecord, body: bytes) -> web.Response:
+    """A non-streamed answer with the cost header; prices the record first."""
+    rec.price()
+    headers = rec.headers()
+    headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
+    return web.Response(body=body, content_type="application/json", headers=headers)
+
+
 async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
     """The whole lifecycle for one model call through `ingress`. Always emits one `llm.call`."""
     worker = request.app[WORKER]
     rec = begin(request, worker)
     rec.ingress = ingress.name
-    try:
+    with recorded(worker, rec):
         raw = decode_json(await read_body(request, worker.settings.max_body_bytes))
         if not isinstance(raw, dict):
             raise InvalidRequest("The request body must be a JSON object.")
@@ -128,20 +166,13 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, plan.model)
         adapter = adapter_for(rec.target.provider.type)
         # A plain attribute read: isinstance() on a runtime-checkable Protocol costs ~4% of a request.
-        native = plan.native_api if plan.native_api in getattr(adapter, "native_apis", ()) else None
+        native = plan.native_api if plan.native_api in getattr(adapter, "native_apis", ()) \
+            and rec.target.provider.options.get("passthrough") != "off" else None
         body = plan.native_body if native and plan.native_body is not None else plan.body
         body["model"] = rec.target.model
-        call = UpstreamCall(
-            provider=rec.target.provider,
-            model=rec.target.model,
-            body=body,
-            api_key=worker.provider_key(rec.target.provider.api_key_enc),
-            session=worker.session,
-            timeout_s=worker.settings.upstream_timeout_s,
-            client_wants_usage=plan.include_usage,
-            # Client API headers (anthropic-version/-beta) only mean something to that API itself.
-            extra_headers=plan.forward_headers if native else {},
-        )
+        # Client API headers (anthropic-version/-beta) only mean something to that API itself.
+        call = upstream_call(worker, rec.target, body, include_usage=plan.include_usage,
+                             headers=plan.forward_headers if native else None)
         if rec.stream:
             stats = CallStats()
             if native is not None:
@@ -158,15 +189,7 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
             result = await adapter.complete(call)
             body_out = ingress.render(result.body, plan)
         rec.usage = result.usage
-        rec.price()
-        headers = rec.headers()
-        headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
-        return web.Response(body=body_out, content_type="application/json", headers=headers)
-    except GatewayError as err:
-        rec.status, rec.error_code = err.status, err.code
-        raise
-    finally:
-        worker.publisher.emit(rec.event())
+        return priced_json(rec, body_out)
 
 
 async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, events: AsyncIterator[bytes],

@@ -34,7 +34,7 @@ BUILTIN_PRICES = {
     ("mock", model): PriceOverride(id=f"builtin-mock-{model}", provider="mock", model=model,
                                    input_per_mtok_nanos=mock.INPUT_PER_MTOK_NANOS,
                                    output_per_mtok_nanos=mock.OUTPUT_PER_MTOK_NANOS)
-    for model in mock.MODELS
+    for model in (*mock.MODELS, *mock.EMBEDDING_MODELS)
 }
 
 

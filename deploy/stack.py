@@ -149,6 +149,8 @@ class Stack:
             "ALEPHANT_PORT": str(self.port),
             "ALEPHANT_ADMIN_PORT": str(self.admin_port),
             "ALEPHANT_STATE_DIR": str(self.state_dir),
+            # The local stack talks to providers on this machine (Ollama, fakes); production leaves it empty.
+            "ALEPHANT_SSRF_ALLOW": self.env.get("ALEPHANT_SSRF_ALLOW", "127.0.0.1,::1,localhost"),
             "PYTHONUNBUFFERED": "1",
         })
         env.update(self.extra_env)

@@ -74,6 +74,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A batch not acked within this window (its projector died) is redelivered to another one.
     projector_ack_wait_s: float = 30.0
     log_level: str = "info"
+    # Hosts, IPs or CIDRs that provider base URLs may point at although they are private (SSRF guard).
+    ssrf_allow: str = ""
 
 
 _ENV_PREFIX = "ALEPHANT_"

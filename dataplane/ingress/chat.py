@@ -7,6 +7,7 @@ from typing import Any
 
 from dataplane.http import validate
 from dataplane.ingress.base import ChatPlan
+from dataplane.ingress.responses_request import looks_like_responses_body, responses_body_to_chat
 from dataplane.providers.sse import format_sse, sse_comment
 from schemas.errors import GatewayError, render_openai
 from schemas.openai import ChatCompletionRequest
@@ -18,6 +19,8 @@ class ChatIngress:
     name = "chat.completions"
 
     def plan(self, raw: dict[str, Any], headers: Mapping[str, str]) -> ChatPlan:
+        if looks_like_responses_body(raw):  # Cursor posts Responses-shaped bodies here, and wants Chat back
+            raw = responses_body_to_chat(raw)
         typed = validate(raw, ChatCompletionRequest)
         return ChatPlan(model=typed.model, body=raw, stream=bool(typed.stream),
                         include_usage=bool(typed.stream_options and typed.stream_options.include_usage))

@@ -31,7 +31,7 @@ from dataplane.ingress.messages_translate import (
     to_chat_request,
     to_message,
 )
-from dataplane.lifecycle import begin
+from dataplane.lifecycle import begin, upstream_call
 from dataplane.providers.anthropic import NATIVE_API
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.registry import adapter_for
@@ -142,14 +142,6 @@ async def serve_count_tokens(request: web.Request) -> web.Response:
         raise InvalidRequest("The request body must be a JSON object.")
     model = validate(raw, CountTokensRequest).model
     target = resolve_model(rec.snap, rec.vk.workspace_id, model)
-    call = UpstreamCall(
-        provider=target.provider,
-        model=target.model,
-        body={**raw, "model": target.model},
-        api_key=worker.provider_key(target.provider.api_key_enc),
-        session=worker.session,
-        timeout_s=worker.settings.upstream_timeout_s,
-        extra_headers=forward_headers(request.headers),
-    )
+    call = upstream_call(worker, target, {**raw, "model": target.model}, headers=forward_headers(request.headers))
     counted = await MessagesIngress().count_tokens(raw, adapter_for(target.provider.type), call)
     return web.json_response(counted, headers={"Alephant-Request-Id": rec.ctx.request_id})

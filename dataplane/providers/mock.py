@@ -4,11 +4,20 @@ It answers in-process, so a demo works with no provider account and no network. 
 `echo` repeats the last user message; any other id answers with a fixed sentence naming it.
 Token counts are deterministic estimates (4 characters per token), and `max_tokens` /
 `max_completion_tokens` truncate the answer with `finish_reason: "length"`.
+
+Embeddings (`embed`): any model id; each input gets a deterministic unit vector derived from a
+hash of the input (`dimensions` long, default 64), in the `encoding_format` asked for (floats,
+or base64 of little-endian float32, like OpenAI). Usage counts the same 4-character tokens, or
+the token ids of token-array inputs.
 """
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
+import math
+import sys
 import time
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -29,6 +38,9 @@ from schemas.openai import (
 )
 
 MODELS = ("echo", "fixed")
+EMBEDDING_MODELS = ("embed",)  # any id embeds; this one is listed by GET /v1/models
+EMBEDDING_DIMENSIONS = 64
+MAX_EMBEDDING_DIMENSIONS = 4096
 
 # The mock is priced like a small hosted model ($0.15 / $0.60 per million tokens), so the demo's
 # ledger shows real, non-zero integer costs. Nano-USD per million tokens.
@@ -117,3 +129,43 @@ class MockProvider:
             yield sse_event(_encoder.encode(ChatCompletionChunk(id=cid, created=created, model=call.model,
                                                                 choices=[], usage=usage)))
         yield SSE_DONE
+
+    async def embed(self, call: UpstreamCall) -> ChatResponse:
+        """A deterministic `create embedding` answer for `call.body` (validated by the ingress)."""
+        raw_input = call.body.get("input")
+        inputs: list[Any] = raw_input if isinstance(raw_input, list) and raw_input and \
+            not isinstance(raw_input[0], int) else [raw_input]
+        dims = call.body.get("dimensions")
+        dims = min(dims, MAX_EMBEDDING_DIMENSIONS) if isinstance(dims, int) and dims > 0 else EMBEDDING_DIMENSIONS
+        as_base64 = call.body.get("encoding_format") == "base64"
+        data: list[dict[str, Any]] = []
+        tokens = 0
+        for i, item in enumerate(inputs):
+            if isinstance(item, str):
+                tokens += _tokens(item)
+                seed = item.encode()
+            else:
+                tokens += len(item) if isinstance(item, list) else 0
+                seed = _encoder.encode(item)
+            vector = embedding_vector(seed, dims)
+            data.append({"object": "embedding", "index": i,
+                         "embedding": _float32_base64(vector) if as_base64 else vector})
+        body = {"object": "list", "data": data, "model": call.model,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+        usage = CompletionUsage(prompt_tokens=tokens, total_tokens=tokens)
+        return ChatResponse(_encoder.encode(body), usage_from_openai(usage))
+
+
+def embedding_vector(seed: bytes, dims: int) -> list[float]:
+    """A unit-length vector that depends only on `seed` and `dims`, rounded to float32 values."""
+    raw = hashlib.shake_256(seed).digest(4 * dims)
+    values = [int.from_bytes(raw[4 * i:4 * i + 4], "little") / 2**31 - 1.0 for i in range(dims)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return array.array("f", [v / norm for v in values]).tolist()
+
+
+def _float32_base64(vector: list[float]) -> str:
+    packed = array.array("f", vector)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return base64.b64encode(packed.tobytes()).decode()

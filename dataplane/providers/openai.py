@@ -1,8 +1,13 @@
-"""OpenAI (and any OpenAI-compatible base URL): Chat Completions over HTTPS + SSE.
+"""OpenAI (and any OpenAI-compatible base URL): Chat Completions and Embeddings over HTTPS + SSE.
 
 Non-streaming bodies are relayed byte-for-byte; only usage is decoded. Streams are relayed event
 by event. The gateway always asks for `stream_options.include_usage` so every streamed call can
 be priced, and drops the usage-only chunk again when the client did not ask for it.
+
+One instance serves one provider type. Plain `openai` stays on the raw-bytes fast path (no
+per-chunk JSON decoding). The OpenAI-compatible family (`groq`, `mistral`, ... see
+`openai_compat.PROFILES`) goes through that module's quirk handlers, which decode each chunk and
+re-encode only what they change.
 """
 
 from __future__ import annotations
@@ -13,8 +18,17 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from dataplane.providers import openai_responses
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, usage_from_openai
-from dataplane.providers.upstream import post
+from dataplane.providers.openai_compat import (
+    PROFILES,
+    fix_completion,
+    map_compat_error,
+    prepare_chat,
+    prepare_embeddings,
+    relay_events,
+)
+from dataplane.providers.upstream import map_upstream_error, post
 from schemas.errors import UpstreamError
 from schemas.openai import UsageOnly
 
@@ -24,34 +38,102 @@ _usage_decoder = msgspec.json.Decoder(UsageOnly)
 _encoder = msgspec.json.Encoder()
 
 
+def _sibling_endpoint(chat_url: str, endpoint: str) -> str:
+    """The URL of another endpoint next to `.../chat/completions`, keeping any query string."""
+    path, q, query = chat_url.partition("?")
+    head, found, _ = path.rpartition("/chat/completions")
+    if not found:
+        raise UpstreamError(f"Cannot derive the {endpoint} URL from the provider's chat URL.")
+    return f"{head}/{endpoint}{q}{query}"
+
+
 class OpenAIProvider:
+    """The adapter for `provider_type` ("openai" or a member of the compatible family)."""
+
+    def __init__(self, provider_type: str = "openai") -> None:
+        self.provider_type = provider_type
+        self.profile = PROFILES.get(provider_type)
+        self.default_base_url = self.profile.base_url if self.profile else DEFAULT_BASE_URL
+        self._map_error = map_compat_error if self.profile else map_upstream_error
+        # Native Responses passthrough (Codex, n8n) for OpenAI itself; the compatible family has no /responses.
+        self.native_apis: frozenset[str] = openai_responses.NATIVE_APIS if self.profile is None else frozenset()
+
     def _request(self, call: UpstreamCall) -> tuple[str, dict[str, str]]:
-        base = (call.provider.base_url or DEFAULT_BASE_URL).rstrip("/")
+        base = (call.provider.base_url or self.default_base_url).rstrip("/")
         headers = {"Content-Type": "application/json", **call.extra_headers}
         if call.api_key:
             headers["Authorization"] = f"Bearer {call.api_key.reveal()}"
         return f"{base}/chat/completions", headers
 
-    async def _post(self, call: UpstreamCall, body: dict[str, Any]) -> aiohttp.ClientResponse:
+    async def _post(self, call: UpstreamCall, body: dict[str, Any],
+                    endpoint: str | None = None) -> aiohttp.ClientResponse:
         url, headers = self._request(call)
-        return await post(call, url, _encoder.encode(body), headers)
+        if endpoint is not None:
+            url = _sibling_endpoint(url, endpoint)
+        return await post(call, url, _encoder.encode(body), headers, map_error=self._map_error)
 
-    async def complete(self, call: UpstreamCall) -> ChatResponse:
-        resp = await self._post(call, call.body)
+    @staticmethod
+    async def _read(call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
         try:
-            raw = await resp.read()
+            return await resp.read()
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
         finally:
             resp.release()
+
+    @staticmethod
+    def _usage_of(call: UpstreamCall, raw: bytes) -> ChatResponse:
         try:
             parsed = _usage_decoder.decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
-        usage = usage_from_openai(parsed.usage) if parsed.usage else None
-        return ChatResponse(raw, usage)
+        return ChatResponse(raw, usage_from_openai(parsed.usage) if parsed.usage else None)
 
-    async def stream(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+    def _responses_endpoint(self, api: str, call: UpstreamCall) -> tuple[str, dict[str, str]]:
+        openai_responses.check_api(api)
+        url, headers = self._request(call)
+        return _sibling_endpoint(url, "responses"), headers
+
+    async def complete_native(self, api: str, call: UpstreamCall) -> ChatResponse:
+        url, headers = self._responses_endpoint(api, call)
+        return await openai_responses.complete(call, url, headers, map_error=self._map_error)
+
+    def stream_native(self, api: str, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        url, headers = self._responses_endpoint(api, call)
+        return openai_responses.stream(call, url, headers, stats, map_error=self._map_error)
+
+    async def complete(self, call: UpstreamCall) -> ChatResponse:
+        if self.profile is None:
+            return self._usage_of(call, await self._read(call, await self._post(call, call.body)))
+        raw = await self._read(call, await self._post(call, prepare_chat(self.profile, call.body, stream=False)))
+        body, usage = fix_completion(self.profile, call.provider.name, raw,
+                                     call.api_key.reveal() if call.api_key else None)
+        return ChatResponse(body, usage)
+
+    async def embed(self, call: UpstreamCall) -> ChatResponse:
+        """`POST {base}/embeddings`; `call.body` is the client's embeddings body. The answer is
+        relayed as the provider sent it (the embeddings ingress converts float/base64); usage is
+        `prompt_tokens` as input tokens."""
+        body = call.body if self.profile is None else prepare_embeddings(self.profile, call.body)
+        return self._usage_of(call, await self._read(call, await self._post(call, body, "embeddings")))
+
+    def stream(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        return self._stream_raw(call, stats) if self.profile is None else self._stream_compat(call, stats)
+
+    async def _stream_compat(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        assert self.profile is not None
+        resp = await self._post(call, prepare_chat(self.profile, call.body, stream=True))
+        try:
+            async for event in relay_events(self.profile, call.provider.name, resp.content, stats,
+                                            client_wants_usage=call.client_wants_usage,
+                                            secret=call.api_key.reveal() if call.api_key else None):
+                yield event
+        except (TimeoutError, aiohttp.ClientError):
+            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        finally:
+            resp.release()
+
+    async def _stream_raw(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
         body = dict(call.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp = await self._post(call, body)

@@ -339,6 +339,8 @@ async def relay_events(profile: CompatProfile, provider: str, lines: AsyncIterab
         if event.done:
             yield SSE_DONE
             return
+        if not event.data.strip():  # an empty keep-alive `data:` line
+            continue
         if event.event == "error":  # a named error event instead of an `error` key
             parsed = _safe_decode(event.data)
             raise _in_body_error(provider, _dict(parsed).get("error") or parsed or

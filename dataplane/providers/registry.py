@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from dataplane.providers import openai_compat
 from dataplane.providers.anthropic import AnthropicProvider
+from dataplane.providers.azure import AzureOpenAIProvider
 from dataplane.providers.base import ChatProvider
 from dataplane.providers.bedrock import BedrockProvider
 from dataplane.providers.gemini import GeminiProvider
@@ -14,10 +16,13 @@ from schemas.errors import NotFound
 ADAPTERS: dict[str, ChatProvider] = {
     "mock": MockProvider(),
     "openai": OpenAIProvider(),
+    "azure": AzureOpenAIProvider(),
     "anthropic": AnthropicProvider(),
     "bedrock": BedrockProvider(),
     "gemini": GeminiProvider(),
     "ollama": OllamaProvider(),
+    # The OpenAI-compatible family: one OpenAI adapter per type, each with its quirks profile.
+    **{kind: OpenAIProvider(kind) for kind in openai_compat.PROFILES},
 }
 
 

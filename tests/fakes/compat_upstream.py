@@ -1,0 +1,116 @@
+"""A scripted upstream for replaying what OpenAI-compatible providers really send.
+
+Unlike `tests.fakes.upstream.FakeUpstream` (a faithful OpenAI, used by the benchmark), this one
+answers whatever the test scripted: a status, headers, a JSON body, or raw SSE bytes, including
+comments, error chunks, missing terminators or a dropped connection. Requests are recorded
+(`requests`, with the parsed JSON body and the path) so tests can assert what the gateway sent.
+
+    async with ScriptedUpstream() as up:
+        up.reply(body={"id": "x", ...})                     # next request, any path
+        up.reply(sse=[b": OPENROUTER PROCESSING\\n\\n", b"data: {...}\\n\\n"], path="/v1/chat/completions")
+        provider = Provider(..., base_url=up.base_url)
+
+Replies are consumed in order (per path when `path` is given, else by any request); a request
+with no scripted reply gets 500. Not thread-safe; use it from the loop that started it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+from aiohttp import web
+
+
+@dataclass(slots=True)
+class Reply:
+    status: int = 200
+    body: Any = None  # JSON-encoded unless bytes
+    sse: list[bytes] | None = None  # written one by one, as a text/event-stream
+    headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False  # close the connection after the SSE bytes, without a clean end
+    path: str | None = None
+
+
+@dataclass(slots=True)
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+class ScriptedUpstream:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.requests: list[Seen] = []
+        self._replies: deque[Reply] = deque()
+        self._runner: web.ServerRunner | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def reply(self, *, status: int = 200, body: Any = None, sse: list[bytes] | None = None,
+              headers: dict[str, str] | None = None, drop: bool = False, path: str | None = None) -> None:
+        self._replies.append(Reply(status, body, sse, headers or {}, drop, path))
+
+    async def start(self) -> None:
+        server = web.Server(self._handle, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, 0)
+        await site.start()
+        self._runner = runner
+        self.port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def _take(self, path: str) -> Reply | None:
+        for i, r in enumerate(self._replies):
+            if r.path is None or r.path == path:
+                del self._replies[i]
+                return r
+        return None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raw = await request.read()
+        try:
+            body: Any = msgspec.json.decode(raw) if raw else None
+        except msgspec.DecodeError:
+            body = raw
+        self.requests.append(Seen(request.method, request.path, {k.lower(): v for k, v in request.headers.items()},
+                                  body))
+        reply = self._take(request.path)
+        if reply is None:
+            return web.Response(status=500, text='{"error":{"message":"nothing scripted"}}',
+                                content_type="application/json")
+        if reply.sse is None:
+            data = reply.body if isinstance(reply.body, bytes) else msgspec.json.encode(reply.body)
+            return web.Response(status=reply.status, body=data, content_type="application/json",
+                                headers=reply.headers)
+        resp = web.StreamResponse(status=reply.status, headers={"Content-Type": "text/event-stream", **reply.headers})
+        await resp.prepare(request)
+        for chunk in reply.sse:
+            await resp.write(chunk)
+        if reply.drop:
+            if request.transport is not None:
+                request.transport.close()
+            return resp
+        await resp.write_eof()
+        return resp
