@@ -1,4 +1,4 @@
-"""Shared fixtures (integration and contract suites): the real stack (the same `Stack` that `make run` starts) plus a fake upstream.
+"""Shared fixtures (integration and contract suites): the real stack that `make run` starts, plus a fake upstream.
 
 Backing services are embedded by default. When `ALEPHANT_NATS_URL` / `ALEPHANT_DATABASE_URL` /
 `ALEPHANT_REDIS_URL` point at shared servers, the session isolates itself: a fresh database, and

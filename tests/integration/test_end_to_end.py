@@ -14,8 +14,8 @@ import openai
 import psycopg
 
 from schemas.money import decimal_to_nanos
-from tests.fakes.upstream import FakeUpstream
 from tests.conftest import Gateway, eventually
+from tests.fakes.upstream import FakeUpstream
 
 MOCK_IN, MOCK_OUT = 150_000_000, 600_000_000  # the mock's built-in nano-USD per million tokens
 

@@ -9,8 +9,8 @@ import aiohttp
 import psycopg
 
 from events.jetstream import connect
-from tests.fakes.upstream import FakeUpstream
 from tests.conftest import Gateway, eventually
+from tests.fakes.upstream import FakeUpstream
 
 PROVIDER_CANARY = "sk-canary-provider-7f3a9c1e5b2d4f60"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -30,15 +29,14 @@ from schemas.errors import InvalidRequest, UpstreamError
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic
+from tests.fixtures import AGENT_CLIENT_REQUESTS
 
-FIXTURES = Path("/work/shared/fixtures/agent-clients/requests.json")
+FIXTURES = AGENT_CLIENT_REQUESTS
 INGRESS = MessagesIngress()
 HEADERS = {"Anthropic-Version": "2023-06-01", "anthropic-beta": "claude-code-20250219", "x-api-key": "vk"}
 
 
 def claude_code_requests() -> list[dict[str, Any]]:
-    if not FIXTURES.exists():
-        return []
     captures = json.loads(FIXTURES.read_text())["claude_code_2.1.330"]
     return [c for c in captures if c["path"] == "/v1/messages"]
 

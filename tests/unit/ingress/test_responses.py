@@ -10,7 +10,6 @@ import itertools
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -31,8 +30,9 @@ from dataplane.ingress.responses_request import (
 )
 from schemas.errors import GatewayError, InvalidRequest, PermissionDenied, RateLimited, UpstreamError
 from schemas.openai import ChatCompletionRequest
+from tests.fixtures import AGENT_CLIENT_REQUESTS
 
-FIXTURES = Path("/work/shared/fixtures/agent-clients/requests.json")
+FIXTURES = AGENT_CLIENT_REQUESTS
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "strict": True,
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 NAMESPACE = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents", "tools": [

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -41,12 +40,13 @@ from tests.fakes.bedrock_upstream import (
     stream_frames,
     validation_problem,
 )
+from tests.fixtures import AGENT_CLIENT_REQUESTS
 
 AKID, SECRET, TOKEN = "AKIAFAKE00000000TEST", "fakeSecret/Key+000000000000000000000000", "FQoGZXIvYXdzFAKETOKEN=="
 IAM_KEY = f"{AKID}:{SECRET}"
 BEARER_KEY = "ABSKQmVkcm9ja0FQSUtleS1mYWtl"
 ARN = "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-sonnet-4"
-FIXTURES = Path("/work/shared/fixtures/agent-clients/requests.json")
+FIXTURES = AGENT_CLIENT_REQUESTS
 BEDROCK = BedrockProvider()
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city",
@@ -623,7 +623,6 @@ def chat_fixtures() -> list[dict[str, Any]]:
             if r["path"] == "/v1/chat/completions" and r["method"] == "POST"]
 
 
-@pytest.mark.skipif(not FIXTURES.exists(), reason="captured agent-client requests not present")
 async def test_captured_chat_requests_translate_and_are_accepted(fake: FakeBedrock,
                                                                  session: aiohttp.ClientSession) -> None:
     bodies = chat_fixtures()

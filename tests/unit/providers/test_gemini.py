@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,10 +23,11 @@ from schemas.events import Usage
 from schemas.openai import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 from schemas.settings import Secret
 from tests.fakes.gemini_upstream import FakeGemini, GeminiAnswer
+from tests.fixtures import AGENT_CLIENT_REQUESTS
 
 KEY = "AIza-test-secret-9876"
 GEMINI = GeminiProvider()
-FIXTURES = Path("/work/shared/fixtures/agent-clients/requests.json")
+FIXTURES = AGENT_CLIENT_REQUESTS
 WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city", "strict": True,
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
@@ -574,7 +574,6 @@ def chat_fixtures() -> list[dict[str, Any]]:
             if r["path"] == "/v1/chat/completions" and r["method"] == "POST"]
 
 
-@pytest.mark.skipif(not FIXTURES.exists(), reason="captured agent-client requests not present")
 async def test_captured_chat_requests_translate_and_are_accepted(fake: FakeGemini,
                                                                  session: aiohttp.ClientSession) -> None:
     bodies = chat_fixtures()

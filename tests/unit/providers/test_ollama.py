@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -20,9 +19,10 @@ from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, 
 from schemas.events import Usage
 from schemas.settings import Secret
 from tests.fakes.ollama_upstream import FakeOllama, OllamaAnswer
+from tests.fixtures import AGENT_CLIENT_REQUESTS
 
 OLLAMA = OllamaProvider()
-FIXTURES = Path("/work/shared/fixtures/agent-clients/requests.json")
+FIXTURES = AGENT_CLIENT_REQUESTS
 PNG = "iVBORw0KGgo="
 WEATHER_TOOL: dict[str, Any] = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city", "strict": True,
@@ -288,7 +288,6 @@ def test_response_struct_tolerates_unknown_fields() -> None:
 # --- captured agent-client requests ---------------------------------------------------------------
 
 
-@pytest.mark.skipif(not FIXTURES.exists(), reason="captured agent-client requests not present")
 async def test_captured_chat_requests_are_accepted(fake: FakeOllama, session: aiohttp.ClientSession) -> None:
     data = json.loads(FIXTURES.read_text())
     bodies = [r["body"] for reqs in data.values() for r in reqs if r["path"] == "/v1/chat/completions"]
