@@ -45,7 +45,7 @@ from dataplane.providers.anthropic_translate import (
 )
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.sse import SseEvent, iter_sse
-from dataplane.providers.upstream import map_upstream_error, post, provider_message
+from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all
 from schemas.anthropic import (
     STREAM_EVENT_TYPES,
     AnthropicUsage,
@@ -146,12 +146,7 @@ class AnthropicProvider:
                           map_error=map_anthropic_error)
 
     async def _read(self, call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
-        try:
-            return await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-        finally:
-            resp.release()
+        return await read_all(call, resp)
 
     def _translated(self, call: UpstreamCall, stream: bool) -> dict[str, Any]:
         version = next((v for k, v in call.extra_headers.items() if k.lower() == "anthropic-version"),

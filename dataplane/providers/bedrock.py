@@ -38,7 +38,7 @@ from yarl import URL
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event
 from dataplane.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
-from dataplane.providers.upstream import map_upstream_error, post, provider_message
+from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
 from schemas.events import Usage
 
@@ -544,12 +544,7 @@ class BedrockProvider:
 
     async def complete(self, call: UpstreamCall) -> ChatResponse:
         resp = await self._post(call, "converse", "application/json")
-        try:
-            raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-        finally:
-            resp.release()
+        raw = await read_all(call, resp)
         completion_id, created = self._ids()
         body, usage = from_converse(raw, provider=call.provider.name, completion_id=completion_id,
                                     created=created, model=call.model)

@@ -33,7 +33,7 @@ import math
 import os
 import re
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -44,13 +44,12 @@ import msgspec
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
 from dataplane.providers.gemini_translate import new_call_id, to_gemini_request, tool_call_id
 from dataplane.providers.sse import iter_sse
-from dataplane.providers.upstream import map_upstream_error, post
+from dataplane.providers.upstream import decode_json_body, iter_lines, map_upstream_error, post, read_all
 from schemas.errors import GatewayError, UpstreamError
 from schemas.openai import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 
 DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
 DEFAULT_API_VERSION = "v1beta"
-MAX_LINE = 16 * 1024 * 1024
 
 _encoder = msgspec.json.Encoder()
 
@@ -289,24 +288,6 @@ def map_gemini_error(provider: str, status: int, raw: bytes, headers: Mapping[st
     return map_upstream_error(provider, status, raw, headers, secret)
 
 
-async def _lines(content: aiohttp.StreamReader, provider: str) -> AsyncIterator[bytes]:
-    """Lines of a response body, each with its newline. Unlike iterating the `StreamReader`, a
-    line may exceed aiohttp's 128 KiB line cap (a whole function call arrives as one line); past
-    `MAX_LINE` the stream is refused."""
-    buf = bytearray()
-    async for data in content.iter_any():
-        scan, start = len(buf), 0
-        buf += data
-        while (nl := buf.find(b"\n", scan)) != -1:
-            yield bytes(buf[start:nl + 1])
-            start = scan = nl + 1
-        del buf[:start]
-        if len(buf) > MAX_LINE:
-            raise UpstreamError(f"Provider '{provider}' sent a stream line longer than {MAX_LINE} bytes.")
-    if buf:
-        yield bytes(buf)
-
-
 class GeminiProvider:
     """`ChatProvider` for the Gemini API. Stateless; safe to share across requests."""
 
@@ -330,16 +311,8 @@ class GeminiProvider:
 
     async def complete(self, call: UpstreamCall) -> ChatResponse:
         resp = await self._post(call, stream=False)
-        try:
-            raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-        finally:
-            resp.release()
-        try:
-            parsed = _response_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
+        raw = await read_all(call, resp)
+        parsed = decode_json_body(call, _response_decoder, raw)
         if parsed.error is not None:
             raise self._mid_stream_error(call, parsed.error, raw)
         completion_id = "chatcmpl-" + (parsed.response_id or os.urandom(12).hex())
@@ -351,7 +324,7 @@ class GeminiProvider:
         resp = await self._post(call, stream=True)
         translator: GeminiStreamTranslator | None = None
         try:
-            async for event in iter_sse(_lines(resp.content, call.provider.name)):
+            async for event in iter_sse(iter_lines(resp.content, call.provider.name)):
                 try:
                     chunk = _response_decoder.decode(event.data)
                 except (msgspec.DecodeError, msgspec.ValidationError):

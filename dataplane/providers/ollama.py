@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,12 +35,18 @@ import aiohttp
 import msgspec
 
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
-from dataplane.providers.upstream import MAX_ERROR_BODY, map_upstream_error, post
+from dataplane.providers.upstream import (
+    MAX_ERROR_BODY,
+    decode_json_body,
+    iter_lines,
+    map_upstream_error,
+    post,
+    read_all,
+)
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.openai import CompletionUsage
 
 DEFAULT_BASE_URL = "http://127.0.0.1:11434"
-MAX_LINE = 16 * 1024 * 1024
 
 _encoder = msgspec.json.Encoder()
 _any_decoder = msgspec.json.Decoder()
@@ -278,24 +284,6 @@ class OllamaStreamTranslator:
 # --- IO -------------------------------------------------------------------------------------------
 
 
-async def _lines(content: aiohttp.StreamReader, provider: str) -> AsyncIterator[bytes]:
-    """Lines of a response body, each with its newline. Unlike iterating the `StreamReader`, a
-    line may exceed aiohttp's 128 KiB line cap (a whole function call arrives as one line); past
-    `MAX_LINE` the stream is refused."""
-    buf = bytearray()
-    async for data in content.iter_any():
-        scan, start = len(buf), 0
-        buf += data
-        while (nl := buf.find(b"\n", scan)) != -1:
-            yield bytes(buf[start:nl + 1])
-            start = scan = nl + 1
-        del buf[:start]
-        if len(buf) > MAX_LINE:
-            raise UpstreamError(f"Provider '{provider}' sent a stream line longer than {MAX_LINE} bytes.")
-    if buf:
-        yield bytes(buf)
-
-
 class OllamaProvider:
     """`ChatProvider` for Ollama's native `/api/chat`. Stateless; safe to share across requests."""
 
@@ -314,16 +302,8 @@ class OllamaProvider:
 
     async def complete(self, call: UpstreamCall) -> ChatResponse:
         resp = await self._post(call, stream=False)
-        try:
-            raw = await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-        finally:
-            resp.release()
-        try:
-            parsed = _response_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
+        raw = await read_all(call, resp)
+        parsed = decode_json_body(call, _response_decoder, raw)
         if parsed.error is not None:
             raise self._line_error(call, raw)
         body = completion_from_ollama(parsed, "chatcmpl-" + os.urandom(12).hex(), int(time.time()),
@@ -334,7 +314,7 @@ class OllamaProvider:
         resp = await self._post(call, stream=True)
         translator = OllamaStreamTranslator("chatcmpl-" + os.urandom(12).hex(), int(time.time()), call.model)
         try:
-            async for raw in _lines(resp.content, call.provider.name):
+            async for raw in iter_lines(resp.content, call.provider.name):
                 line = raw.strip()
                 if not line:
                     continue

@@ -28,7 +28,7 @@ from dataplane.providers.openai_compat import (
     prepare_embeddings,
     relay_events,
 )
-from dataplane.providers.upstream import map_upstream_error, post
+from dataplane.providers.upstream import decode_json_body, map_upstream_error, post, read_all
 from schemas.errors import UpstreamError
 from schemas.openai import UsageOnly
 
@@ -72,21 +72,11 @@ class OpenAIProvider:
             url = _sibling_endpoint(url, endpoint)
         return await post(call, url, _encoder.encode(body), headers, map_error=self._map_error)
 
-    @staticmethod
-    async def _read(call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
-        try:
-            return await resp.read()
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-        finally:
-            resp.release()
+    _read = staticmethod(read_all)
 
     @staticmethod
     def _usage_of(call: UpstreamCall, raw: bytes) -> ChatResponse:
-        try:
-            parsed = _usage_decoder.decode(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
+        parsed = decode_json_body(call, _usage_decoder, raw)
         return ChatResponse(raw, usage_from_openai(parsed.usage) if parsed.usage else None)
 
     def _responses_endpoint(self, api: str, call: UpstreamCall) -> tuple[str, dict[str, str]]:

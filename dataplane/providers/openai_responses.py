@@ -31,7 +31,7 @@ import msgspec
 
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.sse import format_sse, iter_sse
-from dataplane.providers.upstream import ErrorMapper, map_upstream_error, post
+from dataplane.providers.upstream import ErrorMapper, decode_json_body, map_upstream_error, post, read_all
 from schemas.errors import InternalError, UpstreamError
 from schemas.events import Usage
 from schemas.responses import ResponseStreamEventHead, ResponseUsage, ResponseUsageOnly
@@ -71,16 +71,8 @@ async def complete(call: UpstreamCall, url: str, headers: Mapping[str, str], *,
     """POST the native body (`model` already the upstream id; `store` defaults to false); relay
     the Response body byte-for-byte."""
     resp = await post(call, url, _native_body(call), headers, map_error=map_error)
-    try:
-        raw = await resp.read()
-    except (TimeoutError, aiohttp.ClientError):
-        raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
-    finally:
-        resp.release()
-    try:
-        parsed = _body_decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
+    raw = await read_all(call, resp)
+    parsed = decode_json_body(call, _body_decoder, raw)
     return ChatResponse(raw, usage_from_responses(parsed.usage) if parsed.usage else None)
 
 

@@ -9,8 +9,8 @@ Retryable versus terminal (used by routing and fallback):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
@@ -19,7 +19,10 @@ from aiohttp.typedefs import StrOrURL
 from dataplane.providers.base import UpstreamCall
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
 
+T = TypeVar("T")
+
 MAX_ERROR_BODY = 64 * 1024
+MAX_LINE = 16 * 1024 * 1024
 RETRYABLE_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504, 529})
 
 _any_decoder = msgspec.json.Decoder()
@@ -108,3 +111,39 @@ async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[
         secret = call.api_key.reveal() if call.api_key else None
         raise map_error(call.provider.name, resp.status, raw, resp.headers, secret)
     return resp
+
+
+async def read_all(call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
+    """The whole (2xx) body; releases the response. A connection lost mid-body is a 502."""
+    try:
+        return await resp.read()
+    except (TimeoutError, aiohttp.ClientError):
+        raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
+    finally:
+        resp.release()
+
+
+def decode_json_body(call: UpstreamCall, decoder: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """`raw` decoded with `decoder`, or a 502 that names the provider (never the parser's text)."""
+    try:
+        return decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        raise UpstreamError(f"Provider '{call.provider.name}' returned a body that is not valid JSON.") from None
+
+
+async def iter_lines(content: aiohttp.StreamReader, provider: str) -> AsyncIterator[bytes]:
+    """Lines of a streamed body, each with its newline, as they arrive. A line may be far longer
+    than aiohttp's own readline cap (a whole function call can arrive as one line); past
+    `MAX_LINE` bytes the stream is refused."""
+    buf = bytearray()
+    async for data in content.iter_any():
+        scan, start = len(buf), 0
+        buf += data
+        while (nl := buf.find(b"\n", scan)) != -1:
+            yield bytes(buf[start:nl + 1])
+            start = scan = nl + 1
+        del buf[:start]
+        if len(buf) > MAX_LINE:
+            raise UpstreamError(f"Provider '{provider}' sent a stream line longer than {MAX_LINE} bytes.")
+    if buf:
+        yield bytes(buf)
