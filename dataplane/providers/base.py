@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
+import msgspec
 
 from schemas.entities import Provider
 from schemas.events import Usage
@@ -88,3 +89,31 @@ def usage_from_openai(u: CompletionUsage) -> Usage:
 
 def sse_event(payload: bytes) -> bytes:
     return b"data: " + payload + b"\n\n"
+
+
+_chunk_encoder = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkFramer:
+    """Builds the Chat Completions SSE chunks of one streamed answer (translating adapters use it)."""
+
+    completion_id: str
+    created: int
+    model: str
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse_event(_chunk_encoder.encode({"id": self.completion_id, "object": "chat.completion.chunk",
+                                                "created": self.created, "model": self.model, "choices": choices,
+                                                **extra}))
+
+    def delta(self, index: int, delta: dict[str, Any], finish: str | None = None, native: str | None = None) -> bytes:
+        """A choice delta; a finishing one also carries the provider's own reason as `native_finish_reason`."""
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["native_finish_reason"] = native
+        return self._chunk([choice])
+
+    def usage(self, usage: CompletionUsage | None) -> bytes:
+        """The usage-only chunk (`choices: []`) that `stream_options.include_usage` asks for."""
+        return self._chunk([], usage=msgspec.to_builtins(usage or CompletionUsage()))

@@ -41,7 +41,14 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
-from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
+from dataplane.providers.base import (
+    SSE_DONE,
+    CallStats,
+    ChatResponse,
+    ChunkFramer,
+    UpstreamCall,
+    usage_from_openai,
+)
 from dataplane.providers.gemini_translate import new_call_id, to_gemini_request, tool_call_id
 from dataplane.providers.sse import iter_sse
 from dataplane.providers.upstream import decode_json_body, iter_lines, map_upstream_error, post, read_all
@@ -224,16 +231,10 @@ class GeminiStreamTranslator:
 
     def _event(self, index: int, delta: dict[str, Any], finish: str | None = None,
                native: str | None = None) -> bytes:
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
-        if finish is not None:
-            choice["native_finish_reason"] = native
-        return sse_event(_encoder.encode({"id": self.completion_id, "object": "chat.completion.chunk",
-                                          "created": self.created, "model": self.model, "choices": [choice]}))
+        return ChunkFramer(self.completion_id, self.created, self.model).delta(index, delta, finish, native)
 
     def usage_event(self) -> bytes:
-        return sse_event(_encoder.encode({"id": self.completion_id, "object": "chat.completion.chunk",
-                                          "created": self.created, "model": self.model, "choices": [],
-                                          "usage": msgspec.to_builtins(self.usage or CompletionUsage())}))
+        return ChunkFramer(self.completion_id, self.created, self.model).usage(self.usage)
 
     def feed(self, chunk: GeminiResponse) -> list[bytes]:
         if chunk.usage_metadata is not None:

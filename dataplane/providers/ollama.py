@@ -34,7 +34,14 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
+from dataplane.providers.base import (
+    SSE_DONE,
+    CallStats,
+    ChatResponse,
+    ChunkFramer,
+    UpstreamCall,
+    usage_from_openai,
+)
 from dataplane.providers.upstream import (
     MAX_ERROR_BODY,
     decode_json_body,
@@ -247,16 +254,10 @@ class OllamaStreamTranslator:
     usage: CompletionUsage | None = None
 
     def _event(self, delta: dict[str, Any], finish: str | None = None, native: str | None = None) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        if finish is not None:
-            choice["native_finish_reason"] = native
-        return sse_event(_encoder.encode({"id": self.completion_id, "object": "chat.completion.chunk",
-                                          "created": self.created, "model": self.model, "choices": [choice]}))
+        return ChunkFramer(self.completion_id, self.created, self.model).delta(0, delta, finish, native)
 
     def usage_event(self) -> bytes:
-        return sse_event(_encoder.encode({"id": self.completion_id, "object": "chat.completion.chunk",
-                                          "created": self.created, "model": self.model, "choices": [],
-                                          "usage": msgspec.to_builtins(self.usage or CompletionUsage())}))
+        return ChunkFramer(self.completion_id, self.created, self.model).usage(self.usage)
 
     def feed(self, line: OllamaChatResponse) -> list[bytes]:
         events: list[bytes] = []
