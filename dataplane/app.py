@@ -21,6 +21,8 @@ from dataplane.http import error_middleware
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.embeddings import embeddings
 from dataplane.ingress.messages import MessagesIngress, serve_count_tokens
+from dataplane.ingress.passthrough import ROUTE as PASSTHROUGH_ROUTE
+from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.lifecycle import serve
 from dataplane.models import ModelCatalog
@@ -63,7 +65,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
                                    batch_max=settings.event_batch_max,
                                    flush_interval_s=settings.event_flush_interval_s)
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # Providers may compress answers; adapters parse and relay the decoded bytes.
+        session = aiohttp.ClientSession(connector=connector)
         app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, publisher=publisher,
                                   session=session)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
@@ -113,4 +116,6 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", catalog.retrieve_handler)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).
+    app.router.add_route("*", PASSTHROUGH_ROUTE, passthrough)
     return app

@@ -42,18 +42,29 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """The whole raw body, any content type; 413 when larger than `limit` (checked on the declared
+    length before reading, and while reading). Never holds more than `limit` + one chunk."""
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    if not request.body_exists:
+        return b""
+    # One read(n) returns only what has arrived so far; loop to the end of the body.
+    body = bytearray()
+    while chunk := await request.content.readany():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    return bytes(body)
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 415 / 413. Never reads more than `limit + 1` bytes."""
+    """The whole JSON body, or 415 (not JSON) / 413 (over `limit`)."""
     if not _is_json(request.content_type):
         raise UnsupportedMediaType(
             f"Unsupported Content-Type '{request.content_type or 'none'}'; send 'application/json'."
         )
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
-    return body
+    return await read_limited(request, limit)
 
 
 def _validation_error(exc: msgspec.ValidationError) -> InvalidRequest:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -91,3 +94,19 @@ async def test_bad_key_and_unknown_path(gateway: Gateway, http: aiohttp.ClientSe
     async with http.get(f"{gateway.base_url}/nope", headers={"Authorization": f"Bearer {gateway.demo_key}"}) as resp:
         assert resp.status == 404
         assert_openai_error(await resp.json(), "not_found_error", None)
+
+
+async def test_body_arriving_in_pieces_is_read_whole(gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    text = "piece " * 40_000  # ~240 KB, sent chunked in 16 KB writes with pauses between them
+    body = json.dumps({"model": "mock/echo", "messages": [{"role": "user", "content": text}]}).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 16_384):
+            yield body[start:start + 16_384]
+            await asyncio.sleep(0.001)
+
+    async with http.post(f"{gateway.base_url}/chat/completions", data=pieces(),
+                         headers={"Authorization": f"Bearer {gateway.demo_key}",
+                                  "Content-Type": "application/json"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert (await resp.json())["choices"][0]["message"]["content"] == text

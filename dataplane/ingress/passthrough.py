@@ -1,0 +1,508 @@
+"""`ANY /{provider}/{path}`: a workspace provider's own (native) API, relayed through the gateway.
+
+Contract:
+
+* **Route** (`ROUTE`, registered after every other route): `{provider}` is the NAME of a provider
+  configured in the caller's workspace, e.g. `/openai/v1/chat/completions`,
+  `/anthropic/v1/messages`, `/gemini/v1beta/models/gemini-2.5-flash:generateContent`,
+  `/bedrock/model/{id}/converse`. Names in `RESERVED` never match, so `/v1/*`, `/healthz`,
+  `/readyz`, `/metrics`, `/admin/*` and `/router/{id}/*` keep their own routes (and their
+  404/405s). An unknown name is 404 `provider_not_found`; a `mock` provider (no native API) is a
+  400 `passthrough_unsupported`; `options["passthrough"] == "off"` is a 403 `passthrough_disabled`.
+* **Auth**: our virtual key, from `Authorization: Bearer`, `x-api-key` (Anthropic clients),
+  `x-goog-api-key` (Gemini), `api-key` (Azure) or, last, the `key` query parameter (Gemini REST).
+* **Forwarding**: method, the rest of the path (still percent-encoded, so Bedrock ARNs stay as
+  the client encoded them) and the query go to the provider's base URL (or its type's default,
+  the adapter modules' constants). Leading path segments that repeat the end of the base path are
+  merged (`base .../v1` + `v1/chat/completions`), so SDKs work with `<gateway>/<name>` or
+  `<gateway>/<name>/v1` alike. `.`/`..` segments are refused (400). The client's credentials
+  (and a `key` query parameter it authenticated with; always for Gemini), hop-by-hop headers,
+  cookies, `Accept-Encoding` and `Alephant-*` headers are removed; the provider's own auth is
+  added per type (`upstream_headers`). The body (at most `settings.max_body_bytes`, else 413
+  before it is read) is forwarded as the raw bytes received.
+* **Response**: status, body, content type and the provider's other end-to-end headers relayed
+  unchanged (errors too: this is the native API), plus `Alephant-Request-Id`, `Alephant-Provider`
+  and, on non-streamed answers, `Alephant-Cost-Usd`. The provider key (each `:`-part of Bedrock
+  IAM credentials) is replaced by `***` wherever it appears in a textual body. Streams (SSE,
+  NDJSON, AWS event stream, or any other body without a length that is not JSON) are relayed
+  chunk by chunk as they arrive, byte for byte.
+* **Accounting**: exactly one `llm.call` (ingress `passthrough`, `stream` = relayed as a stream,
+  status = the upstream status, 499 when the client went away) with usage sniffed from the native
+  body or stream (`passthrough_usage`) and priced with `CallRecord.price()`. The model is the JSON
+  body's `model`, else taken from the path (`models/{m}:...`, `model/{id}/...`, `deployments/{id}`).
+  A client disconnect stops the upstream read and records the usage seen so far (`partial`).
+
+Errors the gateway itself raises render in Anthropic's shape for Anthropic-type providers and
+Messages paths (`anthropic_client`), in OpenAI's otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, unquote_plus, urlsplit
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from dataplane.decisions import Target, agent_context, authenticate, bearer_token
+from dataplane.http import REQUEST_ID, is_anthropic_path, read_limited
+from dataplane.ingress.passthrough_usage import (
+    STREAM_TYPES,
+    media_type,
+    sniffer_for,
+    usage_from_body,
+    usage_from_headers,
+)
+from dataplane.lifecycle import CallRecord, _new_request_id, recorded
+from dataplane.providers import anthropic, gemini, ollama, openai
+from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
+from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
+from dataplane.providers.openai_compat import PROFILES
+from dataplane.state import WORKER, WorkerState
+from schemas.entities import Provider
+from schemas.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    UpstreamError,
+    render_anthropic,
+)
+from schemas.money import nanos_to_decimal_str
+
+INGRESS = "passthrough"
+RESERVED = frozenset({"v1", "router", "admin", "healthz", "readyz", "metrics"})
+# Provider names are `[A-Za-z0-9][A-Za-z0-9_-]*` (the admin API's Ident); reserved names never match.
+ROUTE = "/{provider:(?!(?:" + "|".join(sorted(RESERVED)) + ")/)[A-Za-z0-9][A-Za-z0-9_-]*}/{path:.*}"
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "x-api-key", "x-goog-api-key", "api-key", "proxy-authorization"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
+                        "proxy-connection", "host", "content-length", "expect"})
+# Never forwarded: they belong to the client's hop (compression is negotiated by us, see below).
+_CLIENT_ONLY = frozenset({"cookie", "accept-encoding"})
+_AWS_SIGNING = frozenset({"x-amz-date", "x-amz-content-sha256", "x-amz-security-token"})
+# content-encoding: the shared session decodes compressed answers, so what we relay is identity.
+_RESPONSE_DROP = HOP_BY_HOP | {"server", "date", "set-cookie", "alt-svc", "proxy-authenticate", "content-encoding"}
+_REGION_RE = re.compile(r"^[a-z0-9-]{2,32}$")
+DISCONNECT_POLL_S = 0.5  # how soon a client gone mid-stream stops the upstream read
+_MIN_SECRET = 8  # shorter "keys" (a local Ollama's placeholder) are not masked: it would mangle bodies
+
+_KIND: web.RequestKey[str] = web.RequestKey("alephant_passthrough_provider_type", str)
+
+
+class _ModelProbe(msgspec.Struct):
+    model: Any = None
+
+
+_model_decoder = msgspec.json.Decoder(_ModelProbe)
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
+
+
+def query_param(query: str, name: str) -> str | None:
+    """The first value of `name` in a raw (percent-encoded) query string."""
+    for part in query.split("&"):
+        key, sep, value = part.partition("=")
+        if unquote_plus(key) == name:
+            return unquote_plus(value) if sep else ""
+    return None
+
+
+def drop_query_param(query: str, name: str) -> str:
+    """The raw query without any `name` parameter; the other parameters keep their exact bytes."""
+    return "&".join(p for p in query.split("&") if p and unquote_plus(p.partition("=")[0]) != name)
+
+
+def client_credential(headers: Mapping[str, str], query: str) -> tuple[str, bool]:
+    """`(virtual key, came from the query)`: `Authorization: Bearer`, else `x-api-key`,
+    `x-goog-api-key` or `api-key`, else `?key=`. 401 when there is none or it is malformed."""
+    authorization = headers.get("Authorization")
+    alternative = headers.get("x-api-key") or headers.get("x-goog-api-key") or headers.get("api-key")
+    if not authorization and not alternative:
+        key = query_param(query, "key")
+        if key and key.strip():
+            return key.strip(), True
+    return bearer_token(authorization, alternative), False
+
+
+def split_target(raw_path: str) -> tuple[str, str]:
+    """`(rest, query)` of a raw request target `/{provider}/{rest}?{query}`, both still encoded."""
+    path, _, query = raw_path.partition("?")
+    parts = path.split("/", 2)
+    return (parts[2] if len(parts) == 3 else ""), query
+
+
+def check_path(rest: str) -> None:
+    """400 for dot segments (also percent-encoded ones): the path must stay under the base URL."""
+    for segment in rest.split("/"):
+        if any(piece in (".", "..") for piece in re.split(r"[/\\]", unquote(segment))):
+            raise InvalidRequest("The path must not contain '.' or '..' segments.", code="invalid_path")
+
+
+def model_from_path(rest: str) -> str:
+    """The model named by a native path: Azure `deployments/{id}`, Bedrock `model/{id}/...`
+    (ids may contain `:`), Gemini `models/{model}:{method}` or `tunedModels/{m}:...`; else ""."""
+    segments = rest.split("/")
+    for i, segment in enumerate(segments[:-1]):
+        nxt = unquote(segments[i + 1])
+        if not nxt:
+            continue
+        if segment in ("deployments", "model"):
+            return nxt
+        if segment in ("models", "tunedModels"):
+            return nxt.partition(":")[0]
+    return ""
+
+
+def is_json(kind: str) -> bool:
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def model_of(body: bytes, content_type: str, rest: str) -> str:
+    """The JSON body's `model` (OpenAI, Anthropic, Ollama), else `model_from_path(rest)`."""
+    if body and is_json(media_type(content_type)):
+        try:
+            model = _model_decoder.decode(body).model
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            model = None
+        if isinstance(model, str) and model:
+            return model
+    return model_from_path(rest)
+
+
+def _region(provider: Provider) -> str:
+    region = provider.options.get("region") or DEFAULT_REGION
+    if not _REGION_RE.match(region):
+        raise UpstreamError(f"Provider '{provider.name}' has an invalid region option.", code="provider_misconfigured")
+    return region
+
+
+def default_base_url(provider: Provider) -> str:
+    """The base URL a provider of this type uses when it configures none (adapter constants)."""
+    kind = provider.type
+    if kind == "openai":
+        return openai.DEFAULT_BASE_URL
+    if kind in PROFILES:
+        return PROFILES[kind].base_url
+    if kind == "anthropic":
+        return anthropic.DEFAULT_BASE_URL
+    if kind == "gemini":
+        return gemini.DEFAULT_BASE_URL
+    if kind == "ollama":
+        return ollama.DEFAULT_BASE_URL
+    if kind == "bedrock":
+        return f"https://bedrock-runtime.{_region(provider)}.amazonaws.com"
+    if kind == "azure":
+        raise UpstreamError(f"Provider '{provider.name}' needs a base_url (https://<resource>.openai.azure.com).",
+                            code="provider_misconfigured")
+    raise InvalidRequest(f"Provider '{provider.name}' (type '{kind}') has no native API to pass through.",
+                         code="passthrough_unsupported")
+
+
+def join_url(base: str, rest: str, query: str) -> str:
+    """`base` + `/rest` + `?query`, dropping leading segments of `rest` that repeat the end of
+    the base path (`https://h/openai/v1` + `v1/chat/completions` -> `https://h/openai/v1/chat/completions`).
+    A query on `base` is kept in front of the client's."""
+    base, _, base_query = base.strip().partition("?")
+    base = base.rstrip("/")
+    base_segments = [s for s in urlsplit(base).path.split("/") if s]
+    segments = rest.split("/") if rest else []
+    for k in range(min(len(base_segments), len(segments)), 0, -1):
+        if base_segments[-k:] == segments[:k]:
+            segments = segments[k:]
+            break
+    url = base + ("/" + "/".join(segments) if segments else "")
+    query = "&".join(q for q in (base_query, query) if q)
+    return f"{url}?{query}" if query else url
+
+
+def upstream_url(provider: Provider, rest: str, query: str) -> str:
+    return join_url(provider.base_url.strip() or default_base_url(provider), rest, query)
+
+
+def forward_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The client's headers that may travel upstream, names lower-cased, repeats joined with
+    ", ". Removed: credentials, hop-by-hop headers (also those named by `Connection`), cookies,
+    `Accept-Encoding` and `Alephant-*`."""
+    items = list(headers)
+    named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
+    out: dict[str, str] = {}
+    for name, value in items:
+        low = name.lower()
+        if (low in CREDENTIAL_HEADERS or low in HOP_BY_HOP or low in _CLIENT_ONLY or low in named
+                or low.startswith("alephant-")):
+            continue
+        out[low] = f"{out[low]}, {value}" if low in out else value
+    return out
+
+
+def _bedrock_auth(provider: Provider, key: str | None, *, method: str, url: str, body: bytes,
+                  content_type: str | None, now: datetime) -> dict[str, str]:
+    if not key:
+        raise UpstreamError(f"Provider '{provider.name}' has no credentials configured.", code="upstream_auth_error")
+    mode = provider.options.get("auth")
+    if mode == "bearer" or (mode != "sigv4" and ":" not in key):
+        return {"authorization": f"Bearer {key}"}
+    try:
+        creds = AwsCredentials.parse(key)
+    except ValueError as exc:
+        raise UpstreamError(f"Provider '{provider.name}': {exc}", code="upstream_auth_error") from None
+    base = {"content-type": content_type} if content_type else {}
+    return sign_request(method=method, url=url, headers=base, body=body, credentials=creds,
+                        region=_region(provider), service=SIGNING_SERVICE, now=now)
+
+
+def upstream_headers(headers: Iterable[tuple[str, str]], provider: Provider, key: str | None, *, method: str,
+                     url: str, body: bytes, now: datetime) -> dict[str, str]:
+    """`forward_headers` plus the provider's own auth: Bearer (OpenAI and compatible types,
+    Ollama when a key is set), `api-key` (Azure; Bearer with `options["auth"] == "bearer"`),
+    `x-api-key` (Anthropic; `anthropic-version` defaulted, the client's version/beta kept),
+    `x-goog-api-key` (Gemini), Bedrock SigV4 over exactly `method`/`url`/`body` (signing
+    `host`, `x-amz-*` and `content-type`) or a Bedrock API key as Bearer. `Accept-Encoding:
+    identity`, so usage can be read and bytes relayed unchanged. Pure (`now` is the signing time)."""
+    out = forward_headers(headers)
+    out["accept-encoding"] = "identity"
+    kind = provider.type
+    if kind == "bedrock":
+        for name in _AWS_SIGNING:
+            out.pop(name, None)
+        return {**out, **_bedrock_auth(provider, key, method=method, url=url, body=body,
+                                       content_type=out.get("content-type"), now=now)}
+    if kind == "anthropic":
+        out.setdefault("anthropic-version", anthropic.DEFAULT_VERSION)
+    if not key:
+        return out
+    if kind == "azure":
+        out["authorization" if provider.options.get("auth") == "bearer" else "api-key"] = (
+            f"Bearer {key}" if provider.options.get("auth") == "bearer" else key)
+    elif kind == "anthropic":
+        out["x-api-key"] = key
+    elif kind == "gemini":
+        out["x-goog-api-key"] = key
+    else:
+        out["authorization"] = f"Bearer {key}"
+    return out
+
+
+def secrets_of(provider_type: str, key: str | None) -> tuple[bytes, ...]:
+    """What to mask in relayed bodies: the key, and each part of Bedrock `AKID:SECRET[:TOKEN]`
+    credentials; longest first, parts shorter than 8 characters never."""
+    if not key:
+        return ()
+    parts = {key, *(key.split(":") if provider_type == "bedrock" else ())}
+    return tuple(sorted((p.encode() for p in parts if len(p) >= _MIN_SECRET), key=len, reverse=True))
+
+
+def mask(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
+    for secret in secrets:
+        if secret in data:
+            data = data.replace(secret, b"***")
+    return data
+
+
+def is_text(kind: str) -> bool:
+    return is_json(kind) or kind.startswith("text/") or kind == "application/x-ndjson"
+
+
+def relay_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream response headers the client gets: all but hop-by-hop, `Server`, `Date`,
+    `Set-Cookie`, `Alt-Svc` and `Alephant-*` (ours are added after)."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        low = name.lower()
+        if low not in _RESPONSE_DROP and not low.startswith("alephant-"):
+            out.add(name, value)
+    return out
+
+
+def anthropic_client(provider_type: str | None, raw_path: str) -> bool:
+    """Whether the gateway's own errors should take Anthropic's shape: an Anthropic-type provider,
+    or a Messages path (`v1/messages...`, also Ollama's Anthropic-compatible API) when the
+    provider is not known yet (e.g. the key was refused)."""
+    return provider_type == "anthropic" or split_target(raw_path)[0].startswith("v1/messages")
+
+
+def is_streamed(content_type: str | None, content_length: int | None) -> bool:
+    """Relay chunk by chunk: SSE, NDJSON, AWS event stream, or any non-JSON body without a length."""
+    kind = media_type(content_type)
+    return kind in STREAM_TYPES or (content_length is None and not is_json(kind))
+
+
+# -- IO ----------------------------------------------------------------------------------------
+
+
+def begin_passthrough(request: web.Request, worker: WorkerState) -> tuple[CallRecord, bool]:
+    """`lifecycle.begin` with the passthrough's wider credential lookup (`client_credential`).
+    Returns the record and whether the key came from the `key` query parameter."""
+    store = worker.store
+    if not store.ready.is_set():
+        raise UpstreamError("The gateway is starting and has not loaded its configuration yet.",
+                            status=503, code="not_ready")
+    snap = store.current
+    key, from_query = client_credential(request.headers, split_target(request.raw_path)[1])
+    vk = authenticate(snap, key, worker.keyring.hash_key)
+    ctx = agent_context(request.headers, vk, _new_request_id)
+    request[REQUEST_ID] = ctx.request_id
+    rec = CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter(), ingress=INGRESS)
+    return rec, from_query
+
+
+async def _send(worker: WorkerState, provider: Provider, method: str, url: str, body: bytes,
+                headers: dict[str, str]) -> aiohttp.ClientResponse:
+    try:
+        return await worker.session.request(
+            method, URL(url, encoded=True), data=body or None, headers=headers, allow_redirects=False,
+            # A read timeout, not a total: a stream may legitimately run for many minutes.
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=worker.settings.upstream_timeout_s))
+    except TimeoutError:
+        raise UpstreamError(f"Provider '{provider.name}' timed out.", status=504, code="upstream_timeout") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamError(f"Could not reach provider '{provider.name}': {type(exc).__name__}.",
+                            code="upstream_unreachable") from None
+
+
+async def _buffered(rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
+                    secrets: tuple[bytes, ...]) -> web.Response:
+    try:
+        raw = await up.read()
+    except (TimeoutError, aiohttp.ClientError):
+        raise UpstreamError(f"Provider '{provider.name}' closed the connection mid-response.") from None
+    finally:
+        up.release()
+    kind = media_type(up.headers.get("Content-Type"))
+    if secrets and is_text(kind):
+        raw = mask(raw, secrets)
+    if 200 <= up.status < 300:
+        rec.usage = usage_from_body(raw, provider.type) if is_json(kind) else None
+        if rec.usage is None and provider.type == "bedrock":
+            rec.usage = usage_from_headers(up.headers)
+    rec.price()
+    headers = relay_headers(up.headers)
+    headers.update(rec.headers())
+    headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
+    return web.Response(status=up.status, body=raw, headers=headers)
+
+
+async def _watch_client(request: web.Request, rec: CallRecord, up: aiohttp.ClientResponse) -> None:
+    """Notice a client that went away while we wait on upstream (nothing to write, so no write
+    error): mark the record and close the upstream response, which ends the pending read."""
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_S)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+            up.close()
+            return
+
+
+async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
+                 secrets: tuple[bytes, ...]) -> web.StreamResponse:
+    """Chunks as they arrive. Upstream cut mid-stream: the client's connection is cut too (so it
+    sees a truncated stream, as it would have without us). Client gone (a failed write, the
+    watcher, or the handler cancelled): the upstream response is closed at once. Either way the
+    usage seen so far is recorded."""
+    content_type = up.headers.get("Content-Type")
+    sniffer = sniffer_for(content_type, provider.type)
+    masking = bool(secrets) and is_text(media_type(content_type))
+    headers = relay_headers(up.headers)
+    headers.update(rec.headers())
+    resp = web.StreamResponse(status=up.status, headers=headers)
+    finished = False
+    watcher = asyncio.create_task(_watch_client(request, rec, up))
+    try:
+        await resp.prepare(request)
+        while True:
+            try:
+                chunk = await up.content.readany()
+            except (TimeoutError, aiohttp.ClientError):
+                if rec.error_code != "client_disconnected":
+                    rec.partial, rec.error_code = True, "upstream_interrupted"
+                    if request.transport is not None:
+                        request.transport.close()
+                return resp
+            if not chunk:
+                break
+            if rec.ttfb_ms is None:
+                rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
+            if sniffer is not None:
+                sniffer.feed(chunk)
+            await resp.write(mask(chunk, secrets) if masking else chunk)
+        finished = True
+        await resp.write_eof()
+    except (ConnectionResetError, OSError):
+        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+    except asyncio.CancelledError:
+        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+        raise
+    finally:
+        watcher.cancel()
+        if finished:
+            up.release()
+        else:
+            up.close()  # stop reading upstream now; never return a half-read connection to the pool
+        if sniffer is not None:
+            sniffer.close()
+            rec.usage = sniffer.usage
+        rec.price()
+    return resp
+
+
+async def _serve(request: web.Request) -> web.StreamResponse:
+    worker = request.app[WORKER]
+    name = request.match_info["provider"]
+    if name in RESERVED:  # the route's pattern already excludes them; kept for other registrations
+        raise web.HTTPNotFound()
+    rec, key_in_query = begin_passthrough(request, worker)
+    rec.requested_model = f"{name}/"
+    with recorded(worker, rec):
+        provider = rec.snap.providers.get((rec.vk.workspace_id, name))
+        if provider is None:
+            raise NotFound(f"Provider '{name}' is not configured for this workspace.", code="provider_not_found")
+        request[_KIND] = provider.type
+        if provider.options.get("passthrough") == "off":
+            raise PermissionDenied(f"Provider '{name}' does not allow native passthrough.",
+                                   code="passthrough_disabled")
+        rest, query = split_target(request.raw_path)
+        check_path(rest)
+        if key_in_query or provider.type == "gemini":
+            query = drop_query_param(query, "key")
+        url = upstream_url(provider, rest, query)
+        body = await read_limited(request, worker.settings.max_body_bytes)
+        model = model_of(body, request.headers.get("Content-Type", ""), rest)
+        rec.target, rec.requested_model = Target(provider=provider, model=model), f"{name}/{model}"
+        api_key = worker.provider_key(provider.api_key_enc)
+        key = api_key.reveal() if api_key else None
+        headers = upstream_headers(request.headers.items(), provider, key, method=request.method, url=url,
+                                   body=body, now=datetime.now(UTC))
+        up = await _send(worker, provider, request.method, url, body, headers)
+        rec.status = up.status
+        if up.status >= 400:
+            rec.error_code = "upstream_error"
+        secrets = secrets_of(provider.type, key)
+        if is_streamed(up.headers.get("Content-Type"), up.content_length):
+            rec.stream = True
+            return await _relay(request, rec, provider, up, secrets)
+        return await _buffered(rec, provider, up, secrets)
+
+
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """The route handler (see the module docstring)."""
+    try:
+        return await _serve(request)
+    except GatewayError as err:
+        if is_anthropic_path(request.path) or not anthropic_client(request.get(_KIND), request.raw_path):
+            raise  # the error middleware renders it (Anthropic's shape under /anthropic/, else OpenAI's)
+        headers = dict(err.headers)
+        if REQUEST_ID in request:
+            headers["Alephant-Request-Id"] = request[REQUEST_ID]
+        return web.Response(status=err.status, body=render_anthropic(err), content_type="application/json",
+                            headers=headers)
