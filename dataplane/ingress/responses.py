@@ -14,7 +14,8 @@ into `{name, namespace}`. A stream that fails mid-way ends with `response.failed
 The ingress is stateless and may be shared. `stream_error` has no plan argument, so when a stream
 fails mid-way `render_stream` renders the `response.failed` event itself (same response id, next
 sequence number, the output so far) and attaches it to the `GatewayError` it re-raises, for
-`stream_error` to return. A failure it did not see (the native passthrough) gets a fresh one.
+`stream_error` to return. A failure of the native passthrough continues the response the relay
+saw (`openai_responses.StreamPosition`: same id, next sequence number); any other gets a fresh one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from dataplane.ingress.responses_request import (
     responses_body_to_chat,
     translate_request,
 )
+from dataplane.providers.openai_responses import STREAM_POSITION, StreamPosition
 from dataplane.providers.sse import format_sse, iter_sse, sse_comment
 from schemas.errors import GatewayError, UpstreamError
 from schemas.responses import (
@@ -255,7 +257,11 @@ class ResponsesIngress:
         event = getattr(err, _FAILED_EVENT, None)
         if isinstance(event, bytes):
             return event
-        return _StreamRenderer(_Echo({}, {}), self._new_id).failed(_failure(err))
+        renderer = _StreamRenderer(_Echo({}, {}), self._new_id)
+        position = getattr(err, STREAM_POSITION, None)
+        if isinstance(position, StreamPosition):  # a relayed native stream: continue the client's response
+            renderer.resume(position)
+        return renderer.failed(_failure(err))
 
 
 class _StreamRenderer:
@@ -437,6 +443,15 @@ class _StreamRenderer:
         out += self._close_reasoning(status) + self._close_message(status) + self._close_calls(status)
         out.append(self._lifecycle(f"response.{status}", status))
         return out
+
+    def resume(self, position: StreamPosition) -> None:
+        """Continue a stream this renderer did not produce (the native passthrough): same response
+        id, created_at and model, next sequence number."""
+        self.started = True
+        if position.response_id:
+            self.response_id = position.response_id
+        self.seq = position.next_sequence_number
+        self.answer = ChatAnswer(created=position.created_at, model=position.model)
 
     def failed(self, error: ResponseError) -> bytes:
         """`response.failed` with what was produced so far (open items marked incomplete)."""

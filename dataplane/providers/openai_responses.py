@@ -23,7 +23,9 @@ upstream already sent its own `error` event.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -39,10 +41,53 @@ from schemas.responses import ResponseStreamEventHead, ResponseUsage, ResponseUs
 RESPONSES_API = "openai.responses"
 NATIVE_APIS = frozenset({RESPONSES_API})
 TERMINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_OPENING_EVENTS = frozenset({"response.created", "response.queued", "response.in_progress"})
+# Set on the UpstreamError a relayed stream fails with; see `StreamPosition`.
+STREAM_POSITION = "_responses_stream_position"
+_SEQUENCE_RE = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 
 _encoder = msgspec.json.Encoder()
 _body_decoder = msgspec.json.Decoder(ResponseUsageOnly)
 _event_decoder = msgspec.json.Decoder(ResponseStreamEventHead)
+
+
+class _Identity(msgspec.Struct, kw_only=True):
+    id: str = ""
+    created_at: int = 0
+    model: str = ""
+
+
+class _Opening(msgspec.Struct, kw_only=True):
+    response: _Identity | None = None
+
+
+_opening_decoder = msgspec.json.Decoder(_Opening)
+
+
+@dataclass(slots=True)
+class StreamPosition:
+    """Where a relayed stream stood when it failed, so the `response.failed` the gateway appends
+    names the response the client saw created and continues its sequence numbers (the openai
+    SDK's stream helper raises on a lifecycle event for another response id)."""
+
+    response_id: str = ""
+    created_at: int = 0
+    model: str = ""
+    next_sequence_number: int = 0
+
+    def see(self, data: bytes, event_type: str) -> None:
+        """Track one relayed event: its sequence number, and the response identity of the first
+        opening event (decoded once per stream; deltas are only searched, not parsed)."""
+        match = _SEQUENCE_RE.search(data)
+        if match is not None:
+            self.next_sequence_number = max(self.next_sequence_number, int(match.group(1)) + 1)
+        if not self.response_id and event_type in _OPENING_EVENTS:
+            try:
+                identity = _opening_decoder.decode(data).response
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return
+            if identity is not None:
+                self.response_id, self.created_at, self.model = identity.id, identity.created_at, identity.model
 
 
 def _native_body(call: UpstreamCall, **extra: Any) -> bytes:
@@ -101,9 +146,11 @@ async def stream(call: UpstreamCall, url: str, headers: Mapping[str, str], stats
     set `stats.usage` from the terminal event, after which the generator ends."""
     resp = await post(call, url, _native_body(call, stream=True), headers, map_error=map_error)
     saw_error = False
+    position = StreamPosition()
     try:
         async for event in iter_sse(resp.content):
             head = _head(event.data, event.event)
+            position.see(event.data, head.type)
             yield _frame(event.data, event.event)
             if head.type == "error":
                 saw_error = True
@@ -112,8 +159,15 @@ async def stream(call: UpstreamCall, url: str, headers: Mapping[str, str], stats
                     stats.usage = usage_from_responses(head.response.usage)
                 return
     except (TimeoutError, aiohttp.ClientError):
-        raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        raise _positioned(UpstreamError(f"Provider '{call.provider.name}' stream was interrupted."),
+                          position) from None
     finally:
         resp.release()
     if not saw_error:
-        raise UpstreamError(f"Provider '{call.provider.name}' ended the stream before response.completed.")
+        raise _positioned(UpstreamError(f"Provider '{call.provider.name}' ended the stream before "
+                                        "response.completed."), position)
+
+
+def _positioned(err: UpstreamError, position: StreamPosition) -> UpstreamError:
+    setattr(err, STREAM_POSITION, position)
+    return err
