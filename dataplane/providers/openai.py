@@ -124,34 +124,57 @@ class OpenAIProvider:
             resp.release()
 
     async def _stream_raw(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        """Relays whole network reads: every complete event that arrived together goes out as one
+        chunk (one write to the client instead of one per event); `data: [DONE]` is always its
+        own final chunk. Only events that carry usage are decoded."""
         body = dict(call.body)
         body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         resp = await self._post(call, body)
+        pending = b""
         try:
-            event: list[bytes] = []
-            async for line in resp.content:
-                if line not in (b"\n", b"\r\n"):
-                    event.append(line)
+            async for data in resp.content.iter_any():
+                pending += data
+                if b"\r" in pending:  # CRLF framing is legal SSE; normalize it once here
+                    pending = pending.replace(b"\r\n", b"\n")
+                end = pending.rfind(b"\n\n")
+                if end < 0:
                     continue
-                if not event:
-                    continue
-                data = b"".join(event)
-                event.clear()
-                if b'"usage":{' in data or b'"usage": {' in data:
-                    payload = data[data.find(b"{"):]
-                    try:
-                        parsed = _usage_decoder.decode(payload)
-                    except (msgspec.DecodeError, msgspec.ValidationError):
-                        parsed = UsageOnly()
-                    if parsed.usage is not None:
-                        stats.usage = usage_from_openai(parsed.usage)
-                        if not call.client_wants_usage and b'"choices":[]' in data.replace(b" ", b""):
-                            continue
-                yield data + b"\n"
-                if data.startswith(SSE_DONE[:-2]):
+                complete, pending = pending[:end + 2], pending[end + 2:]
+                out, done = _relay_events(complete, call, stats)
+                if out:
+                    yield out
+                if done:
+                    yield SSE_DONE
                     return
         except (TimeoutError, aiohttp.ClientError):
             raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
         finally:
             resp.release()
         raise UpstreamError(f"Provider '{call.provider.name}' ended the stream without [DONE].")
+
+
+_USAGE_MARKS = (b'"usage":{', b'"usage": {')
+
+
+def _relay_events(complete: bytes, call: UpstreamCall, stats: CallStats) -> tuple[bytes, bool]:
+    """`(bytes to relay, saw [DONE])` for a run of complete SSE events. Usage is recorded in
+    `stats`; the usage-only chunk is dropped when the client did not ask for it."""
+    if b"[DONE]" not in complete and not any(m in complete for m in _USAGE_MARKS):
+        return complete, False  # the common case: plain content deltas, relayed untouched
+    kept: list[bytes] = []
+    for event in complete.split(b"\n\n"):
+        if not event:
+            continue
+        if event.startswith(b"data: [DONE]"):
+            return b"".join(kept), True
+        if any(m in event for m in _USAGE_MARKS):
+            try:
+                parsed = _usage_decoder.decode(event[event.find(b"{"):])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                parsed = UsageOnly()
+            if parsed.usage is not None:
+                stats.usage = usage_from_openai(parsed.usage)
+                if not call.client_wants_usage and b'"choices":[]' in event.replace(b" ", b""):
+                    continue
+        kept.append(event + b"\n\n")
+    return b"".join(kept), False
