@@ -21,13 +21,13 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane import commands as c
-from controlplane.queries import ledger_balance, run_summary
+from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
 from dataplane.http import Handler, decode_json, error_middleware, read_body, validate
 from events.db import open_pool
 from events.jetstream import connect, ensure_kv, ensure_stream
-from schemas.errors import AuthenticationFailed
+from schemas.errors import AuthenticationFailed, InvalidRequest
 from schemas.keys import KeyRing
 from schemas.settings import Settings
 
@@ -113,6 +113,17 @@ async def get_run(request: web.Request) -> web.StreamResponse:
     return _json(await run_summary(st.pool, request.match_info["run_id"], request.query.get("workspace_id")))
 
 
+async def get_models(request: web.Request) -> web.StreamResponse:
+    workspace = request.query.get("workspace_id")
+    if not workspace:
+        raise InvalidRequest("Pass ?workspace_id= to list the models its keys may call.", param="workspace_id")
+    return _json(await workspace_models(request.app[ADMIN].pool, workspace))
+
+
+async def get_catalog(request: web.Request) -> web.StreamResponse:
+    return _json(provider_catalog())
+
+
 async def get_balance(request: web.Request) -> web.StreamResponse:
     return _json(await ledger_balance(request.app[ADMIN].pool))
 
@@ -142,6 +153,10 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/admin/v1/prices", "Create or replace a price override (nano-USD per million tokens)",
           c.UpsertPrice, _cmd(c.UpsertPrice, "upsert_price"), 201),
     Route("GET", "/admin/v1/prices", "List price overrides", None, _lister("price")),
+    Route("GET", "/admin/v1/models", "Models a workspace's keys may call (?workspace_id=), with context windows",
+          None, get_models),
+    Route("GET", "/admin/v1/catalog", "Provider types this gateway supports and the models it knows for each",
+          None, get_catalog),
     Route("GET", "/admin/v1/runs/{run_id}", "Cost and usage of one agent run (?workspace_id=)", None, get_run),
     Route("GET", "/admin/v1/ledger/balance", "Debits and credits per currency", None, get_balance),
     Route("GET", "/admin/v1/healthz", "Liveness of the admin API", None, healthz),

@@ -288,6 +288,12 @@ def _add_admin_commands(sub: Any) -> None:
     p.add_argument("--cache-read", type=int)
     leaf(g, "list", "List price overrides", _admin_call("GET", lambda a: "/admin/v1/prices"), ws=False)
 
+    g = group("models", "The model catalog")
+    leaf(g, "list", "Models the workspace's keys may call, with context windows",
+         _admin_call("GET", lambda a: f"/admin/v1/models?workspace_id={_default_ws(a)}"))
+    leaf(g, "catalog", "Provider types and the models known for each",
+         _admin_call("GET", lambda a: "/admin/v1/catalog"), ws=False)
+
     g = group("runs", "Agent runs: cost and usage from the ledger")
     p = leaf(g, "get", "Cost and usage of one run", _admin_call("GET", lambda a: f"/admin/v1/runs/{a.run_id}"),
              ws=False)

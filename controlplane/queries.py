@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
+import msgspec
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from dataplane.models import catalog_entries, type_catalog
+from dataplane.snapshot import Snapshot
+from schemas.entities import ConfigEntity, ProviderKind
 from schemas.errors import NotFound
 from schemas.money import nanos_to_decimal_str
 
@@ -57,3 +61,21 @@ async def ledger_balance(pool: AsyncConnectionPool[Any]) -> dict[str, Any]:
             {"currency": c, "debits_nanos": int(d), "credits_nanos": int(cr), "balanced": d == cr} for c, d, cr in rows
         ]
     }
+
+
+async def workspace_models(pool: AsyncConnectionPool[Any], workspace_id: str) -> dict[str, Any]:
+    """What `GET /v1/models` shows a key of this workspace, computed from Postgres state with the
+    data plane's own pure catalog function, so the two can never disagree."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT kv_key, body FROM config_entity WHERE deleted_at IS NULL "
+            "AND (workspace_id = %s OR kind = 'price')", (workspace_id,))
+        rows = await cur.fetchall()
+    entities = {key: msgspec.convert(body, ConfigEntity) for key, body in rows}
+    models = catalog_entries(Snapshot.build(entities, 0), workspace_id)
+    return {"object": "list", "workspace_id": workspace_id, "data": msgspec.to_builtins(models)}
+
+
+def provider_catalog() -> dict[str, Any]:
+    """Every provider type this gateway can call, with the models and context windows it knows."""
+    return {"object": "list", "data": [{"type": kind, "models": type_catalog(kind)} for kind in get_args(ProviderKind)]}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 from aiohttp import web
@@ -25,7 +25,6 @@ from dataplane.providers.mock import MODELS as MOCK_MODELS
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER
 from schemas.errors import NotFound
-from schemas.openai import Model
 
 
 class ModelEntry(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -84,9 +83,9 @@ def catalog_entries(snap: Snapshot, workspace_id: str) -> list[ModelEntry]:
     return list(entries.values())
 
 
-def list_models(snap: Snapshot, workspace_id: str) -> list[Model]:
-    """`catalog_entries` as plain OpenAI model objects (no `context_window`)."""
-    return [Model(id=e.id, owned_by=e.owned_by) for e in catalog_entries(snap, workspace_id)]
+def type_catalog(provider_type: str) -> list[dict[str, Any]]:
+    """The models the bundled catalog (or a built-in provider) knows for a provider type."""
+    return [{"id": model, "context_window": ctx} for model, ctx in _catalog(provider_type)]
 
 
 class ModelCatalog:

@@ -163,3 +163,14 @@ async def test_admin_api_requires_its_token_and_serves_openapi(
     assert "/admin/v1/virtual-keys/{id}/revoke" in doc["paths"]
     listed = gateway.admin.call("GET", "/admin/v1/virtual-keys?workspace_id=demo")["data"]
     assert listed and all("key" not in k and "key_hash" not in k for k in listed)
+
+
+async def test_admin_model_views_match_what_keys_see(gateway: Gateway, http: aiohttp.ClientSession) -> None:
+    async with http.get(f"{gateway.base_url}/models",
+                        headers={"Authorization": f"Bearer {gateway.demo_key}"}) as resp:
+        seen = [m["id"] for m in (await resp.json())["data"]]
+    admin = gateway.admin.call("GET", "/admin/v1/models?workspace_id=demo")
+    assert [m["id"] for m in admin["data"]] == seen and "mock/echo" in seen
+    catalog = {entry["type"]: entry["models"] for entry in gateway.admin.call("GET", "/admin/v1/catalog")["data"]}
+    assert {"openai", "anthropic", "gemini", "bedrock", "mock"} <= set(catalog)
+    assert any(m["id"] == "gpt-4o-mini" and m["context_window"] for m in catalog["openai"])

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from dataplane.http import error_middleware
-from dataplane.models import ModelCatalog, catalog_entries, list_models
+from dataplane.models import ModelCatalog, catalog_entries
 from dataplane.pricing import catalog_models
 from dataplane.snapshot import Snapshot, SnapshotStore
 from dataplane.state import WORKER, WorkerState
@@ -57,11 +57,6 @@ def test_json_shape_is_an_openai_model_list_with_an_optional_context_window() ->
     by_id = {m["id"]: m for m in body["data"]}
     assert by_id["mock/echo"] == {"id": "mock/echo", "object": "model", "created": 0, "owned_by": "mock"}
     assert by_id["ds/deepseek-chat"]["context_window"] > 0
-
-
-def test_list_models_keeps_the_plain_shape() -> None:
-    models = list_models(snapshot(), "ws")
-    assert models[0].id == "smart" and models[0].owned_by == "ds"
 
 
 def test_cache_survives_heartbeats_and_follows_config_changes() -> None:
