@@ -22,6 +22,7 @@ import itertools
 import math
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -231,7 +232,7 @@ class ContractResponses(FakeResponses):
         self.calling = [(f"call_resp{next(_ids):06d}", name) for name in names]
         result = decision is not None and decision[0] == "result"
         self.answer = (decision[1] or "") if decision is not None and result else ANSWERS["responses"]
-        return await self._handle(request)  # type: ignore[arg-type]
+        return await self._handle(request)
 
     def _call_item(self, index: int, complete: bool) -> dict[str, Any]:
         call_id, name = self.calling[index]
@@ -341,67 +342,76 @@ class ContractAzure(ToolChatMixin, FakeAzure):
 # --- the other providers: set the stock fake's scripted answer from the request ----------------------
 
 
-class ContractAnthropic(FakeAnthropic):
+class ScriptFromRequest:
+    """Before the stock fake answers, script its answer from the request: `_answer_calls` with the tool
+    names to call, else `_answer_text` (`plain`: no tool involved, the text is `ANSWERS[kind]`)."""
+
+    kind: str
+    decide: Callable[[dict[str, Any]], Decision]
+
+    def _answer_text(self, text: str, *, plain: bool) -> None:
+        raise NotImplementedError
+
+    def _answer_calls(self, names: list[str]) -> None:
+        raise NotImplementedError
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        decision = self.decide(_json_body(await request.read()))
+        if decision is not None and decision[0] == "call":
+            self._answer_calls(decision[1])
+        else:
+            self._answer_text(ANSWERS[self.kind] if decision is None else decision[1] or "", plain=decision is None)
+        return await super()._handle(request)  # type: ignore[misc, no-any-return]
+
+
+class ContractAnthropic(ScriptFromRequest, FakeAnthropic):
     """`usage_knobs`: extra `FakeAnswer` token counts (e.g. `cache_read_input_tokens`)."""
 
+    kind, decide = "anthropic", staticmethod(anthropic_decision)
     usage_knobs: dict[str, int] = {}  # replaced per test, never mutated
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        decision = anthropic_decision(_json_body(await request.read()))
-        knobs = self.usage_knobs
-        if decision is None:
-            self.answer = FakeAnswer(blocks=({"type": "text", "text": ANSWERS["anthropic"]},), **knobs)
-        elif decision[0] == "call":
-            blocks = tuple({"type": "tool_use", "id": f"toolu_contract{next(_ids):06d}", "name": name,
-                            "input": TOOL_ARGS[name]} for name in decision[1])
-            self.answer = FakeAnswer(blocks=blocks, stop_reason="tool_use", **knobs)
-        else:
-            self.answer = FakeAnswer(blocks=({"type": "text", "text": decision[1]},), **knobs)
-        return await super()._handle(request)
+    def _answer_text(self, text: str, *, plain: bool) -> None:
+        self.answer = FakeAnswer(blocks=({"type": "text", "text": text},), **self.usage_knobs)
+
+    def _answer_calls(self, names: list[str]) -> None:
+        blocks = tuple({"type": "tool_use", "id": f"toolu_contract{next(_ids):06d}", "name": name,
+                        "input": TOOL_ARGS[name]} for name in names)
+        self.answer = FakeAnswer(blocks=blocks, stop_reason="tool_use", **self.usage_knobs)
 
 
-class ContractGemini(FakeGemini):
+class ContractGemini(ScriptFromRequest, FakeGemini):
     """`usage_knobs`: explicit `GeminiAnswer` token counts for plain text answers."""
 
+    kind, decide = "gemini", staticmethod(gemini_decision)
     usage_knobs: dict[str, int] = {}  # replaced per test, never mutated
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        decision = gemini_decision(_json_body(await request.read()))
-        if decision is None:
-            self.answer = GeminiAnswer.text(ANSWERS["gemini"], **self.usage_knobs)
-        elif decision[0] == "call":
-            self.answer = GeminiAnswer(parts=[{"functionCall": {"name": name, "args": TOOL_ARGS[name]}}
-                                              for name in decision[1]])
-        else:
-            self.answer = GeminiAnswer.text(decision[1] or "")
-        return await super()._handle(request)
+    def _answer_text(self, text: str, *, plain: bool) -> None:
+        self.answer = GeminiAnswer.text(text, **(self.usage_knobs if plain else {}))
+
+    def _answer_calls(self, names: list[str]) -> None:
+        self.answer = GeminiAnswer(parts=[{"functionCall": {"name": name, "args": TOOL_ARGS[name]}} for name in names])
 
 
-class ContractBedrock(FakeBedrock):
+class ContractBedrock(ScriptFromRequest, FakeBedrock):
     """`usage_knobs`: extra `Script` token counts for plain text answers (`cache_read`, ...)."""
 
+    kind, decide = "bedrock", staticmethod(bedrock_decision)
     usage_knobs: dict[str, int] = {}  # replaced per test, never mutated
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        decision = bedrock_decision(_json_body(await request.read()))
-        if decision is None:
-            self.script = Script(blocks=(Text(ANSWERS["bedrock"]),), **self.usage_knobs)
-        elif decision[0] == "call":
-            self.script = Script(blocks=tuple(ToolUse(f"tooluse_contract{next(_ids):06d}", name, TOOL_ARGS[name])
-                                              for name in decision[1]), stop_reason="tool_use")
-        else:
-            self.script = Script(blocks=(Text(decision[1] or ""),))
-        return await super()._handle(request)
+    def _answer_text(self, text: str, *, plain: bool) -> None:
+        self.script = Script(blocks=(Text(text),), **(self.usage_knobs if plain else {}))
+
+    def _answer_calls(self, names: list[str]) -> None:
+        self.script = Script(blocks=tuple(ToolUse(f"tooluse_contract{next(_ids):06d}", name, TOOL_ARGS[name])
+                                          for name in names), stop_reason="tool_use")
 
 
-class ContractOllama(FakeOllama):
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        decision = chat_decision(_json_body(await request.read()))
-        if decision is None:
-            self.answer = OllamaAnswer(content=ANSWERS["ollama"])
-        elif decision[0] == "call":
-            self.answer = OllamaAnswer(tool_calls=[{"function": {"name": name, "arguments": TOOL_ARGS[name]}}
-                                                   for name in decision[1]])
-        else:
-            self.answer = OllamaAnswer(content=decision[1] or "")
-        return await super()._handle(request)
+class ContractOllama(ScriptFromRequest, FakeOllama):
+    kind, decide = "ollama", staticmethod(chat_decision)
+
+    def _answer_text(self, text: str, *, plain: bool) -> None:
+        self.answer = OllamaAnswer(content=text)
+
+    def _answer_calls(self, names: list[str]) -> None:
+        self.answer = OllamaAnswer(tool_calls=[{"function": {"name": name, "arguments": TOOL_ARGS[name]}}
+                                               for name in names])

@@ -32,17 +32,17 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
+
+from tests.fakes.server import Failure, FakeServer, RecordedRequest, recorded
 
 __all__ = ["FakeAnswer", "FakeAnthropic", "RecordedRequest", "count_input_tokens", "message_body",
            "sse_bytes", "stream_events"]
 
 _encode = msgspec.json.encode
-_REDACTED: Final = "<redacted>"
 _ERROR_TYPES: Final = {
     400: "invalid_request_error", 401: "authentication_error", 402: "billing_error", 403: "permission_error",
     404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -162,29 +162,13 @@ def error_body(status: int, message: str | None = None) -> bytes:
                     "request_id": "req_fake"})
 
 
-@dataclass(slots=True)
-class RecordedRequest:
-    """One request: lower-cased headers with ``x-api-key`` / ``authorization`` redacted, parsed body."""
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-    api_key_hint: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    status: int
-    retry_after: str | None
-
-
 @dataclass
-class FakeAnthropic:
+class FakeAnthropic(FakeServer):
     """An Anthropic-compatible upstream on ``host:port`` (port 0 picks a free port).
 
     Use as ``async with FakeAnthropic() as fake: fake.base_url``. Attributes are read on every
-    request, so tests may change them between calls. Not thread-safe.
+    request, so tests may change them between calls. Not thread-safe. Recorded requests have
+    ``x-api-key`` / ``authorization`` redacted.
     """
 
     host: str = "127.0.0.1"
@@ -194,44 +178,20 @@ class FakeAnthropic:
     full_delta_usage: bool = False
     count_tokens: int | None = None
     requests: list[RecordedRequest] = field(default_factory=list)
-    _failures: deque[_Failure] = field(default_factory=deque)
-    _runner: web.ServerRunner | None = None
+    _failures: deque[Failure] = field(default_factory=deque)
     _counter: int = 0
-
-    async def __aenter__(self) -> Self:
-        server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def fail_next(self, status: int, *, count: int = 1, retry_after: str | None = None) -> None:
         """Answer the next ``count`` message/count_tokens requests with ``status`` and an Anthropic error."""
-        self._failures.extend(_Failure(status, retry_after) for _ in range(count))
+        self._failures.extend(Failure(status, retry_after) for _ in range(count))
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read()
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        key = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
-        for name in ("x-api-key", "authorization"):
-            if name in headers:
-                headers[name] = _REDACTED
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = raw.decode("utf-8", "replace")
-        self.requests.append(RecordedRequest(request.method, request.path_qs, headers, body, key[-4:]))
+        key = (request.headers.get("x-api-key")
+               or request.headers.get("authorization", "").removeprefix("Bearer ").strip())
+        rec = recorded(request, raw, key, secrets=("x-api-key", "authorization"))
+        self.requests.append(rec)
+        headers, body = rec.headers, rec.body
         if not key:
             return _error(401, "x-api-key header is required")
         if "anthropic-version" not in headers:

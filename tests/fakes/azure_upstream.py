@@ -25,7 +25,8 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from tests.fakes.upstream import FakeUpstream, RecordedRequest, _BadKnob, _error
+from tests.fakes.server import recorded
+from tests.fakes.upstream import FakeUpstream, _BadKnob, _error
 
 __all__ = ["CONTENT_FILTER_BODY", "FakeAzure"]
 
@@ -66,28 +67,20 @@ def _embeddings(body: Any) -> web.Response:
 class FakeAzure(FakeUpstream):
     """`base_url` is the resource endpoint (`http://127.0.0.1:<port>`)."""
 
+    _base_path = ""
+
     def __init__(self, *, deployments: frozenset[str] = frozenset(), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.deployments = deployments
         self.content_filter_next = False
 
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read() if request.body_exists else b""
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        key = headers.get("api-key", "")
-        bearer = headers.get("authorization", "")
-        for secret in ("api-key", "authorization"):
-            if secret in headers:
-                headers[secret] = "<redacted>"
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = raw.decode("utf-8", "replace")
-        self.requests.append(RecordedRequest(request.method, request.path_qs, headers, body, key[-4:]))
+        key = request.headers.get("api-key", "")
+        bearer = request.headers.get("authorization", "")
+        rec = recorded(request, raw, key, secrets=("api-key", "authorization"))
+        self.requests.append(rec)
+        body = rec.body
         if not key and not bearer.startswith("Bearer "):
             return _azure_error(401, "401", "Access denied due to invalid subscription key or wrong API endpoint. "
                                 "Make sure to provide a valid key for an active subscription.")

@@ -28,8 +28,7 @@ import hashlib
 import hmac
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import unquote
 
 import msgspec
@@ -44,6 +43,7 @@ from dataplane.providers.aws_sigv4 import (
     string_to_sign,
 )
 from dataplane.providers.eventstream import encode_message
+from tests.fakes.server import Failure, FakeServer, parse_body, redacted_headers
 
 __all__ = ["FakeBedrock", "Reasoning", "Script", "Text", "ToolUse", "converse_body", "exception_frame",
            "stream_frames"]
@@ -185,14 +185,7 @@ class RecordedRequest:
 
 
 @dataclass(slots=True)
-class _Failure:
-    status: int
-    error_type: str
-    message: str
-
-
-@dataclass(slots=True)
-class FakeBedrock:
+class FakeBedrock(FakeServer):
     """Not thread-safe; use from the loop that started it. Knobs apply to the next request."""
 
     region: str = "us-east-1"
@@ -206,31 +199,12 @@ class FakeBedrock:
     host: str = "127.0.0.1"
     port: int = 0
     requests: list[RecordedRequest] = field(default_factory=list)
-    _failures: deque[_Failure] = field(default_factory=deque)
-    _runner: web.ServerRunner | None = None
-
-    async def __aenter__(self) -> Self:
-        runner = web.ServerRunner(web.Server(self._handle, access_log=None), handle_signals=False, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, self.host, self.port).start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    _failures: deque[Failure] = field(default_factory=deque)
 
     def fail_next(self, status: int, error_type: str, message: str = "Something went wrong.") -> None:
         """Answer the next request with `status`, `x-amzn-ErrorType: error_type` and
         `{"message": message}`."""
-        self._failures.append(_Failure(status, error_type, message))
+        self._failures.append(Failure(status, message=message, error_type=error_type))
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read()
@@ -238,14 +212,8 @@ class FakeBedrock:
         prefix, _, rest = path.partition("/model/")
         model_enc, _, action = rest.rpartition("/")
         auth = request.headers.get("Authorization", "")
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        for secret in ("authorization", "x-amz-security-token"):
-            if secret in headers:
-                headers[secret] = "<redacted>"
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = None
+        headers = redacted_headers(request, ("authorization", "x-amz-security-token"))
+        body = parse_body(raw, invalid=None)
         self.requests.append(RecordedRequest(request.raw_path, unquote(model_enc), action, headers, body,
                                              auth.split(" ", 1)[0]))
         if request.method != "POST" or prefix or action not in ("converse", "converse-stream") or not model_enc:
@@ -255,7 +223,7 @@ class FakeBedrock:
             return denied
         if self._failures:
             f = self._failures.popleft()
-            return _aws_error(f.status, f.error_type, f.message)
+            return _aws_error(f.status, f.error_type, f.message or "")
         problem = validation_problem(body)
         if problem is not None:
             return _aws_error(400, "ValidationException", problem)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 from aiohttp import web
+
+from tests.fakes.server import FakeServer, drop_connection, parse_body, redacted_headers
 
 
 @dataclass(slots=True)
@@ -43,43 +44,18 @@ class Seen:
     body: Any
 
 
-class ScriptedUpstream:
+class ScriptedUpstream(FakeServer):
+    _base_path = "/v1"
+
     def __init__(self, host: str = "127.0.0.1") -> None:
         self.host = host
         self.port = 0
         self.requests: list[Seen] = []
         self._replies: deque[Reply] = deque()
-        self._runner: web.ServerRunner | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
 
     def reply(self, *, status: int = 200, body: Any = None, sse: list[bytes] | None = None,
               headers: dict[str, str] | None = None, drop: bool = False, path: str | None = None) -> None:
         self._replies.append(Reply(status, body, sse, headers or {}, drop, path))
-
-    async def start(self) -> None:
-        server = web.Server(self._handle, access_log=None)
-        runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, 0)
-        await site.start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        await self.stop()
 
     def _take(self, path: str) -> Reply | None:
         for i, r in enumerate(self._replies):
@@ -90,12 +66,8 @@ class ScriptedUpstream:
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read()
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = raw
-        self.requests.append(Seen(request.method, request.path, {k.lower(): v for k, v in request.headers.items()},
-                                  body))
+        body = parse_body(raw, invalid=raw)
+        self.requests.append(Seen(request.method, request.path, redacted_headers(request), body))
         reply = self._take(request.path)
         if reply is None:
             return web.Response(status=500, text='{"error":{"message":"nothing scripted"}}',
@@ -109,8 +81,7 @@ class ScriptedUpstream:
         for chunk in reply.sse:
             await resp.write(chunk)
         if reply.drop:
-            if request.transport is not None:
-                request.transport.close()
+            drop_connection(request)
             return resp
         await resp.write_eof()
         return resp

@@ -39,17 +39,15 @@ import os
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
-from tests.fakes.upstream import RecordedRequest
+from tests.fakes.server import REDACTED, Failure, FakeServer, RecordedRequest, recorded, write_stream
 
 __all__ = ["FakeGemini", "GeminiAnswer"]
 
-_REDACTED: Final = "<redacted>"
 _STATUS_NAMES: Final = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED",
                         404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED", 499: "CANCELLED",
                         500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -62,6 +60,7 @@ _SCHEMA: Final = {"type", "format", "title", "description", "nullable", "enum", 
                   "properties", "required", "minProperties", "maxProperties", "minLength", "maxLength",
                   "pattern", "example", "anyOf", "propertyOrdering", "default", "items", "minimum", "maximum"}
 _TYPES: Final = {"STRING", "NUMBER", "INTEGER", "BOOLEAN", "ARRAY", "OBJECT", "NULL"}
+_OVERLOADED: Final = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
 _PART_DATA: Final = {"text", "inlineData", "fileData", "functionCall", "functionResponse",
                      "executableCode", "codeExecutionResult"}
 
@@ -90,8 +89,11 @@ class _Invalid(ValueError):
     pass
 
 
-class FakeGemini:
-    """The fake on ``host:port`` (port 0 picks one). Not thread-safe; ``stop`` is idempotent."""
+class FakeGemini(FakeServer):
+    """The fake on ``host:port`` (port 0 picks one). Not thread-safe; ``stop`` is idempotent.
+
+    ``base_url`` is the provider ``base_url`` (no version segment), e.g. ``http://127.0.0.1:41234``.
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, words: int = 6) -> None:
         self.host, self.port, self.words = host, port, words
@@ -105,27 +107,7 @@ class FakeGemini:
         self.requests: list[RecordedRequest] = []
         self.issued_signatures: set[str] = set()
         self._queue: deque[GeminiAnswer] = deque()
-        self._failures: deque[tuple[int, str | None, str | None, str | None]] = deque()
-        self._runner: web.ServerRunner | None = None
-
-    async def __aenter__(self) -> Self:
-        server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def base_url(self) -> str:
-        """The provider ``base_url`` (no version segment), e.g. ``http://127.0.0.1:41234``."""
-        return f"http://{self.host}:{self.port}"
+        self._failures: deque[Failure] = deque()
 
     def queue(self, *answers: GeminiAnswer) -> None:
         """Answer the next requests with these, in order, before falling back to ``answer``."""
@@ -135,7 +117,7 @@ class FakeGemini:
                   retry_after: str | None = None, retry_delay: str | None = None) -> None:
         """Answer the next ``count`` requests with a Gemini error body; ``retry_delay`` ("7s")
         goes into a ``RetryInfo`` detail, ``retry_after`` into the header."""
-        self._failures.extend((status, message, retry_after, retry_delay) for _ in range(count))
+        self._failures.extend(Failure(status, retry_after, message, retry_delay) for _ in range(count))
 
     # -- handling -----------------------------------------------------------------------------
 
@@ -154,9 +136,9 @@ class FakeGemini:
         if self.valid_keys is not None and key not in self.valid_keys:
             return _error(400, "API key not valid. Please pass a valid API key.", reason="API_KEY_INVALID")
         if self._failures:
-            status, message, retry_after, retry_delay = self._failures.popleft()
-            return _error(status, message, retry_delay=retry_delay,
-                          headers={"retry-after": retry_after} if retry_after else None)
+            failure = self._failures.popleft()
+            return _error(failure.status, failure.message, retry_delay=failure.retry_delay,
+                          headers={"retry-after": failure.retry_after} if failure.retry_after else None)
         model, stream = match.group(2), match.group(3) == "streamGenerateContent"
         if self.models is not None and model not in self.models:
             return _error(404, f"models/{model} is not found for API version {match.group(1)}, or is not "
@@ -184,23 +166,9 @@ class FakeGemini:
             return web.json_response(out)
         if "alt=sse" not in request.query_string:
             return _error(400, "this fake only streams with alt=sse")
-        return await self._stream(request, _chunks(answer, parts, usage, n, model, response_id))
-
-    async def _stream(self, request: web.BaseRequest, chunks: list[dict[str, Any]]) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i, chunk in enumerate(chunks):
-            if i == self.truncate_after:
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            if i == self.error_after:
-                err = {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}
-                await resp.write(b"data: " + msgspec.json.encode(err) + b"\r\n\r\n")
-                break
-            await resp.write(b"data: " + msgspec.json.encode(chunk) + b"\r\n\r\n")
-        await resp.write_eof()
-        return resp
+        chunks = _chunks(answer, parts, usage, n, model, response_id)
+        return await write_stream(request, "text/event-stream", [_sse(chunk) for chunk in chunks],
+                                  drop_at=self.truncate_after, error_at=self.error_after, error=_sse(_OVERLOADED))
 
     def _signed(self, part: dict[str, Any]) -> dict[str, Any]:
         if "functionCall" in part and "thoughtSignature" not in part and self.sign_function_calls:
@@ -224,18 +192,15 @@ class FakeGemini:
                                    f"is required for tools to work correctly. Position contents[{i}].parts[{j}].")
 
     def _record(self, request: web.BaseRequest, raw: bytes, key: str) -> None:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        if "x-goog-api-key" in headers:
-            headers["x-goog-api-key"] = _REDACTED
-        path = re.sub(r"([?&]key=)[^&]*", r"\1" + _REDACTED, request.path_qs)
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = raw.decode("utf-8", "replace")
-        self.requests.append(RecordedRequest(request.method, path, headers, body, key[-4:]))
+        path = re.sub(r"([?&]key=)[^&]*", r"\1" + REDACTED, request.path_qs)
+        self.requests.append(recorded(request, raw, key, secrets=("x-goog-api-key",), path=path))
 
 
 # --- pure builders ---------------------------------------------------------------------------
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(data) + b"\r\n\r\n"
 
 
 def _error(status: int, message: str | None = None, *, reason: str | None = None, retry_delay: str | None = None,

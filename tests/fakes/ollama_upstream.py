@@ -31,18 +31,18 @@ import math
 import re
 from collections import deque
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
-from tests.fakes.upstream import RecordedRequest
+from tests.fakes.server import Failure, FakeServer, RecordedRequest, recorded, write_stream
 
 __all__ = ["FakeOllama", "OllamaAnswer"]
 
 _CREATED_AT: Final = "2025-01-01T00:00:00.000000Z"
 _ROLES: Final = {"system", "user", "assistant", "tool"}
+_EOF_ERROR: Final = b'{"error":"an error was encountered while running the model: unexpected EOF"}\n'
 
 
 @dataclass(slots=True)
@@ -62,8 +62,11 @@ class _Invalid(ValueError):
     pass
 
 
-class FakeOllama:
-    """The fake on ``host:port`` (port 0 picks one). Not thread-safe; exit is idempotent."""
+class FakeOllama(FakeServer):
+    """The fake on ``host:port`` (port 0 picks one). Not thread-safe; exit is idempotent.
+
+    ``base_url`` is the provider ``base_url``, e.g. ``http://127.0.0.1:41234`` (no ``/api``).
+    """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, words: int = 5) -> None:
         self.host, self.port, self.words = host, port, words
@@ -73,33 +76,13 @@ class FakeOllama:
         self.error_after: int | None = None
         self.requests: list[RecordedRequest] = []
         self._queue: deque[OllamaAnswer] = deque()
-        self._failures: deque[tuple[int, str | None]] = deque()
-        self._runner: web.ServerRunner | None = None
-
-    async def __aenter__(self) -> Self:
-        server = web.Server(self._handle, access_log=None)
-        self._runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self.port).start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    @property
-    def base_url(self) -> str:
-        """The provider ``base_url``, e.g. ``http://127.0.0.1:41234`` (no ``/api``)."""
-        return f"http://{self.host}:{self.port}"
+        self._failures: deque[Failure] = deque()
 
     def queue(self, *answers: OllamaAnswer) -> None:
         self._queue.extend(answers)
 
     def fail_next(self, status: int, *, count: int = 1, message: str | None = None) -> None:
-        self._failures.extend((status, message) for _ in range(count))
+        self._failures.extend(Failure(status, message=message) for _ in range(count))
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raw = await request.read() if request.body_exists else b""
@@ -107,8 +90,8 @@ class FakeOllama:
         if (request.method, request.path) != ("POST", "/api/chat"):
             return web.Response(status=404, text="404 page not found")
         if self._failures:
-            status, message = self._failures.popleft()
-            return _error(status, message or f"fake failure {status}")
+            failure = self._failures.popleft()
+            return _error(failure.status, failure.message or f"fake failure {failure.status}")
         try:
             body = msgspec.json.decode(raw)
             _validate(body)
@@ -132,30 +115,14 @@ class FakeOllama:
             if answer.tool_calls:
                 reply["tool_calls"] = answer.tool_calls
             return web.json_response({**final, "message": reply})
-        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
-        for i, line in enumerate(lines):
-            if i == self.truncate_after:
-                if request.transport is not None:
-                    request.transport.close()
-                return resp
-            if i == self.error_after:
-                await resp.write(b'{"error":"an error was encountered while running the model: unexpected EOF"}\n')
-                break
-            await resp.write(msgspec.json.encode(line) + b"\n")
-        await resp.write_eof()
-        return resp
+        frames = [msgspec.json.encode(line) + b"\n" for line in lines]
+        return await write_stream(request, "application/x-ndjson", frames, drop_at=self.truncate_after,
+                                  error_at=self.error_after, error=_EOF_ERROR)
 
     def _record(self, request: web.BaseRequest, raw: bytes) -> None:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        auth = headers.get("authorization", "")
-        if auth:
-            headers["authorization"] = "Bearer <redacted>"
-        try:
-            body: Any = msgspec.json.decode(raw) if raw else None
-        except msgspec.DecodeError:
-            body = raw.decode("utf-8", "replace")
-        self.requests.append(RecordedRequest(request.method, request.path_qs, headers, body, auth[-4:]))
+        auth = request.headers.get("authorization", "")
+        self.requests.append(recorded(request, raw, auth, secrets=("authorization",) if auth else (),
+                                      mask="Bearer <redacted>"))
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -14,11 +14,12 @@ lines). Requests are recorded as ``(path, headers, body)`` with Authorization re
 
 from __future__ import annotations
 
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import msgspec
 from aiohttp import web
+
+from tests.fakes.server import FakeServer, redacted_headers
 
 __all__ = ["USAGE", "FakeResponses"]
 
@@ -28,8 +29,11 @@ USAGE: dict[str, Any] = {
 }
 
 
-class FakeResponses:
+class FakeResponses(FakeServer):
+    _base_path = "/v1"
+
     def __init__(self, *, answer: str = "hello from responses") -> None:
+        self.host, self.port = "127.0.0.1", 0
         self.answer = answer
         self.usage = USAGE
         self.fail_status: int | None = None
@@ -40,27 +44,11 @@ class FakeResponses:
         self.multiline = False
         self.requests: list[tuple[str, dict[str, str], Any]] = []
         self.sent: list[bytes] = []  # the stream bytes of the last streamed answer
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    async def __aenter__(self) -> Self:
+    def _make_runner(self) -> web.BaseRunner:
         app = web.Application()
         app.router.add_post("/v1/responses", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return web.AppRunner(app, access_log=None)
 
     def response(self, status: str, text: str | None) -> dict[str, Any]:
         output = [] if text is None else [{
@@ -70,9 +58,9 @@ class FakeResponses:
                 "model": "gpt-fake", "output": output, "parallel_tool_calls": True, "tool_choice": "auto",
                 "tools": [], "usage": self.usage if status == "completed" else None}
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         body = msgspec.json.decode(await request.read())
-        headers = {k.lower(): ("<redacted>" if k.lower() == "authorization" else v) for k, v in request.headers.items()}
+        headers = redacted_headers(request, ("authorization",))
         self.requests.append((request.path, headers, body))
         if self.fail_status is not None:
             extra = {"Retry-After": self.retry_after} if self.retry_after else {}

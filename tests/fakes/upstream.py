@@ -47,9 +47,7 @@ import os
 import signal
 import time
 from collections import deque
-from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
@@ -65,6 +63,7 @@ from tests.fakes.openai_bodies import (
     models_body,
     usage,
 )
+from tests.fakes.server import Failure, FakeServer, RecordedRequest, drop_connection, recorded
 
 __all__ = ["FakeUpstream", "RecordedRequest"]
 
@@ -78,39 +77,21 @@ _REDACTED: Final = "Bearer <redacted>"
 _MAX_CACHED_ANSWERS: Final = 64
 
 
-@dataclass(slots=True)
-class RecordedRequest:
-    """One request the fake received.
-
-    ``headers`` has lower-cased names; the ``authorization`` value is replaced by
-    ``"Bearer <redacted>"``. ``body`` is the parsed JSON body, the raw text when it is not
-    JSON, or ``None`` when empty. ``api_key_hint`` is the last 4 characters of the bearer key
-    (``""`` when absent), enough to tell which key was forwarded without storing it.
-    """
-
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: Any
-    api_key_hint: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    status: int
-    retry_after: str | None
-
-
 class _BadKnob(ValueError):
     """A malformed ``x-fake-*`` header; answered with a 400."""
 
 
-class FakeUpstream:
+class FakeUpstream(FakeServer):
     """An OpenAI-compatible upstream on ``host:port`` (port 0 picks a free port at start).
 
     Not thread-safe: use it from the event loop that started it. ``start`` may be called once;
-    ``stop`` is idempotent. Attribute knobs take effect on the next request.
+    ``stop`` is idempotent. Attribute knobs take effect on the next request. ``base_url`` is the
+    OpenAI ``base_url``, e.g. ``http://127.0.0.1:41234/v1``. Recorded requests have the
+    ``authorization`` value replaced by ``"Bearer <redacted>"``.
     """
+
+    _base_path = "/v1"
+    _site_options = {"backlog": 1024, "reuse_address": True}
 
     def __init__(
         self,
@@ -134,46 +115,11 @@ class FakeUpstream:
         self.ignore_max_tokens = False
         self.cached_tokens = 0
         self.requests: list[RecordedRequest] = []
-        self._failures: deque[_Failure] = deque()
+        self._failures: deque[Failure] = deque()
         self._answers: dict[int, Answer] = {}
         self._id_prefix = os.urandom(4).hex()
         self._counter = 0
-        self._runner: web.ServerRunner | None = None
         self._models = models_body(int(time.time()))
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Bind and serve; afterwards ``self.port`` is the bound port."""
-        if self._runner is not None:
-            raise RuntimeError("FakeUpstream already started")
-        server = web.Server(self._handle, access_log=None)
-        runner = web.ServerRunner(server, handle_signals=False, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, self.host, self.port, backlog=1024, reuse_address=True)
-        await site.start()
-        self._runner = runner
-        self.port = int(runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        """Close the listener and open connections. Safe to call more than once."""
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
-    @property
-    def base_url(self) -> str:
-        """The OpenAI ``base_url``, e.g. ``http://127.0.0.1:41234/v1``."""
-        return f"http://{self.host}:{self.port}/v1"
 
     # -- test controls -------------------------------------------------------------------
 
@@ -185,7 +131,7 @@ class FakeUpstream:
         """
         if not 400 <= status <= 599:
             raise ValueError(f"fail_next status must be 4xx or 5xx, got {status}")
-        self._failures.extend(_Failure(status, retry_after) for _ in range(count))
+        self._failures.extend(Failure(status, retry_after) for _ in range(count))
 
     def clear(self) -> None:
         """Forget recorded requests and pending failures."""
@@ -223,17 +169,8 @@ class FakeUpstream:
         return _error(404, f"Invalid URL ({method} {path})")
 
     def _record(self, request: web.BaseRequest, raw: bytes, auth: str) -> None:
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        if "authorization" in headers:
-            headers["authorization"] = _REDACTED
-        body: Any = None
-        if raw:
-            try:
-                body = msgspec.json.decode(raw)
-            except msgspec.DecodeError:
-                body = raw.decode("utf-8", "replace")
-        hint = auth[7:].strip()[-4:] if auth.startswith("Bearer ") else ""
-        self.requests.append(RecordedRequest(request.method, request.path_qs, headers, body, hint))
+        key = auth[7:].strip() if auth.startswith("Bearer ") else ""
+        self.requests.append(recorded(request, raw, key, mask=_REDACTED))
         if len(self.requests) > self.max_recorded:
             del self.requests[0]
 
@@ -353,22 +290,20 @@ class FakeUpstream:
                     await asyncio.sleep(delay)
                 await resp.write(event)
         if truncate_after is not None:
-            transport = request.transport
-            if transport is not None:
-                transport.close()
+            drop_connection(request)
             # aiohttp's write_eof now hits a closing transport and is treated as a dropped peer.
             return resp
         await resp.write_eof()
         return resp
 
-    def _take_failure(self, hdrs: Any) -> _Failure | None:
+    def _take_failure(self, hdrs: Any) -> Failure | None:
         status = hdrs.get("x-fake-fail-status")
         if status is not None:
             try:
                 code = int(status)
             except ValueError as exc:
                 raise _BadKnob(f"x-fake-fail-status must be an integer, got {status!r}") from exc
-            return _Failure(code, hdrs.get("x-fake-retry-after"))
+            return Failure(code, hdrs.get("x-fake-retry-after"))
         if self._failures:
             return self._failures.popleft()
         return None
