@@ -61,7 +61,7 @@ from dataplane.ingress.passthrough_usage import (
     usage_from_body,
     usage_from_headers,
 )
-from dataplane.lifecycle import CallRecord, _new_request_id, recorded
+from dataplane.lifecycle import CallRecord, new_request_id, recorded
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
@@ -350,7 +350,7 @@ def begin_passthrough(request: web.Request, worker: WorkerState) -> tuple[CallRe
     snap = store.current
     key, from_query = client_credential(request.headers, split_target(request.raw_path)[1])
     vk = authenticate(snap, key, worker.keyring.hash_key)
-    ctx = agent_context(request.headers, vk, _new_request_id)
+    ctx = agent_context(request.headers, vk, new_request_id)
     request[REQUEST_ID] = ctx.request_id
     rec = CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter(), ingress=INGRESS)
     return rec, from_query
