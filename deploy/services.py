@@ -8,6 +8,7 @@ service of the same kind; the launcher then starts nothing for it.
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import pwd
@@ -103,13 +104,24 @@ def _as_user(user: str | None) -> tuple[int | None, int | None, list[int] | None
     return entry.pw_uid, entry.pw_gid, []
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for long-running children: the kernel sends them SIGTERM if the launcher dies,
+    even by SIGKILL, so no NATS/Postgres/Redis/worker outlives `alephant dev` (Linux only; a no-op
+    elsewhere). Runs in the child after fork, after any uid change (which would clear it)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         # A new session keeps Ctrl-C in the terminal from reaching services before their clients.
         uid, gid, groups = _as_user(user)
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                user=uid, group=gid, extra_groups=groups)
+                                user=uid, group=gid, extra_groups=groups, preexec_fn=die_with_parent)
 
 
 def start_nats(state_dir: Path) -> Service:

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.services import Service, ServiceStartError, free_port, port_open, start_services, wait_until
+from deploy.services import (
+    Service,
+    ServiceStartError,
+    die_with_parent,
+    free_port,
+    port_open,
+    start_services,
+    wait_until,
+)
 
 DEMO_WORKSPACE = "demo"
 DEMO_AGENT = "demo-agent"
@@ -184,7 +192,7 @@ class Stack:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "controlplane.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                env=self.child_env(), start_new_session=True,
+                env=self.child_env(), start_new_session=True, preexec_fn=die_with_parent,
             )
         svc = Service(name, "", proc, log, stop_signal=signal.SIGTERM)
         self.procs[name] = svc

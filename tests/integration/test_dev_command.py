@@ -116,3 +116,18 @@ def test_dev_stack_starts_stops_and_restarts_on_its_state(tmp_path: Path) -> Non
         assert _chat(again, "dev-run-2").status_code == 200
     finally:
         _stop(second)
+
+
+def test_children_do_not_outlive_a_killed_dev_stack(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    proc = _start(state)
+    try:
+        _wait_ready(proc, state, after=0)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = {c.name() for c in children}
+        assert {"nats-server", "postgres", "redis-server"} <= names, names
+    finally:
+        proc.kill()  # no chance to clean up: the kernel's parent-death signal must do it
+        proc.wait(10)
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.name() for p in alive]
