@@ -129,5 +129,5 @@ def test_children_do_not_outlive_a_killed_dev_stack(tmp_path: Path) -> None:
     finally:
         proc.kill()  # no chance to clean up: the kernel's parent-death signal must do it
         proc.wait(10)
-    gone, alive = psutil.wait_procs(children, timeout=30)
+    _gone, alive = psutil.wait_procs(children, timeout=30)
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [p.name() for p in alive]
