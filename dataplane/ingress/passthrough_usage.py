@@ -36,6 +36,7 @@ from dataplane.providers.base import usage_from_openai
 from dataplane.providers.eventstream import EventStreamDecoder, EventStreamError
 from dataplane.providers.gemini import GeminiUsage, usage_from_gemini
 from dataplane.providers.openai_compat import PROFILES, CompatProfile, normalize_usage
+from dataplane.providers.sse import parse_event
 from schemas.anthropic import AnthropicUsage
 from schemas.events import Usage
 
@@ -183,17 +184,8 @@ def _has_usage(region: bytes | bytearray) -> bool:
 
 def _sse_data(block: bytes) -> tuple[str | None, bytes]:
     """`(event name, data)` of one SSE event block (comments skipped, `data:` lines joined)."""
-    name: str | None = None
-    data: list[bytes] = []
-    for line in block.splitlines():
-        field, _, value = line.partition(b":")
-        if value.startswith(b" "):
-            value = value[1:]
-        if field == b"data":
-            data.append(value)
-        elif field == b"event":
-            name = value.decode("utf-8", "replace")
-    return name, b"\n".join(data)
+    event = parse_event(block)
+    return event.event, event.data
 
 
 class _Framed:

@@ -34,6 +34,27 @@ def sse_comment(text: str) -> bytes:
     return b": " + text.encode() + b"\n\n"
 
 
+def _field(line: bytes) -> tuple[bytes, bytes]:
+    """`(field, value)` of one non-comment line, with the single optional space after `:` removed."""
+    field, _, value = line.partition(b":")
+    return field, value[1:] if value.startswith(b" ") else value
+
+
+def parse_event(block: bytes) -> SseEvent:
+    """One complete event block (its lines, without the blank line that ends it), comments skipped."""
+    event: str | None = None
+    data: list[bytes] = []
+    for line in block.splitlines():
+        if line.startswith(b":"):
+            continue
+        field, value = _field(line)
+        if field == b"data":
+            data.append(value)
+        elif field == b"event":
+            event = value.decode("utf-8", "replace")
+    return SseEvent(b"\n".join(data), event)
+
+
 async def iter_sse(lines: AsyncIterable[bytes]) -> AsyncIterator[SseEvent]:
     """Events from an async iterable of lines (an aiohttp `StreamReader` yields lines).
 
@@ -50,9 +71,7 @@ async def iter_sse(lines: AsyncIterable[bytes]) -> AsyncIterator[SseEvent]:
             continue
         if line.startswith(b":"):
             continue
-        field, _, value = line.partition(b":")
-        if value.startswith(b" "):
-            value = value[1:]
+        field, value = _field(line)
         if field == b"data":
             data.append(value)
         elif field == b"event":
