@@ -396,11 +396,6 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
         yield upstream
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def anthropic_call(fake: FakeAnthropic, session: aiohttp.ClientSession, body: dict[str, Any],
                    headers: dict[str, str] | None = None, wants_usage: bool = True) -> UpstreamCall:

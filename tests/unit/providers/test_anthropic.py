@@ -23,7 +23,7 @@ from dataplane.providers.anthropic_translate import (
     to_chat_completion,
     usage_from_anthropic,
 )
-from dataplane.providers.base import SSE_DONE, CallStats, UpstreamCall
+from dataplane.providers.base import CallStats, UpstreamCall
 from dataplane.providers.sse import SseEvent
 from schemas.anthropic import AnthropicUsage, Message, StreamEvent
 from schemas.entities import Provider
@@ -31,6 +31,7 @@ from schemas.errors import InvalidRequest, PayloadTooLarge, RateLimited, Upstrea
 from schemas.events import Usage
 from schemas.settings import Secret
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic, message_body, sse_bytes, stream_events
+from tests.unit.providers.chat_stream import chat_chunks
 
 KEY = "sk-ant-secret-key-9876"
 ANTHROPIC = AnthropicProvider()
@@ -56,11 +57,6 @@ async def fake() -> AsyncIterator[FakeAnthropic]:
         yield upstream
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def make_call(fake: FakeAnthropic, session: aiohttp.ClientSession, body: dict[str, Any], *,
               wants_usage: bool = False, headers: dict[str, str] | None = None, base_url: str | None = None,
@@ -76,13 +72,7 @@ def chat(text: str = "hi", **extra: Any) -> dict[str, Any]:
     return {"model": "claude-x", "messages": [{"role": "user", "content": text}], **extra}
 
 
-def data_of(events: list[bytes]) -> list[dict[str, Any]]:
-    assert events[-1] == SSE_DONE
-    out = []
-    for event in events[:-1]:
-        assert event.startswith(b"data: ") and event.endswith(b"\n\n")
-        out.append(msgspec.json.decode(event[6:-2]))
-    return out
+data_of = chat_chunks
 
 
 def reassemble(chunks: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None, dict[str, Any] | None]:

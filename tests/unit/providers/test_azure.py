@@ -33,11 +33,6 @@ def reset(fake: FakeAzure) -> None:
     fake.content_filter_next = False
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def call_for(fake: FakeAzure | None, session: aiohttp.ClientSession | None, *, model: str = "gpt-4o-mini",
              key: str | None = KEY, options: dict[str, str] | None = None, base_url: str | None = None,

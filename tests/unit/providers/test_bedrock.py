@@ -41,6 +41,7 @@ from tests.fakes.bedrock_upstream import (
     validation_problem,
 )
 from tests.fixtures import AGENT_CLIENT_REQUESTS
+from tests.unit.providers.chat_stream import chat_chunks, complete_json, stream_chunks
 
 AKID, SECRET, TOKEN = "AKIAFAKE00000000TEST", "fakeSecret/Key+000000000000000000000000", "FQoGZXIvYXdzFAKETOKEN=="
 IAM_KEY = f"{AKID}:{SECRET}"
@@ -70,11 +71,6 @@ def reset(fake: FakeBedrock) -> None:
     fake.stream_exception_after = fake.truncate_after = fake.corrupt_after = None
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def call_for(fake: FakeBedrock, session: aiohttp.ClientSession, messages: list[dict[str, Any]] | None = None, *,
              model: str = "anthropic.claude-3-haiku-20240307-v1:0", key: str | None = IAM_KEY,
@@ -92,20 +88,14 @@ def user(text: str) -> list[dict[str, Any]]:
 
 
 async def complete(call: UpstreamCall) -> tuple[dict[str, Any], Usage | None]:
-    resp = await BEDROCK.complete(call)
-    return json.loads(resp.body), resp.usage
+    return await complete_json(BEDROCK, call)
 
 
-def parse_events(events: list[bytes]) -> list[dict[str, Any]]:
-    assert events[-1] == SSE_DONE
-    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
-    return [json.loads(e[6:-2]) for e in events[:-1]]
+parse_events = chat_chunks
 
 
 async def stream(call: UpstreamCall) -> tuple[list[dict[str, Any]], CallStats]:
-    stats = CallStats()
-    events = [e async for e in BEDROCK.stream(call, stats)]
-    return parse_events(events), stats
+    return await stream_chunks(BEDROCK, call)
 
 
 def reassemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from schemas.openai import CompletionTokensDetails, CompletionUsage, PromptToken
 from schemas.settings import Secret
 from tests.fakes.gemini_upstream import FakeGemini, GeminiAnswer
 from tests.fixtures import AGENT_CLIENT_REQUESTS
+from tests.unit.providers.chat_stream import complete_json, stream_chunks
 
 KEY = "AIza-test-secret-9876"
 GEMINI = GeminiProvider()
@@ -49,11 +50,6 @@ def reset(fake: FakeGemini) -> None:
     fake.valid_keys = fake.models = None
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def call_for(fake: FakeGemini, session: aiohttp.ClientSession, messages: list[dict[str, Any]], *,
              wants_usage: bool = False, key: str | None = KEY, model: str = "gemini-2.5-flash",
@@ -69,16 +65,11 @@ def user(text: str) -> list[dict[str, Any]]:
 
 
 async def complete(call: UpstreamCall) -> tuple[dict[str, Any], Usage | None]:
-    resp = await GEMINI.complete(call)
-    return json.loads(resp.body), resp.usage
+    return await complete_json(GEMINI, call)
 
 
 async def stream(call: UpstreamCall) -> tuple[list[dict[str, Any]], CallStats]:
-    stats = CallStats()
-    events = [e async for e in GEMINI.stream(call, stats)]
-    assert events[-1] == SSE_DONE
-    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
-    return [json.loads(e[6:-2]) for e in events[:-1]], stats
+    return await stream_chunks(GEMINI, call)
 
 
 def reassemble(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -20,6 +20,7 @@ from schemas.events import Usage
 from schemas.settings import Secret
 from tests.fakes.ollama_upstream import FakeOllama, OllamaAnswer
 from tests.fixtures import AGENT_CLIENT_REQUESTS
+from tests.unit.providers.chat_stream import complete_json, stream_chunks
 
 OLLAMA = OllamaProvider()
 FIXTURES = AGENT_CLIENT_REQUESTS
@@ -43,11 +44,6 @@ def reset(fake: FakeOllama) -> None:
     fake.models = None
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def call_for(fake: FakeOllama, session: aiohttp.ClientSession, messages: list[dict[str, Any]], *,
              wants_usage: bool = False, key: str | None = None, model: str = "llama3.2",
@@ -64,16 +60,11 @@ def user(text: str) -> list[dict[str, Any]]:
 
 
 async def complete(call: UpstreamCall) -> tuple[dict[str, Any], Usage | None]:
-    resp = await OLLAMA.complete(call)
-    return json.loads(resp.body), resp.usage
+    return await complete_json(OLLAMA, call)
 
 
 async def stream(call: UpstreamCall) -> tuple[list[dict[str, Any]], CallStats]:
-    stats = CallStats()
-    events = [e async for e in OLLAMA.stream(call, stats)]
-    assert events[-1] == SSE_DONE
-    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
-    return [json.loads(e[6:-2]) for e in events[:-1]], stats
+    return await stream_chunks(OLLAMA, call)
 
 
 def reassemble(chunks: list[dict[str, Any]]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from schemas.errors import GatewayError, InvalidRequest, RateLimited, UpstreamEr
 from schemas.events import Usage
 from schemas.settings import Secret
 from tests.fakes.compat_upstream import ScriptedUpstream
+from tests.unit.providers.chat_stream import chat_chunks
 
 KEY = "sk-provider-secret-0001"
 
@@ -38,11 +39,6 @@ async def up() -> AsyncIterator[ScriptedUpstream]:
     async with ScriptedUpstream() as upstream:
         yield upstream
 
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def call_for(kind: str, up: ScriptedUpstream, session: aiohttp.ClientSession, *, stream: bool = False,
@@ -78,9 +74,7 @@ async def collect(kind: str, up: ScriptedUpstream, session: aiohttp.ClientSessio
     return out, stats
 
 
-def payloads(events: list[bytes]) -> list[dict[str, Any]]:
-    assert events[-1] == SSE_DONE
-    return [msgspec.json.decode(e[len(b"data: "):-2]) for e in events[:-1]]
+payloads = chat_chunks
 
 
 # --- the table ----------------------------------------------------------------------------------

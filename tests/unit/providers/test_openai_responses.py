@@ -31,11 +31,6 @@ async def fake() -> AsyncIterator[FakeResponses]:
         yield upstream
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
 
 def call_for(session: aiohttp.ClientSession, body: dict[str, Any]) -> UpstreamCall:
     provider = Provider(id="prov_oa", workspace_id="ws_1", name="openai", type="openai")
