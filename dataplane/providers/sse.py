@@ -60,21 +60,18 @@ async def iter_sse(lines: AsyncIterable[bytes]) -> AsyncIterator[SseEvent]:
 
     A final event without its trailing blank line is still dispatched when the stream ends.
     """
-    event: str | None = None
-    data: list[bytes] = []
+    block: list[bytes] = []
     async for raw in lines:
         line = raw.rstrip(b"\r\n")
-        if not line:
-            if data:
-                yield SseEvent(b"\n".join(data), event)
-            event, data = None, []
+        if line:
+            block.append(line)
             continue
-        if line.startswith(b":"):
-            continue
-        field, value = _field(line)
-        if field == b"data":
-            data.append(value)
-        elif field == b"event":
-            event = value.decode("utf-8", "replace")
-    if data:
-        yield SseEvent(b"\n".join(data), event)
+        if block:
+            event = parse_event(b"\n".join(block))
+            block = []
+            if event.data:
+                yield event
+    if block:
+        event = parse_event(b"\n".join(block))
+        if event.data:
+            yield event
