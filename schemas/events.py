@@ -55,6 +55,12 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     ttfb_ms: float | None = None
     cache: str = "miss"
     partial: bool = False
+    # Usage was not reported by the provider (client disconnect, upstream cut, idle timeout) and
+    # was estimated with a tokenizer from the request and the relayed output.
+    usage_estimated: bool = False
+    # Values the gateway refused or clamped before recording them (e.g. "usage_clamped"), so
+    # finance can find calls whose reported numbers were impossible.
+    anomalies: tuple[str, ...] = ()
 
 
 class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):

@@ -76,6 +76,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     # Hosts, IPs or CIDRs that provider base URLs may point at although they are private (SSRF guard).
     ssrf_allow: str = ""
+    # -- event durability (spool, publisher, projector) -------------------------------------------
+    # -- client edge (input validation, error rendering) ------------------------------------------
+    # -- resource limits (timeouts, connection and in-flight caps) --------------------------------
+    # -- outbound (redirects, connect-time SSRF, passthrough allowlist) ---------------------------
+    # -- config path (stale policy, admin) --------------------------------------------------------
+    # -- bus credentials (NATS users per role) ----------------------------------------------------
 
 
 _ENV_PREFIX = "ALEPHANT_"
