@@ -19,6 +19,10 @@ ProviderKind = Literal[
     "groq", "mistral", "deepseek", "xai", "together", "fireworks", "openrouter", "perplexity", "cohere",
 ]
 
+# First path segments the data plane serves itself. A provider is reachable as `/{name}/...`
+# (passthrough), so these names are refused by the admin API and never match that route.
+RESERVED_PROVIDER_NAMES = frozenset({"v1", "router", "admin", "healthz", "readyz", "metrics"})
+
 
 class Workspace(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="ws"):
     id: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -81,6 +81,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- resource limits (timeouts, connection and in-flight caps) --------------------------------
     # -- outbound (redirects, connect-time SSRF, passthrough allowlist) ---------------------------
     # -- config path (stale policy, admin) --------------------------------------------------------
+    # `serve`: a worker whose config heartbeat is older than stale_after_s keeps serving from its
+    # snapshot (counted in /healthz, logged once a minute); `refuse`: it answers 503 config_stale.
+    stale_policy: Literal["serve", "refuse"] = "serve"
+    # How long an admin change waits for its relay to NATS before answering 202 (propagated: false).
+    admin_propagation_wait_s: float = 2.0
     # -- bus credentials (NATS users per role) ----------------------------------------------------
 
 
