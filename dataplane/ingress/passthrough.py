@@ -67,7 +67,7 @@ from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
 from dataplane.providers.openai_compat import PROFILES
 from dataplane.state import WORKER, WorkerState
-from schemas.entities import Provider
+from schemas.entities import RESERVED_PROVIDER_NAMES, Provider
 from schemas.errors import (
     GatewayError,
     InvalidRequest,
@@ -79,7 +79,7 @@ from schemas.errors import (
 from schemas.money import nanos_to_decimal_str
 
 INGRESS = "passthrough"
-RESERVED = frozenset({"v1", "router", "admin", "healthz", "readyz", "metrics"})
+RESERVED = RESERVED_PROVIDER_NAMES  # one list with the admin API, which refuses these names
 # Provider names are `[A-Za-z0-9][A-Za-z0-9_-]*` (the admin API's Ident); reserved names never match.
 ROUTE = "/{provider:(?!(?:" + "|".join(sorted(RESERVED)) + ")/)[A-Za-z0-9][A-Za-z0-9_-]*}/{path:.*}"
 
