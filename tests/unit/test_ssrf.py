@@ -1,4 +1,4 @@
-"""controlplane/ssrf.py: the base-URL guard is pure; DNS answers are injected."""
+"""schemas/ssrf.py: the base-URL guard is pure; DNS answers are injected (controlplane/ssrf.py adds the lookup)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controlplane.ssrf import (
+from controlplane.ssrf import check_base_url_resolving
+from schemas.errors import InvalidRequest
+from schemas.ssrf import (
     address_problem,
     check_base_url,
-    check_base_url_resolving,
     parse_allow_list,
     parse_host_address,
 )
-from schemas.errors import InvalidRequest
 
 
 def dns(table: dict[str, list[str]]) -> object:
