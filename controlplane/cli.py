@@ -205,6 +205,9 @@ def _admin_call(method: str, path: Callable[[argparse.Namespace], str],
         except OSError as exc:
             sys.exit(f"alephant: cannot reach the admin API: {exc}")
         print(json.dumps(result, indent=2))
+        if isinstance(result, dict) and result.get("propagated") is False:
+            print("alephant: saved, but not yet propagated to the workers (NATS unreachable); the control plane "
+                  "keeps retrying. Do not repeat the command.", file=sys.stderr)
 
     return run
 

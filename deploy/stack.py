@@ -95,7 +95,9 @@ class AdminClient:
             except ValueError:
                 return exc.code, {"error": {"message": raw.decode("utf-8", "replace")}}
 
-    def call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201)) -> Any:
+    def call(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201, 202)) -> Any:
+        """The decoded body of a success. 202 is one: the change is committed and the control plane
+        keeps relaying it (`propagated: false`) until NATS takes it."""
         status, data = self.request(method, path, body)
         if status not in ok:
             message = data.get("error", {}).get("message") if isinstance(data, dict) else data
@@ -270,9 +272,10 @@ class Stack:
     def seed_demo(self) -> dict[str, str]:
         """Create the demo workspace, agent, providers and key (idempotent) and write demo.env."""
         admin = self.admin()
-        admin.call("POST", "/admin/v1/workspaces", {"id": DEMO_WORKSPACE, "name": "Demo workspace"}, ok=(201, 409))
+        admin.call("POST", "/admin/v1/workspaces", {"id": DEMO_WORKSPACE, "name": "Demo workspace"},
+                   ok=(201, 202, 409))
         admin.call("POST", "/admin/v1/agents", {"workspace_id": DEMO_WORKSPACE, "id": DEMO_AGENT, "name": "Demo agent"},
-                   ok=(201, 409))
+                   ok=(201, 202, 409))
         admin.call("POST", "/admin/v1/providers", {"workspace_id": DEMO_WORKSPACE, "name": "mock", "type": "mock"})
         if self.env.get("OPENAI_API_KEY"):
             body = {"workspace_id": DEMO_WORKSPACE, "name": "openai", "type": "openai",

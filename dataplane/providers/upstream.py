@@ -1,5 +1,6 @@
-"""The HTTP edge every provider adapter shares: one POST with our timeouts, and the one table that
-maps a provider's error response to a `GatewayError` (ARCHITECTURE §7).
+"""The HTTP edge every provider adapter shares: one request with our timeouts and no redirects
+(`send`, also used by the passthrough), and the one table that maps a provider's error response to
+a `GatewayError` (ARCHITECTURE §7).
 
 Retryable versus terminal (used by routing and fallback):
     retryable: 408, 409 (conflict/lock), 429, 500, 502, 503, 504, 529 (Anthropic overloaded),
@@ -14,12 +15,16 @@ from typing import Any, TypeVar
 
 import aiohttp
 import msgspec
+import structlog
 from aiohttp.typedefs import StrOrURL
 
+from dataplane.outbound import refused
 from dataplane.providers.base import UpstreamCall
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
 
 T = TypeVar("T")
+
+log = structlog.get_logger(__name__)
 
 MAX_ERROR_BODY = 64 * 1024
 MAX_LINE = 16 * 1024 * 1024
@@ -87,23 +92,54 @@ def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[
 ErrorMapper = Callable[[str, int, bytes, Mapping[str, str], str | None], GatewayError]
 
 
-async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[str, str], *,
-               map_error: ErrorMapper = map_upstream_error) -> aiohttp.ClientResponse:
-    """POST to the provider. Returns the open response on 2xx (the caller must release it);
-    raises the mapped GatewayError otherwise. Never lets a secret reach an error message."""
+def is_redirect(status: int) -> bool:
+    """A 3xx that points elsewhere (304 Not Modified is an answer, not a redirect)."""
+    return 300 <= status < 400 and status != 304
+
+
+async def send(session: aiohttp.ClientSession, provider: str, method: str, url: StrOrURL, body: bytes | None,
+               headers: Mapping[str, str], timeout_s: float) -> aiohttp.ClientResponse:
+    """The one outbound request every path makes (adapters through `post`, the passthrough directly).
+
+    Redirects are never followed: the provider key is in `headers`, and a 3xx must not carry it
+    (or the body) to another host; the caller decides what a 3xx means. The session's connector
+    refuses addresses the SSRF policy refuses (`dataplane.outbound`): that is a 502
+    `upstream_address_refused` and no connection was made. Timeouts are 504 `upstream_timeout`,
+    other connection failures 502 `upstream_unreachable`. Returns the open response, any status."""
     try:
-        resp = await call.session.post(
-            url, data=body, headers=headers,
+        return await session.request(
+            method, url, data=body, headers=headers, allow_redirects=False,
             # A read timeout, not a total: an agent's stream may legitimately run for many minutes.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=call.timeout_s),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s),
         )
     except TimeoutError:
-        raise UpstreamError(f"Provider '{call.provider.name}' timed out.", status=504,
-                            code="upstream_timeout") from None
+        raise UpstreamError(f"Provider '{provider}' timed out.", status=504, code="upstream_timeout") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamError(f"Could not reach provider '{call.provider.name}': {type(exc).__name__}.",
+        if (why := refused(exc)) is not None:
+            # The address is for the operator's log; the client learns only that it was refused.
+            log.warning("upstream_address_refused", provider=provider, reason=why.reason)
+            raise UpstreamError(f"Provider '{provider}' is at an address the gateway does not call "
+                                "(internal or not allow-listed).", code="upstream_address_refused") from None
+        raise UpstreamError(f"Could not reach provider '{provider}': {type(exc).__name__}.",
                             code="upstream_unreachable") from None
-    if resp.status >= 400:
+
+
+def redirect_error(provider: str, status: int) -> UpstreamError:
+    """The 502 for a provider answering with a redirect (its `Location` is never shown or followed)."""
+    return UpstreamError(f"Provider '{provider}' answered with a redirect ({status}); the gateway does not "
+                         "follow provider redirects. Check the provider's base_url.", code="upstream_redirect")
+
+
+async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[str, str], *,
+               map_error: ErrorMapper = map_upstream_error) -> aiohttp.ClientResponse:
+    """POST to the provider (`send`). Returns the open response on 2xx (the caller must release
+    it); a 3xx is a 502 `upstream_redirect`, other statuses the mapped GatewayError. Never lets a
+    secret reach an error message."""
+    resp = await send(call.session, call.provider.name, "POST", url, body, headers, call.timeout_s)
+    if resp.status >= 300:
+        if is_redirect(resp.status):
+            resp.release()
+            raise redirect_error(call.provider.name, resp.status)
         try:
             raw = await resp.content.read(MAX_ERROR_BODY)
         finally:
