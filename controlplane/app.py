@@ -1,6 +1,11 @@
 """The admin API (its own listener, its own bearer token). Every mutating route is a command:
 state + `config.*` event in one transaction, then the KV snapshot entry (see commands.py).
 
+Mutating routes answer 201 (or 200) with `"propagated": true` once the change reached NATS, or
+202 with `"propagated": false` when it is committed but NATS could not take it within
+`ALEPHANT_ADMIN_PROPAGATION_WAIT_S`; the relay keeps retrying and workers apply it when NATS is
+back. Every POST accepts an `Idempotency-Key` header (see idempotency.py).
+
 The route table below is also the source of the OpenAPI document at /admin/v1/openapi.json.
 """
 
@@ -21,12 +26,14 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane import commands as c
+from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
+from controlplane.idempotency import IdempotencyStore, Replay, check_key
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
-from dataplane.http import Handler, decode_json, error_middleware, read_body, validate
+from dataplane.http import Handler, decode_json, error_middleware, read_body
 from events.db import open_pool
-from events.jetstream import connect, ensure_kv, ensure_stream
+from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
 from schemas.errors import AuthenticationFailed, InvalidRequest
 from schemas.keys import KeyRing
 from schemas.settings import Settings
@@ -42,6 +49,7 @@ class AdminState:
     pool: AsyncConnectionPool[Any]
     commands: c.ConfigCommands
     relay: OutboxRelay
+    idempotency: IdempotencyStore
 
 
 ADMIN: web.AppKey[AdminState] = web.AppKey("admin", AdminState)
@@ -63,12 +71,52 @@ def _auth_middleware(token: str) -> Middleware:
     return middleware
 
 
-async def _body(request: web.Request, schema: type[c.T]) -> c.T:
-    return validate(decode_json(await read_body(request, ADMIN_BODY_LIMIT)), schema)
+# Ids and filters from the path or query string go into SQL: same rules as body strings.
+_BAD_PARAM = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json")
+def _param(value: str, name: str) -> str:
+    if len(value) > 256 or _BAD_PARAM.search(value):
+        raise InvalidRequest(f"'{name}' must be at most 256 characters, without control characters.", param=name,
+                             code="invalid_characters")
+    return value
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    value = request.query.get(name)
+    return None if value is None else _param(value, name)
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=msgspec.json.encode(data), status=status, content_type="application/json",
+                        headers=headers)
+
+
+CommandRun = Callable[[c.CommitHook | None], Awaitable[dict[str, Any]]]
+
+
+async def _command(request: web.Request, fingerprint_body: Any, run: CommandRun, ok_status: int) -> web.Response:
+    """Run a mutating command: `ok_status` when propagated, else 202; with an Idempotency-Key,
+    claim it first and answer a replay with the first response (header `Idempotent-Replayed`)."""
+    st = request.app[ADMIN]
+    header = request.headers.get(IDEMPOTENCY_HEADER)
+    if header is None:
+        result = await run(None)
+        return _json(result, ok_status if result["propagated"] else 202)
+    route = request.match_info.route.resource
+    scope = f"{request.method} {route.canonical if route is not None else request.path}"
+    fingerprint = st.idempotency.fingerprint(request.method, request.path, fingerprint_body)
+    claimed = await st.idempotency.claim(scope, check_key(header), fingerprint)
+    if isinstance(claimed, Replay):
+        return _json(claimed.body, claimed.status, {"Idempotent-Replayed": "true"})
+    try:
+        result = await run(claimed.record)
+    except Exception:
+        await claimed.release()
+        raise
+    status = ok_status if result["propagated"] else 202
+    await claimed.finish(status, result)
+    return _json(result, status)
 
 
 @dataclass(frozen=True)
@@ -83,15 +131,17 @@ class Route:
 
 def _cmd(schema: type[Any], name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        result = await getattr(request.app[ADMIN].commands, name)(await _body(request, schema))
-        return _json(result, 201)
+        raw = decode_json(await read_body(request, ADMIN_BODY_LIMIT))
+        cmd = c.parse_command(raw, schema)
+        method = getattr(request.app[ADMIN].commands, name)
+        return await _command(request, raw, lambda hook: method(cmd, hook), 201)
 
     return handler
 
 
 def _lister(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        items = await request.app[ADMIN].commands.list(kind, request.query.get("workspace_id"))
+        items = await request.app[ADMIN].commands.list(kind, _query(request, "workspace_id"))
         return _json({"object": "list", "data": items})
 
     return handler
@@ -99,22 +149,25 @@ def _lister(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _getter(kind: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handler(request: web.Request) -> web.StreamResponse:
-        return _json(await request.app[ADMIN].commands.get(kind, request.match_info["id"]))
+        return _json(await request.app[ADMIN].commands.get(kind, _param(request.match_info["id"], "id")))
 
     return handler
 
 
 async def revoke_key(request: web.Request) -> web.StreamResponse:
-    return _json(await request.app[ADMIN].commands.revoke_virtual_key(request.match_info["id"]))
+    key_id = _param(request.match_info["id"], "id")
+    commands = request.app[ADMIN].commands
+    return await _command(request, None, lambda hook: commands.revoke_virtual_key(key_id, hook), 200)
 
 
 async def get_run(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
-    return _json(await run_summary(st.pool, request.match_info["run_id"], request.query.get("workspace_id")))
+    return _json(await run_summary(st.pool, _param(request.match_info["run_id"], "run_id"),
+                                   _query(request, "workspace_id")))
 
 
 async def get_models(request: web.Request) -> web.StreamResponse:
-    workspace = request.query.get("workspace_id")
+    workspace = _query(request, "workspace_id")
     if not workspace:
         raise InvalidRequest("Pass ?workspace_id= to list the models its keys may call.", param="workspace_id")
     return _json(await workspace_models(request.app[ADMIN].pool, workspace))
@@ -143,10 +196,12 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", "/admin/v1/providers", "Create or replace a provider (the key is encrypted at rest)",
           c.UpsertProvider, _cmd(c.UpsertProvider, "upsert_provider"), 201),
     Route("GET", "/admin/v1/providers", "List providers (?workspace_id=)", None, _lister("provider")),
-    Route("POST", "/admin/v1/virtual-keys", "Create a virtual key; the plaintext `key` is returned only here",
+    Route("POST", "/admin/v1/virtual-keys", "Create a virtual key; the plaintext `key` is returned only here (and to a "
+          "retry with the same Idempotency-Key)",
           c.CreateVirtualKey, _cmd(c.CreateVirtualKey, "create_virtual_key"), 201),
     Route("GET", "/admin/v1/virtual-keys", "List virtual keys (?workspace_id=)", None, _lister("vk")),
-    Route("POST", "/admin/v1/virtual-keys/{id}/revoke", "Revoke a virtual key fleet-wide", None, revoke_key),
+    Route("POST", "/admin/v1/virtual-keys/{id}/revoke",
+          "Revoke a virtual key fleet-wide (202: revoked, workers not yet told)", None, revoke_key),
     Route("POST", "/admin/v1/model-aliases", "Create or replace a model alias", c.UpsertAlias,
           _cmd(c.UpsertAlias, "upsert_alias"), 201),
     Route("GET", "/admin/v1/model-aliases", "List model aliases (?workspace_id=)", None, _lister("alias")),
@@ -163,6 +218,16 @@ ROUTES: tuple[Route, ...] = (
 )
 
 
+_PROPAGATED = "Committed and relayed to the workers' config bucket: `propagated: true`, `snapshot_revision` set."
+_NOT_PROPAGATED = ("Committed, but NATS did not take it in time: `propagated: false`, `snapshot_revision: null`. "
+                   "The change is durable and the control plane keeps relaying it; workers apply it when NATS is "
+                   "back. Do not retry it as if it had failed.")
+_IDEMPOTENCY_DOC = ("Makes the POST safe to retry for 24 h: the same key with the same request returns the first "
+                    "response (status and body, a created key's plaintext included) with `Idempotent-Replayed: "
+                    "true`; with a different request, 422 `idempotency_key_mismatch`; while the first is in flight, "
+                    "409 `idempotency_key_in_use`.")
+
+
 def openapi_document() -> dict[str, Any]:
     """OpenAPI 3.1 built from ROUTES and the msgspec input Structs."""
     bodies = [r.body for r in ROUTES if r.body is not None]
@@ -173,18 +238,29 @@ def openapi_document() -> dict[str, Any]:
         "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
     paths: dict[str, dict[str, Any]] = {}
     for r in ROUTES:
+        ok = {"content": {"application/json": {"schema": {"type": "object"}}}}
         op: dict[str, Any] = {
             "summary": r.summary,
             "operationId": r.method.lower() + "_" + re.sub(r"[^A-Za-z0-9]+", "_", r.path.strip("/")).strip("_"),
             "responses": {
-                str(r.status): {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}},
+                str(r.status): {"description": "OK" if r.method == "GET" else _PROPAGATED, **ok},
                 "default": {"description": "Error", "content": {"application/json": {"schema": error_ref}}},
             },
         }
-        params = [p.strip("{}") for p in r.path.split("/") if p.startswith("{")]
+        params: list[dict[str, Any]] = [{"name": p.strip("{}"), "in": "path", "required": True,
+                                         "schema": {"type": "string"}}
+                                        for p in r.path.split("/") if p.startswith("{")]
+        if r.method == "POST":
+            op["responses"]["202"] = {"description": _NOT_PROPAGATED, **ok}
+            op["responses"]["409"] = {"description": "idempotency_key_in_use (or the entity already exists)",
+                                      "content": {"application/json": {"schema": error_ref}}}
+            op["responses"]["422"] = {"description": "idempotency_key_mismatch",
+                                      "content": {"application/json": {"schema": error_ref}}}
+            params.append({"name": IDEMPOTENCY_HEADER, "in": "header", "required": False,
+                           "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                           "description": _IDEMPOTENCY_DOC})
         if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
-                                for p in params]
+            op["parameters"] = params
         if r.body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{r.body.__name__}"}}}}
@@ -205,7 +281,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         keyring = KeyRing(settings.secret_key)
-        nc = await connect(settings.nats_url, "alephant-controlplane")
+        nc = await connect(settings.nats_url, "alephant-controlplane", bus_auth(settings, "controlplane"))
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
@@ -215,8 +291,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         await relay.flush()
         changed = await relay.resync()
         log.info("kv_resynced", changed=changed)
-        app[ADMIN] = AdminState(settings, pool, c.ConfigCommands(pool, keyring, relay, settings.subject_prefix,
-                                                              ssrf_allow=parse_allow_list(settings.ssrf_allow)), relay)
+        commands = c.ConfigCommands(pool, keyring, relay, settings.subject_prefix,
+                                    ssrf_allow=parse_allow_list(settings.ssrf_allow),
+                                    propagation_wait_s=settings.admin_propagation_wait_s)
+        app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring))
         task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
         yield
         task.cancel()

@@ -5,6 +5,9 @@ order, publishes the `config.*` event (`Nats-Msg-Id` = event id, so a retry is d
 and applies the KV put/delete, and marks the row published. A crash between those steps
 replays the row: both effects are idempotent. `resync()` makes the bucket equal Postgres state
 at start-up, so a lost KV write is repaired by a restart.
+
+A command waits for its row at most a bounded time (`flush_within`); when NATS is slow or down,
+the row stays pending and `run()` retries it on every heartbeat until it is published.
 """
 
 from __future__ import annotations
@@ -57,6 +60,24 @@ class OutboxRelay:
                 await conn.commit()
             return self.last_revision
 
+    async def flush_within(self, timeout_s: float) -> int | None:
+        """`flush()`, waiting at most `timeout_s`. Returns the last KV revision written, or None
+        when the rows could not be published in time (NATS down or slow).
+
+        Never raises for a publish failure: callers have already committed, and the heartbeat loop
+        retries the rows. A flush still running at the timeout continues in the background (it is
+        shielded), so its work is not thrown away half-way.
+        """
+        flushing = asyncio.ensure_future(self.flush())
+        try:
+            return await asyncio.wait_for(asyncio.shield(flushing), timeout_s)
+        except TimeoutError:
+            flushing.add_done_callback(_consume)
+            log.warning("relay_flush_pending", waited_s=timeout_s)
+        except Exception as exc:
+            log.warning("relay_flush_failed", error=type(exc).__name__)
+        return None
+
     async def resync(self) -> int:
         """Make the bucket equal the live rows of `config_entity`. Returns keys changed."""
         async with self._lock, self._pool.connection() as conn:
@@ -92,3 +113,9 @@ class OutboxRelay:
             except Exception as exc:
                 log.warning("relay_iteration_failed", error=type(exc).__name__)
             await asyncio.sleep(heartbeat_s)
+
+
+def _consume(task: asyncio.Future[int]) -> None:
+    """Retrieve a background flush's outcome so a failure is logged once, not as 'never retrieved'."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("relay_flush_failed", error=type(task.exception()).__name__)
