@@ -61,7 +61,7 @@ def test_lengths_are_capped_naming_the_field(schema: type[Any], raw: dict[str, A
     assert _refused(schema, raw).param == param
 
 
-@pytest.mark.parametrize("name", sorted(RESERVED_PROVIDER_NAMES) + ["V1", "Admin", "HEALTHZ"])
+@pytest.mark.parametrize("name", [*sorted(RESERVED_PROVIDER_NAMES), "V1", "Admin", "HEALTHZ"])
 def test_provider_names_that_are_gateway_paths_are_refused(name: str) -> None:
     err = _refused(c.UpsertProvider, PROVIDER | {"name": name})
     assert (err.param, err.code) == ("name", "reserved_name")
