@@ -72,6 +72,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
+            ("stale-report", store.report_staleness()),
             ("event-publisher", publisher.run()),
         )]
         yield

@@ -108,7 +108,7 @@ def begin(request: web.Request, worker: WorkerState) -> CallRecord:
     if not store.ready.is_set():
         raise UpstreamError("The gateway is starting and has not loaded its configuration yet.",
                             status=503, code="not_ready")
-    snap = store.current
+    snap = store.pin(time.time())  # 503 config_stale while stale under ALEPHANT_STALE_POLICY=refuse
     key = bearer_token(request.headers.get("Authorization"), request.headers.get("x-api-key"))
     vk = authenticate(snap, key, worker.keyring.hash_key)
     ctx = agent_context(request.headers, vk, new_request_id)

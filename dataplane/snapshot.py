@@ -2,8 +2,13 @@
 
 `SnapshotWatcher` replays the bucket (ordered consumer, last value per key) into a staging
 dict, publishes the first `Snapshot` when the end-of-replay marker arrives, then applies each
-later update copy-on-write. A request reads `store.current` once and uses that object for
+later update copy-on-write. A request pins one snapshot (`store.pin`) and uses that object for
 every decision, and stamps its `revision` on the events it emits.
+
+Staleness: the control plane writes a heartbeat entry every few seconds; a worker whose newest
+heartbeat is older than `stale_after_s` (NATS or the control plane unreachable) is stale. Its
+`stale_policy` decides: `serve` keeps answering from the snapshot (counted, and logged at most
+once a minute), `refuse` answers model calls 503 `config_stale`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from schemas.entities import (
     Workspace,
     entity_decoder,
 )
+from schemas.errors import UpstreamError
 
 log = structlog.get_logger(__name__)
 
@@ -93,30 +99,90 @@ class Snapshot:
 
 @dataclass
 class SnapshotStore:
-    """Holds the current snapshot. `ready` is set once the initial replay is complete."""
+    """Holds the current snapshot. `ready` is set once the initial replay is complete.
+
+    `stale_after_s` and `refuse_stale` are the worker's ALEPHANT_STALE_AFTER_S and
+    ALEPHANT_STALE_POLICY (`refuse` -> True); `served_stale` counts requests served while stale.
+    """
 
     current: Snapshot = field(default_factory=Snapshot.empty)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     last_applied_at: float = 0.0
     bucket_last_seq: int = 0
+    stale_after_s: float = 15.0
+    refuse_stale: bool = False
+    served_stale: int = 0
 
     def swap(self, snap: Snapshot) -> None:
         self.current = snap
         self.last_applied_at = time.monotonic()
 
-    def status(self, now_ms: int, stale_after_s: float) -> dict[str, object]:
-        """Health facts: revision, lag against the bucket, and heartbeat age (staleness)."""
+    def heartbeat_age_s(self, now_s: float) -> float | None:
+        beat = self.current.heartbeat_ms
+        return None if beat is None else max(0.0, now_s - beat / 1000)
+
+    def is_stale(self, now_s: float, stale_after_s: float | None = None) -> bool:
+        """Not ready, no heartbeat yet, or the newest one is older than `stale_after_s` (default:
+        the store's own)."""
+        limit = self.stale_after_s if stale_after_s is None else stale_after_s
+        beat = self.current.heartbeat_ms
+        return not self.ready.is_set() or beat is None or now_s - beat / 1000 > limit
+
+    def pin(self, now_s: float) -> Snapshot:
+        """The snapshot one model call uses, after the staleness gate (callers check `ready` first).
+
+        O(1), with no clock read of its own (`now_s` is the caller's `time.time()`). Raises 503
+        `config_stale` when stale under the `refuse` policy; under `serve` a stale pin is counted
+        in `served_stale`.
+        """
         snap = self.current
-        age = None if snap.heartbeat_ms is None else max(0.0, (now_ms - snap.heartbeat_ms) / 1000)
-        stale = not self.ready.is_set() or age is None or age > stale_after_s
+        beat = snap.heartbeat_ms
+        if beat is None or now_s - beat / 1000 > self.stale_after_s:
+            if self.refuse_stale:
+                raise UpstreamError("The gateway has lost contact with its configuration source and is set to "
+                                    "refuse calls until it is back (ALEPHANT_STALE_POLICY=refuse). Retry later.",
+                                    status=503, code="config_stale")
+            self.served_stale += 1
+        return snap
+
+    def status(self, now_ms: int, stale_after_s: float | None = None) -> dict[str, object]:
+        """Health facts: revision, lag against the bucket, heartbeat age, staleness and policy."""
+        snap = self.current
+        age = self.heartbeat_age_s(now_ms / 1000)
         return {
             "ready": self.ready.is_set(),
             "snapshot_revision": snap.revision,
             "bucket_last_seq": self.bucket_last_seq,
             "heartbeat_age_s": None if age is None else round(age, 3),
-            "stale": stale,
+            "stale": self.is_stale(now_ms / 1000, stale_after_s),
+            "stale_policy": "refuse" if self.refuse_stale else "serve",
+            "served_while_stale": self.served_stale,
             "entities": len(snap.entities),
         }
+
+    async def report_staleness(self, every_s: float = 60.0, poll_s: float = 1.0) -> None:
+        """Log `snapshot_stale` at most once per `every_s` while stale, and `snapshot_fresh` when
+        it recovers. Runs until cancelled; one clock read per `poll_s`."""
+        stale_since: float | None = None
+        logged_at = 0.0
+        while True:
+            await asyncio.sleep(poll_s)
+            if not self.ready.is_set():
+                continue
+            now = time.time()
+            if self.is_stale(now):
+                if stale_since is None:
+                    stale_since = now
+                if now - logged_at >= every_s:
+                    logged_at = now
+                    age = self.heartbeat_age_s(now)
+                    log.warning("snapshot_stale", heartbeat_age_s=None if age is None else round(age, 1),
+                                stale_after_s=self.stale_after_s, policy="refuse" if self.refuse_stale else "serve",
+                                served_while_stale=self.served_stale, snapshot_revision=self.current.revision)
+            elif stale_since is not None:
+                log.info("snapshot_fresh", stale_for_s=round(now - stale_since, 1),
+                         served_while_stale=self.served_stale)
+                stale_since, logged_at = None, 0.0
 
 
 def _apply(staging: dict[str, ConfigEntity], key: str, op: str | None, value: bytes | None) -> None:

@@ -347,7 +347,7 @@ def begin_passthrough(request: web.Request, worker: WorkerState) -> tuple[CallRe
     if not store.ready.is_set():
         raise UpstreamError("The gateway is starting and has not loaded its configuration yet.",
                             status=503, code="not_ready")
-    snap = store.current
+    snap = store.pin(time.time())  # 503 config_stale while stale under ALEPHANT_STALE_POLICY=refuse
     key, from_query = client_credential(request.headers, split_target(request.raw_path)[1])
     vk = authenticate(snap, key, worker.keyring.hash_key)
     ctx = agent_context(request.headers, vk, new_request_id)
