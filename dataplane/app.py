@@ -59,7 +59,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         nc = await connect(settings.nats_url, "alephant-dataplane")
         js = nc.jetstream()
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
-        store = SnapshotStore()
+        store = SnapshotStore(stale_after_s=settings.stale_after_s, refuse_stale=settings.stale_policy == "refuse")
         watcher = SnapshotWatcher(kv, store)
         publisher = EventPublisher(js, stream=settings.stream, subject_prefix=settings.subject_prefix,
                                    batch_max=settings.event_batch_max,
