@@ -33,7 +33,7 @@ from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
 from dataplane.http import Handler, decode_json, error_middleware, read_body
 from events.db import open_pool
-from events.jetstream import connect, ensure_kv, ensure_stream
+from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
 from schemas.errors import AuthenticationFailed, InvalidRequest
 from schemas.keys import KeyRing
 from schemas.settings import Settings
@@ -281,7 +281,7 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         keyring = KeyRing(settings.secret_key)
-        nc = await connect(settings.nats_url, "alephant-controlplane")
+        nc = await connect(settings.nats_url, "alephant-controlplane", bus_auth(settings, "controlplane"))
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)

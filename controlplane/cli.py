@@ -78,10 +78,10 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
 
 
 async def _run_projector(settings: Settings) -> None:
-    from events.jetstream import connect, ensure_stream
+    from events.jetstream import bus_auth, connect, ensure_stream
     from events.projector import Projector
 
-    nc = await connect(settings.nats_url, "alephant-projector")
+    nc = await connect(settings.nats_url, "alephant-projector", bus_auth(settings, "projector"))
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
@@ -108,10 +108,10 @@ def cmd_projector(args: argparse.Namespace) -> None:
 
 async def _migrate(settings: Settings) -> list[str]:
     from events.db import migrate
-    from events.jetstream import connect, ensure_kv, ensure_stream
+    from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
 
     applied = await migrate(settings.database_url)
-    nc = await connect(settings.nats_url, "alephant-migrate")
+    nc = await connect(settings.nats_url, "alephant-migrate", bus_auth(settings, "controlplane"))
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)

@@ -29,7 +29,7 @@ from dataplane.models import ModelCatalog
 from dataplane.pricing import warm
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
-from events.jetstream import connect, ensure_kv
+from events.jetstream import bus_auth, connect, ensure_kv
 from events.publisher import EventPublisher
 from schemas.keys import KeyRing
 from schemas.settings import Settings
@@ -56,7 +56,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         keyring = KeyRing(settings.secret_key)
         warm()
-        nc = await connect(settings.nats_url, "alephant-dataplane")
+        nc = await connect(settings.nats_url, "alephant-dataplane", bus_auth(settings, "dataplane"))
         js = nc.jetstream()
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
         store = SnapshotStore(stale_after_s=settings.stale_after_s, refuse_stale=settings.stale_policy == "refuse")

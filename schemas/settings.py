@@ -87,10 +87,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # How long an admin change waits for its relay to NATS before answering 202 (propagated: false).
     admin_propagation_wait_s: float = 2.0
     # -- bus credentials (NATS users per role) ----------------------------------------------------
+    # This process's NATS user and password (an `authorization { users }` entry; the local stack
+    # gives each role its own), or a `.creds` file for NATS accounts/JWT. Empty: no credentials.
+    nats_user: str = ""
+    nats_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
+    nats_creds: str = ""
 
 
 _ENV_PREFIX = "ALEPHANT_"
-_SECRET_FIELDS = {"secret_key", "admin_token"}
+_SECRET_FIELDS = {"secret_key", "admin_token", "nats_password"}
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
