@@ -1,15 +1,20 @@
 """Embedded backing services for the local stack and the tests: real NATS (JetStream),
 Postgres and Redis, launched from pip wheels as child processes on free loopback ports.
 
-Each service keeps its data under `<state_dir>/<service>/`, so a second start reuses it.
+Each service keeps its data under `<state_dir>/<service>/`, so a second start reuses it, and
+`Service.restart()` brings a crashed one back on the same port and data (the supervisor's job).
 `ALEPHANT_NATS_URL`, `ALEPHANT_DATABASE_URL` and `ALEPHANT_REDIS_URL` replace the embedded
 service of the same kind; the launcher then starts nothing for it.
+
+The embedded NATS runs with a generated config (`<state_dir>/nats/server.conf`, mode 0600): one
+user per gateway role with that role's permissions (`render_nats_authorization`).
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import json
 import os
 import pwd
 import shutil
@@ -64,6 +69,46 @@ class Service:
     log: Path | None = None
     stop_signal: int = signal.SIGTERM
     extra: dict[str, str] = field(default_factory=dict)
+    # How to run it again after a crash: the same command line (same port, data dir, config),
+    # as the same system user, and the check that says it serves again.
+    argv: list[str] = field(default_factory=list)
+    run_as: str | None = None
+    ready: Callable[[Service], bool] | None = None
+
+    def exited(self) -> bool:
+        """True if this is a child we started and it is no longer running."""
+        return self.proc is not None and self.proc.poll() is not None
+
+    def launch(self, timeout: float, *, retry_exits: bool = False) -> None:
+        """Run `argv` as a child (logging to `log`) and wait until `ready`; ServiceStartError if it
+        exits or is not ready within `timeout` s.
+
+        With `retry_exits`, a process that exits at once is started again until `timeout`: a
+        SIGKILLed Postgres leaves backends holding its shared memory for a moment, and the new
+        postmaster refuses to start until they are gone.
+        """
+        if not self.argv or self.log is None:
+            raise ServiceStartError(f"{self.name} was not started by us; it cannot be (re)started")
+        deadline = time.monotonic() + timeout
+        while True:
+            self.proc = _spawn(self.argv, self.log, self.run_as)
+            try:
+                wait_until(self._ready_or_exited, max(0.1, deadline - time.monotonic()), self.name, self.log)
+            except ServiceStartError:
+                self.stop()
+                raise
+            if not self.exited():
+                return
+            if not retry_exits or time.monotonic() >= deadline:
+                raise ServiceStartError(f"{self.name} exited with {self.proc.returncode} (log: {self.log})")
+            time.sleep(0.5)
+
+    def restart(self, timeout: float = 60.0) -> None:
+        """Start a crashed service again: same command, so the same port, data and config."""
+        self.launch(timeout, retry_exits=True)
+
+    def _ready_or_exited(self) -> bool:
+        return self.exited() or self.ready is None or self.ready(self)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the child gracefully, then kill it if it does not exit in time. Idempotent."""
@@ -124,18 +169,42 @@ def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Po
                                 user=uid, group=gid, extra_groups=groups, preexec_fn=die_with_parent)
 
 
-def start_nats(state_dir: Path) -> Service:
-    """nats-server with JetStream, storing under `<state_dir>/nats`."""
+def render_nats_authorization(users: Mapping[str, tuple[str, Mapping[str, list[str]]]]) -> str:
+    """A nats-server `authorization { users = [...] }` block.
+
+    `users` maps a user name to `(password, permissions)`; `permissions` is
+    `{"publish": [...], "subscribe": [...]}` (allow lists, as `events.jetstream.role_permissions`
+    returns). The password is inserted verbatim, so pass a JSON-quoted literal (`json.dumps(pw)`)
+    or a `$VARIABLE` that nats-server resolves from its environment (the deploy/ configs).
+    """
+    lines = ["authorization {", "  users = ["]
+    for user, (password, perms) in users.items():
+        lines.append(f"    {{ user: {json.dumps(user)}, password: {password}, permissions: {{")
+        for direction in ("publish", "subscribe"):
+            subjects = ", ".join(json.dumps(s) for s in perms.get(direction, []))
+            lines.append(f"        {direction}: {{ allow: [{subjects}] }}")
+        lines.append("    } }")
+    lines += ["  ]", "}", ""]
+    return "\n".join(lines)
+
+
+def start_nats(state_dir: Path, authorization: str = "") -> Service:
+    """nats-server with JetStream, storing under `<state_dir>/nats`; with `authorization` (a
+    `render_nats_authorization` block) clients must log in as one of its users."""
     port, http_port = free_port(), free_port()
     store = state_dir / "nats"
     store.mkdir(parents=True, exist_ok=True)
-    log = state_dir / "logs" / "nats.log"
-    proc = _spawn(
-        [_bin("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-m", str(http_port), "-js", "-sd", str(store)],
-        log,
-    )
-    svc = Service("nats", f"nats://127.0.0.1:{port}", proc, log, extra={"monitor": f"http://127.0.0.1:{http_port}"})
-    wait_until(lambda: port_open(port) and port_open(http_port), 20, "nats-server", log)
+    conf = store / "server.conf"
+    # Written before the server reads it and never world-readable: it holds the bus passwords.
+    conf.touch(mode=0o600)
+    conf.chmod(0o600)
+    conf.write_text("# Generated by `alephant dev` at every start; edits are lost.\n" + authorization)
+    argv = [_bin("nats-server"), "-c", str(conf), "-a", "127.0.0.1", "-p", str(port), "-m", str(http_port),
+            "-js", "-sd", str(store)]
+    svc = Service("nats", f"nats://127.0.0.1:{port}", log=state_dir / "logs" / "nats.log",
+                  extra={"monitor": f"http://127.0.0.1:{http_port}"}, argv=argv,
+                  ready=lambda _svc: port_open(port) and port_open(http_port))
+    svc.launch(20)
     return svc
 
 
@@ -192,22 +261,15 @@ def start_postgres(state_dir: Path) -> Service:
             detail = (init.stderr or init.stdout).decode("utf-8", "replace").strip()[-600:]
             raise ServiceStartError(f"initdb failed for {pgdata}: {detail}")
     port = free_port()
-    proc = _spawn(
-        [str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port),
-         "-k", str(sockdir), "-c", "synchronous_commit=on", "-c", "max_connections=200"],
-        log, user=user,
+    isready = [str(bin_dir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"]
+    svc = Service(
+        "postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", log=log,
+        stop_signal=signal.SIGINT,  # SIGINT is Postgres's "fast shutdown"
+        argv=[str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port),
+              "-k", str(sockdir), "-c", "synchronous_commit=on", "-c", "max_connections=200"],
+        run_as=user, ready=lambda _svc: subprocess.run(isready, check=False).returncode == 0,
     )
-    svc = Service("postgres", f"postgresql://postgres@127.0.0.1:{port}/postgres", proc, log,
-                  stop_signal=signal.SIGINT)  # SIGINT is Postgres's "fast shutdown"
-    isready = str(bin_dir / "pg_isready")
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise ServiceStartError(f"postgres exited with {proc.returncode} (log: {log})")
-        probe = [isready, "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-q"]
-        return subprocess.run(probe, check=False).returncode == 0
-
-    wait_until(ready, 60, "postgres", log)
+    svc.launch(60)
     return svc
 
 
@@ -216,37 +278,41 @@ def start_redis(state_dir: Path) -> Service:
     port = free_port()
     workdir = state_dir / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
-    log = state_dir / "logs" / "redis.log"
-    proc = _spawn(
-        [_bin("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir.resolve())],
-        log,
+    svc = Service(
+        "redis", f"redis://127.0.0.1:{port}/0", log=state_dir / "logs" / "redis.log",
+        argv=[_bin("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+              "--dir", str(workdir.resolve())],
+        ready=lambda _svc: port_open(port),
     )
-    svc = Service("redis", f"redis://127.0.0.1:{port}/0", proc, log)
-    wait_until(lambda: port_open(port), 20, "redis-server", log)
+    svc.launch(20)
     return svc
 
 
-STARTERS: dict[str, tuple[str, Callable[[Path], Service]]] = {
-    "nats": ("ALEPHANT_NATS_URL", start_nats),
-    "postgres": ("ALEPHANT_DATABASE_URL", start_postgres),
-    "redis": ("ALEPHANT_REDIS_URL", start_redis),
+SERVICE_URL_VARS: dict[str, str] = {
+    "nats": "ALEPHANT_NATS_URL",
+    "postgres": "ALEPHANT_DATABASE_URL",
+    "redis": "ALEPHANT_REDIS_URL",
 }
 
 
-def start_services(state_dir: Path, env: Mapping[str, str], log: Callable[[str], None] = print) -> dict[str, Service]:
+def start_services(state_dir: Path, env: Mapping[str, str], log: Callable[[str], None] = print, *,
+                   nats_authorization: str = "") -> dict[str, Service]:
     """Start each embedded service unless its `ALEPHANT_*_URL` is set; return them by name.
+    An embedded NATS gets `nats_authorization` (see `start_nats`); an external one is left as
+    the operator configured it.
 
     On failure, everything already started is stopped before the error propagates.
     """
+    starters: dict[str, Callable[[Path], Service]] = {
+        "nats": lambda d: start_nats(d, nats_authorization), "postgres": start_postgres, "redis": start_redis}
     started: dict[str, Service] = {}
     try:
-        for name, (var, starter) in STARTERS.items():
+        for name, var in SERVICE_URL_VARS.items():
             if env.get(var):
                 log(f"  {name:<9} external  ({var})")
                 started[name] = Service(name, env[var])
                 continue
-            svc = starter(state_dir)
+            svc = starters[name](state_dir)
             log(f"  {name:<9} embedded  {svc.url}")
             started[name] = svc
     except BaseException:

@@ -42,6 +42,7 @@ class Gateway:
     base_url: str
     admin: AdminClient
     database_url: str
+    # With the admin user's credentials (embedded NATS); `stack.nats_url(role)` gives another role's.
     nats_url: str
     stream: str
     subject_prefix: str
@@ -78,7 +79,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     try:
         yield Gateway(
             stack=stack, base_url=stack.demo["ALEPHANT_BASE_URL"], admin=stack.admin(),
-            database_url=stack.child_env()["ALEPHANT_DATABASE_URL"], nats_url=stack.services["nats"].url,
+            database_url=stack.child_env()["ALEPHANT_DATABASE_URL"], nats_url=stack.nats_url("admin"),
             stream=names["ALEPHANT_STREAM"], subject_prefix=names["ALEPHANT_SUBJECT_PREFIX"],
             demo_key=stack.demo["ALEPHANT_API_KEY"],
         )
