@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import msgspec
@@ -31,6 +32,7 @@ from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
 from events.jetstream import bus_auth, connect, ensure_kv
 from events.publisher import EventPublisher
+from events.spool import Spool
 from schemas.keys import KeyRing
 from schemas.settings import Settings
 
@@ -44,6 +46,7 @@ async def healthz(request: web.Request) -> web.Response:
     status = worker.store.status(int(time.time() * 1000), worker.settings.stale_after_s)
     status["events_pending"] = worker.publisher.pending
     status["events_published"] = worker.publisher.published
+    status["events_dead_lettered"] = worker.publisher.dead_lettered
     return web.json_response(status)
 
 
@@ -61,9 +64,17 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
         store = SnapshotStore(stale_after_s=settings.stale_after_s, refuse_stale=settings.stale_policy == "refuse")
         watcher = SnapshotWatcher(kv, store)
+        # Each worker claims its own spool slot and replays what a previous (or dead) worker left.
+        spool = Spool.open(Path(settings.spool_dir or Path(settings.state_dir) / "spool"),
+                           fsync=settings.spool_fsync)
         publisher = EventPublisher(js, stream=settings.stream, subject_prefix=settings.subject_prefix,
                                    batch_max=settings.event_batch_max,
-                                   flush_interval_s=settings.event_flush_interval_s)
+                                   flush_interval_s=settings.event_flush_interval_s,
+                                   spool=spool, max_event_bytes=settings.event_max_bytes)
+        if spool.recovered:
+            log.info("spool_replay", events=len(spool.recovered), slot=str(spool.slot))
+            publisher.replay(spool.recovered)
+            spool.recovered = []
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
         # Providers may compress answers; adapters parse and relay the decoded bytes.
         session = aiohttp.ClientSession(connector=connector)
@@ -76,13 +87,17 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("event-publisher", publisher.run()),
         )]
         yield
-        if not await publisher.drain(timeout=5.0):
-            log.error("events_not_flushed_on_shutdown", pending=publisher.pending)
+        flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Counted after the publisher stopped, so a batch that was in flight is included.
+        pending, spooled = publisher.pending, spool.close()
+        if not flushed or pending:
+            log.error("events_not_flushed_on_shutdown", pending=pending, spooled=spooled, spool=str(spool.slot),
+                      hint="kept on disk; the next start of a worker publishes them")
         await session.close()
         await nc.drain()
 

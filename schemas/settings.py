@@ -77,6 +77,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Hosts, IPs or CIDRs that provider base URLs may point at although they are private (SSRF guard).
     ssrf_allow: str = ""
     # -- event durability (spool, publisher, projector) -------------------------------------------
+    # Where each worker's disk spool slot lives; empty means `<state_dir>/spool`.
+    spool_dir: str = ""
+    # `batch`: fsync the spool once per publish batch (a SIGKILL loses nothing, an OS crash at most
+    # the last batch); `always`: fsync every append before the response (zero loss, slower).
+    spool_fsync: Literal["batch", "always"] = "batch"
+    # Events larger than this never reach NATS (the stream refuses 1 MiB): an llm.call is
+    # published with its oversized strings cut and flagged, anything else dead-lettered locally.
+    event_max_bytes: int = 256 * 1024
     # -- client edge (input validation, error rendering) ------------------------------------------
     # -- resource limits (timeouts, connection and in-flight caps) --------------------------------
     # -- outbound (redirects, connect-time SSRF, passthrough allowlist) ---------------------------
