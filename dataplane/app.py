@@ -13,7 +13,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -27,6 +26,7 @@ from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.lifecycle import serve
 from dataplane.models import ModelCatalog
+from dataplane.outbound import make_session
 from dataplane.pricing import warm
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
@@ -75,9 +75,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             log.info("spool_replay", events=len(spool.recovered), slot=str(spool.slot))
             publisher.replay(spool.recovered)
             spool.recovered = []
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=300)
-        # Providers may compress answers; adapters parse and relay the decoded bytes.
-        session = aiohttp.ClientSession(connector=connector)
+        # Every upstream connection re-checks its address against the SSRF policy (connect time).
+        session = make_session(settings)
         app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, publisher=publisher,
                                   session=session)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
