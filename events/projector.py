@@ -2,12 +2,17 @@
 
 Each fetched batch is one Postgres transaction:
   1. lock this projector's checkpoint row (serializes concurrent projector instances);
-  2. insert every event into `event_journal ... ON CONFLICT (event_id) DO NOTHING RETURNING`;
-  3. for the newly journalled events only, post ledger transfers and update read models;
-  4. advance the checkpoint to the batch's highest stream sequence;
-  5. commit, then ack.
+  2. dead-letter the messages that cannot be decoded or stored (`journal_rejection`: a NUL in a
+     string, an integer beyond its column, an oversized key), with their reason;
+  3. insert every other event into `event_journal ... ON CONFLICT (event_id) DO NOTHING RETURNING`;
+  4. for the newly journalled events only, post ledger transfers and update read models;
+  5. advance the checkpoint to the batch's highest stream sequence;
+  6. commit, then ack every message of the batch.
+If the database still refuses the batch because of its data, the batch is redone event by event
+(one SAVEPOINT each) and the events it refuses are dead-lettered, so one poison message never
+holds back the others. Only an unreachable or busy database makes a batch nak and retry.
 A crash before commit rolls back; a crash after commit but before ack causes a redelivery that
-step 2 turns into a no-op. Dedup is by event id rather than by sequence, so it also covers an
+step 3 turns into a no-op. Dedup is by event id rather than by sequence, so it also covers an
 event published twice outside the stream's dedup window (a spool replay) and several
 projector instances sharing the consumer.
 """
@@ -27,12 +32,15 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from events.ledger import Transfer, transfers_for
+from events.ledger import Transfer, journal_rejection, transfers_for
 from schemas.events import Event, LlmCall, event_decoder, event_encoder, event_type
 
 log = structlog.get_logger(__name__)
 
 PROJECTOR_NAME = "ledger"
+# SQLSTATE classes caused by the data itself: 22 data exception (NUL, out of range), 23 integrity
+# constraint, 54 program limit (index row too large). P0001 is our immutability trigger.
+_POISON_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
 
 
 @dataclass
@@ -131,70 +139,144 @@ async def _update_runs(cur: psycopg.AsyncCursor[Any], calls: list[LlmCall]) -> N
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Dead:
+    seq: int
+    subject: str
+    data: bytes
+    reason: str
+    event_id: uuid.UUID | None = None
+
+
+async def _lock_checkpoint(cur: psycopg.AsyncCursor[Any], stream: str) -> None:
+    await cur.execute(
+        "INSERT INTO projector_checkpoint (projector, stream, last_seq) VALUES (%s, %s, 0) "
+        "ON CONFLICT (projector) DO NOTHING",
+        (PROJECTOR_NAME, stream),
+    )
+    await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE",
+                      (PROJECTOR_NAME,))
+
+
+async def _advance_checkpoint(cur: psycopg.AsyncCursor[Any], last_seq: int) -> None:
+    await cur.execute(
+        "UPDATE projector_checkpoint SET last_seq = GREATEST(last_seq, %s), updated_at = now() "
+        "WHERE projector = %s",
+        (last_seq, PROJECTOR_NAME),
+    )
+
+
+async def _dead_letter(cur: psycopg.AsyncCursor[Any], stream: str, dead: list[_Dead]) -> None:
+    await cur.executemany(
+        "INSERT INTO dead_letter (stream, stream_seq, subject, body, error, event_id) "
+        "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+        [(stream, d.seq, d.subject, d.data, d.reason.replace("\x00", ""), d.event_id) for d in dead],
+    )
+
+
+async def _fold(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]]) -> tuple[int, int]:
+    """Journal `decoded` and post what is new; returns (journalled, transfers)."""
+    await cur.execute(
+        """
+        INSERT INTO event_journal
+            (event_id, stream_seq, type, workspace_id, occurred_at, snapshot_revision, body)
+        SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::timestamptz[],
+                             %s::bigint[], %s::jsonb[])
+        ON CONFLICT (event_id) DO NOTHING
+        RETURNING event_id
+        """,
+        (
+            [e.event_id for _, e in decoded],
+            [s for s, _ in decoded],
+            [event_type(e) for _, e in decoded],
+            [e.workspace_id for _, e in decoded],
+            [e.occurred_at for _, e in decoded],
+            [e.snapshot_revision for _, e in decoded],
+            [event_encoder.encode(e).decode() for _, e in decoded],
+        ),
+    )
+    new_ids = {row[0] for row in await cur.fetchall()}
+    # A batch can hold the same event twice (a replay); fold each id once.
+    unique = list({e.event_id: e for _, e in decoded if e.event_id in new_ids}.values())
+    transfers = [(e.event_id, t) for e in unique for t in transfers_for(e)]
+    if transfers:
+        ws_run = {e.event_id: (e.workspace_id, e.run_id, e.occurred_at) for e in unique}
+        await _post_transfers(cur, ws_run, transfers)
+    await _update_runs(cur, [e for e in unique if isinstance(e, LlmCall)])
+    return len(unique), len(transfers)
+
+
+def is_poison_error(exc: BaseException) -> bool:
+    """A database refusal caused by the data itself (bad value, constraint, size limit), which
+    no retry can fix, as opposed to the database being unreachable, overloaded or locked."""
+    if isinstance(exc, UnicodeError | OverflowError):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate or ""
+    return state[:2] in _POISON_SQLSTATE_CLASSES or state == "P0001"
+
+
 async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str,
                       msgs: list[tuple[int, str, bytes]]) -> BatchResult:
-    """Fold `(stream_seq, subject, data)` messages into Postgres in one transaction. Idempotent."""
-    result = BatchResult(received=len(msgs))
-    decoded: list[tuple[int, Event]] = []
-    dead: list[tuple[int, str, bytes, str]] = []
+    """Fold `(stream_seq, subject, data)` messages into Postgres. Idempotent.
+
+    Messages that cannot be decoded or stored (`journal_rejection`) are dead-lettered with their
+    reason; the rest commit in one transaction with the checkpoint. If that transaction still
+    fails on the data (`is_poison_error`), the batch is folded again event by event, one
+    SAVEPOINT each, dead-lettering the events the database refuses. Any other error (the
+    database down, a deadlock) propagates with nothing committed, for the caller to retry.
+    """
+    result = BatchResult(received=len(msgs), last_seq=max((m[0] for m in msgs), default=0))
+    good: list[tuple[int, Event]] = []
+    dead: list[_Dead] = []
+    subjects: dict[int, tuple[str, bytes]] = {}
     for seq, subject, data in msgs:
         try:
-            decoded.append((seq, event_decoder.decode(data)))
+            event = event_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            dead.append((seq, subject, data, str(exc)[:500]))
-    result.last_seq = max((m[0] for m in msgs), default=0)
+            dead.append(_Dead(seq, subject, data, f"undecodable: {exc}"[:500]))
+            continue
+        reason = journal_rejection(event, data)
+        if reason is not None:
+            dead.append(_Dead(seq, subject, data, reason, event.event_id))
+        else:
+            good.append((seq, event))
+            subjects[seq] = (subject, data)
+    try:
+        async with conn.transaction(), conn.cursor() as cur:
+            await _lock_checkpoint(cur, stream)
+            if dead:
+                await _dead_letter(cur, stream, dead)
+            if good:
+                result.journalled, result.transfers = await _fold(cur, good)
+            await _advance_checkpoint(cur, result.last_seq)
+        result.dead = len(dead)
+        return result
+    except Exception as exc:
+        if not is_poison_error(exc):
+            raise
+        log.warning("projector_batch_poison_retry_per_event", error=type(exc).__name__, detail=str(exc)[:200])
+    result.journalled = result.transfers = 0
     async with conn.transaction(), conn.cursor() as cur:
-        await cur.execute(
-            "INSERT INTO projector_checkpoint (projector, stream, last_seq) VALUES (%s, %s, 0) "
-            "ON CONFLICT (projector) DO NOTHING",
-            (PROJECTOR_NAME, stream),
-        )
-        await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE",
-                          (PROJECTOR_NAME,))
+        await _lock_checkpoint(cur, stream)
+        for seq, event in good:
+            try:
+                async with conn.transaction():
+                    journalled, transfers = await _fold(cur, [(seq, event)])
+            except Exception as exc:
+                if not is_poison_error(exc):
+                    raise
+                subject, data = subjects[seq]
+                reason = f"refused_by_database: {getattr(exc, 'sqlstate', None) or type(exc).__name__}: {exc}"
+                dead.append(_Dead(seq, subject, data, reason[:500], event.event_id))
+                continue
+            result.journalled += journalled
+            result.transfers += transfers
         if dead:
-            await cur.executemany(
-                "INSERT INTO dead_letter (stream, stream_seq, subject, body, error) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                [(stream, *d) for d in dead],
-            )
-            result.dead = len(dead)
-        new_ids: set[Any] = set()
-        if decoded:
-            await cur.execute(
-                """
-                INSERT INTO event_journal
-                    (event_id, stream_seq, type, workspace_id, occurred_at, snapshot_revision, body)
-                SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::text[], %s::timestamptz[],
-                                     %s::bigint[], %s::jsonb[])
-                ON CONFLICT (event_id) DO NOTHING
-                RETURNING event_id
-                """,
-                (
-                    [e.event_id for _, e in decoded],
-                    [s for s, _ in decoded],
-                    [event_type(e) for _, e in decoded],
-                    [e.workspace_id for _, e in decoded],
-                    [e.occurred_at for _, e in decoded],
-                    [e.snapshot_revision for _, e in decoded],
-                    [event_encoder.encode(e).decode() for _, e in decoded],
-                ),
-            )
-            new_ids = {row[0] for row in await cur.fetchall()}
-        fresh = [e for _, e in decoded if e.event_id in new_ids]
-        # A batch can hold the same event twice (a replay); fold each id once.
-        unique = list({e.event_id: e for e in fresh}.values())
-        result.journalled = len(unique)
-        transfers = [(e.event_id, t) for e in unique for t in transfers_for(e)]
-        if transfers:
-            ws_run = {e.event_id: (e.workspace_id, e.run_id, e.occurred_at) for e in unique}
-            await _post_transfers(cur, ws_run, transfers)
-            result.transfers = len(transfers)
-        await _update_runs(cur, [e for e in unique if isinstance(e, LlmCall)])
-        await cur.execute(
-            "UPDATE projector_checkpoint SET last_seq = GREATEST(last_seq, %s), updated_at = now() "
-            "WHERE projector = %s",
-            (result.last_seq, PROJECTOR_NAME),
-        )
+            await _dead_letter(cur, stream, dead)
+        await _advance_checkpoint(cur, result.last_seq)
+    result.dead = len(dead)
     return result
 
 
@@ -210,6 +292,7 @@ class Projector:
         self._batch = batch
         self._ack_wait_s = ack_wait_s
         self.applied = 0
+        self.dead = 0
 
     async def run(self) -> None:
         psub = await self._js.pull_subscribe(
@@ -235,16 +318,28 @@ class Projector:
                 rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
                 result = await apply_batch(conn, self._stream, rows)
             except (psycopg.Error, OSError) as exc:
+                # Not the data (apply_batch dead-letters that): the database is unreachable or busy.
                 log.warning("projector_batch_failed", error=type(exc).__name__, detail=str(exc)[:200])
-                for m in msgs:
-                    await m.nak(delay=1.0)
+                await _settle(msgs, ack=False)
                 if conn is not None:
                     await conn.close()
                 conn = None
                 await asyncio.sleep(1.0)
                 continue
-            for m in msgs:
-                await m.ack()
+            await _settle(msgs, ack=True)
             self.applied += result.journalled
+            self.dead += result.dead
+            if result.dead:
+                log.error("projector_dead_lettered", dead=result.dead, total_dead=self.dead, last_seq=result.last_seq)
             log.debug("projector_batch", received=result.received, journalled=result.journalled,
                       transfers=result.transfers, last_seq=result.last_seq)
+
+
+async def _settle(msgs: list[Msg], *, ack: bool) -> None:
+    """Ack (committed) or nak (retry later) each message. A failure here is harmless: an unacked
+    message is redelivered after ack_wait, and the journal dedups it."""
+    try:
+        for m in msgs:
+            await (m.ack() if ack else m.nak(delay=1.0))
+    except Exception as exc:
+        log.warning("projector_ack_failed", ack=ack, error=type(exc).__name__)

@@ -123,8 +123,9 @@ async def test_bad_messages_do_not_slow_the_others(gateway: Gateway, nc: NATS, t
         retries_seen = publisher.retried
     await sub.unsubscribe()
     delays = sorted(acked[i] - sent[i] for i in sent)
-    print(f"\npublisher: {len(sent)} good events acked, emit->stream delay p50 {delays[len(delays) // 2] * 1000:.0f} ms, "
-          f"max {delays[-1] * 1000:.0f} ms; dead-lettered {publisher.dead_lettered}; stray retried {retries_seen}x")
+    print(f"\npublisher: {len(sent)} good events acked, emit->stream delay "
+          f"p50 {delays[len(delays) // 2] * 1000:.0f} ms, max {delays[-1] * 1000:.0f} ms; "
+          f"dead-lettered {publisher.dead_lettered}; stray retried {retries_seen}x")
     assert delays[-1] < 5.0
     assert publisher.published == len(sent)
     assert publisher.dead_lettered == 1 and str(too_big.event_id) not in acked
