@@ -5,6 +5,16 @@ It answers in-process, so a demo works with no provider account and no network. 
 Token counts are deterministic estimates (4 characters per token), and `max_tokens` /
 `max_completion_tokens` truncate the answer with `finish_reason: "length"`.
 
+Bounded work: an answer is at most `MAX_ANSWER_CHARS` characters (a longer echo is cut, with
+`finish_reason: "length"`), and an embeddings call at most `MAX_EMBEDDING_VALUES` numbers (more
+is a 400), so one call costs at most a few milliseconds of CPU and a few KB of output whatever
+the prompt.
+
+Off outside the demo: the mock answers only for providers in the `demo` workspace (the one the
+local stack seeds) or with option `enabled=true` (`alephant providers set mock --type mock
+--option enabled=true`); elsewhere a call is a 403 `mock_disabled`, so a production workspace
+never serves (and bills) fake answers by accident.
+
 Embeddings (`embed`): any model id; each input gets a deterministic unit vector derived from a
 hash of the input (`dimensions` long, default 64), in the `encoding_format` asked for (floats,
 or base64 of little-endian float32, like OpenAI). Usage counts the same 4-character tokens, or
@@ -25,6 +35,8 @@ from typing import Any
 import msgspec
 
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event, usage_from_openai
+from schemas.entities import Provider
+from schemas.errors import InvalidRequest, PermissionDenied
 from schemas.openai import (
     AssistantMessage,
     ChatCompletion,
@@ -41,6 +53,9 @@ MODELS = ("echo", "fixed")
 EMBEDDING_MODELS = ("embed",)  # any id embeds; this one is listed by GET /v1/models
 EMBEDDING_DIMENSIONS = 64
 MAX_EMBEDDING_DIMENSIONS = 4096
+MAX_EMBEDDING_VALUES = 256 * 1024  # inputs x dimensions per call: ~0.1 s of CPU at most
+MAX_ANSWER_CHARS = 2048  # about 500 tokens: a 195 KB prompt no longer echoes as 24 MB of stream
+DEMO_WORKSPACE = "demo"  # the workspace `deploy/stack.py` seeds with this provider
 
 # The mock is priced like a small hosted model ($0.15 / $0.60 per million tokens), so the demo's
 # ledger shows real, non-zero integer costs. Nano-USD per million tokens.
@@ -61,10 +76,22 @@ def _tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4) if text else 0
 
 
+def enabled(provider: Provider) -> bool:
+    """Whether this mock provider may answer: in the demo workspace, or with option `enabled=true`."""
+    return provider.workspace_id == DEMO_WORKSPACE or provider.options.get("enabled", "").lower() == "true"
+
+
+def _check_enabled(provider: Provider) -> None:
+    if not enabled(provider):
+        raise PermissionDenied(f"The built-in mock provider '{provider.name}' is off in this workspace; an "
+                               "admin can turn it on with provider option enabled=true.", code="mock_disabled")
+
+
 def answer_for(model: str, messages: list[dict[str, Any]]) -> str:
+    """The whole answer (before `MAX_ANSWER_CHARS` and `max_tokens` apply)."""
     if model == "echo":
         for msg in reversed(messages):
-            if msg.get("role") == "user":
+            if isinstance(msg, dict) and msg.get("role") == "user":
                 text = _text_of(msg.get("content"))
                 if text:
                     return text
@@ -75,13 +102,20 @@ def answer_for(model: str, messages: list[dict[str, Any]]) -> str:
 def plan(call: UpstreamCall) -> tuple[list[str], str, CompletionUsage, str]:
     """Deterministic answer words, finish reason, usage and id for a request body."""
     messages = call.body.get("messages") or []
-    words = answer_for(call.model, messages).split(" ")
-    limit = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
+    if not isinstance(messages, list):
+        messages = []
+    answer = answer_for(call.model, messages)
     finish = "stop"
+    if len(answer) > MAX_ANSWER_CHARS:
+        answer, finish = answer[:MAX_ANSWER_CHARS], "length"
+    words = answer.split(" ")
+    limit = call.body.get("max_completion_tokens") or call.body.get("max_tokens")
     if isinstance(limit, int) and limit < sum(_tokens(w) for w in words):
         kept: list[str] = []
+        used = 0
         for w in words:
-            if sum(_tokens(k) for k in [*kept, w]) > limit:
+            used += _tokens(w)
+            if used > limit:
                 break
             kept.append(w)
         words, finish = kept, "length"
@@ -100,6 +134,7 @@ def plan(call: UpstreamCall) -> tuple[list[str], str, CompletionUsage, str]:
 
 class MockProvider:
     async def complete(self, call: UpstreamCall) -> ChatResponse:
+        _check_enabled(call.provider)
         words, finish, usage, cid = plan(call)
         body = ChatCompletion(
             id=cid,
@@ -111,6 +146,7 @@ class MockProvider:
         return ChatResponse(_encoder.encode(body), usage_from_openai(usage))
 
     async def stream(self, call: UpstreamCall, stats: CallStats) -> AsyncGenerator[bytes, None]:
+        _check_enabled(call.provider)  # raised by the first __anext__: a plain 403, before any byte
         words, finish, usage, cid = plan(call)
         created = int(time.time())
 
@@ -131,12 +167,18 @@ class MockProvider:
         yield SSE_DONE
 
     async def embed(self, call: UpstreamCall) -> ChatResponse:
-        """A deterministic `create embedding` answer for `call.body` (validated by the ingress)."""
+        """A deterministic `create embedding` answer for `call.body` (validated by the ingress).
+        400 `embedding_too_large` beyond `MAX_EMBEDDING_VALUES` numbers."""
+        _check_enabled(call.provider)
         raw_input = call.body.get("input")
         inputs: list[Any] = raw_input if isinstance(raw_input, list) and raw_input and \
             not isinstance(raw_input[0], int) else [raw_input]
         dims = call.body.get("dimensions")
         dims = min(dims, MAX_EMBEDDING_DIMENSIONS) if isinstance(dims, int) and dims > 0 else EMBEDDING_DIMENSIONS
+        if len(inputs) * dims > MAX_EMBEDDING_VALUES:
+            raise InvalidRequest(f"The mock provider embeds at most {MAX_EMBEDDING_VALUES} numbers per call "
+                                 f"({len(inputs)} inputs x {dims} dimensions asked).", param="input",
+                                 code="embedding_too_large")
         as_base64 = call.body.get("encoding_format") == "base64"
         data: list[dict[str, Any]] = []
         tokens = 0

@@ -14,7 +14,7 @@ from schemas.entities import Provider
 from schemas.events import Usage
 from schemas.openai import ChatCompletion, ChatCompletionChunk
 
-PROVIDER = Provider(id="prov_1", workspace_id="ws_1", name="mock", type="mock")
+PROVIDER = Provider(id="prov_1", workspace_id="ws_1", name="mock", type="mock", options={"enabled": "true"})
 MOCK = MockProvider()
 
 
