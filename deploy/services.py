@@ -181,8 +181,9 @@ def render_nats_authorization(users: Mapping[str, tuple[str, Mapping[str, list[s
     for user, (password, perms) in users.items():
         lines.append(f"    {{ user: {json.dumps(user)}, password: {password}, permissions: {{")
         for direction in ("publish", "subscribe"):
-            subjects = ", ".join(json.dumps(s) for s in perms.get(direction, []))
-            lines.append(f"        {direction}: {{ allow: [{subjects}] }}")
+            lines.append(f"        {direction}: {{ allow: [")
+            lines += [f"          {json.dumps(subject)}" for subject in perms.get(direction, [])]
+            lines.append("        ] }")
         lines.append("    } }")
     lines += ["  ]", "}", ""]
     return "\n".join(lines)

@@ -10,9 +10,14 @@ subject. Each check asserts both, and that the bucket did not change.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import nats
@@ -23,12 +28,14 @@ import pytest_asyncio
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 
+from deploy.services import render_nats_authorization
 from deploy.stack import BUS_PASSWORD_VARS, read_env_file
-from events.jetstream import role_inbox
+from events.jetstream import role_inbox, role_permissions
 from events.publisher import EventPublisher
 from schemas.entities import HEARTBEAT_KEY, Heartbeat, entity_encoder
 from schemas.events import LlmCall, Usage
 from schemas.ids import uuid7
+from schemas.settings import Settings
 from tests.conftest import Gateway, wait_until_true
 
 Connector = Callable[[str], Awaitable[tuple[NATS, list[str]]]]
@@ -195,3 +202,34 @@ async def test_gateway_processes_stay_within_their_rights(gateway: Gateway, http
     assert not [name for name, text in logs.items() if any(p in text for p in passwords)]
     for path in (gateway.stack.state_dir / "secrets.env", gateway.stack.state_dir / "nats" / "server.conf"):
         assert path.stat().st_mode & 0o077 == 0, path
+
+
+_DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def _deploy_users() -> dict[str, tuple[str, dict[str, list[str]]]]:
+    names = Settings()  # deploy/ uses the default stream, bucket and subject prefix
+    return {role: (f"${var}", role_permissions(role, stream=names.stream, kv_bucket=names.kv_bucket,
+                                                subject_prefix=names.subject_prefix))
+            for role, var in BUS_PASSWORD_VARS.items()}
+
+
+def test_deploy_nats_configs_carry_the_tested_permissions(tmp_path: Path) -> None:
+    """deploy/nats/auth.conf and the Helm values are the table the tests above run with; both
+    server configs parse, and refuse to load without the passwords."""
+    block = render_nats_authorization(_deploy_users())
+    assert (_DEPLOY / "nats" / "auth.conf").read_text().endswith(block)
+    values = (_DEPLOY / "k8s" / "nats-values.yaml").read_text()
+    for role, (password, perms) in _deploy_users().items():
+        section = values.split(f"- user: {role}\n", 1)[1].split("- user:", 1)[0]
+        assert f"password: << {password} >>" in section
+        assert [json.loads(line.strip()[2:]) for line in section.splitlines() if line.strip().startswith('- "')] == [
+            *perms["publish"], *perms["subscribe"]], role
+    passwords = {var: "x" for var in BUS_PASSWORD_VARS.values()}
+    for conf in ("nats.conf", "nats-cluster.conf"):
+        argv = [str(Path(sys.executable).parent / "nats-server"), "-t", "-c", str(_DEPLOY / "nats" / conf)]
+        base = {"PATH": os.environ.get("PATH", ""), "NATS_SERVER_NAME": "nats-1"}
+        ok = subprocess.run(argv, env={**base, **passwords}, capture_output=True, text=True, cwd=tmp_path)
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        missing = subprocess.run(argv, env=base, capture_output=True, text=True, cwd=tmp_path)
+        assert missing.returncode != 0 and "NATS_" in missing.stdout + missing.stderr
