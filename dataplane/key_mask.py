@@ -4,7 +4,8 @@ A provider (or whatever answers at its base URL) may echo the key it was sent: i
 message, a response header, a binary body, or a stream in which the key arrives split across two
 network reads. Everything relayed to a client from a provider passes through one of:
 
-* `mask(data, secrets)`: a whole body or one complete stream event;
+* `mask(data, secrets)`: a whole body or one complete stream event (`masked_events` for a
+  stream of complete events, as the lifecycle relays them);
 * `mask_headers(headers, secrets)`: response headers (a header NAMED after the key is dropped);
 * `StreamMasker`: a raw byte stream, masked without buffering it. It holds back only the end of
   a read that could be the start of a secret (at most `len(secret) - 1` bytes, and usually none:
@@ -21,7 +22,8 @@ line, for the accidental echo.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 from multidict import CIMultiDict
 
@@ -29,6 +31,7 @@ MASK = b"***"
 MIN_SECRET = 8  # shorter "keys" (a local Ollama's placeholder) are not masked: it would mangle bodies
 
 
+@functools.lru_cache(maxsize=1024)  # per request on the hot path; keys are few
 def secrets_of(provider_type: str, key: str | None) -> tuple[bytes, ...]:
     """What to mask: the key, and each part of Bedrock `AKID:SECRET[:TOKEN]` credentials; longest
     first (so a whole key is masked before its parts), parts shorter than `MIN_SECRET` never."""
@@ -45,6 +48,17 @@ def mask(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret in data:
             data = data.replace(secret, MASK)
     return data
+
+
+def masked_events(events: AsyncIterator[bytes], secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
+    """`events` (each one complete: an SSE event or chunk the gateway framed) with secrets masked;
+    `events` itself when there is nothing to mask (no extra generator hop)."""
+    return _masked(events, secrets) if secrets else events
+
+
+async def _masked(events: AsyncIterator[bytes], secrets: tuple[bytes, ...]) -> AsyncGenerator[bytes, None]:
+    async for event in events:
+        yield mask(event, secrets)
 
 
 def mask_headers(headers: Iterable[tuple[str, str]], secrets: tuple[bytes, ...]) -> CIMultiDict[str]:

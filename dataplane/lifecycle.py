@@ -22,6 +22,7 @@ from aiohttp import web
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
 from dataplane.http import REQUEST_ID, decode_json, read_body
 from dataplane.ingress.base import ChatPlan, Ingress
+from dataplane.key_mask import mask, masked_events, secrets_of
 from dataplane.pricing import call_cost_nanos
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
@@ -182,19 +183,23 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         # Client API headers (anthropic-version/-beta) only mean something to that API itself.
         call = upstream_call(worker, rec.target, body, include_usage=plan.include_usage,
                              headers=plan.forward_headers if native else None)
+        # Whatever a provider echoes, its key must not reach the client (native and translated alike).
+        secrets = secrets_of(rec.target.provider.type, call.api_key.reveal() if call.api_key else None)
         if rec.stream:
             stats = CallStats()
             if native is not None:
                 events = native[0].stream_native(native[1], call, stats)
-                return await _relay_stream(request, rec, ingress, events, events, stats)
+                return await _relay_stream(request, rec, ingress, masked_events(events, secrets), events, stats)
             chunks = adapter.stream(call, stats)
-            return await _relay_stream(request, rec, ingress, ingress.render_stream(chunks, plan), chunks, stats)
+            return await _relay_stream(request, rec, ingress,
+                                       masked_events(ingress.render_stream(chunks, plan), secrets), chunks, stats)
         if native is not None:
             result = await native[0].complete_native(native[1], call)
             body_out = result.body
         else:
             result = await adapter.complete(call)
             body_out = ingress.render(result.body, plan)
+        body_out = mask(body_out, secrets)
         rec.usage = result.usage
         return priced_json(rec, body_out)
 

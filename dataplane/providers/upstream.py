@@ -18,6 +18,7 @@ import msgspec
 import structlog
 from aiohttp.typedefs import StrOrURL
 
+from dataplane.key_mask import mask, secrets_of
 from dataplane.outbound import refused
 from dataplane.providers.base import UpstreamCall
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
@@ -150,9 +151,10 @@ async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[
 
 
 async def read_all(call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
-    """The whole (2xx) body; releases the response. A connection lost mid-body is a 502."""
+    """The whole (2xx) body, the provider key masked out of it (`key_mask`); releases the
+    response. A connection lost mid-body is a 502."""
     try:
-        return await resp.read()
+        return mask(await resp.read(), secrets_of(call.provider.type, call.api_key.reveal() if call.api_key else None))
     except (TimeoutError, aiohttp.ClientError):
         raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
     finally:
