@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -58,9 +59,12 @@ class _Encoding(Protocol):
 def _encoding() -> _Encoding:
     """The o200k_base tokenizer, loaded on first use (about 60 ms and 75 MB: only workers that
     ever estimate pay for it). Immutable, so one per process is shared by every call."""
-    import bpe_openai
+    with warnings.catch_warnings():
+        # The wheel reads its bundled data (on import, too) with importlib.resources' legacy `open_binary`.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
 
-    encoding: _Encoding = bpe_openai.get_encoding("o200k_base")
+        encoding: _Encoding = bpe_openai.get_encoding("o200k_base")
     return encoding
 
 

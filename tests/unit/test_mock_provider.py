@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane.providers.base import SSE_DONE, CallStats, UpstreamCall
-from dataplane.providers.mock import MockProvider, answer_for
+from dataplane.providers.mock import DEMO_WORKSPACE, MAX_ANSWER_CHARS, MockProvider, answer_for, enabled
 from schemas.entities import Provider
+from schemas.errors import InvalidRequest, PermissionDenied
 from schemas.events import Usage
 from schemas.openai import ChatCompletion, ChatCompletionChunk
 
@@ -185,3 +187,51 @@ async def test_stream_reassembles_to_the_non_streamed_answer(
     assert {c.id for c in chunks} == {body.id}
     if limit is not None and usage is not None:
         assert usage.output_tokens <= limit
+
+
+# -- bounded work and the demo-only switch ---------------------------------------------------------
+
+
+async def test_a_huge_prompt_echoes_at_most_max_answer_chars() -> None:
+    prompt = "lorem ipsum dolor " * 11_000  # about 195 KB, the reproduction's size
+    body, usage = await complete(upstream("echo", user(prompt)))
+    answer = body.choices[0].message.content or ""
+    assert len(answer) <= MAX_ANSWER_CHARS
+    assert body.choices[0].finish_reason == "length"
+    assert usage is not None and usage.output_tokens <= MAX_ANSWER_CHARS // 2
+    assert usage.input_tokens > 40_000  # the prompt is still counted in full
+    events, stats = await stream(upstream("echo", user(prompt)))
+    wire = sum(len(e) for e in events)
+    print(f"\n[mock] 195 KB prompt -> {len(answer)} chars answered, {wire} bytes streamed in {len(events)} events")
+    assert wire < 200_000  # was 24 MB
+    assert content_of(chunks_of(events)) == answer
+    assert stats.usage == usage
+
+
+async def test_mock_is_off_outside_the_demo_workspace_unless_enabled() -> None:
+    off = Provider(id="p9", workspace_id="acme", name="mock", type="mock")
+    demo = Provider(id="p8", workspace_id=DEMO_WORKSPACE, name="mock", type="mock")
+    on = Provider(id="p7", workspace_id="acme", name="mock", type="mock", options={"enabled": "true"})
+    assert (enabled(off), enabled(demo), enabled(on)) == (False, True, True)
+    call = upstream("echo", user("hi"))
+    call.provider = off
+    with pytest.raises(PermissionDenied) as refused:
+        await MOCK.complete(call)
+    assert (refused.value.status, refused.value.code) == (403, "mock_disabled")
+    with pytest.raises(PermissionDenied):
+        await anext(MOCK.stream(call, CallStats()))
+    with pytest.raises(PermissionDenied):
+        await MOCK.embed(call)
+    call.provider = demo
+    body, _ = await complete(call)
+    assert body.choices[0].message.content == "hi"
+
+
+async def test_embeddings_refuse_more_than_max_embedding_values() -> None:
+    call = upstream("embed", [])
+    call.body = {"model": "embed", "input": ["x"] * 300, "dimensions": 1024}
+    with pytest.raises(InvalidRequest) as refused:
+        await MOCK.embed(call)
+    assert refused.value.code == "embedding_too_large"
+    call.body = {"model": "embed", "input": ["x"] * 256, "dimensions": 1024}
+    assert (await MOCK.embed(call)).usage is not None
