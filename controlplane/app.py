@@ -71,12 +71,9 @@ def _auth_middleware(token: str) -> Middleware:
     return middleware
 
 
-# Ids and filters from the path or query string go into SQL: same rules as body strings.
-_BAD_PARAM = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _param(value: str, name: str) -> str:
-    if len(value) > 256 or _BAD_PARAM.search(value):
+    """An id or filter from the path or query string: it goes into SQL, so body strings' rules."""
+    if len(value) > 256 or c.CONTROL_CHARS.search(value):
         raise InvalidRequest(f"'{name}' must be at most 256 characters, without control characters.", param=name,
                              code="invalid_characters")
     return value

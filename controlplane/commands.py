@@ -58,7 +58,7 @@ Price = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRICE_PER_MTOK_NANOS)]
 
 # C0 and C1 control characters, DEL included. A NUL cannot be stored by Postgres (the request
 # was a 500), and CR/LF in a provider key made every call to that provider fail as a bad header.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 # Called inside a command's transaction with the response body it is about to commit (before
@@ -136,7 +136,7 @@ def check_command(cmd: msgspec.Struct) -> None:
     printable ASCII; a provider name is not one of the data plane's own path segments.
     """
     for path, text in _strings(cmd, ""):
-        if _CONTROL.search(text):
+        if CONTROL_CHARS.search(text):
             raise InvalidRequest(f"'{path}' must not contain control characters (NUL, CR, LF, tab, ...).",
                                  param=path, code="invalid_characters")
     if isinstance(cmd, UpsertProvider):
