@@ -26,6 +26,7 @@ an aiohttp resolver whose answers a test rewrites (``table[name] = ["10.0.0.1"]`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import json
 import socket
@@ -129,10 +130,11 @@ class HostileUpstream(FakeServer):
                       content_type: str = "text/event-stream") -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": content_type})
         await resp.prepare(request)
-        for data in writes:
-            await resp.write(data)
-            await asyncio.sleep(0.01)  # separate network reads on the gateway's side
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionResetError):  # the gateway may stop reading after [DONE]
+            for data in writes:
+                await resp.write(data)
+                await asyncio.sleep(0.01)  # separate network reads on the gateway's side
+            await resp.write_eof()
         return resp
 
     async def _split_stream(self, request: web.BaseRequest, key: str) -> web.StreamResponse:

@@ -61,9 +61,10 @@ def register(gateway: Gateway, name: str, kind: str, base_url: str, api_key: str
 
 
 async def wait_for_provider(gateway: Gateway, http: aiohttp.ClientSession, name: str) -> None:
-    """Until the workers' snapshot has the provider: any answer that names it (even the upstream's 404)."""
+    """Until the workers' snapshot has the provider: any answer that names it (even the upstream's 404).
+    `GET v1/models` is on every type's passthrough allowlist, so the probe itself is forwarded."""
     async def known() -> bool | None:
-        async with http.get(f"{origin(gateway)}/{name}/__probe",
+        async with http.get(f"{origin(gateway)}/{name}/v1/models",
                             headers={"Authorization": f"Bearer {gateway.demo_key}"}) as resp:
             return True if resp.headers.get("Alephant-Provider") == name else None
 
