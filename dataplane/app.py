@@ -25,6 +25,7 @@ from dataplane.ingress.passthrough import ROUTE as PASSTHROUGH_ROUTE
 from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.lifecycle import serve
+from dataplane.limits import STREAM_SLOTS, StreamSlots
 from dataplane.models import ModelCatalog
 from dataplane.outbound import make_session
 from dataplane.pricing import warm
@@ -111,6 +112,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app.cleanup_ctx.append(_resources(settings))
+    app[STREAM_SLOTS] = StreamSlots(settings.max_streams, settings.max_streams_per_key)
     chat = ChatIngress()
 
     async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -87,6 +87,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     event_max_bytes: int = 256 * 1024
     # -- client edge (input validation, error rendering) ------------------------------------------
     # -- resource limits (timeouts, connection and in-flight caps) --------------------------------
+    # A request body that has not fully arrived this many seconds after the handler asks for it is
+    # answered 408 `request_timeout` (a stalled upload must not hold a connection forever).
+    body_read_timeout_s: float = 30.0
+    # Idle connections (between requests, or before the first one) are closed after this long.
+    keepalive_timeout_s: float = 15.0
+    # Open client connections per worker; one more is answered 503 `connection_limit_exceeded` and closed.
+    max_connections: int = 1024
+    # Streams in flight per worker and per virtual key; one more is answered 429
+    # `concurrency_limit_exceeded` with Retry-After. 0 turns a cap off.
+    max_streams: int = 512
+    max_streams_per_key: int = 64
     # -- outbound (redirects, connect-time SSRF, passthrough allowlist) ---------------------------
     # -- config path (stale policy, admin) --------------------------------------------------------
     # `serve`: a worker whose config heartbeat is older than stale_after_s keeps serving from its

@@ -134,7 +134,7 @@ def test_reformat_rejects_malformed_answers(bad: bytes) -> None:
 
 
 async def test_mock_embeddings_are_deterministic_unit_vectors() -> None:
-    provider = Provider(id="ws.mock", workspace_id="ws", name="mock", type="mock")
+    provider = Provider(id="ws.mock", workspace_id="ws", name="mock", type="mock", options={"enabled": "true"})
 
     async def embed(**body: Any) -> dict[str, Any]:
         call = UpstreamCall(provider=provider, model="embed", body={"model": "embed", **body}, api_key=None,
@@ -183,7 +183,7 @@ async def gateway(up: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
     entities: list[Any] = [
         Workspace(id="ws", name="ws"),
         VirtualKey(id="vk_1", workspace_id="ws", key_hash=keyring.hash_key(VK_PLAIN)),
-        Provider(id="ws.mock", workspace_id="ws", name="mock", type="mock"),
+        Provider(id="ws.mock", workspace_id="ws", name="mock", type="mock", options={"enabled": "true"}),
         Provider(id="ws.oai", workspace_id="ws", name="oai", type="openai", base_url=up.base_url,
                  api_key_enc=keyring.encrypt("sk-upstream")),
         Provider(id="ws.mis", workspace_id="ws", name="mis", type="mistral", base_url=up.base_url),

@@ -354,7 +354,8 @@ async def test_render_stream_matches_render_for_mock() -> None:
     """The same mock answer, streamed and not, renders to the same Anthropic message."""
     raw = request(model="mock/echo", messages=[{"role": "user", "content": "one two three four"}])
     plan = plan_for({**raw, "stream": True})
-    call = UpstreamCall(provider=Provider(id="p", workspace_id="w", name="mock", type="mock"), model="echo",
+    mock = Provider(id="p", workspace_id="w", name="mock", type="mock", options={"enabled": "true"})
+    call = UpstreamCall(provider=mock, model="echo",
                         body={**plan.body, "model": "echo"}, api_key=None, session=None,  # type: ignore[arg-type]
                         timeout_s=5, client_wants_usage=True)
     mock = MockProvider()
@@ -483,7 +484,7 @@ async def app(fake: FakeAnthropic, session: aiohttp.ClientSession,
     entities = {
         "p1": Provider(id="p1", workspace_id="ws", name="claude", type="anthropic", base_url=fake.base_url,
                        api_key_enc=keyring.encrypt("sk-ant-upstream-5678")),
-        "p2": Provider(id="p2", workspace_id="ws", name="mock", type="mock"),
+        "p2": Provider(id="p2", workspace_id="ws", name="mock", type="mock", options={"enabled": "true"}),
         "k1": VirtualKey(id="k1", workspace_id="ws", key_hash=keyring.hash_key("sk-alph-client")),
     }
     store = SnapshotStore()

@@ -78,7 +78,7 @@ async def gateway(fake: FakeResponses, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(registry.ADAPTERS, "openai", NativeOpenAI())
     keyring = KeyRing(Secret("test-master-secret-0123456789"))
     entities: dict[str, ConfigEntity] = {
-        "p1": Provider(id="p1", workspace_id="ws", name="mock", type="mock"),
+        "p1": Provider(id="p1", workspace_id="ws", name="mock", type="mock", options={"enabled": "true"}),
         "p2": Provider(id="p2", workspace_id="ws", name="openai", type="openai", base_url=fake.base_url,
                        api_key_enc=keyring.encrypt("sk-upstream-9999")),
         "k1": VirtualKey(id="k1", workspace_id="ws", key_hash=keyring.hash_key(CLIENT_KEY)),
