@@ -15,17 +15,30 @@ Contract:
   the client encoded them) and the query go to the provider's base URL (or its type's default,
   the adapter modules' constants). Leading path segments that repeat the end of the base path are
   merged (`base .../v1` + `v1/chat/completions`), so SDKs work with `<gateway>/<name>` or
-  `<gateway>/<name>/v1` alike. `.`/`..` segments are refused (400). The client's credentials
-  (and a `key` query parameter it authenticated with; always for Gemini), hop-by-hop headers,
-  cookies, `Accept-Encoding` and `Alephant-*` headers are removed; the provider's own auth is
-  added per type (`upstream_headers`). The body (at most `settings.max_body_bytes`, else 413
-  before it is read) is forwarded as the raw bytes received.
+  `<gateway>/<name>/v1` alike. `.`/`..` segments are refused (400).
+* **Allowlist** (`passthrough_rules`): only inference and read-only model endpoints of the
+  provider's type, plus the groups its option `passthrough_allow` opts in (files, batches,
+  fine_tuning, organization, ...); anything else, and any method other than GET/POST/PUT/PATCH/
+  DELETE, is a 403 `passthrough_not_allowed` naming method and path, decided before the body is
+  read: nothing is forwarded.
+* **Headers**: the client's credentials (and a `key` query parameter it authenticated with;
+  always for Gemini), hop-by-hop headers, cookies, `Accept-Encoding`, `Alephant-*` and, unless
+  the provider sets `forward_account_headers=true`, account-selecting headers
+  (`OpenAI-Organization`, `OpenAI-Project`, `x-goog-user-project`, ...) are removed; the
+  provider's own auth is added per type (`upstream_headers`). The body (at most
+  `settings.max_body_bytes`, else 413 before it is read) is forwarded as the raw bytes received.
 * **Response**: status, body, content type and the provider's other end-to-end headers relayed
   unchanged (errors too: this is the native API), plus `Alephant-Request-Id`, `Alephant-Provider`
   and, on non-streamed answers, `Alephant-Cost-Usd`. The provider key (each `:`-part of Bedrock
-  IAM credentials) is replaced by `***` wherever it appears in a textual body. Streams (SSE,
-  NDJSON, AWS event stream, or any other body without a length that is not JSON) are relayed
-  chunk by chunk as they arrive, byte for byte.
+  IAM credentials) is replaced by `***` wherever it appears: header values (a header named
+  after it is dropped), bodies of any content type, and streams, where a key cut across two reads
+  is still caught (`key_mask.StreamMasker`, which holds back at most a key's length less one).
+  Streams (SSE, NDJSON, AWS event stream, or any other body without a length that is not JSON)
+  are otherwise relayed chunk by chunk as they arrive, byte for byte.
+* **Redirects** are never followed (the request carries the provider key) and never relayed (a
+  client following it could carry its own key, or our URL, anywhere): a 3xx other than 304 is a
+  502 `upstream_redirect`, without the `Location`. Connections go only to addresses the SSRF
+  policy admits, checked at connect time (`dataplane.outbound`): else 502 `upstream_address_refused`.
 * **Accounting**: exactly one `llm.call` (ingress `passthrough`, `stream` = relayed as a stream,
   status = the upstream status, 499 when the client went away) with usage sniffed from the native
   body or stream (`passthrough_usage`) and priced with `CallRecord.price()`. The model is the JSON
@@ -54,6 +67,7 @@ from yarl import URL
 
 from dataplane.decisions import Target, agent_context, authenticate, bearer_token
 from dataplane.http import REQUEST_ID, is_anthropic_path, read_limited
+from dataplane.ingress.passthrough_rules import ACCOUNT_HEADERS, forwards_account_headers, refusal
 from dataplane.ingress.passthrough_usage import (
     STREAM_TYPES,
     media_type,
@@ -61,11 +75,13 @@ from dataplane.ingress.passthrough_usage import (
     usage_from_body,
     usage_from_headers,
 )
+from dataplane.key_mask import StreamMasker, mask, mask_headers, secrets_of
 from dataplane.lifecycle import CallRecord, new_request_id, recorded
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
 from dataplane.providers.openai_compat import PROFILES
+from dataplane.providers.upstream import is_redirect, redirect_error, send
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import RESERVED_PROVIDER_NAMES, Provider
 from schemas.errors import (
@@ -90,10 +106,11 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "
 _CLIENT_ONLY = frozenset({"cookie", "accept-encoding"})
 _AWS_SIGNING = frozenset({"x-amz-date", "x-amz-content-sha256", "x-amz-security-token"})
 # content-encoding: the shared session decodes compressed answers, so what we relay is identity.
-_RESPONSE_DROP = HOP_BY_HOP | {"server", "date", "set-cookie", "alt-svc", "proxy-authenticate", "content-encoding"}
+# location: redirects are answered with our 502 (never relayed); elsewhere it could point anywhere.
+_RESPONSE_DROP = HOP_BY_HOP | {"server", "date", "set-cookie", "alt-svc", "proxy-authenticate", "content-encoding",
+                               "location"}
 _REGION_RE = re.compile(r"^[a-z0-9-]{2,32}$")
 DISCONNECT_POLL_S = 0.5  # how soon a client gone mid-stream stops the upstream read
-_MIN_SECRET = 8  # shorter "keys" (a local Ollama's placeholder) are not masked: it would mangle bodies
 
 _KIND: web.RequestKey[str] = web.RequestKey("alephant_passthrough_provider_type", str)
 
@@ -208,38 +225,54 @@ def default_base_url(provider: Provider) -> str:
                          code="passthrough_unsupported")
 
 
-def join_url(base: str, rest: str, query: str) -> str:
-    """`base` + `/rest` + `?query`, dropping leading segments of `rest` that repeat the end of
-    the base path (`https://h/openai/v1` + `v1/chat/completions` -> `https://h/openai/v1/chat/completions`).
-    A query on `base` is kept in front of the client's."""
-    base, _, base_query = base.strip().partition("?")
-    base = base.rstrip("/")
-    base_segments = [s for s in urlsplit(base).path.split("/") if s]
+def _relative_segments(base: str, rest: str) -> list[str]:
+    base_segments = [s for s in urlsplit(base.strip().partition("?")[0]).path.split("/") if s]
     segments = rest.split("/") if rest else []
     for k in range(min(len(base_segments), len(segments)), 0, -1):
         if base_segments[-k:] == segments[:k]:
-            segments = segments[k:]
-            break
+            return segments[k:]
+    return segments
+
+
+def relative_path(base: str, rest: str) -> str:
+    """`rest` without its leading segments that repeat the end of the base path
+    (`https://h/openai/v1` + `v1/chat/completions` -> `chat/completions`): the path the
+    passthrough allowlist judges and `join_url` appends."""
+    return "/".join(_relative_segments(base, rest))
+
+
+def join_url(base: str, rest: str, query: str) -> str:
+    """`base` + `/relative_path(base, rest)` + `?query`
+    (`https://h/openai/v1` + `v1/chat/completions` -> `https://h/openai/v1/chat/completions`).
+    A query on `base` is kept in front of the client's."""
+    segments = _relative_segments(base, rest)
+    base, _, base_query = base.strip().partition("?")
+    base = base.rstrip("/")
     url = base + ("/" + "/".join(segments) if segments else "")
     query = "&".join(q for q in (base_query, query) if q)
     return f"{url}?{query}" if query else url
 
 
+def base_url_of(provider: Provider) -> str:
+    return provider.base_url.strip() or default_base_url(provider)
+
+
 def upstream_url(provider: Provider, rest: str, query: str) -> str:
-    return join_url(provider.base_url.strip() or default_base_url(provider), rest, query)
+    return join_url(base_url_of(provider), rest, query)
 
 
-def forward_headers(headers: Iterable[tuple[str, str]]) -> dict[str, str]:
+def forward_headers(headers: Iterable[tuple[str, str]], *, account_headers: bool = False) -> dict[str, str]:
     """The client's headers that may travel upstream, names lower-cased, repeats joined with
     ", ". Removed: credentials, hop-by-hop headers (also those named by `Connection`), cookies,
-    `Accept-Encoding` and `Alephant-*`."""
+    `Accept-Encoding`, `Alephant-*` and, unless `account_headers`, the headers that select an
+    account on the operator's provider (`passthrough_rules.ACCOUNT_HEADERS`)."""
     items = list(headers)
     named = {t.strip().lower() for k, v in items if k.lower() == "connection" for t in v.split(",")}
     out: dict[str, str] = {}
     for name, value in items:
         low = name.lower()
         if (low in CREDENTIAL_HEADERS or low in HOP_BY_HOP or low in _CLIENT_ONLY or low in named
-                or low.startswith("alephant-")):
+                or low.startswith("alephant-") or (low in ACCOUNT_HEADERS and not account_headers)):
             continue
         out[low] = f"{out[low]}, {value}" if low in out else value
     return out
@@ -268,8 +301,9 @@ def upstream_headers(headers: Iterable[tuple[str, str]], provider: Provider, key
     `x-api-key` (Anthropic; `anthropic-version` defaulted, the client's version/beta kept),
     `x-goog-api-key` (Gemini), Bedrock SigV4 over exactly `method`/`url`/`body` (signing
     `host`, `x-amz-*` and `content-type`) or a Bedrock API key as Bearer. `Accept-Encoding:
-    identity`, so usage can be read and bytes relayed unchanged. Pure (`now` is the signing time)."""
-    out = forward_headers(headers)
+    identity`, so usage can be read and bytes relayed unchanged. Account-selecting headers only
+    with the provider option `forward_account_headers=true`. Pure (`now` is the signing time)."""
+    out = forward_headers(headers, account_headers=forwards_account_headers(provider.options))
     out["accept-encoding"] = "identity"
     kind = provider.type
     if kind == "bedrock":
@@ -293,35 +327,13 @@ def upstream_headers(headers: Iterable[tuple[str, str]], provider: Provider, key
     return out
 
 
-def secrets_of(provider_type: str, key: str | None) -> tuple[bytes, ...]:
-    """What to mask in relayed bodies: the key, and each part of Bedrock `AKID:SECRET[:TOKEN]`
-    credentials; longest first, parts shorter than 8 characters never."""
-    if not key:
-        return ()
-    parts = {key, *(key.split(":") if provider_type == "bedrock" else ())}
-    return tuple(sorted((p.encode() for p in parts if len(p) >= _MIN_SECRET), key=len, reverse=True))
-
-
-def mask(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
-    for secret in secrets:
-        if secret in data:
-            data = data.replace(secret, b"***")
-    return data
-
-
-def is_text(kind: str) -> bool:
-    return is_json(kind) or kind.startswith("text/") or kind == "application/x-ndjson"
-
-
-def relay_headers(headers: Mapping[str, str]) -> CIMultiDict[str]:
+def relay_headers(headers: Mapping[str, str], secrets: tuple[bytes, ...] = ()) -> CIMultiDict[str]:
     """The upstream response headers the client gets: all but hop-by-hop, `Server`, `Date`,
-    `Set-Cookie`, `Alt-Svc` and `Alephant-*` (ours are added after)."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        low = name.lower()
-        if low not in _RESPONSE_DROP and not low.startswith("alephant-"):
-            out.add(name, value)
-    return out
+    `Set-Cookie`, `Alt-Svc`, `Location` and `Alephant-*` (ours are added after), the provider
+    key masked in every value (`key_mask.mask_headers`)."""
+    kept = ((name, value) for name, value in headers.items()
+            if (low := name.lower()) not in _RESPONSE_DROP and not low.startswith("alephant-"))
+    return mask_headers(kept, secrets)
 
 
 def anthropic_client(provider_type: str | None, raw_path: str) -> bool:
@@ -356,20 +368,6 @@ def begin_passthrough(request: web.Request, worker: WorkerState) -> tuple[CallRe
     return rec, from_query
 
 
-async def _send(worker: WorkerState, provider: Provider, method: str, url: str, body: bytes,
-                headers: dict[str, str]) -> aiohttp.ClientResponse:
-    try:
-        return await worker.session.request(
-            method, URL(url, encoded=True), data=body or None, headers=headers, allow_redirects=False,
-            # A read timeout, not a total: a stream may legitimately run for many minutes.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=worker.settings.upstream_timeout_s))
-    except TimeoutError:
-        raise UpstreamError(f"Provider '{provider.name}' timed out.", status=504, code="upstream_timeout") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"Could not reach provider '{provider.name}': {type(exc).__name__}.",
-                            code="upstream_unreachable") from None
-
-
 async def _buffered(rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
                     secrets: tuple[bytes, ...]) -> web.Response:
     try:
@@ -379,14 +377,13 @@ async def _buffered(rec: CallRecord, provider: Provider, up: aiohttp.ClientRespo
     finally:
         up.release()
     kind = media_type(up.headers.get("Content-Type"))
-    if secrets and is_text(kind):
-        raw = mask(raw, secrets)
+    raw = mask(raw, secrets)  # every content type: a binary body can carry the key as well
     if 200 <= up.status < 300:
         rec.usage = usage_from_body(raw, provider.type) if is_json(kind) else None
         if rec.usage is None and provider.type == "bedrock":
             rec.usage = usage_from_headers(up.headers)
     rec.price()
-    headers = relay_headers(up.headers)
+    headers = relay_headers(up.headers, secrets)
     headers.update(rec.headers())
     headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
     return web.Response(status=up.status, body=raw, headers=headers)
@@ -412,8 +409,9 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
     usage seen so far is recorded."""
     content_type = up.headers.get("Content-Type")
     sniffer = sniffer_for(content_type, provider.type)
-    masking = bool(secrets) and is_text(media_type(content_type))
-    headers = relay_headers(up.headers)
+    # Any content type; a key split across two reads is still caught (held back, never buffered).
+    masker = StreamMasker(secrets) if secrets else None
+    headers = relay_headers(up.headers, secrets)
     headers.update(rec.headers())
     resp = web.StreamResponse(status=up.status, headers=headers)
     finished = False
@@ -430,12 +428,18 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
                         request.transport.close()
                 return resp
             if not chunk:
+                if masker is not None and (rest := masker.flush()):
+                    await resp.write(rest)
                 break
             if rec.ttfb_ms is None:
                 rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
             if sniffer is not None:
                 sniffer.feed(chunk)
-            await resp.write(mask(chunk, secrets) if masking else chunk)
+            if masker is not None:
+                chunk = masker.feed(chunk)
+                if not chunk:
+                    continue
+            await resp.write(chunk)
         finished = True
         await resp.write_eof()
     except (ConnectionResetError, OSError):
@@ -473,6 +477,10 @@ async def _serve(request: web.Request) -> web.StreamResponse:
                                    code="passthrough_disabled")
         rest, query = split_target(request.raw_path)
         check_path(rest)
+        # Before the body is read: a refused call forwards nothing, not even a connection.
+        why = refusal(provider.type, provider.options, request.method, relative_path(base_url_of(provider), rest))
+        if why is not None:
+            raise PermissionDenied(f"Provider '{name}': {why}.", code="passthrough_not_allowed")
         if key_in_query or provider.type == "gemini":
             query = drop_query_param(query, "key")
         url = upstream_url(provider, rest, query)
@@ -483,7 +491,13 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         key = api_key.reveal() if api_key else None
         headers = upstream_headers(request.headers.items(), provider, key, method=request.method, url=url,
                                    body=body, now=datetime.now(UTC))
-        up = await _send(worker, provider, request.method, url, body, headers)
+        up = await send(worker.session, provider.name, request.method, URL(url, encoded=True), body or None,
+                        headers, worker.settings.upstream_timeout_s)
+        if is_redirect(up.status):
+            # Never followed, never relayed: a client following it could take our URL's secrets
+            # (or its own key) to wherever the provider pointed.
+            up.release()
+            raise redirect_error(provider.name, up.status)
         rec.status = up.status
         if up.status >= 400:
             rec.error_code = "upstream_error"

@@ -20,6 +20,7 @@ from yarl import URL
 
 from dataplane.http import error_middleware
 from dataplane.ingress import passthrough as pt
+from dataplane.ingress import passthrough_rules as rules
 from dataplane.ingress.passthrough_usage import (
     EventStreamSniffer,
     NdjsonSniffer,
@@ -29,6 +30,7 @@ from dataplane.ingress.passthrough_usage import (
     usage_from_dict,
     usage_from_headers,
 )
+from dataplane.outbound import make_session
 from dataplane.providers.aws_sigv4 import (
     AwsCredentials,
     canonical_request,
@@ -48,6 +50,7 @@ from schemas.settings import Secret, Settings
 from tests.fakes.anthropic_upstream import FakeAnswer, sse_bytes, stream_events
 from tests.fakes.azure_upstream import FakeAzure
 from tests.fakes.bedrock_upstream import FakeBedrock, Script, stream_frames
+from tests.fakes.hostile_upstream import Act, HostileUpstream, Trap
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.upstream import FakeUpstream
 
@@ -472,6 +475,7 @@ def test_oversized_event_stops_sniffing(monkeypatch: pytest.MonkeyPatch) -> None
 
 CLIENT_KEY = "sk-alph-passthrough-client"
 IAM_KEY = "AKIDPASSTHROUGH1:passthrough/secret/key/0123456789"
+HOSTILE_KEY = "sk-hostile-operator-key-0123456789"
 
 
 class Recorder:
@@ -501,7 +505,7 @@ SLOW_CLOSED = web.AppKey("slow_closed", asyncio.Event)
 async def _echo_key(request: web.Request) -> web.StreamResponse:
     """An upstream that echoes the credential it got, like some providers' 401 bodies do."""
     key = request.headers.get("Authorization", "").removeprefix("Bearer ")
-    if request.path.endswith("/slow"):
+    if "slow" in request.query:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         start = {"type": "message_start", "message": {"usage": {"input_tokens": 40, "output_tokens": 1}}}
@@ -521,9 +525,10 @@ async def upstreams() -> AsyncIterator[dict[str, Any]]:
     echo[SLOW_STARTED], echo[SLOW_CLOSED] = asyncio.Event(), asyncio.Event()
     echo.router.add_route("*", "/{tail:.*}", _echo_key)
     async with FakeBedrock(credentials=AwsCredentials.parse(IAM_KEY)) as bedrock, FakeOllama() as ollama, \
-            FakeAzure() as azure, FakeUpstream() as openai, TestServer(echo, host="127.0.0.1") as echo_server:
+            FakeAzure() as azure, FakeUpstream() as openai, TestServer(echo, host="127.0.0.1") as echo_server, \
+            HostileUpstream() as hostile, Trap() as trap:
         yield {"bedrock": bedrock, "ollama": ollama, "azure": azure, "openai": openai, "echo": echo_server,
-               "echo_app": echo}
+               "echo_app": echo, "hostile": hostile, "trap": trap}
 
 
 @pytest.fixture
@@ -543,15 +548,19 @@ async def gw(upstreams: dict[str, Any]) -> AsyncIterator[Gw]:
         prov("claude", "anthropic", str(upstreams["echo"].make_url("/")), "sk-ant-secret-0123456789"),
         prov("closed", "openai", upstreams["openai"].base_url, "sk-x-0123456789", passthrough="off"),
         prov("mock", "mock", "", None),
+        prov("hostile", "openai", upstreams["hostile"].base_url + "/v1", HOSTILE_KEY),
+        prov("hostile-all", "openai", upstreams["hostile"].base_url + "/v1", HOSTILE_KEY,
+             passthrough_allow="files,organization", forward_account_headers="true"),
     )}
     entities["k1"] = VirtualKey(id="k1", workspace_id="ws", key_hash=keyring.hash_key(CLIENT_KEY))
     store = SnapshotStore()
     store.swap(Snapshot.build(entities, 1))
     store.ready.set()
     recorder = Recorder()
-    async with aiohttp.ClientSession() as session:
+    settings = Settings(max_body_bytes=64 * 1024, ssrf_allow="127.0.0.1")
+    async with make_session(settings) as session:  # the worker's own guarded session
         app = web.Application(middlewares=[error_middleware])
-        app[WORKER] = WorkerState(settings=Settings(max_body_bytes=64 * 1024), keyring=keyring, store=store,
+        app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store,
                                   publisher=recorder, session=session)  # type: ignore[arg-type]
 
         async def v1(request: web.Request) -> web.Response:
@@ -701,7 +710,7 @@ async def test_upstream_cut_mid_stream_cuts_the_client(gw: Gw) -> None:
 
 async def test_client_disconnect_stops_upstream_and_records_partial_usage(gw: Gw, upstreams: dict[str, Any]) -> None:
     app = upstreams["echo_app"]
-    resp = await gw.session.post(gw.url + "/claude/v1/slow", json={"model": "claude-x"}, headers=AUTH)
+    resp = await gw.session.post(gw.url + "/claude/v1/messages?slow=1", json={"model": "claude-x"}, headers=AUTH)
     assert resp.status == 200
     await resp.content.readuntil(b"\n\n")
     await app[SLOW_STARTED].wait()
@@ -710,3 +719,141 @@ async def test_client_disconnect_stops_upstream_and_records_partial_usage(gw: Gw
     event = await gw.last_event()
     assert (event.status, event.error_code, event.partial) == (499, "client_disconnected", True)
     assert event.usage == Usage(input_tokens=40, output_tokens=1) and event.model == "claude-x"
+
+
+# -- outbound hardening: allowlist, account headers, redirects, key echoes --------------------------
+
+
+@pytest.mark.parametrize(("kind", "method", "path", "options", "allowed"), [
+    ("openai", "POST", "v1/chat/completions", {}, True),
+    ("openai", "POST", "chat/completions", {}, True),
+    ("openai", "POST", "v1/responses", {}, True),
+    ("openai", "POST", "v1/embeddings", {}, True),
+    ("openai", "GET", "v1/models", {}, True),
+    ("openai", "GET", "v1/models/gpt-4o", {}, True),
+    ("openai", "DELETE", "v1/models/ft:gpt-4o:acme", {}, False),
+    ("openai", "DELETE", "v1/files/file-1", {}, False),
+    ("openai", "GET", "v1/files", {}, False),
+    ("openai", "GET", "v1/organization/users", {}, False),
+    ("openai", "POST", "v1/fine_tuning/jobs", {}, False),
+    ("openai", "POST", "v1/batches", {}, False),
+    ("openai", "POST", "v1/vector_stores", {}, False),
+    ("openai", "GET", "v1/chat/completions", {}, False),
+    ("openai", "POST", "v1/audio/speech", {}, False),
+    ("openai", "TRACE", "v1/chat/completions", {}, False),
+    ("openai", "PROPFIND", "v1/models", {"passthrough_allow": "all"}, False),
+    ("openai", "DELETE", "v1/files/file-1", {"passthrough_allow": "files"}, True),
+    ("openai", "GET", "v1/organization/users", {"passthrough_allow": "files, organization"}, True),
+    ("openai", "POST", "v1/audio/transcriptions", {"passthrough_allow": "audio"}, True),
+    ("openai", "DELETE", "v1/anything/at/all", {"passthrough_allow": "all"}, True),
+    ("openai", "POST", "v1/organization/x/chat/completions", {}, False),
+    ("groq", "POST", "openai/v1/chat/completions", {}, True),
+    ("azure", "POST", "openai/deployments/gpt4o/chat/completions", {}, True),
+    ("azure", "POST", "openai/v1/chat/completions", {}, True),
+    ("azure", "GET", "openai/files", {}, False),
+    ("anthropic", "POST", "v1/messages", {}, True),
+    ("anthropic", "POST", "v1/messages/count_tokens", {}, True),
+    ("anthropic", "GET", "v1/models", {}, True),
+    ("anthropic", "POST", "v1/messages/batches", {}, False),
+    ("anthropic", "POST", "v1/messages/batches", {"passthrough_allow": "batches"}, True),
+    ("anthropic", "GET", "v1/organizations/users", {}, False),
+    ("gemini", "POST", "v1beta/models/gemini-2.5-flash:generateContent", {}, True),
+    ("gemini", "POST", "v1beta/models/gemini-2.5-flash%3AstreamGenerateContent", {}, True),
+    ("gemini", "POST", "v1beta/models/text-embedding-004:embedContent", {}, True),
+    ("gemini", "GET", "v1beta/models", {}, True),
+    ("gemini", "POST", "upload/v1beta/files", {}, False),
+    ("gemini", "POST", "v1beta/cachedContents", {}, False),
+    ("gemini", "POST", "v1beta/models/gemini-2.5-flash:batchGenerateContent", {}, False),
+    ("bedrock", "POST", "model/arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.x/converse", {}, True),
+    ("bedrock", "POST", "model/m1/invoke-with-response-stream", {}, True),
+    ("bedrock", "POST", "async-invoke", {}, False),
+    ("ollama", "POST", "api/chat", {}, True),
+    ("ollama", "GET", "api/tags", {}, True),
+    ("ollama", "POST", "v1/chat/completions", {}, True),
+    ("ollama", "DELETE", "api/delete", {}, False),
+    ("ollama", "POST", "api/pull", {"passthrough_allow": "model_management"}, True),
+])
+def test_passthrough_allowlist(kind: str, method: str, path: str, options: dict[str, str], allowed: bool) -> None:
+    why = rules.refusal(kind, options, method, path)
+    assert (why is None) is allowed, why
+    if why is not None:
+        assert method in why
+
+
+def test_account_headers_are_dropped_unless_the_provider_allows_them() -> None:
+    client = [("OpenAI-Organization", "org-other"), ("OpenAI-Project", "proj_x"), ("x-goog-user-project", "p"),
+              ("OpenAI-Beta", "assistants=v2")]
+    assert pt.upstream_headers(client, provider("openai"), "sk-k", method="POST", url="u", body=b"", now=NOW) == {
+        "openai-beta": "assistants=v2", "accept-encoding": "identity", "authorization": "Bearer sk-k"}
+    allowing = provider("openai", forward_account_headers="true")
+    out = pt.upstream_headers(client, allowing, "sk-k", method="POST", url="u", body=b"", now=NOW)
+    assert out["openai-organization"] == "org-other" and out["openai-project"] == "proj_x"
+
+
+def test_relayed_headers_mask_the_key_and_drop_location() -> None:
+    secrets = (b"sk-secret-0123456789",)
+    out = pt.relay_headers({"X-Echo": "key sk-secret-0123456789", "Location": "http://169.254.169.254/",
+                            "x-sk-secret-0123456789": "1", "Content-Type": "text/plain"}, secrets)
+    assert dict(out) == {"X-Echo": "key ***", "Content-Type": "text/plain"}
+
+
+@pytest.mark.parametrize(("method", "path", "headers"), [
+    ("DELETE", "/hostile/v1/files/file-1", {}),
+    ("GET", "/hostile/v1/organization/users", {}),
+    ("TRACE", "/hostile/v1/chat/completions", {}),
+    ("PROPFIND", "/hostile/v1/models", {}),
+    ("POST", "/hostile/v1/fine_tuning/jobs", {}),
+])
+async def test_refused_passthrough_forwards_nothing(gw: Gw, upstreams: dict[str, Any], method: str, path: str,
+                                                    headers: dict[str, str]) -> None:
+    hostile: HostileUpstream = upstreams["hostile"]
+    async with gw.session.request(method, gw.url + path, data=b"{}", headers={**AUTH, **headers}) as resp:
+        body = await resp.json()
+    assert resp.status == 403 and body["error"]["code"] == "passthrough_not_allowed"
+    assert method in body["error"]["message"]
+    assert hostile.requests == []
+    event = await gw.last_event()
+    assert (event.status, event.error_code, event.provider) == (403, "passthrough_not_allowed", "hostile")
+
+
+async def test_opted_in_groups_and_account_headers_are_forwarded(gw: Gw, upstreams: dict[str, Any]) -> None:
+    hostile: HostileUpstream = upstreams["hostile"]
+    headers = {**AUTH, "OpenAI-Organization": "org-x"}
+    async with gw.session.delete(gw.url + "/hostile-all/v1/files/file-1", headers=headers) as resp:
+        assert resp.status == 200
+    async with gw.session.post(gw.url + "/hostile/v1/chat/completions", json={"model": "m"}, headers=headers) as resp:
+        assert resp.status == 200
+    assert [(r.method, r.path) for r in hostile.requests] == [("DELETE", "/v1/files/file-1"),
+                                                              ("POST", "/v1/chat/completions")]
+    assert hostile.requests[0].headers["openai-organization"] == "org-x"
+    assert "openai-organization" not in hostile.requests[1].headers
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+async def test_passthrough_redirect_is_neither_followed_nor_relayed(gw: Gw, upstreams: dict[str, Any],
+                                                                    status: int) -> None:
+    hostile, trap = upstreams["hostile"], upstreams["trap"]
+    hostile.script, hostile.redirect_status, hostile.redirect_to = Act.REDIRECT, status, trap.base_url + "/x"
+    async with gw.session.post(gw.url + "/hostile/v1/chat/completions", json={"model": "m"}, headers=AUTH,
+                               allow_redirects=False) as resp:
+        body = await resp.json()
+    assert resp.status == 502 and body["error"]["code"] == "upstream_redirect"
+    assert "Location" not in resp.headers and trap.base_url not in str(body)
+    assert len(hostile.requests) == 1 and trap.requests == []
+    event = await gw.last_event()
+    assert (event.status, event.error_code) == (502, "upstream_redirect")
+
+
+@pytest.mark.parametrize(("act", "streamed"), [(Act.ECHO_HEADER, False), (Act.ECHO_OCTET, False),
+                                               (Act.ECHO_OCTET, True), (Act.ECHO_SSE_SPLIT, True)])
+async def test_passthrough_never_returns_the_key(gw: Gw, upstreams: dict[str, Any], act: Act, streamed: bool) -> None:
+    hostile: HostileUpstream = upstreams["hostile"]
+    hostile.script, hostile.octet_streamed = act, streamed
+    async with gw.session.post(gw.url + "/hostile/v1/chat/completions", json={"model": "m", "stream": streamed},
+                               headers=AUTH) as resp:
+        raw = await resp.read()
+        head = "\n".join(f"{k}: {v}" for k, v in resp.headers.items())
+    assert resp.status == 200
+    assert hostile.keys_seen == [HOSTILE_KEY]  # it did get the key, and echoed it
+    assert HOSTILE_KEY.encode() not in raw and HOSTILE_KEY not in head
+    assert b"***" in raw or "***" in head
