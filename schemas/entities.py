@@ -44,7 +44,9 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     type: ProviderKind
     base_url: str = ""
     api_key_enc: str | None = None
-    # Non-secret, type-specific settings, e.g. `api_version` (azure), `region` (bedrock).
+    # Non-secret, type-specific settings, e.g. `api_version` (azure), `region` (bedrock); for the
+    # `/{provider}/*` passthrough: `passthrough` (off), `passthrough_allow` (opt-in endpoint groups)
+    # and `forward_account_headers` (true), see dataplane/ingress/passthrough_rules.py.
     options: dict[str, str] = msgspec.field(default_factory=dict)
 
 
