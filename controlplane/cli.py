@@ -55,7 +55,8 @@ def cmd_dataplane(args: argparse.Namespace) -> None:
     configure_logging(settings.log_level, service="dataplane")
     # reuse_port lets several workers share one port; the kernel balances connections.
     web.run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                reuse_port=True, access_log=None, print=None, loop=_uvloop_loop(), shutdown_timeout=10)
+                reuse_port=True, access_log=None, print=None, loop=_uvloop_loop(), shutdown_timeout=10,
+                keepalive_timeout=settings.keepalive_timeout_s)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> None:

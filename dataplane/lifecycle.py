@@ -8,6 +8,7 @@ or failure).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import os
@@ -23,11 +24,13 @@ from dataplane.decisions import AgentContext, Target, agent_context, authenticat
 from dataplane.http import REQUEST_ID, decode_json, read_body
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, masked_events, secrets_of
+from dataplane.limits import STREAM_SLOTS, body_within
 from dataplane.pricing import call_cost_nanos
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
+from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import Provider, VirtualKey
 from schemas.errors import GatewayError, InvalidRequest, UpstreamError
 from schemas.events import LlmCall, Usage
@@ -62,6 +65,14 @@ class CallRecord:
     ttfb_ms: float | None = None
     partial: bool = False
     ingress: str = "chat.completions"
+    usage_estimated: bool = False
+
+    def settle_usage(self, reported: Usage | None, request_body: Any, tap: RelayTap) -> None:
+        """Record `reported` usage, or an estimate when it is missing (`usage_estimate.estimate`,
+        which tokenizes only then), and price it."""
+        estimated = estimate(reported, request_body, tap, partial=self.partial)
+        self.usage, self.usage_estimated = (reported, False) if estimated is None else (estimated, True)
+        self.price()
 
     def price(self) -> None:
         if self.usage is not None and self.target is not None:
@@ -94,6 +105,7 @@ class CallRecord:
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             ttfb_ms=self.ttfb_ms,
             partial=self.partial,
+            usage_estimated=self.usage_estimated,
         )
 
     def headers(self) -> dict[str, str]:
@@ -170,7 +182,8 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
     rec = begin(request, worker)
     rec.ingress = ingress.name
     with recorded(worker, rec):
-        raw = decode_json(await read_body(request, worker.settings.max_body_bytes))
+        raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
+                                            worker.settings.body_read_timeout_s))
         if not isinstance(raw, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         plan = ingress.plan(raw, request.headers)
@@ -186,13 +199,17 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         # Whatever a provider echoes, its key must not reach the client (native and translated alike).
         secrets = secrets_of(rec.target.provider.type, call.api_key.reveal() if call.api_key else None)
         if rec.stream:
-            stats = CallStats()
-            if native is not None:
-                events = native[0].stream_native(native[1], call, stats)
-                return await _relay_stream(request, rec, ingress, masked_events(events, secrets), events, stats)
-            chunks = adapter.stream(call, stats)
-            return await _relay_stream(request, rec, ingress,
-                                       masked_events(ingress.render_stream(chunks, plan), secrets), chunks, stats)
+            slots = request.app.get(STREAM_SLOTS)  # absent only in unit-test apps: uncapped there
+            with slots.hold(rec.vk.id) if slots is not None else contextlib.nullcontext():
+                stats = CallStats()
+                if native is not None:
+                    events = native[0].stream_native(native[1], call, stats)
+                    return await _relay_stream(request, rec, ingress, masked_events(events, secrets), events,
+                                               stats, body)
+                chunks = adapter.stream(call, stats)
+                return await _relay_stream(request, rec, ingress,
+                                           masked_events(ingress.render_stream(chunks, plan), secrets), chunks,
+                                           stats, body)
         if native is not None:
             result = await native[0].complete_native(native[1], call)
             body_out = result.body
@@ -200,36 +217,70 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
             result = await adapter.complete(call)
             body_out = ingress.render(result.body, plan)
         body_out = mask(body_out, secrets)
-        rec.usage = result.usage
+        if result.usage is None:  # a provider that reports no usage is still billed, by estimate
+            tap = RelayTap()
+            tap.feed(body_out)
+            rec.settle_usage(None, body, tap)
+        else:
+            rec.usage = result.usage
+        note_disconnect(request, rec)
         return priced_json(rec, body_out)
 
 
+def client_gone(request: web.Request) -> bool:
+    """Whether the client's connection is closed or closing. aiohttp (without
+    `handler_cancellation`, our setting) keeps running a handler whose client left; this is how
+    the handler notices before it answers."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def mark_disconnected(rec: CallRecord) -> None:
+    """The one way a call whose client left is recorded: 499 `client_disconnected`, partial."""
+    rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+
+
+def note_disconnect(request: web.Request, rec: CallRecord) -> None:
+    """Before answering a non-streamed call: a client already gone makes it a 499 partial call
+    (with the usage the upstream reported: it did the work), not a 200 nobody received."""
+    if client_gone(request):
+        mark_disconnected(rec)
+
+
 async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, events: AsyncIterator[bytes],
-                        chunks: AsyncGenerator[bytes, None], stats: CallStats) -> web.StreamResponse:
+                        chunks: AsyncGenerator[bytes, None], stats: CallStats,
+                        sent_body: dict[str, Any]) -> web.StreamResponse:
     """Relay `events` (the client's format) as SSE; `chunks` is the adapter's generator, closed on
-    client disconnect so the upstream request is cancelled."""
+    client disconnect so the upstream request is cancelled. Usage the provider did not report
+    (cut, timed out, never sent) is estimated from `sent_body` and the bytes relayed."""
     first = await anext(events)  # upstream errors before the first byte become ordinary JSON errors
     rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **rec.headers()})
-    await resp.prepare(request)
+    tap = RelayTap()
     try:
+        await resp.prepare(request)  # raises ConnectionResetError if the client already left
         await resp.write(first)
+        tap.feed(first)
         async for event in events:
             await resp.write(event)
-        rec.usage = stats.usage
-        rec.price()
+            tap.feed(event)
+        rec.settle_usage(stats.usage, sent_body, tap)
         await resp.write(ingress.stream_end(nanos_to_decimal_str(rec.cost_nanos)))
     except GatewayError as err:
         rec.status, rec.error_code, rec.partial = err.status, err.code, True
-        rec.usage = stats.usage
-        rec.price()
-        await resp.write(ingress.stream_error(err))
-    except (ConnectionResetError, OSError):
+        rec.settle_usage(stats.usage, sent_body, tap)
+        with contextlib.suppress(OSError):  # the client may be gone too: nothing left to tell it
+            await resp.write(ingress.stream_error(err))
+    except OSError:  # ConnectionResetError included
         # The client went away: stop reading upstream and record what was consumed.
-        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
-        rec.usage = stats.usage
-        rec.price()
+        mark_disconnected(rec)
+        rec.settle_usage(stats.usage, sent_body, tap)
         await chunks.aclose()
         return resp
-    await resp.write_eof()
+    except asyncio.CancelledError:  # worker shutdown: still bill what was relayed
+        mark_disconnected(rec)
+        rec.settle_usage(stats.usage, sent_body, tap)
+        raise
+    with contextlib.suppress(OSError):
+        await resp.write_eof()
     return resp

@@ -24,7 +24,8 @@ from aiohttp import web
 
 from dataplane.decisions import resolve_model
 from dataplane.http import decode_json, read_body, validate
-from dataplane.lifecycle import begin, priced_json, recorded, upstream_call
+from dataplane.lifecycle import begin, note_disconnect, priced_json, recorded, upstream_call
+from dataplane.limits import body_within
 from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.state import WORKER
@@ -173,7 +174,8 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     rec = begin(request, worker)
     rec.ingress = INGRESS
     with recorded(worker, rec):
-        raw = decode_json(await read_body(request, worker.settings.max_body_bytes))
+        raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
+                                            worker.settings.body_read_timeout_s))
         typed = parse_request(raw)
         rec.requested_model = typed.model
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
@@ -185,4 +187,5 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
                                  code="embeddings_not_supported")
         result = await embed(upstream_call(worker, rec.target, {**raw, "model": rec.target.model}))
         rec.usage = result.usage
+        note_disconnect(request, rec)
         return priced_json(rec, reformat(result.body, typed.encoding_format or "float", rec.target.provider.name))

@@ -32,6 +32,7 @@ from dataplane.ingress.messages_translate import (
     to_message,
 )
 from dataplane.lifecycle import begin, upstream_call
+from dataplane.limits import body_within
 from dataplane.providers.anthropic import NATIVE_API
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.registry import adapter_for
@@ -137,7 +138,8 @@ async def serve_count_tokens(request: web.Request) -> web.Response:
     free (no llm.call event, no spend)."""
     worker = request.app[WORKER]
     rec = begin(request, worker)
-    raw = decode_json(await read_body(request, worker.settings.max_body_bytes))
+    raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
+                                        worker.settings.body_read_timeout_s))
     if not isinstance(raw, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     model = validate(raw, CountTokensRequest).model

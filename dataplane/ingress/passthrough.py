@@ -52,6 +52,7 @@ Messages paths (`anthropic_client`), in OpenAI's otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -76,13 +77,15 @@ from dataplane.ingress.passthrough_usage import (
     usage_from_headers,
 )
 from dataplane.key_mask import StreamMasker, mask, mask_headers, secrets_of
-from dataplane.lifecycle import CallRecord, new_request_id, recorded
+from dataplane.lifecycle import CallRecord, new_request_id, note_disconnect, recorded
+from dataplane.limits import STREAM_SLOTS, body_within, wants_stream
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
 from dataplane.providers.openai_compat import PROFILES
 from dataplane.providers.upstream import is_redirect, redirect_error, send
 from dataplane.state import WORKER, WorkerState
+from dataplane.usage_estimate import RelayTap
 from schemas.entities import RESERVED_PROVIDER_NAMES, Provider
 from schemas.errors import (
     GatewayError,
@@ -402,11 +405,13 @@ async def _watch_client(request: web.Request, rec: CallRecord, up: aiohttp.Clien
 
 
 async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
-                 secrets: tuple[bytes, ...]) -> web.StreamResponse:
+                 secrets: tuple[bytes, ...], sent_body: bytes = b"") -> web.StreamResponse:
     """Chunks as they arrive. Upstream cut mid-stream: the client's connection is cut too (so it
     sees a truncated stream, as it would have without us). Client gone (a failed write, the
     watcher, or the handler cancelled): the upstream response is closed at once. Either way the
-    usage seen so far is recorded."""
+    usage seen so far is recorded; a successful inference stream (one with a usage sniffer) whose
+    usage never came is billed by estimate from `sent_body` and the bytes relayed."""
+    tap = RelayTap()
     content_type = up.headers.get("Content-Type")
     sniffer = sniffer_for(content_type, provider.type)
     # Any content type; a key split across two reads is still caught (held back, never buffered).
@@ -440,6 +445,7 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
                 if not chunk:
                     continue
             await resp.write(chunk)
+            tap.feed(chunk)
         finished = True
         await resp.write_eof()
     except (ConnectionResetError, OSError):
@@ -456,6 +462,8 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
         if sniffer is not None:
             sniffer.close()
             rec.usage = sniffer.usage
+            if up.status < 400:
+                rec.settle_usage(sniffer.usage, sent_body, tap)
         rec.price()
     return resp
 
@@ -467,7 +475,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound()
     rec, key_in_query = begin_passthrough(request, worker)
     rec.requested_model = f"{name}/"
-    with recorded(worker, rec):
+    with recorded(worker, rec), contextlib.ExitStack() as held:
         provider = rec.snap.providers.get((rec.vk.workspace_id, name))
         if provider is None:
             raise NotFound(f"Provider '{name}' is not configured for this workspace.", code="provider_not_found")
@@ -484,13 +492,17 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         if key_in_query or provider.type == "gemini":
             query = drop_query_param(query, "key")
         url = upstream_url(provider, rest, query)
-        body = await read_limited(request, worker.settings.max_body_bytes)
+        body = await body_within(request, read_limited(request, worker.settings.max_body_bytes),
+                                 worker.settings.body_read_timeout_s)
         model = model_of(body, request.headers.get("Content-Type", ""), rest)
         rec.target, rec.requested_model = Target(provider=provider, model=model), f"{name}/{model}"
         api_key = worker.provider_key(provider.api_key_enc)
         key = api_key.reveal() if api_key else None
         headers = upstream_headers(request.headers.items(), provider, key, method=request.method, url=url,
                                    body=body, now=datetime.now(UTC))
+        slots = request.app.get(STREAM_SLOTS)  # absent only in unit-test apps
+        if slots is not None and wants_stream(body, rest, provider.type):
+            held.enter_context(slots.hold(rec.vk.id))  # before sending: a refused call costs nothing upstream
         up = await send(worker.session, provider.name, request.method, URL(url, encoded=True), body or None,
                         headers, worker.settings.upstream_timeout_s)
         if is_redirect(up.status):
@@ -504,8 +516,10 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         secrets = secrets_of(provider.type, key)
         if is_streamed(up.headers.get("Content-Type"), up.content_length):
             rec.stream = True
-            return await _relay(request, rec, provider, up, secrets)
-        return await _buffered(rec, provider, up, secrets)
+            return await _relay(request, rec, provider, up, secrets, body)
+        answer = await _buffered(rec, provider, up, secrets)
+        note_disconnect(request, rec)
+        return answer
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
