@@ -93,19 +93,27 @@ class StreamMasker:
     """Masks secrets in a byte stream fed chunk by chunk (SSE, NDJSON, AWS event stream, anything).
 
     `feed(chunk)` returns what may be sent now; `flush()` returns the held-back rest at the end of
-    the stream. Concatenating every output equals `mask(whole stream)`. Not thread-safe; one per
-    stream."""
+    the stream. Concatenating every output equals `mask(whole stream)` (with several secrets, a
+    part such as a Bedrock key id may be masked before its whole key is seen: nothing leaks either
+    way). Not thread-safe; one per stream."""
 
-    __slots__ = ("_held", "_secrets")
+    __slots__ = ("_enders", "_held", "_secrets")
 
     def __init__(self, secrets: tuple[bytes, ...]) -> None:
         self._secrets = secrets
+        # A read can end inside a secret only on a byte of that secret (its last byte excluded):
+        # SSE and NDJSON reads end in a newline, so this one set lookup usually settles it.
+        self._enders = frozenset(b for s in secrets for b in s[:-1])
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._held + chunk if self._held else chunk
+        if not data:
+            return data
         data = mask(data, self._secrets)
-        keep = max((_partial_tail(data, s) for s in self._secrets), default=0)
+        keep = 0
+        if data[-1] in self._enders:
+            keep = max(_partial_tail(data, s) for s in self._secrets)
         if keep:
             self._held = data[-keep:]
             return data[:-keep]
