@@ -74,6 +74,7 @@ class Service:
     argv: list[str] = field(default_factory=list)
     run_as: str | None = None
     ready: Callable[[Service], bool] | None = None
+    before_start: Callable[[], None] | None = None
 
     def exited(self) -> bool:
         """True if this is a child we started and it is no longer running."""
@@ -91,6 +92,8 @@ class Service:
             raise ServiceStartError(f"{self.name} was not started by us; it cannot be (re)started")
         deadline = time.monotonic() + timeout
         while True:
+            if self.before_start is not None:
+                self.before_start()
             self.proc = _spawn(self.argv, self.log, self.run_as)
             try:
                 wait_until(self._ready_or_exited, max(0.1, deadline - time.monotonic()), self.name, self.log)
@@ -269,8 +272,12 @@ def start_postgres(state_dir: Path) -> Service:
         argv=[str(bin_dir / "postgres"), "-D", str(pgdata), "-h", "127.0.0.1", "-p", str(port),
               "-k", str(sockdir), "-c", "synchronous_commit=on", "-c", "max_connections=200"],
         run_as=user, ready=lambda _svc: subprocess.run(isready, check=False).returncode == 0,
+        # pytest (any concurrent session) resets /tmp/pytest-of-<user> to 0700, which locks the
+        # unprivileged Postgres user out of a data dir below it: re-open the path before each
+        # start, and retry a start that failed on it.
+        before_start=(lambda: _grant_traverse(pgdata.parent)) if user is not None else None,
     )
-    svc.launch(60)
+    svc.launch(60, retry_exits=user is not None)
     return svc
 
 
