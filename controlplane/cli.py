@@ -46,24 +46,22 @@ def _uvloop_loop() -> asyncio.AbstractEventLoop:
 # ---- process roles -----------------------------------------------------------------------------
 
 def cmd_dataplane(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
     from controlplane.logs import configure_logging
     from dataplane.app import build_app
+    from dataplane.http_server import run_app
 
     settings = _settings()
     configure_logging(settings.log_level, service="dataplane")
     # reuse_port lets several workers share one port; the kernel balances connections.
-    web.run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-                reuse_port=True, access_log=None, print=None, loop=_uvloop_loop(), shutdown_timeout=10,
-                keepalive_timeout=settings.keepalive_timeout_s)
+    # run_app: aiohttp's own parser errors are answered in the API's JSON error shape too.
+    run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
+            reuse_port=True, loop=_uvloop_loop(), shutdown_timeout=10, keepalive_timeout=settings.keepalive_timeout_s)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> None:
-    from aiohttp import web
-
     from controlplane.app import build_admin_app
     from controlplane.logs import configure_logging
+    from dataplane.http_server import run_app
     from events.db import migrate
 
     settings = _settings()
@@ -74,8 +72,7 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
         app = build_admin_app(settings)
     except ValueError as exc:
         sys.exit(f"alephant controlplane: {exc}")
-    web.run_app(app, host=args.host or settings.admin_host, port=args.port or settings.admin_port,
-                access_log=None, print=None, loop=loop)
+    run_app(app, host=args.host or settings.admin_host, port=args.port or settings.admin_port, loop=loop)
 
 
 async def _run_projector(settings: Settings) -> None:

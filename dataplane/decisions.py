@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from dataplane.edge import check_properties, check_text
 from dataplane.snapshot import Snapshot
 from schemas.entities import Provider, VirtualKey
-from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
+from schemas.errors import AuthenticationFailed, NotFound, PermissionDenied
 
 MAX_HEADER_ID_LEN = 200
 
@@ -21,7 +22,6 @@ RUN_ID = "Alephant-Run-Id"
 SESSION_ID = "Alephant-Session-Id"
 WORKFLOW_ID = "Alephant-Workflow-Id"
 REQUEST_ID = "Alephant-Request-Id"
-PROPERTY_PREFIX = "alephant-property-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +66,12 @@ def _header_id(headers: Mapping[str, str], name: str) -> str | None:
     value = headers.get(name)
     if value is None or value == "":
         return None
-    if len(value) > MAX_HEADER_ID_LEN or not value.isprintable():
-        raise InvalidRequest(f"Header {name} must be printable and at most {MAX_HEADER_ID_LEN} characters.",
-                             param=name)
-    return value
+    return check_text(value, name, MAX_HEADER_ID_LEN)
 
 
 def agent_context(headers: Mapping[str, str], vk: VirtualKey, new_request_id: Callable[[], str]) -> AgentContext:
-    """Agent context from the contract headers. A key bound to an agent may only act as it."""
+    """Agent context from the contract headers. A key bound to an agent may only act as it.
+    Every value passes the edge checks (`dataplane.edge`): InvalidValue (400) names the header."""
     agent = _header_id(headers, AGENT_ID)
     if vk.agent_id is not None:
         if agent is not None and agent != vk.agent_id:
@@ -81,9 +79,7 @@ def agent_context(headers: Mapping[str, str], vk: VirtualKey, new_request_id: Ca
                 f"This key is bound to agent '{vk.agent_id}' and cannot act as '{agent}'.", code="agent_mismatch"
             )
         agent = vk.agent_id
-    props = tuple(
-        (k[len(PROPERTY_PREFIX):], v) for k, v in headers.items() if k.lower().startswith(PROPERTY_PREFIX)
-    )
+    props = check_properties(headers.items())
     return AgentContext(
         request_id=_header_id(headers, REQUEST_ID) or new_request_id(),
         agent_id=agent,

@@ -13,7 +13,10 @@ from typing import Any, TypeVar
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestPayloadError
 
+from dataplane.edge import check_json_depth, too_deep
 from schemas.errors import (
     GatewayError,
     InternalError,
@@ -51,11 +54,21 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         return b""
     # One read(n) returns only what has arrived so far; loop to the end of the body.
     body = bytearray()
-    while chunk := await request.content.readany():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    try:
+        while chunk := await request.content.readany():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"Request body is larger than the {limit}-byte limit.")
+    except RequestPayloadError:
+        # aiohttp decompresses gzip/deflate bodies as they are read; bytes that are not what
+        # Content-Encoding says (or a body cut short) surface here.
+        raise bad_body_encoding() from None
     return bytes(body)
+
+
+def bad_body_encoding() -> InvalidRequest:
+    return InvalidRequest("The request body could not be read: it does not match its Content-Encoding, "
+                          "or it ended early.", code="invalid_body_encoding")
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -80,13 +93,19 @@ def _validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
 
 
 def decode_json(body: bytes) -> Any:
-    """Decode bytes to plain JSON values, or a 400 that does not echo parser internals."""
+    """Decode bytes to plain JSON values, or a 400 that does not echo parser internals. Bodies
+    nested deeper than `edge.MAX_JSON_DEPTH` are refused (`json_too_deep`) here, before anything
+    else walks them."""
     try:
-        return _any_decoder.decode(body)
+        value = _any_decoder.decode(body)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for invalid UTF-8
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be valid UTF-8 JSON."
         ) from None
+    except RecursionError:  # nested deeper than the interpreter's stack allows
+        raise too_deep() from None
+    check_json_depth(body, value)
+    return value
 
 
 def validate(raw: Any, schema: type[T]) -> T:
@@ -117,6 +136,26 @@ def error_response(request: web.Request, err: GatewayError) -> web.Response:
     return web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
 
 
+def client_fault(exc: BaseException) -> GatewayError | None:
+    """The 4xx for an exception a client can cause outside our own error tree (aiohttp's body
+    and protocol errors, a body too deep or not UTF-8), or None for a genuine bug. Messages are
+    ours: aiohttp's own quote the request bytes, headers included."""
+    if isinstance(exc, RequestPayloadError):
+        return bad_body_encoding()
+    if isinstance(exc, ContentEncodingError):
+        return UnsupportedMediaType("Unsupported Content-Encoding; send the body uncompressed, or as gzip "
+                                    "or deflate.", code="unsupported_content_encoding")
+    if isinstance(exc, LineTooLong):
+        return InvalidRequest("The request line or a header is too long.", code="header_too_large")
+    if isinstance(exc, HttpProcessingError):
+        return InvalidRequest("The HTTP request is malformed.", code="malformed_request")
+    if isinstance(exc, RecursionError):
+        return too_deep()
+    if isinstance(exc, UnicodeDecodeError):
+        return InvalidRequest("The request must be valid UTF-8.", code="invalid_encoding")
+    return None
+
+
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound(f"Unknown path. No route matches '{exc.reason}'.", code="unknown_url")
@@ -145,6 +184,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status == 404:
             mapped.message = f"Unknown request URL: {request.method} {request.path}."
         return error_response(request, mapped)
-    except Exception:
+    except Exception as exc:
+        fault = client_fault(exc)
+        if fault is not None:
+            log.info("client_fault", path=request.path, error=type(exc).__name__)
+            return error_response(request, fault)
         log.exception("unhandled_error", path=request.path)
         return error_response(request, InternalError("The gateway hit an internal error. It has been logged."))

@@ -21,18 +21,19 @@ import structlog
 from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
-from dataplane.http import REQUEST_ID, decode_json, read_body
+from dataplane.edge import check_model
+from dataplane.http import REQUEST_ID, client_fault, decode_json, read_body
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, masked_events, secrets_of
 from dataplane.limits import STREAM_SLOTS, body_within
-from dataplane.pricing import call_cost_nanos
+from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import Provider, VirtualKey
-from schemas.errors import GatewayError, InvalidRequest, UpstreamError
+from schemas.errors import GatewayError, InvalidRequest, InvalidValue, UpstreamError
 from schemas.events import LlmCall, Usage
 from schemas.ids import uuid7
 from schemas.money import nanos_to_decimal_str
@@ -65,7 +66,20 @@ class CallRecord:
     ttfb_ms: float | None = None
     partial: bool = False
     ingress: str = "chat.completions"
+    anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
     usage_estimated: bool = False
+
+    def flag(self, anomaly: str) -> None:
+        if anomaly not in self.anomalies:
+            self.anomalies = (*self.anomalies, anomaly)
+
+    def _bound_usage(self) -> None:
+        # Every path that records usage (chat, native, passthrough sniffer, embeddings, estimates)
+        # passes here, via price() and again in event(): impossible counts never reach the ledger.
+        bounded = bounded_usage(self.usage) if self.usage is not None else None
+        if bounded is not None:
+            self.usage = bounded
+            self.flag("usage_clamped")
 
     def settle_usage(self, reported: Usage | None, request_body: Any, tap: RelayTap) -> None:
         """Record `reported` usage, or an estimate when it is missing (`usage_estimate.estimate`,
@@ -75,11 +89,15 @@ class CallRecord:
         self.price()
 
     def price(self) -> None:
+        self._bound_usage()
         if self.usage is not None and self.target is not None:
             self.cost_nanos, self.priced = call_cost_nanos(self.snap.prices, self.target.provider,
                                                           self.target.model, self.usage)
+            if self.cost_nanos >= MAX_CALL_COST_NANOS:
+                self.flag("cost_clamped")
 
     def event(self) -> LlmCall:
+        self._bound_usage()
         provider = self.target.provider.name if self.target else self.requested_model.partition("/")[0]
         model = self.target.model if self.target else self.requested_model
         return LlmCall(
@@ -105,6 +123,7 @@ class CallRecord:
             latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
             ttfb_ms=self.ttfb_ms,
             partial=self.partial,
+            anomalies=self.anomalies,
             usage_estimated=self.usage_estimated,
         )
 
@@ -147,14 +166,25 @@ def upstream_call(worker: WorkerState, target: Target, body: dict[str, Any], *, 
 @contextlib.contextmanager
 def recorded(worker: WorkerState, rec: CallRecord) -> Iterator[None]:
     """Around a handler's work: a GatewayError is noted on the record and re-raised (the error
-    middleware renders it), and exactly one `llm.call` event is emitted whatever happens."""
+    middleware renders it), and exactly one `llm.call` event is emitted whatever happens, except
+    for InvalidValue: a client string refused at the edge is never recorded."""
+    emit = True
     try:
         yield
+    except InvalidValue:
+        emit = False
+        raise
     except GatewayError as err:
         rec.status, rec.error_code = err.status, err.code
         raise
+    except Exception as exc:
+        # Rendered by the error middleware as this 4xx (a client fault) or a 500: record the same.
+        fault = client_fault(exc)
+        rec.status, rec.error_code = (fault.status, fault.code) if fault else (500, "internal_error")
+        raise
     finally:
-        worker.publisher.emit(rec.event())
+        if emit:
+            worker.publisher.emit(rec.event())
 
 
 def priced_json(rec: CallRecord, body: bytes) -> web.Response:
@@ -187,7 +217,7 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
         if not isinstance(raw, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         plan = ingress.plan(raw, request.headers)
-        rec.requested_model, rec.stream = plan.model, plan.stream
+        rec.requested_model, rec.stream = check_model(plan.model), plan.stream
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, plan.model)
         adapter = adapter_for(rec.target.provider.type)
         native = _native_route(adapter, plan, rec.target.provider)

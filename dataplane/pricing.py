@@ -38,8 +38,31 @@ BUILTIN_PRICES = {
 }
 
 
+# The most tokens one call may record, per count. Far above any real call (the largest context
+# windows are a few million tokens), and small enough that counts times any catalog price stay
+# well inside a Postgres bigint: a provider reporting 1e19 tokens must not overflow the ledger.
+MAX_TOKENS_PER_CALL = 10**9
+# The most one call may cost: $1,000,000 in nano-USD. A bigint holds about 9.2e18 nanos, so even
+# thousands of calls at the cap sum without overflow; an override price so large that a real call
+# reaches it is an operator error, clamped here and flagged on the event (`cost_clamped`).
+MAX_CALL_COST_NANOS = 10**15
+
+
+def bounded_usage(usage: Usage) -> Usage | None:
+    """None when every count of `usage` is within 0..MAX_TOKENS_PER_CALL (the usual case: a few
+    comparisons); else a copy with each count clamped into that range (negative -> 0)."""
+    counts = (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
+              usage.reasoning_tokens)
+    if all(0 <= n <= MAX_TOKENS_PER_CALL for n in counts):
+        return None
+    i, o, cr, cw, r = (min(max(n, 0), MAX_TOKENS_PER_CALL) for n in counts)
+    return Usage(input_tokens=i, output_tokens=o, cache_read_tokens=cr, cache_write_tokens=cw, reasoning_tokens=r)
+
+
 def override_cost_nanos(price: PriceOverride, usage: Usage) -> int:
-    """Exact integer arithmetic: token counts times nano-USD per million tokens, rounded half up."""
+    """Exact integer arithmetic: token counts times nano-USD per million tokens, rounded half up,
+    then bounded to 0..MAX_CALL_COST_NANOS whatever the price (a cost at the cap is flagged by
+    the caller)."""
     cache_read_price = price.input_per_mtok_nanos if price.cache_read_per_mtok_nanos is None \
         else price.cache_read_per_mtok_nanos
     cache_write_price = price.input_per_mtok_nanos if price.cache_write_per_mtok_nanos is None \
@@ -51,7 +74,7 @@ def override_cost_nanos(price: PriceOverride, usage: Usage) -> int:
         + usage.cache_write_tokens * cache_write_price
         + usage.output_tokens * price.output_per_mtok_nanos
     )
-    return (micro + _MILLION // 2) // _MILLION
+    return min(max((micro + _MILLION // 2) // _MILLION, 0), MAX_CALL_COST_NANOS)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -74,7 +97,8 @@ def _catalog_cost(provider_id: str, model: str, usage: Usage) -> Decimal | None:
 
 def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: Provider, model: str,
                     usage: Usage) -> tuple[int, bool]:
-    """`(cost_nanos, priced)` for one call. `prices` is the snapshot's override index."""
+    """`(cost_nanos, priced)` for one call. `prices` is the snapshot's override index. The cost
+    never exceeds MAX_CALL_COST_NANOS; pass usage already bounded (`bounded_usage`)."""
     override = prices.get((provider.name, model)) or BUILTIN_PRICES.get((provider.type, model))
     if override is not None:
         return override_cost_nanos(override, usage), True
@@ -84,7 +108,7 @@ def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: P
     total = _catalog_cost(catalog_id, model, usage)
     if total is None:
         return 0, False
-    return decimal_to_nanos(total), True
+    return min(decimal_to_nanos(total), MAX_CALL_COST_NANOS), True
 
 
 @functools.lru_cache(maxsize=64)

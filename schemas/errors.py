@@ -2,6 +2,8 @@
 
     GatewayError(Exception)
     ├── InvalidRequest        400 invalid_request_error        (malformed JSON, wrong types, missing fields)
+    │   └── InvalidValue      400 invalid_request_error / invalid_value (a client string refused at the edge;
+    │                             never recorded in an event)
     ├── AuthenticationFailed  401 authentication_error / invalid_api_key
     ├── PermissionDenied      403 permission_error / policy_denied
     ├── NotFound              404 not_found_error / model_not_found (or another *_not_found code)
@@ -68,6 +70,14 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError, ValueError):
     status = 400
     type = "invalid_request_error"
+
+
+class InvalidValue(InvalidRequest):
+    """A client string (model, context id, property) that fails the edge checks (`dataplane.edge`).
+
+    The lifecycle emits no event for it: the value is what the event log could not store."""
+
+    default_code = "invalid_value"
 
 
 class AuthenticationFailed(GatewayError, PermissionError):

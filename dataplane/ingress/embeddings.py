@@ -23,6 +23,7 @@ import msgspec
 from aiohttp import web
 
 from dataplane.decisions import resolve_model
+from dataplane.edge import check_model
 from dataplane.http import decode_json, read_body, validate
 from dataplane.lifecycle import begin, note_disconnect, priced_json, recorded, upstream_call
 from dataplane.limits import body_within
@@ -177,7 +178,7 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
         raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
                                             worker.settings.body_read_timeout_s))
         typed = parse_request(raw)
-        rec.requested_model = typed.model
+        rec.requested_model = check_model(typed.model)
         rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
         embed: Callable[[UpstreamCall], Awaitable[ChatResponse]] | None = getattr(
             adapter_for(rec.target.provider.type), "embed", None)

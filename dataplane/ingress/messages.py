@@ -21,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from dataplane.decisions import resolve_model
+from dataplane.edge import check_model
 from dataplane.http import decode_json, read_body, validate
 from dataplane.ingress.base import ChatPlan
 from dataplane.ingress.messages_translate import (
@@ -142,7 +143,7 @@ async def serve_count_tokens(request: web.Request) -> web.Response:
                                         worker.settings.body_read_timeout_s))
     if not isinstance(raw, dict):
         raise InvalidRequest("The request body must be a JSON object.")
-    model = validate(raw, CountTokensRequest).model
+    model = check_model(validate(raw, CountTokensRequest).model)
     target = resolve_model(rec.snap, rec.vk.workspace_id, model)
     call = upstream_call(worker, target, {**raw, "model": target.model}, headers=forward_headers(request.headers))
     counted = await MessagesIngress().count_tokens(raw, adapter_for(target.provider.type), call)

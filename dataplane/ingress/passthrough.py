@@ -67,6 +67,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from dataplane.decisions import Target, agent_context, authenticate, bearer_token
+from dataplane.edge import check_model, too_deep
 from dataplane.http import REQUEST_ID, is_anthropic_path, read_limited
 from dataplane.ingress.passthrough_rules import ACCOUNT_HEADERS, forwards_account_headers, refusal
 from dataplane.ingress.passthrough_usage import (
@@ -188,12 +189,16 @@ def is_json(kind: str) -> bool:
 
 
 def model_of(body: bytes, content_type: str, rest: str) -> str:
-    """The JSON body's `model` (OpenAI, Anthropic, Ollama), else `model_from_path(rest)`."""
+    """The JSON body's `model` (OpenAI, Anthropic, Ollama), else `model_from_path(rest)`. The
+    caller checks it (`edge.check_model`) before recording it. 400 `json_too_deep` for a JSON body
+    nested beyond what the decoder can skip."""
     if body and is_json(media_type(content_type)):
         try:
             model = _model_decoder.decode(body).model
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             model = None
+        except RecursionError:  # msgspec recurses even to skip a field
+            raise too_deep() from None
         if isinstance(model, str) and model:
             return model
     return model_from_path(rest)
@@ -494,7 +499,7 @@ async def _serve(request: web.Request) -> web.StreamResponse:
         url = upstream_url(provider, rest, query)
         body = await body_within(request, read_limited(request, worker.settings.max_body_bytes),
                                  worker.settings.body_read_timeout_s)
-        model = model_of(body, request.headers.get("Content-Type", ""), rest)
+        model = check_model(model_of(body, request.headers.get("Content-Type", ""), rest))
         rec.target, rec.requested_model = Target(provider=provider, model=model), f"{name}/{model}"
         api_key = worker.provider_key(provider.api_key_enc)
         key = api_key.reveal() if api_key else None
