@@ -61,9 +61,10 @@ def check_properties(headers: Iterable[tuple[str, str]]) -> tuple[tuple[str, str
     `MAX_PROPERTY_VALUE_BYTES` UTF-8 bytes of printable text; else InvalidValue naming the header
     (or `Alephant-Property-*` for the count)."""
     props: list[tuple[str, str]] = []
-    for header, value in headers:
-        if not header.lower().startswith(PROPERTY_PREFIX):
+    for name_as_sent, value in headers:
+        if not name_as_sent.lower().startswith(PROPERTY_PREFIX):
             continue
+        header = str(name_as_sent)  # aiohttp's names are `istr`, which the error and event encoders refuse
         if len(props) == MAX_PROPERTIES:
             raise InvalidValue(f"At most {MAX_PROPERTIES} Alephant-Property-* headers are allowed.",
                                param="Alephant-Property-*")

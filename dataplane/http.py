@@ -66,9 +66,12 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
     return bytes(body)
 
 
+BAD_BODY_ENCODING = "invalid_body_encoding"
+
+
 def bad_body_encoding() -> InvalidRequest:
     return InvalidRequest("The request body could not be read: it does not match its Content-Encoding, "
-                          "or it ended early.", code="invalid_body_encoding")
+                          "or it ended early.", code=BAD_BODY_ENCODING)
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -133,7 +136,12 @@ def error_response(request: web.Request, err: GatewayError) -> web.Response:
     headers = dict(err.headers)
     if REQUEST_ID in request:
         headers["Alephant-Request-Id"] = request[REQUEST_ID]
-    return web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
+    resp = web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
+    if err.code == BAD_BODY_ENCODING:
+        # The rest of a body we could not decode cannot be skipped reliably: end the connection,
+        # and say so, so the client does not send its next request down it.
+        resp.force_close()
+    return resp
 
 
 def client_fault(exc: BaseException) -> GatewayError | None:

@@ -109,4 +109,7 @@ async def test_body_arriving_in_pieces_is_read_whole(gateway: Gateway, http: aio
                          headers={"Authorization": f"Bearer {gateway.demo_key}",
                                   "Content-Type": "application/json"}) as resp:
         assert resp.status == 200, await resp.text()
-        assert (await resp.json())["choices"][0]["message"]["content"] == text
+        answer = await resp.json()
+    # The mock echoes only the start of a long prompt (its output is capped), but counts all of it.
+    assert text.startswith(answer["choices"][0]["message"]["content"])
+    assert answer["usage"]["prompt_tokens"] == len(text) // 4 + 3

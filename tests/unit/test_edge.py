@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, ContentEncodi
 from aiohttp.web_protocol import RequestPayloadError
 from hypothesis import given
 from hypothesis import strategies as st
-from multidict import CIMultiDict
+from multidict import CIMultiDict, istr
 
 from dataplane.decisions import AgentContext, Target, agent_context
 from dataplane.edge import (
@@ -121,6 +121,17 @@ def test_context_headers_are_checked(name: str, value: str) -> None:
 def test_properties_pass_and_keep_their_names() -> None:
     headers = [("Alephant-Property-Team", "search"), ("alephant-property-cost-center", "42"), ("X-Other", "\x00")]
     assert check_properties(headers) == (("Team", "search"), ("cost-center", "42"))
+
+
+def test_property_names_are_plain_strings() -> None:
+    # aiohttp hands header names over as multidict `istr`; msgspec cannot encode those.
+    headers = CIMultiDict([(istr("Alephant-Property-Team"), "search")])
+    ((name, _),) = check_properties(headers.items())
+    assert type(name) is str
+    with pytest.raises(InvalidValue) as info:
+        check_properties(CIMultiDict([(istr("Alephant-Property-Team"), "\x00")]).items())
+    assert type(info.value.param) is str
+    assert msgspec.json.encode(info.value.detail())
 
 
 def test_property_count_cap() -> None:
