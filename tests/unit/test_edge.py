@@ -316,7 +316,7 @@ def _payload_error() -> RequestPayloadError:
     (ContentEncodingError("Can not decode content-encoding: brotli (br)"), 415, "unsupported_content_encoding"),
     (LineTooLong(b"Authorization: Bearer sk-secret" * 400, 8190), 400, "header_too_large"),
     (BadHttpMessage("Too many headers received"), 400, "malformed_request"),
-    (BadStatusLine(b"POST / HTTP/1.1\nAuthorization: Bearer sk-secret\n"), 400, "malformed_request"),
+    (BadStatusLine("POST / HTTP/1.1\nAuthorization: Bearer sk-secret\n"), 400, "malformed_request"),
     (RecursionError("maximum recursion depth exceeded"), 400, "json_too_deep"),
     (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), 400, "invalid_encoding"),
 ])
