@@ -55,7 +55,8 @@ def cmd_dataplane(args: argparse.Namespace) -> None:
     # reuse_port lets several workers share one port; the kernel balances connections.
     # run_app: aiohttp's own parser errors are answered in the API's JSON error shape too.
     run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-            reuse_port=True, loop=_uvloop_loop(), shutdown_timeout=10, keepalive_timeout=settings.keepalive_timeout_s)
+            reuse_port=True, loop=_uvloop_loop(), shutdown_timeout=10, keepalive_timeout=settings.keepalive_timeout_s,
+            max_connections=settings.max_connections)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> None:

@@ -26,6 +26,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
 from dataplane.http import client_fault, is_anthropic_path
+from dataplane.limits import CappedTCPSite
 from schemas.errors import GatewayError, InternalError, InvalidRequest, UpstreamError, render_anthropic, render_openai
 
 log = structlog.get_logger(__name__)
@@ -97,9 +98,10 @@ class JsonErrorAppRunner(web.AppRunner):
 
 def run_app(app: web.Application, *, host: str, port: int, loop: asyncio.AbstractEventLoop,
             reuse_port: bool | None = None, shutdown_timeout: float = 60.0, keepalive_timeout: float = 75.0,
-            **handler_args: Any) -> None:
+            max_connections: int = 0, **handler_args: Any) -> None:
     """Serve `app` on `host:port` until SIGINT/SIGTERM, then shut down gracefully (at most
     `shutdown_timeout` s for requests in flight, then the app's cleanup) and close `loop`.
+    Beyond `max_connections` open connections (0: no cap) a new one is answered 503 and closed.
     `handler_args` go to each connection's `RequestHandler`, as with `web.run_app`. No access log."""
     runner = JsonErrorAppRunner(app, handle_signals=True, access_log=None, shutdown_timeout=shutdown_timeout,
                                 keepalive_timeout=keepalive_timeout, **handler_args)
@@ -107,7 +109,7 @@ def run_app(app: web.Application, *, host: str, port: int, loop: asyncio.Abstrac
     async def serve() -> None:
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, reuse_port=reuse_port).start()
+            await CappedTCPSite(runner, host, port, reuse_port=reuse_port, max_connections=max_connections).start()
             await asyncio.Event().wait()  # until a signal raises GracefulExit out of the loop
         finally:
             await runner.cleanup()

@@ -68,6 +68,7 @@ class CallRecord:
     ingress: str = "chat.completions"
     anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
     usage_estimated: bool = False
+    emitted: bool = False
 
     def flag(self, anomaly: str) -> None:
         if anomaly not in self.anomalies:
@@ -184,7 +185,16 @@ def recorded(worker: WorkerState, rec: CallRecord) -> Iterator[None]:
         raise
     finally:
         if emit:
-            worker.publisher.emit(rec.event())
+            emit_once(worker, rec)
+
+
+def emit_once(worker: WorkerState, rec: CallRecord) -> None:
+    """Emit the call's `llm.call` unless it already was. Streams call it before their last write
+    (`write_eof`), so the event is spooled before the client can see the answer complete: a
+    worker killed right after a client got its answer never loses the call."""
+    if not rec.emitted:
+        rec.emitted = True
+        worker.publisher.emit(rec.event())
 
 
 def priced_json(rec: CallRecord, body: bytes) -> web.Response:
@@ -311,6 +321,7 @@ async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress,
         mark_disconnected(rec)
         rec.settle_usage(stats.usage, sent_body, tap)
         raise
+    emit_once(request.app[WORKER], rec)
     with contextlib.suppress(OSError):
         await resp.write_eof()
     return resp

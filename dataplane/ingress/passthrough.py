@@ -72,13 +72,22 @@ from dataplane.http import REQUEST_ID, is_anthropic_path, read_limited
 from dataplane.ingress.passthrough_rules import ACCOUNT_HEADERS, forwards_account_headers, refusal
 from dataplane.ingress.passthrough_usage import (
     STREAM_TYPES,
+    StreamSniffer,
     media_type,
     sniffer_for,
     usage_from_body,
     usage_from_headers,
 )
 from dataplane.key_mask import StreamMasker, mask, mask_headers, secrets_of
-from dataplane.lifecycle import CallRecord, new_request_id, note_disconnect, recorded
+from dataplane.lifecycle import (
+    CallRecord,
+    client_gone,
+    emit_once,
+    mark_disconnected,
+    new_request_id,
+    note_disconnect,
+    recorded,
+)
 from dataplane.limits import STREAM_SLOTS, body_within, wants_stream
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
@@ -402,9 +411,8 @@ async def _watch_client(request: web.Request, rec: CallRecord, up: aiohttp.Clien
     error): mark the record and close the upstream response, which ends the pending read."""
     while True:
         await asyncio.sleep(DISCONNECT_POLL_S)
-        transport = request.transport
-        if transport is None or transport.is_closing():
-            rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+        if client_gone(request):
+            mark_disconnected(rec)
             up.close()
             return
 
@@ -452,11 +460,13 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
             await resp.write(chunk)
             tap.feed(chunk)
         finished = True
+        _settle_relayed(rec, up, sniffer, sent_body, tap)
+        emit_once(request.app[WORKER], rec)  # spooled before the client sees the stream complete
         await resp.write_eof()
-    except (ConnectionResetError, OSError):
-        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+    except OSError:  # ConnectionResetError included
+        mark_disconnected(rec)
     except asyncio.CancelledError:
-        rec.status, rec.error_code, rec.partial = 499, "client_disconnected", True
+        mark_disconnected(rec)
         raise
     finally:
         watcher.cancel()
@@ -464,13 +474,22 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
             up.release()
         else:
             up.close()  # stop reading upstream now; never return a half-read connection to the pool
-        if sniffer is not None:
-            sniffer.close()
-            rec.usage = sniffer.usage
-            if up.status < 400:
-                rec.settle_usage(sniffer.usage, sent_body, tap)
-        rec.price()
+        _settle_relayed(rec, up, sniffer, sent_body, tap)
     return resp
+
+
+def _settle_relayed(rec: CallRecord, up: aiohttp.ClientResponse, sniffer: StreamSniffer | None, sent_body: bytes,
+                    tap: RelayTap) -> None:
+    """Usage and cost of a relayed stream, from what the sniffer saw (an estimate for a successful
+    inference stream whose usage never came). Idempotent: the first call settles."""
+    if rec.emitted:
+        return
+    if sniffer is not None:
+        sniffer.close()
+        rec.usage = sniffer.usage
+        if up.status < 400:
+            rec.settle_usage(sniffer.usage, sent_body, tap)
+    rec.price()
 
 
 async def _serve(request: web.Request) -> web.StreamResponse:

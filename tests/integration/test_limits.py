@@ -1,5 +1,5 @@
 """Limits on what a client can hold, and disconnects before the headers, on a DEDICATED stack with
-small limits (`ALEPHANT_MAX_STREAMS_PER_KEY=2`, a 1 s body timeout, a 2 s idle timeout), so the
+small limits (`ALEPHANT_MAX_STREAMS_PER_KEY=2`, a 1 s body timeout, a 2 s idle timeout, 40 connections), so the
 shared stack keeps its defaults. A slow OpenAI fake holds streams open.
 """
 
@@ -24,7 +24,7 @@ from tests.fakes.upstream import FakeUpstream
 
 _DROPPED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ALEPHANT_SECRET_KEY",
             "ALEPHANT_ADMIN_TOKEN", "ALEPHANT_PORT", "ALEPHANT_ADMIN_PORT")
-LIMITS = {"ALEPHANT_MAX_STREAMS_PER_KEY": "2", "ALEPHANT_BODY_READ_TIMEOUT_S": "1",
+LIMITS = {"ALEPHANT_MAX_STREAMS_PER_KEY": "2", "ALEPHANT_BODY_READ_TIMEOUT_S": "1", "ALEPHANT_MAX_CONNECTIONS": "40",
           "ALEPHANT_KEEPALIVE_TIMEOUT_S": "2", "ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5"}
 
 
@@ -164,6 +164,36 @@ async def test_stalled_body_is_a_408_and_idle_connections_close(stack: Stack) ->
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.port)
     assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
+
+
+async def test_the_worker_caps_its_connections_and_answers_the_excess_in_json(stack: Stack,
+                                                                              http: aiohttp.ClientSession) -> None:
+    """The real worker process (`alephant dataplane`, `ALEPHANT_MAX_CONNECTIONS=40`): 100 idle
+    connections are opened; at most 40 are held, every other one gets an immediate 503 in the API's
+    error shape and is closed; once they are gone a normal request is served again."""
+    opened = [await asyncio.open_connection("127.0.0.1", stack.port) for _ in range(100)]
+    refused = 0
+    for reader, _writer in opened:
+        try:
+            data = await asyncio.wait_for(reader.read(), 0.3)
+        except TimeoutError:
+            continue  # held open: admitted under the cap
+        if data.startswith(b"HTTP/1.1 503"):
+            body = json.loads(data.partition(b"\r\n\r\n")[2])
+            assert body["error"]["code"] == "connection_limit_exceeded"
+            refused += 1
+    held = len(opened) - refused
+    print(f"connection cap 40: held {held}, refused {refused} of {len(opened)}")
+    assert held <= 40 and refused >= 60
+    for _reader, writer in opened:
+        writer.close()
+
+    async def served() -> bool | None:
+        async with http.post(f"{stack.origin}/v1/chat/completions", headers=key_headers(stack),
+                             json={"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            return True if resp.status == 200 else None
+
+    await eventually(served)
 
 
 async def test_mock_is_off_outside_the_demo_workspace_unless_enabled(stack: Stack,
