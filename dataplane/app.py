@@ -71,7 +71,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         publisher = EventPublisher(js, stream=settings.stream, subject_prefix=settings.subject_prefix,
                                    batch_max=settings.event_batch_max,
                                    flush_interval_s=settings.event_flush_interval_s,
-                                   spool=spool, max_event_bytes=settings.event_max_bytes)
+                                   spool=spool, max_event_bytes=settings.event_max_bytes,
+                                   spool_sync_interval_s=settings.spool_sync_interval_s)
         if spool.recovered:
             log.info("spool_replay", events=len(spool.recovered), slot=str(spool.slot))
             publisher.replay(spool.recovered)

@@ -4,8 +4,8 @@ A provider (or whatever answers at its base URL) may echo the key it was sent: i
 message, a response header, a binary body, or a stream in which the key arrives split across two
 network reads. Everything relayed to a client from a provider passes through one of:
 
-* `mask(data, secrets)`: a whole body or one complete stream event (`masked_events` for a
-  stream of complete events, as the lifecycle relays them);
+* `mask(data, secrets)`: a whole body or one complete stream event (the lifecycle masks each
+  event it relays);
 * `mask_headers(headers, secrets)`: response headers (a header NAMED after the key is dropped);
 * `StreamMasker`: a raw byte stream, masked without buffering it. It holds back only the end of
   a read that could be the start of a secret (at most `len(secret) - 1` bytes, and usually none:
@@ -23,7 +23,7 @@ line, for the accidental echo.
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from collections.abc import Iterable
 
 from multidict import CIMultiDict
 
@@ -48,17 +48,6 @@ def mask(data: bytes, secrets: tuple[bytes, ...]) -> bytes:
         if secret in data:
             data = data.replace(secret, MASK)
     return data
-
-
-def masked_events(events: AsyncIterator[bytes], secrets: tuple[bytes, ...]) -> AsyncIterator[bytes]:
-    """`events` (each one complete: an SSE event or chunk the gateway framed) with secrets masked;
-    `events` itself when there is nothing to mask (no extra generator hop)."""
-    return _masked(events, secrets) if secrets else events
-
-
-async def _masked(events: AsyncIterator[bytes], secrets: tuple[bytes, ...]) -> AsyncGenerator[bytes, None]:
-    async for event in events:
-        yield mask(event, secrets)
 
 
 def mask_headers(headers: Iterable[tuple[str, str]], secrets: tuple[bytes, ...]) -> CIMultiDict[str]:

@@ -24,7 +24,7 @@ from dataplane.decisions import AgentContext, Target, agent_context, authenticat
 from dataplane.edge import check_model
 from dataplane.http import REQUEST_ID, client_fault, decode_json, read_body
 from dataplane.ingress.base import ChatPlan, Ingress
-from dataplane.key_mask import mask, masked_events, secrets_of
+from dataplane.key_mask import mask, secrets_of
 from dataplane.limits import STREAM_SLOTS, body_within
 from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
@@ -69,6 +69,7 @@ class CallRecord:
     anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
     usage_estimated: bool = False
     emitted: bool = False
+    bounded_to: Usage | None = None  # the usage `_bound_usage` last checked (see there)
 
     def flag(self, anomaly: str) -> None:
         if anomaly not in self.anomalies:
@@ -77,10 +78,15 @@ class CallRecord:
     def _bound_usage(self) -> None:
         # Every path that records usage (chat, native, passthrough sniffer, embeddings, estimates)
         # passes here, via price() and again in event(): impossible counts never reach the ledger.
-        bounded = bounded_usage(self.usage) if self.usage is not None else None
+        # `bounded_to` remembers the last usage checked, so the second pass is one identity test.
+        usage = self.usage
+        if usage is None or usage is self.bounded_to:
+            return
+        bounded = bounded_usage(usage)
         if bounded is not None:
-            self.usage = bounded
+            self.usage = usage = bounded
             self.flag("usage_clamped")
+        self.bounded_to = usage
 
     def settle_usage(self, reported: Usage | None, request_body: Any, tap: RelayTap) -> None:
         """Record `reported` usage, or an estimate when it is missing (`usage_estimate.estimate`,
@@ -244,12 +250,10 @@ async def serve(request: web.Request, ingress: Ingress) -> web.StreamResponse:
                 stats = CallStats()
                 if native is not None:
                     events = native[0].stream_native(native[1], call, stats)
-                    return await _relay_stream(request, rec, ingress, masked_events(events, secrets), events,
-                                               stats, body)
+                    return await _relay_stream(request, rec, ingress, events, events, stats, body, secrets)
                 chunks = adapter.stream(call, stats)
-                return await _relay_stream(request, rec, ingress,
-                                           masked_events(ingress.render_stream(chunks, plan), secrets), chunks,
-                                           stats, body)
+                return await _relay_stream(request, rec, ingress, ingress.render_stream(chunks, plan), chunks,
+                                           stats, body, secrets)
         if native is not None:
             result = await native[0].complete_native(native[1], call)
             body_out = result.body
@@ -289,11 +293,13 @@ def note_disconnect(request: web.Request, rec: CallRecord) -> None:
 
 async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress, events: AsyncIterator[bytes],
                         chunks: AsyncGenerator[bytes, None], stats: CallStats,
-                        sent_body: dict[str, Any]) -> web.StreamResponse:
-    """Relay `events` (the client's format) as SSE; `chunks` is the adapter's generator, closed on
-    client disconnect so the upstream request is cancelled. Usage the provider did not report
-    (cut, timed out, never sent) is estimated from `sent_body` and the bytes relayed."""
-    first = await anext(events)  # upstream errors before the first byte become ordinary JSON errors
+                        sent_body: dict[str, Any], secrets: tuple[bytes, ...]) -> web.StreamResponse:
+    """Relay `events` (the client's format, each one complete) as SSE, with `secrets` masked in
+    each; `chunks` is the adapter's generator, closed on client disconnect so the upstream request
+    is cancelled. Usage the provider did not report (cut, timed out, never sent) is estimated from
+    `sent_body` and the bytes relayed."""
+    # Upstream errors before the first byte become ordinary JSON errors.
+    first = mask(await anext(events), secrets)
     rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **rec.headers()})
     tap = RelayTap()
@@ -302,6 +308,7 @@ async def _relay_stream(request: web.Request, rec: CallRecord, ingress: Ingress,
         await resp.write(first)
         tap.feed(first)
         async for event in events:
+            event = mask(event, secrets)  # inline, not a generator around `events`: a hop per event
             await resp.write(event)
             tap.feed(event)
         rec.settle_usage(stats.usage, sent_body, tap)

@@ -109,6 +109,7 @@ class EventPublisher:
         flush_interval_s: float = 0.05,
         max_queue: int = 200_000,
         spool: Spool | None = None,
+        spool_sync_interval_s: float = 0.25,
         max_event_bytes: int = EVENT_MAX_BYTES,
         publish_timeout_s: float = 5.0,
         max_batches_in_flight: int = 4,
@@ -120,6 +121,7 @@ class EventPublisher:
         self._flush_interval = flush_interval_s
         self._max_queue = max_queue
         self._spool = spool
+        self._sync_interval = spool_sync_interval_s
         self._max_bytes = max_event_bytes
         self._timeout = publish_timeout_s
         self._slots = asyncio.Semaphore(max_batches_in_flight)
@@ -226,6 +228,9 @@ class EventPublisher:
     async def run(self) -> None:
         """Publish until cancelled: up to `max_batches_in_flight` batches at once, each message
         settled, dead-lettered or scheduled for its own retry."""
+        if self._spool is not None:
+            syncer = asyncio.create_task(self._sync_spool(self._spool))
+            self._tasks.add(syncer)
         try:
             while True:
                 await self._slots.acquire()
@@ -234,8 +239,6 @@ class EventPublisher:
                     self._slots.release()
                     await self._wait_for_work()
                     continue
-                if self._spool is not None:
-                    await self._spool.sync()
                 task = asyncio.create_task(self._publish_batch(batch))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -243,6 +246,19 @@ class EventPublisher:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _sync_spool(self, spool: Spool) -> None:
+        """Group commit under `fsync="batch"`: once per `spool_sync_interval_s`, fsync what was
+        appended since the last pass (a no-op when nothing was). Independent of publishing: an
+        event is safe once it is acked by JetStream OR fsynced, so the fsync need not precede its
+        publish. Measured on the 2-core bench box, each fsync costs ~1.3 ms of CPU: once per
+        publish batch it took ~10% of 32-connection throughput, every 50 ms ~3.5% of the CPU per
+        request, every 250 ms under 1%. An OS crash loses at most the last interval's events not
+        yet acked by JetStream (usually acked within milliseconds); a killed process loses nothing
+        (the appends are in the page cache)."""
+        while True:
+            await asyncio.sleep(self._sync_interval)
+            await spool.sync()
 
     async def _wait_for_work(self) -> None:
         if self.pending == 0:

@@ -14,7 +14,7 @@ before it kept.
 Contracts:
 - `append` is one `os.write` of the already-encoded bytes: in the page cache when it returns, so
   it survives the process being killed. With `fsync="always"` it is also fsynced (survives an OS
-  crash); with `fsync="batch"` the publisher calls `sync()` once per publish batch.
+  crash); with `fsync="batch"` the publisher calls `sync()` once per flush interval (group commit).
 - A record is `settle`d once JetStream acked it (or it was dead-lettered). A segment is deleted
   only when every record in it is settled and it is sealed (no more appends).
 - `open` claims the lowest free slot with `fcntl.flock`, so several workers can share a state
