@@ -140,11 +140,9 @@ class IdempotencyStore:
                     continue
                 first_hash, status, response = row
                 if not hmac.compare_digest(first_hash, fingerprint):
-                    err = InvalidRequest(
+                    raise InvalidRequest(
                         f"This {HEADER} was already used with a different request; use a new key for a new request.",
-                        param=HEADER, code="idempotency_key_mismatch")
-                    err.status = 422
-                    raise err
+                        param=HEADER, code="idempotency_key_mismatch", status=422)
                 if status is None:
                     raise _in_use()
                 return Replay(status, _body_decoder.decode(self._keyring.decrypt(response).reveal()))

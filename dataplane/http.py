@@ -168,14 +168,10 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     if exc.status == 404:
         return NotFound(f"Unknown path. No route matches '{exc.reason}'.", code="unknown_url")
     if exc.status == 405:
-        err = InvalidRequest("Method not allowed for this path.", code="method_not_allowed")
-        err.status = 405
-        return err
+        return InvalidRequest("Method not allowed for this path.", code="method_not_allowed", status=405)
     if exc.status == 413:
         return PayloadTooLarge("Request body is too large.")
-    err = InvalidRequest(exc.reason or "Bad request.")
-    err.status = exc.status
-    return err
+    return InvalidRequest(exc.reason or "Bad request.", status=exc.status)
 
 
 @web.middleware

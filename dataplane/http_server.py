@@ -40,9 +40,7 @@ def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
     if status == 504:
         return UpstreamError("The request timed out.", status=504, code="timeout")
     if 400 <= status < 500:
-        err = InvalidRequest("The HTTP request is malformed.", code="malformed_request")
-        err.status = status
-        return err
+        return InvalidRequest("The HTTP request is malformed.", code="malformed_request", status=status)
     return InternalError("The gateway hit an internal error. It has been logged.")
 
 

@@ -87,9 +87,8 @@ STREAM_SLOTS: web.AppKey[StreamSlots] = web.AppKey("alephant_stream_slots", Stre
 
 
 def request_timeout(timeout_s: float) -> InvalidRequest:
-    err = InvalidRequest(f"The request body did not arrive within {timeout_s:g} seconds.", code="request_timeout")
-    err.status = 408
-    return err
+    return InvalidRequest(f"The request body did not arrive within {timeout_s:g} seconds.", code="request_timeout",
+                          status=408)
 
 
 async def body_within(request: web.Request, read: Awaitable[T], timeout_s: float) -> T:

@@ -1,7 +1,9 @@
 """The one error tree of the gateway, and its rendering to each ingress API's body shape.
 
     GatewayError(Exception)
-    ├── InvalidRequest        400 invalid_request_error        (malformed JSON, wrong types, missing fields)
+    ├── InvalidRequest        400 invalid_request_error        (malformed JSON, wrong types, missing fields;
+    │                             also 405 method_not_allowed, 408 request_timeout, 422
+    │                             idempotency_key_mismatch via `status=`)
     │   └── InvalidValue      400 invalid_request_error / invalid_value (a client string refused at the edge;
     │                             never recorded in an event)
     ├── AuthenticationFailed  401 authentication_error / invalid_api_key
@@ -43,7 +45,8 @@ class AnthropicErrorBody(msgspec.Struct, frozen=True, kw_only=True, tag_field="t
 
 
 class GatewayError(Exception):
-    """Base of every error a client may see. Subclasses fix `status` and `type`."""
+    """Base of every error a client may see. Subclasses fix `status` and `type`; `status=` picks
+    another status of the same kind (e.g. a 408 or 422 that is still an invalid request)."""
 
     status: int = 500
     type: str = "api_error"
@@ -56,8 +59,11 @@ class GatewayError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
+        if status is not None:
+            self.status = status
         self.message = message
         self.param = param
         self.code = code if code is not None else self.default_code
@@ -129,8 +135,7 @@ class UpstreamError(GatewayError, ConnectionError):
 
     def __init__(self, message: str, *, status: int = 502, code: str | None = None,
                  headers: dict[str, str] | None = None) -> None:
-        super().__init__(message, code=code, headers=headers)
-        self.status = status
+        super().__init__(message, code=code, headers=headers, status=status)
 
 
 class InternalError(GatewayError):

@@ -139,6 +139,15 @@ async def eventually(check: Callable[[], Awaitable[T | None]], timeout: float = 
         await asyncio.sleep(interval)
 
 
+async def journal_event(database_url: str, request_id: str) -> dict[str, Any] | None:
+    """The journalled `llm.call` body of the request `request_id`, or None (not (yet) journalled)."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
+                                 (request_id,))
+        row = await cur.fetchone()
+    return None if row is None else dict(row[0])
+
+
 async def wait_until_true(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
     async def as_optional() -> bool | None:
         return True if await check() else None

@@ -15,22 +15,13 @@ import uuid
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, journal_event
 from tests.fakes.upstream import FakeUpstream
 
 WORDS = 200
 PROMPT = "Please write a long answer about the history of double-entry bookkeeping in Venice. " * 4
-
-
-async def journal_event(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
-    async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
-        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
-                                 (request_id,))
-        row = await cur.fetchone()
-    return None if row is None else dict(row[0])
 
 
 def headers(gateway: Gateway, request_id: str, **extra: str) -> dict[str, str]:
@@ -71,7 +62,7 @@ async def test_client_reads_half_a_stream_and_disconnects(gateway: Gateway, fake
             resp.close()  # the client goes away mid-answer
     finally:
         fake_upstream.words, fake_upstream.chunk_delay_ms = saved
-    event = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id), timeout=20)
     report("client disconnect mid-stream", event, relayed)
     assert (event["status"], event["error_code"], event["partial"]) == (499, "client_disconnected", True)
     assert event["usage_estimated"] is True
@@ -94,7 +85,7 @@ async def test_passthrough_stream_cut_by_the_upstream_is_estimated(gateway: Gate
         assert resp.status == 200
         with pytest.raises(aiohttp.ClientPayloadError):
             await read_events(resp, WORDS)
-    event = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id), timeout=20)
     report("upstream cut (passthrough)", event, 60)
     assert (event["partial"], event["error_code"], event["usage_estimated"]) == (True, "upstream_interrupted", True)
     assert event["usage"]["input_tokens"] > 0
@@ -111,7 +102,7 @@ async def test_passthrough_stream_without_usage_is_estimated(gateway: Gateway, f
                          headers=headers(gateway, request_id, **{"x-fake-words": "40"})) as resp:
         assert resp.status == 200
         relayed = await read_events(resp, 10_000)
-    event = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id), timeout=20)
     report("no usage reported (passthrough)", event, relayed)
     assert (event["status"], event["partial"], event["usage_estimated"]) == (200, False, True)
     assert 20 <= event["usage"]["output_tokens"] <= 120

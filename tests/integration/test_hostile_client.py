@@ -26,7 +26,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, journal_event
 from tests.fakes.hostile_upstream import Act, HostileUpstream
 
 TAG = uuid.uuid4().hex[:6]
@@ -182,14 +182,6 @@ async def send(http: aiohttp.ClientSession, url: str, body: bytes | None, header
         return Reply(resp.status, resp.content_type, head + b"\r\n\r\n" + content)
 
 
-async def journal_event(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
-    async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
-        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
-                                 (request_id,))
-        row = await cur.fetchone()
-    return None if row is None else dict(row[0])
-
-
 async def ledger_advances(gateway: Gateway, http: aiohttp.ClientSession) -> dict[str, Any]:
     """One ordinary call with a fresh request id, journalled: the books did not stall."""
     request_id = f"req-after-{uuid.uuid4().hex[:12]}"
@@ -197,7 +189,7 @@ async def ledger_advances(gateway: Gateway, http: aiohttp.ClientSession) -> dict
                          headers={"Authorization": f"Bearer {gateway.demo_key}",
                                   "Alephant-Request-Id": request_id}) as resp:
         assert resp.status == 200, await resp.text()
-    event: dict[str, Any] = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+    event: dict[str, Any] = await eventually(lambda: journal_event(gateway.database_url, request_id), timeout=20)
     return event
 
 
@@ -245,10 +237,11 @@ async def test_hostile_input_is_a_clean_4xx(gateway: Gateway, fake_provider: str
     if case.recorded is not None and case.raw is None:
         # The journal is in publish order per worker, and the call after this one is in it.
         if case.recorded:
-            event: dict[str, Any] = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+            event: dict[str, Any] = await eventually(lambda: journal_event(gateway.database_url, request_id),
+                                                     timeout=20)
             assert event["status"] == case.status
         else:
-            assert await journal_event(gateway, request_id) is None
+            assert await journal_event(gateway.database_url, request_id) is None
 
 
 async def test_a_nul_model_leaves_nothing_in_the_journal(gateway: Gateway, http: aiohttp.ClientSession) -> None:
@@ -309,7 +302,7 @@ async def test_absurd_upstream_usage_is_clamped_and_flagged(gateway: Gateway, ht
                                   "Alephant-Request-Id": request_id}) as resp:
         assert resp.status == 200, await resp.text()
         await resp.read()
-    event = await eventually(lambda: journal_event(gateway, request_id), timeout=20)
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id), timeout=20)
     print(f"{label}: upstream said prompt_tokens=10**19; journalled usage={event['usage']} "
           f"cost_nanos={event['cost_nanos']} anomalies={event['anomalies']}")
     assert event["status"] == 200

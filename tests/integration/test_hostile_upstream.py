@@ -16,13 +16,12 @@ from typing import Any
 
 import aiohttp
 import nats
-import psycopg
 import pytest
 import pytest_asyncio
 
 from events.jetstream import role_inbox
 from schemas.entities import Provider, entity_decoder, entity_encoder, kv_key
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, journal_event
 from tests.fakes.hostile_upstream import Act, HostileUpstream, Trap
 
 TAG = uuid.uuid4().hex[:6]
@@ -39,14 +38,6 @@ def auth(gateway: Gateway, request_id: str | None = None, **extra: str) -> dict[
     if request_id:
         headers["Alephant-Request-Id"] = request_id
     return headers
-
-
-async def journal_event(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
-    async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
-        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
-                                 (request_id,))
-        row = await cur.fetchone()
-    return None if row is None else dict(row[0])
 
 
 async def raw_exchange(http: aiohttp.ClientSession, method: str, url: str, **kwargs: Any) -> tuple[int, bytes]:
@@ -167,7 +158,7 @@ async def test_passthrough_abuse_is_refused_and_never_forwarded(gateway: Gateway
         status, raw = await raw_exchange(http, method, base + path, headers=auth(gateway, request_id))
         assert status == 403 and error_code(raw) == "passthrough_not_allowed", (method, path, raw[-300:])
         assert method.encode() in raw
-        event = await eventually(lambda rid=request_id: journal_event(gateway, rid))  # type: ignore[misc]
+        event = await eventually(lambda rid=request_id: journal_event(gateway.database_url, rid))  # type: ignore[misc]
         assert (event["status"], event["error_code"], event["cost_nanos"]) == (403, "passthrough_not_allowed", 0)
     assert fresh.requests == []  # nothing at all reached the provider
     status, _ = await raw_exchange(http, "POST", base + "/v1/chat/completions", json={"model": "gpt-4o-mini"},
@@ -229,8 +220,8 @@ async def test_the_ledger_keeps_advancing(gateway: Gateway, http: aiohttp.Client
     status, _ = await raw_exchange(http, "POST", f"{gateway.base_url}/chat/completions", json=CHAT,
                                    headers=auth(gateway, after))
     assert status == 200
-    event = await eventually(lambda: journal_event(gateway, after), timeout=20)
+    event = await eventually(lambda: journal_event(gateway.database_url, after), timeout=20)
     assert event["usage"]["input_tokens"] == 5 and event["status"] == 200
-    absurd_event = await eventually(lambda: journal_event(gateway, absurd), timeout=20)
+    absurd_event = await eventually(lambda: journal_event(gateway.database_url, absurd), timeout=20)
     assert absurd_event["usage"]["input_tokens"] < 2**63
     print(f"absurd usage journalled as {absurd_event['usage']} anomalies={absurd_event.get('anomalies')}")

@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 import pytest_asyncio
 
 from deploy.stack import Stack
-from tests.conftest import eventually
+from tests.conftest import eventually, journal_event
 from tests.fakes.upstream import FakeUpstream
 
 _DROPPED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ALEPHANT_SECRET_KEY",
@@ -61,14 +60,6 @@ def key_headers(stack: Stack, request_id: str | None = None) -> dict[str, str]:
     if request_id:
         headers["Alephant-Request-Id"] = request_id
     return headers
-
-
-async def journal_event(stack: Stack, request_id: str) -> dict[str, Any] | None:
-    async with await psycopg.AsyncConnection.connect(stack.child_env()["ALEPHANT_DATABASE_URL"]) as conn:
-        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
-                                 (request_id,))
-        row = await cur.fetchone()
-    return None if row is None else dict(row[0])
 
 
 async def wait_for_slow(stack: Stack, http: aiohttp.ClientSession) -> None:
@@ -139,7 +130,8 @@ async def test_disconnect_before_headers_is_a_499_event_without_traceback(
         await writer.drain()
         await asyncio.sleep(0.3)
         writer.close()  # before any response header
-        event = await eventually(lambda: journal_event(stack, request_id), timeout=20)
+        database_url = stack.child_env()["ALEPHANT_DATABASE_URL"]
+        event = await eventually(lambda: journal_event(database_url, request_id), timeout=20)
     finally:
         slow_upstream.latency_ms = 0
     print(f"\n[limits] disconnect before headers (stream={stream}): status={event['status']} "

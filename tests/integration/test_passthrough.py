@@ -17,7 +17,7 @@ import psycopg
 import pytest_asyncio
 
 from schemas.money import decimal_to_nanos
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, journal_event
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic
 from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.upstream import FakeUpstream
@@ -42,14 +42,6 @@ async def journal_cost(gateway: Gateway, request_id: str) -> int | None:
             "AND body->>'request_id' = %s", (request_id,))
         row = await cur.fetchone()
     return None if row is None else int(row[0])
-
-
-async def journal_event(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
-    async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
-        cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s",
-                                 (request_id,))
-        row = await cur.fetchone()
-    return None if row is None else dict(row[0])
 
 
 def register(gateway: Gateway, name: str, kind: str, base_url: str, api_key: str, models: tuple[str, ...]) -> None:
@@ -157,7 +149,7 @@ async def _anthropic_calls(gateway: Gateway, name: str, key: str, headers: dict[
             final = await stream.get_final_message()
             request_id = stream.response.headers["alephant-request-id"]
         assert text == "Hello from the fake Anthropic upstream." and final.usage.output_tokens == 12
-    event = await eventually(lambda: journal_event(gateway, request_id))
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id))
     assert (event["ingress"], event["stream"], event["model"]) == ("passthrough", True, "claude-opus-4-6")
     assert event["usage"]["input_tokens"] == 25 and event["usage"]["output_tokens"] == 12
     costs.append(int(event["cost_nanos"]))
@@ -242,5 +234,5 @@ async def test_upstream_429_is_relayed_with_its_retry_after(
     # The provider's own body, unchanged (the gateway's mapped error would say "Provider '...' returned 429").
     assert error == {"message": "Rate limit reached for requests. Please try again in 1s.", "type": "requests",
                      "param": None, "code": "rate_limit_exceeded"}
-    event = await eventually(lambda: journal_event(gateway, request_id))
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id))
     assert (event["status"], event["ingress"], event["cost_nanos"]) == (429, "passthrough", 0)
