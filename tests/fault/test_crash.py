@@ -4,6 +4,7 @@ Every answered call's event is in the worker's disk spool before the response is
 the restarted worker (which claims the dead one's spool slot) publishes whatever the dead one
 had not had acked. Each trial: ~150 req/s of `mock/echo` from an aiohttp client, SIGKILL the
 worker mid-load, start it again, then require every request id answered 200 to be journalled.
+Figures per trial are printed (`-rA`).
 Runs on a dedicated stack so the session `gateway` is unaffected.
 """
 
@@ -109,16 +110,9 @@ async def _trial(stack: Stack, n: int) -> tuple[int, int]:
     return len(answered), lost
 
 
-async def _trials(stack: Stack, count: int) -> None:
-    results = [await _trial(stack, n) for n in range(count)]
-    print(f"crash: {count} trials, answered {sum(a for a, _ in results)}, lost {sum(lost for _, lost in results)}")
-    assert [lost for _, lost in results] == [0] * count
-
-
-async def test_sigkill_under_load_loses_no_answered_call(crash_stack: Stack) -> None:
-    await _trials(crash_stack, 2)
-
-
-@pytest.mark.slow
-async def test_sigkill_under_load_ten_trials(crash_stack: Stack) -> None:
-    await _trials(crash_stack, 10)
+async def test_sigkill_under_load_loses_no_answered_call_in_ten_trials(crash_stack: Stack) -> None:
+    """Ten trials (about 25 s). With the spool disabled this loses ~5 answered calls per trial
+    (the events still queued in memory at the kill), so the test can fail."""
+    results = [await _trial(crash_stack, n) for n in range(10)]
+    print(f"crash: 10 trials, answered {sum(a for a, _ in results)}, lost {sum(lost for _, lost in results)}")
+    assert [lost for _, lost in results] == [0] * 10
