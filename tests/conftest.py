@@ -12,7 +12,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,6 +57,26 @@ class Gateway:
 def _with_database(url: str, name: str) -> str:
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@contextlib.contextmanager
+def dedicated_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
+                    log: Callable[[str], None] | None = None) -> Iterator[Stack]:
+    """A whole stack of its own, always on embedded services (never a shared server: these tests
+    kill, pause and reconfigure their stack), for fault and limit suites. Paused processes are
+    resumed before the stop (a stopped process cannot handle the stop signal)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
+    stack = Stack(state_dir=state_dir, port=0, admin_port=0, env=env,
+                  extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
+                             **(extra_env or {})},
+                  log=log or (lambda _msg: None))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        for svc in (*stack.services.values(), *stack.procs.values()):
+            svc.resume()
+        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ Runs on a dedicated stack so the session `gateway` is unaffected.
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,32 +21,17 @@ import psycopg
 import pytest
 
 from deploy.stack import Stack
-from tests.conftest import eventually
+from tests.conftest import dedicated_stack, eventually
 
-_SCRUBBED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
 RATE_PER_S = 150
 LOAD_S = 1.2
 KILL_AT_S = 0.6
 
 
-def start_fault_stack(state_dir: Path) -> Stack:
-    """A stack of its own (NATS, Postgres, Redis, gateway processes) for tests that kill or pause
-    parts of it."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
-    stack = Stack(state_dir=state_dir, port=0, admin_port=0, env=env,
-                  extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2"},
-                  log=lambda _msg: None)
-    stack.start()
-    return stack
-
-
 @pytest.fixture(scope="module")
 def crash_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = start_fault_stack(Path(tmp_path_factory.mktemp("crash")))
-    try:
+    with dedicated_stack(Path(tmp_path_factory.mktemp("crash"))) as stack:
         yield stack
-    finally:
-        stack.stop()
 
 
 async def journalled_request_ids(database_url: str, run_id: str) -> set[str]:

@@ -19,20 +19,16 @@ import aiohttp
 import pytest
 
 from deploy.stack import Stack
-from tests.conftest import eventually
-from tests.fault.test_crash import journalled_request_ids, start_fault_stack
+from tests.conftest import dedicated_stack, eventually
+from tests.fault.test_crash import journalled_request_ids
 
 CALLS = 50
 
 
 @pytest.fixture(scope="module")
 def nats_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = start_fault_stack(Path(tmp_path_factory.mktemp("natsdown")))
-    try:
+    with dedicated_stack(Path(tmp_path_factory.mktemp("natsdown"))) as stack:
         yield stack
-    finally:
-        stack.services["nats"].resume()
-        stack.stop()
 
 
 async def test_nats_down_graceful_restart_keeps_every_event(nats_stack: Stack) -> None:

@@ -8,7 +8,6 @@ the worker, the control plane and the projector reconnected by themselves.
 
 from __future__ import annotations
 
-import os
 import signal
 import uuid
 from collections.abc import Iterator
@@ -22,9 +21,7 @@ from deploy.services import port_open
 from deploy.stack import Stack
 from events.jetstream import connect
 from schemas.settings import load_settings
-from tests.conftest import eventually
-
-_SCRUBBED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")
+from tests.conftest import dedicated_stack, eventually
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +31,8 @@ def notices() -> list[str]:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, notices: list[str]) -> Iterator[Stack]:
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
-    st = Stack(state_dir=Path(tmp_path_factory.mktemp("supervised")), port=0, admin_port=0, env=env,
-               extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2"},
-               log=notices.append)
-    st.start()
-    try:
+    with dedicated_stack(Path(tmp_path_factory.mktemp("supervised")), log=notices.append) as st:
         yield st
-    finally:
-        st.stop()
 
 
 def _kill(st: Stack, name: str) -> int | None:

@@ -4,39 +4,16 @@ is live on the worker a few seconds after NATS returns (issue 7, "Why" 5)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import secrets
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from deploy.stack import AdminClient, Stack
-from tests.conftest import wait_until_true
-
-# Never point a dedicated stack at shared servers: it pauses and restarts its own.
-_DROPPED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ALEPHANT_SECRET_KEY",
-            "ALEPHANT_ADMIN_TOKEN", "ALEPHANT_PORT", "ALEPHANT_ADMIN_PORT", "ALEPHANT_NATS_URL",
-            "ALEPHANT_DATABASE_URL", "ALEPHANT_REDIS_URL")
-
-
-@contextlib.contextmanager
-def dedicated_stack(state_dir: Path, extra_env: Mapping[str, str]) -> Iterator[Stack]:
-    """A whole stack of its own (embedded services, one worker) for tests that pause parts of it."""
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED}
-    stack = Stack(state_dir=state_dir, port=0, admin_port=0, env=env,
-                  extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", **extra_env}, log=lambda _msg: None)
-    stack.start()
-    try:
-        yield stack
-    finally:
-        for svc in (*stack.services.values(), *stack.procs.values()):
-            svc.resume()  # a stopped process cannot handle the stop signal
-        stack.stop()
+from tests.conftest import dedicated_stack, wait_until_true
 
 
 @pytest.fixture(scope="module")

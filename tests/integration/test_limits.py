@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,28 +17,17 @@ import pytest
 import pytest_asyncio
 
 from deploy.stack import Stack
-from tests.conftest import eventually, journal_event
+from tests.conftest import dedicated_stack, eventually, journal_event
 from tests.fakes.upstream import FakeUpstream
 
-_DROPPED = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ALEPHANT_SECRET_KEY",
-            "ALEPHANT_ADMIN_TOKEN", "ALEPHANT_PORT", "ALEPHANT_ADMIN_PORT")
 LIMITS = {"ALEPHANT_MAX_STREAMS_PER_KEY": "2", "ALEPHANT_BODY_READ_TIMEOUT_S": "1", "ALEPHANT_MAX_CONNECTIONS": "40",
-          "ALEPHANT_KEEPALIVE_TIMEOUT_S": "2", "ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5"}
+          "ALEPHANT_KEEPALIVE_TIMEOUT_S": "2"}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = {k: v for k, v in os.environ.items() if k not in _DROPPED}
-    tag = uuid.uuid4().hex[:6]
-    names = {"ALEPHANT_STREAM": f"L{tag.upper()}_EVENTS", "ALEPHANT_KV_BUCKET": f"l{tag}_config",
-             "ALEPHANT_SUBJECT_PREFIX": f"l{tag}"}
-    s = Stack(state_dir=Path(tmp_path_factory.mktemp("limits")), port=0, admin_port=0, env=env,
-              extra_env={**LIMITS, **names}, log=lambda _msg: None)
-    s.start()
-    try:
+    with dedicated_stack(Path(tmp_path_factory.mktemp("limits")), LIMITS) as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -14,8 +14,7 @@ import aiohttp
 import pytest
 
 from deploy.stack import Stack
-from tests.conftest import wait_until_true
-from tests.integration.test_admin_propagation import dedicated_stack
+from tests.conftest import dedicated_stack, wait_until_true
 
 STALE_AFTER_S = 1.5
 CHAT = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}
