@@ -62,8 +62,10 @@ def js(value: Any) -> bytes:
 
 
 def raw_request(path: str, headers: list[tuple[bytes, bytes]], body: bytes = b"{}", eol: bytes = b"\r\n") -> bytes:
+    # `Connection: close`: the test reads to EOF, and a well-formed request's error answer otherwise
+    # keeps the connection alive until the idle timeout (which raced the read's timeout).
     lines = [b"POST " + path.encode() + b" HTTP/1.1", b"Host: gateway", b"Content-Type: application/json",
-             *(k + b": " + v for k, v in headers), b"Content-Length: " + str(len(body)).encode()]
+             b"Connection: close", *(k + b": " + v for k, v in headers), b"Content-Length: " + str(len(body)).encode()]
     return eol.join(lines) + eol + eol + body
 
 
@@ -164,7 +166,7 @@ async def send_raw(url: str, data: bytes) -> Reply:
     try:
         writer.write(data)
         await writer.drain()
-        response = await asyncio.wait_for(reader.read(), timeout=15)  # the error response closes the connection
+        response = await asyncio.wait_for(reader.read(), timeout=15)  # `Connection: close`, or a parser error
     finally:
         writer.close()
     head, _, body = response.partition(b"\r\n\r\n")
