@@ -363,7 +363,8 @@ class Stack:
                    ok=(201, 202, 409))
         admin.call("POST", "/admin/v1/agents", {"workspace_id": DEMO_WORKSPACE, "id": DEMO_AGENT, "name": "Demo agent"},
                    ok=(201, 202, 409))
-        admin.call("POST", "/admin/v1/providers", {"workspace_id": DEMO_WORKSPACE, "name": "mock", "type": "mock"})
+        admin.call("POST", "/admin/v1/providers", {"workspace_id": DEMO_WORKSPACE, "name": "mock", "type": "mock",
+                                                   "options": {"enabled": "true"}})
         if self.env.get("OPENAI_API_KEY"):
             body = {"workspace_id": DEMO_WORKSPACE, "name": "openai", "type": "openai",
                     "api_key": self.env["OPENAI_API_KEY"]}

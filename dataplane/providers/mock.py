@@ -10,10 +10,10 @@ Bounded work: an answer is at most `MAX_ANSWER_CHARS` characters (a longer echo 
 is a 400), so one call costs at most a few milliseconds of CPU and a few KB of output whatever
 the prompt.
 
-Off outside the demo: the mock answers only for providers in the `demo` workspace (the one the
-local stack seeds) or with option `enabled=true` (`alephant providers set mock --type mock
---option enabled=true`); elsewhere a call is a 403 `mock_disabled`, so a production workspace
-never serves (and bills) fake answers by accident.
+Off unless enabled: the mock answers only for providers with option `enabled=true`, which the
+local stack's demo seed sets on the demo workspace's `mock` (elsewhere: `alephant providers set
+mock --type mock --option enabled=true`); otherwise a call is a 403 `mock_disabled`, so a
+production workspace never serves (and bills) fake answers by accident.
 
 Embeddings (`embed`): any model id; each input gets a deterministic unit vector derived from a
 hash of the input (`dimensions` long, default 64), in the `encoding_format` asked for (floats,
@@ -55,7 +55,6 @@ EMBEDDING_DIMENSIONS = 64
 MAX_EMBEDDING_DIMENSIONS = 4096
 MAX_EMBEDDING_VALUES = 256 * 1024  # inputs x dimensions per call: ~0.1 s of CPU at most
 MAX_ANSWER_CHARS = 2048  # about 500 tokens: a 195 KB prompt no longer echoes as 24 MB of stream
-DEMO_WORKSPACE = "demo"  # the workspace `deploy/stack.py` seeds with this provider
 
 # The mock is priced like a small hosted model ($0.15 / $0.60 per million tokens), so the demo's
 # ledger shows real, non-zero integer costs. Nano-USD per million tokens.
@@ -77,8 +76,10 @@ def _tokens(text: str) -> int:
 
 
 def enabled(provider: Provider) -> bool:
-    """Whether this mock provider may answer: in the demo workspace, or with option `enabled=true`."""
-    return provider.workspace_id == DEMO_WORKSPACE or provider.options.get("enabled", "").lower() == "true"
+    """Whether this mock provider may answer: only with option `enabled=true`, which the demo seed
+    (`alephant dev`) sets on the demo workspace's `mock`; a mock registered anywhere else is off
+    until an admin enables it (a workspace id alone never turns it on)."""
+    return provider.options.get("enabled", "").lower() == "true"
 
 
 def _check_enabled(provider: Provider) -> None:

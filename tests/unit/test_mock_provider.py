@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataplane.providers.base import SSE_DONE, CallStats, UpstreamCall
-from dataplane.providers.mock import DEMO_WORKSPACE, MAX_ANSWER_CHARS, MockProvider, answer_for, enabled
+from dataplane.providers.mock import MAX_ANSWER_CHARS, MockProvider, answer_for, enabled
 from schemas.entities import Provider
 from schemas.errors import InvalidRequest, PermissionDenied
 from schemas.events import Usage
@@ -208,11 +208,12 @@ async def test_a_huge_prompt_echoes_at_most_max_answer_chars() -> None:
     assert stats.usage == usage
 
 
-async def test_mock_is_off_outside_the_demo_workspace_unless_enabled() -> None:
+async def test_mock_answers_only_where_enabled() -> None:
     off = Provider(id="p9", workspace_id="acme", name="mock", type="mock")
-    demo = Provider(id="p8", workspace_id=DEMO_WORKSPACE, name="mock", type="mock")
+    # A workspace id alone never enables it: the demo seed sets `enabled=true` on its own mock.
+    named_demo = Provider(id="p8", workspace_id="demo", name="mock", type="mock")
     on = Provider(id="p7", workspace_id="acme", name="mock", type="mock", options={"enabled": "true"})
-    assert (enabled(off), enabled(demo), enabled(on)) == (False, True, True)
+    assert (enabled(off), enabled(named_demo), enabled(on)) == (False, False, True)
     call = upstream("echo", user("hi"))
     call.provider = off
     with pytest.raises(PermissionDenied) as refused:
@@ -222,7 +223,7 @@ async def test_mock_is_off_outside_the_demo_workspace_unless_enabled() -> None:
         await anext(MOCK.stream(call, CallStats()))
     with pytest.raises(PermissionDenied):
         await MOCK.embed(call)
-    call.provider = demo
+    call.provider = on
     body, _ = await complete(call)
     assert body.choices[0].message.content == "hi"
 
