@@ -19,21 +19,13 @@ from dataplane.outbound import make_session
 from dataplane.snapshot import Snapshot, SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import Provider, VirtualKey
-from schemas.events import LlmCall
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic
+from tests.unit.conftest import Recorder
 
 KEY = "sk-ant-operator-echoed-0123456789"
 CLIENT = {"x-api-key": "sk-alph-client", "anthropic-version": "2023-06-01", "Authorization": "Bearer sk-alph-client"}
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[LlmCall] = []
-
-    def emit(self, event: LlmCall) -> None:
-        self.events.append(event)
 
 
 @pytest.fixture

@@ -53,6 +53,7 @@ from tests.fakes.bedrock_upstream import FakeBedrock, Script, stream_frames
 from tests.fakes.hostile_upstream import Act, HostileUpstream, Trap
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.upstream import FakeUpstream
+from tests.unit.conftest import Recorder
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -476,14 +477,6 @@ def test_oversized_event_stops_sniffing(monkeypatch: pytest.MonkeyPatch) -> None
 CLIENT_KEY = "sk-alph-passthrough-client"
 IAM_KEY = "AKIDPASSTHROUGH1:passthrough/secret/key/0123456789"
 HOSTILE_KEY = "sk-hostile-operator-key-0123456789"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[LlmCall] = []
-
-    def emit(self, event: LlmCall) -> None:
-        self.events.append(event)
 
 
 class Gw:

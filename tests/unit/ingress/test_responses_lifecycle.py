@@ -24,10 +24,11 @@ from dataplane.snapshot import Snapshot, SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import ConfigEntity, Provider, VirtualKey
 from schemas.errors import RateLimited
-from schemas.events import LlmCall, Usage
+from schemas.events import Usage
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 from tests.fakes.responses_upstream import FakeResponses
+from tests.unit.conftest import Recorder
 from tests.unit.ingress.test_responses import Answer, chat_chunks
 
 CLIENT_KEY = "sk-alph-responses-client"
@@ -56,14 +57,6 @@ class FailingMidStream(MockProvider):
             yield chunk
         stats.usage = Usage(input_tokens=5, output_tokens=2)
         raise RateLimited("Provider 'mock' returned 429: slow down", headers={"Retry-After": "3"})
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.events: list[LlmCall] = []
-
-    def emit(self, event: LlmCall) -> None:
-        self.events.append(event)
 
 
 @pytest.fixture
