@@ -44,7 +44,7 @@ _encoder = msgspec.json.Encoder()
 
 async def healthz(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    status = worker.store.status(int(time.time() * 1000), worker.settings.stale_after_s)
+    status = worker.store.status(int(time.time() * 1000))
     status["events_pending"] = worker.publisher.pending
     status["events_published"] = worker.publisher.published
     status["events_dead_lettered"] = worker.publisher.dead_lettered

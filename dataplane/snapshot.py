@@ -121,12 +121,10 @@ class SnapshotStore:
         beat = self.current.heartbeat_ms
         return None if beat is None else max(0.0, now_s - beat / 1000)
 
-    def is_stale(self, now_s: float, stale_after_s: float | None = None) -> bool:
-        """Not ready, no heartbeat yet, or the newest one is older than `stale_after_s` (default:
-        the store's own)."""
-        limit = self.stale_after_s if stale_after_s is None else stale_after_s
+    def is_stale(self, now_s: float) -> bool:
+        """Not ready, no heartbeat yet, or the newest one is older than `stale_after_s`."""
         beat = self.current.heartbeat_ms
-        return not self.ready.is_set() or beat is None or now_s - beat / 1000 > limit
+        return not self.ready.is_set() or beat is None or now_s - beat / 1000 > self.stale_after_s
 
     def pin(self, now_s: float) -> Snapshot:
         """The snapshot one model call uses, after the staleness gate (callers check `ready` first).
@@ -136,8 +134,7 @@ class SnapshotStore:
         in `served_stale`.
         """
         snap = self.current
-        beat = snap.heartbeat_ms
-        if beat is None or now_s - beat / 1000 > self.stale_after_s:
+        if self.is_stale(now_s):
             if self.refuse_stale:
                 raise UpstreamError("The gateway has lost contact with its configuration source and is set to "
                                     "refuse calls until it is back (ALEPHANT_STALE_POLICY=refuse). Retry later.",
@@ -145,7 +142,7 @@ class SnapshotStore:
             self.served_stale += 1
         return snap
 
-    def status(self, now_ms: int, stale_after_s: float | None = None) -> dict[str, object]:
+    def status(self, now_ms: int) -> dict[str, object]:
         """Health facts: revision, lag against the bucket, heartbeat age, staleness and policy."""
         snap = self.current
         age = self.heartbeat_age_s(now_ms / 1000)
@@ -154,7 +151,7 @@ class SnapshotStore:
             "snapshot_revision": snap.revision,
             "bucket_last_seq": self.bucket_last_seq,
             "heartbeat_age_s": None if age is None else round(age, 3),
-            "stale": self.is_stale(now_ms / 1000, stale_after_s),
+            "stale": self.is_stale(now_ms / 1000),
             "stale_policy": "refuse" if self.refuse_stale else "serve",
             "served_while_stale": self.served_stale,
             "entities": len(snap.entities),

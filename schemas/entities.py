@@ -46,8 +46,13 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
     api_key_enc: str | None = None
     # Non-secret, type-specific settings, e.g. `api_version` (azure), `region` (bedrock); for the
     # `/{provider}/*` passthrough: `passthrough` (off), `passthrough_allow` (opt-in endpoint groups)
-    # and `forward_account_headers` (true), see dataplane/ingress/passthrough_rules.py.
+    # and `forward_account_headers` (true), see dataplane/ingress/passthrough_rules.py; `enabled`
+    # (true) for the built-in `mock`.
     options: dict[str, str] = msgspec.field(default_factory=dict)
+
+    def option_on(self, name: str) -> bool:
+        """Whether the switch option `name` is on: `true`, `1` or `yes`, any case."""
+        return self.options.get(name, "").strip().lower() in ("true", "1", "yes")
 
 
 class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="vk"):

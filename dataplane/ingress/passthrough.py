@@ -320,7 +320,7 @@ def upstream_headers(headers: Iterable[tuple[str, str]], provider: Provider, key
     `host`, `x-amz-*` and `content-type`) or a Bedrock API key as Bearer. `Accept-Encoding:
     identity`, so usage can be read and bytes relayed unchanged. Account-selecting headers only
     with the provider option `forward_account_headers=true`. Pure (`now` is the signing time)."""
-    out = forward_headers(headers, account_headers=forwards_account_headers(provider.options))
+    out = forward_headers(headers, account_headers=forwards_account_headers(provider))
     out["accept-encoding"] = "identity"
     kind = provider.type
     if kind == "bedrock":

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from urllib.parse import unquote
 
 from dataplane.providers.openai_compat import PROFILES
+from schemas.entities import Provider
 
 ALLOW_OPTION = "passthrough_allow"
 ACCOUNT_OPTION = "forward_account_headers"
@@ -111,20 +112,8 @@ _OLLAMA: Rules = {
 }
 
 
-def _family(provider_type: str) -> Rules:
-    if provider_type == "azure":
-        return _AZURE
-    if provider_type == "anthropic":
-        return _ANTHROPIC
-    if provider_type == "gemini":
-        return _GEMINI
-    if provider_type == "bedrock":
-        return _BEDROCK
-    if provider_type == "ollama":
-        return _OLLAMA
-    if provider_type == "openai" or provider_type in PROFILES:
-        return _OPENAI
-    return {}
+_FAMILIES: dict[str, Rules] = {"openai": _OPENAI, "azure": _AZURE, "anthropic": _ANTHROPIC, "gemini": _GEMINI,
+                               "bedrock": _BEDROCK, "ollama": _OLLAMA, **dict.fromkeys(PROFILES, _OPENAI)}
 
 
 @functools.lru_cache(maxsize=256)
@@ -134,7 +123,7 @@ def compiled(provider_type: str, allow_option: str) -> tuple[bool, dict[str, re.
     groups = {g.strip().lower() for g in allow_option.split(",") if g.strip()}
     if "all" in groups:
         return True, {}
-    family = _family(provider_type)
+    family = _FAMILIES.get(provider_type, {})
     by_method: dict[str, list[str]] = {}
     for group in ("default", *sorted(groups)):
         for methods, pattern in family.get(group, ()):
@@ -166,5 +155,5 @@ def refusal(provider_type: str, options: Mapping[str, str], method: str, relativ
             f"more with the provider option {ALLOW_OPTION}")
 
 
-def forwards_account_headers(options: Mapping[str, str]) -> bool:
-    return options.get(ACCOUNT_OPTION, "").strip().lower() in ("true", "1", "yes")
+def forwards_account_headers(provider: Provider) -> bool:
+    return provider.option_on(ACCOUNT_OPTION)

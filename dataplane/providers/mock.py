@@ -79,7 +79,7 @@ def enabled(provider: Provider) -> bool:
     """Whether this mock provider may answer: only with option `enabled=true`, which the demo seed
     (`alephant dev`) sets on the demo workspace's `mock`; a mock registered anywhere else is off
     until an admin enables it (a workspace id alone never turns it on)."""
-    return provider.options.get("enabled", "").lower() == "true"
+    return provider.option_on("enabled")
 
 
 def _check_enabled(provider: Provider) -> None:

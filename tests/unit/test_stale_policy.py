@@ -53,7 +53,10 @@ def test_the_boundary_is_the_same_as_healthz() -> None:
     store = _store(5.0, refuse=True)
     store.pin(NOW)  # exactly stale_after_s old is still fresh, as in status()
     assert store.status(int(NOW * 1000))["stale"] is False
-    assert store.status(int(NOW * 1000), stale_after_s=4.0)["stale"] is True  # /healthz may pass its own bound
+    later = NOW + 0.01  # just past the bound: stale for the gate and for /healthz alike
+    with pytest.raises(UpstreamError):
+        store.pin(later)
+    assert store.status(int(later * 1000))["stale"] is True
 
 
 async def test_stale_log_line_at_most_once_per_period_then_fresh() -> None:
