@@ -70,9 +70,12 @@ class OutboundGuard:
             self._vouched.clear()
         self._vouched.add(addr)
 
-    def check_address(self, addr: IPAddress, host: str) -> None:
-        """Raise AddressRefused unless `addr` is vouched for, allow-listed or public."""
-        if addr in self._vouched:
+    def check_address(self, addr: IPAddress, host: str, *, vouched_ok: bool = True) -> None:
+        """Raise AddressRefused unless `addr` is allow-listed or public, or (with `vouched_ok`,
+        for the socket factory, which does not know the host name) vouched for by an allow-listed
+        name. The resolver passes `vouched_ok=False`: another name resolving to an allow-listed
+        name's internal address is still refused."""
+        if vouched_ok and addr in self._vouched:
             return
         problem = self.policy.refusal(addr)
         if problem is not None:
@@ -118,7 +121,7 @@ class GuardedResolver(AbstractResolver):
             addr = parse_host_address(answer["host"].partition("%")[0])
             if addr is None:
                 raise AddressRefused(f"{name} resolved to an unreadable address")
-            guard.check_address(addr, name)
+            guard.check_address(addr, name, vouched_ok=False)
         return answers
 
     async def close(self) -> None:

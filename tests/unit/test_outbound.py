@@ -96,6 +96,18 @@ async def test_dns_rebinding_is_refused_at_connect_time(trap2: Trap) -> None:
     assert trap2.requests == [] and dns.lookups["api.provider.example"] == 2
 
 
+async def test_an_allow_listed_name_does_not_vouch_for_other_names(trap2: Trap) -> None:
+    """`llm.internal` is allow-listed and resolves to 127.0.0.2; `other.example` rebinding to the
+    same internal address is still refused, before and after the allowed name was used."""
+    dns = RebindingResolver({"llm.internal": ["127.0.0.2"], "other.example": ["127.0.0.2"]})
+    async with guarded(dns, allow="127.0.0.1,llm.internal") as session:
+        async with session.get(f"http://llm.internal:{trap2.port}/v1/models", allow_redirects=False) as resp:
+            assert resp.status < 500  # allowed: it reached the listener
+        assert await refused_code(session, f"http://other.example:{trap2.port}/v1/models") \
+            == "upstream_address_refused"
+    assert len(trap2.requests) == 1
+
+
 async def test_literal_and_legacy_addresses_are_refused_without_a_connection(trap2: Trap) -> None:
     async with guarded() as session:
         assert await refused_code(session, f"http://127.0.0.2:{trap2.port}/x") == "upstream_address_refused"
