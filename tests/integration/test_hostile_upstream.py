@@ -167,22 +167,16 @@ async def test_passthrough_abuse_is_refused_and_never_forwarded(gateway: Gateway
     assert len(fresh.requests) == 1 and "openai-organization" not in fresh.requests[0].headers
 
 
-async def _rewrite_base_url(gateway: Gateway, name: str, base_url: str) -> None:
+async def _rewrite_base_url(gateway: Gateway, provider_id: str, base_url: str) -> None:
     """What someone with write access to the config bucket can do (the control plane's role here)."""
     nc = await nats.connect(gateway.stack.nats_url("controlplane"), inbox_prefix=role_inbox("controlplane"),
                             allow_reconnect=False)
     try:
         kv = await nc.jetstream(timeout=5).key_value(gateway.stack.child_env()["ALEPHANT_KV_BUCKET"])
-        for key in await kv.keys():
-            if not key.startswith("provider."):
-                continue
-            entity = entity_decoder.decode((await kv.get(key)).value or b"")
-            if isinstance(entity, Provider) and entity.name == name and entity.workspace_id == "demo":
-                forged = Provider(**{**{f: getattr(entity, f) for f in entity.__struct_fields__},
-                                     "base_url": base_url})
-                await kv.put(kv_key(forged), entity_encoder.encode(forged))
-                return
-        raise AssertionError(f"provider {name} not in the bucket")
+        entity = entity_decoder.decode((await kv.get(f"provider.{provider_id}")).value or b"")
+        assert isinstance(entity, Provider) and entity.id == provider_id
+        forged = Provider(**{**{f: getattr(entity, f) for f in entity.__struct_fields__}, "base_url": base_url})
+        await kv.put(kv_key(forged), entity_encoder.encode(forged))
     finally:
         await nc.close()
 
@@ -190,11 +184,12 @@ async def _rewrite_base_url(gateway: Gateway, name: str, base_url: str) -> None:
 async def test_refused_addresses_are_refused_at_connect_time(gateway: Gateway, http: aiohttp.ClientSession,
                                                              fresh: HostileUpstream, trap2: Trap) -> None:
     name = f"hostile-rw-{TAG}"
-    gateway.admin.call("POST", "/admin/v1/providers", {"workspace_id": "demo", "name": name, "type": "openai",
-                                                       "base_url": fresh.base_url + "/v1", "api_key": KEY})
+    created = gateway.admin.call("POST", "/admin/v1/providers", {"workspace_id": "demo", "name": name,
+                                                                 "type": "openai", "base_url": fresh.base_url + "/v1",
+                                                                 "api_key": KEY})
     for target in (f"http://127.0.0.2:{trap2.port}/v1", f"http://[::ffff:127.0.0.2]:{trap2.port}/v1",
                    "http://169.254.169.254/v1", f"http://10.0.0.1:{trap2.port}/v1"):
-        await _rewrite_base_url(gateway, name, target)
+        await _rewrite_base_url(gateway, created["id"], target)
 
         async def refused(t: str = target) -> bytes | None:
             status, raw = await raw_exchange(http, "POST", f"{gateway.base_url}/chat/completions",
