@@ -24,15 +24,45 @@ ProviderKind = Literal[
 RESERVED_PROVIDER_NAMES = frozenset({"v1", "router", "admin", "healthz", "readyz", "metrics"})
 
 
+# Where a budget, limit or policy attaches. A request's path is workspace -> department -> member
+# -> agent -> key (and its workflow label, for budgets): see `dataplane.governance.scope_path`.
+Scope = Literal["workspace", "department", "member", "agent", "key", "workflow"]
+SCOPES: tuple[Scope, ...] = ("workspace", "department", "member", "agent", "key", "workflow")
+# Least to most specific: the most specific policy rule decides (a deny anywhere wins).
+SCOPE_SPECIFICITY: dict[str, int] = {s: i for i, s in enumerate(SCOPES)}
+
+BudgetPeriod = Literal["day", "week", "month", "total"]
+
+
 class Workspace(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="ws"):
     id: str
     name: str
+    # Provider *types* (e.g. "openai") this workspace may call; empty = any.
+    providers_allow: tuple[str, ...] = ()
+
+
+class Department(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="dept"):
+    id: str
+    workspace_id: str
+    name: str
+
+
+class Member(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="member"):
+    """A person (or team account) in a workspace, optionally in a department."""
+
+    id: str
+    workspace_id: str
+    name: str
+    department_id: str | None = None
+    email: str = ""
 
 
 class Agent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="agent"):
     id: str
     workspace_id: str
     name: str
+    department_id: str | None = None
+    member_id: str | None = None
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="provider"):
@@ -64,6 +94,83 @@ class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     name: str = ""
     agent_id: str | None = None
     prefix: str = ""
+    department_id: str | None = None
+    member_id: str | None = None
+    # Glob patterns over `provider/model` (empty = any) and provider names (empty = any).
+    models_allow: tuple[str, ...] = ()
+    providers_allow: tuple[str, ...] = ()
+    # Epoch ms after which the key no longer authenticates (rotation overlap, or an expiry).
+    expires_at_ms: int | None = None
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="budget"):
+    """A spend ceiling in integer nano-USD over a calendar `period` in `timezone` (or `total`).
+    `alert_at` are percentages of the limit that emit one `budget.alert` each per period."""
+
+    id: str
+    workspace_id: str
+    scope: Scope
+    scope_id: str
+    period: BudgetPeriod
+    limit_nanos: int
+    timezone: str = "UTC"
+    alert_at: tuple[int, ...] = ()
+
+
+class Limit(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="limit"):
+    """Rate and concurrency limits on one scope; None = no limit of that kind."""
+
+    id: str
+    workspace_id: str
+    scope: Scope
+    scope_id: str
+    rpm: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+    concurrency: int | None = None
+
+
+class TimeWindow(msgspec.Struct, frozen=True, kw_only=True):
+    """Allowed days (0 = Monday .. 6 = Sunday) and hours [start, end) as "HH:MM" in `timezone`.
+    `end` <= `start` spans midnight."""
+
+    days: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6)
+    start: str = "00:00"
+    end: str = "24:00"
+    timezone: str = "UTC"
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="policy"):
+    """Rules on one scope. Model and endpoint patterns are globs (`fnmatch`, case-sensitive) over
+    `provider/model` and the route path; tools are matched by name. Empty lists constrain nothing."""
+
+    id: str
+    workspace_id: str
+    scope: Scope
+    scope_id: str
+    models_allow: tuple[str, ...] = ()
+    models_deny: tuple[str, ...] = ()
+    tools_allow: tuple[str, ...] = ()
+    tools_deny: tuple[str, ...] = ()
+    tool_action: Literal["deny", "strip"] = "deny"
+    endpoints_allow: tuple[str, ...] = ()
+    windows: tuple[TimeWindow, ...] = ()
+    max_tokens_cap: int | None = None
+    max_tokens_action: Literal["clamp", "reject"] = "clamp"
+    max_cost_nanos: int | None = None
+    escalate_over_nanos: int | None = None
+
+
+class EscalationGrant(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="escalation"):
+    """An approved escalation: the key `key_id` may retry once with `Alephant-Escalation-Id: <id>`
+    until `expires_at_ms`. Single use is enforced in Redis (`esc:{ws}:<id>`), not here."""
+
+    id: str
+    workspace_id: str
+    key_id: str
+    rule: str
+    expires_at_ms: int
 
 
 class ModelAlias(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="alias"):
@@ -96,7 +203,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     ts_ms: int
 
 
-ConfigEntity = Workspace | Agent | Provider | VirtualKey | ModelAlias | PriceOverride | Heartbeat
+ConfigEntity = (Workspace | Department | Member | Agent | Provider | VirtualKey | ModelAlias | PriceOverride | Budget
+                | Limit | Policy | EscalationGrant | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

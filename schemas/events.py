@@ -61,6 +61,55 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     # Values the gateway refused or clamped before recording them (e.g. "usage_clamped"), so
     # finance can find calls whose reported numbers were impossible.
     anomalies: tuple[str, ...] = ()
+    department_id: str | None = None
+    member_id: str | None = None
+    # The budget hold reserved before the call (0 when no budget is on its path) and the
+    # governance outcome: "allow", or the refusal's code (e.g. "budget_exceeded").
+    hold_nanos: int = 0
+    decision: str = "allow"
+    # The route (e.g. "/v1/chat/completions") the call came in on.
+    endpoint: str = ""
+
+
+class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):
+    """A governance decision other than a plain allow (allows are counted, not emitted):
+    `outcome` is deny | throttle | escalate | clamp | strip; `rule` names the rule (e.g.
+    "policy:<id>.models_deny"), `scope`/`scope_id` where it is attached."""
+
+    key_id: str | None = None
+    outcome: str
+    code: str
+    rule: str
+    scope: str = ""
+    scope_id: str = ""
+    message: str = ""
+    endpoint: str = ""
+    model: str = ""
+    escalation_id: str | None = None
+
+
+class BudgetAlert(_Envelope, frozen=True, kw_only=True, tag="budget.alert"):
+    """A budget crossed `threshold_pct` of its limit in the period starting `period_start`
+    (once per budget, threshold and period: the event id is derived from those three)."""
+
+    budget_id: str
+    scope: str
+    scope_id: str
+    threshold_pct: int
+    period_start: str
+    limit_nanos: int
+    spent_nanos: int
+
+
+class AuthRefusals(_Envelope, frozen=True, kw_only=True, tag="auth.refusals"):
+    """Requests refused with an unknown or malformed key, aggregated per worker and interval so
+    a key-guessing flood cannot flood the stream. `workspace_id` is "_unknown"."""
+
+    count: int
+    window_start_ms: int
+    window_end_ms: int
+    codes: dict[str, int] = msgspec.field(default_factory=dict)
+    endpoints: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
@@ -73,7 +122,7 @@ class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-Event = LlmCall | ConfigChanged
+Event = LlmCall | ConfigChanged | PolicyDecision | BudgetAlert | AuthRefusals
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(Event)

@@ -1,0 +1,84 @@
+"""The IO interfaces a worker holds (`WorkerState`). Stages and handlers talk to these, never to a
+client library, so tests substitute them with plain objects (no `type: ignore`).
+
+- `EventSink`: where events go (the spooled NATS publisher in production).
+- `Governor`: limits and budgets, one atomic admission per request (Redis in production, with a
+  local fallback), settlements off the request path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from schemas.entities import Budget, Limit
+from schemas.events import Event
+
+
+class EventSink(Protocol):
+    def emit(self, event: Event) -> None:
+        """Queue `event` for publishing; never blocks, never raises (spooled to disk first)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitRequest:
+    """Everything one admission checks, for the limits and budgets on a request's path.
+
+    `tokens` is the estimated token count (input upper bound + max output) charged to tpm/tpd;
+    `hold_nanos` the budget hold (a true upper bound on the call's cost when the provider honours
+    `max_tokens`). `now_ms` is the caller's clock (epoch ms)."""
+
+    workspace_id: str
+    request_id: str
+    limits: tuple[Limit, ...]
+    budgets: tuple[Budget, ...]
+    tokens: int
+    hold_nanos: int
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetCrossing:
+    """A budget whose spent + held crossed an `alert_at` threshold in its current period (the
+    governor reports each (budget, threshold, period) at most once)."""
+
+    budget: Budget
+    threshold_pct: int
+    period_start: str
+    spent_nanos: int
+
+
+@dataclass(slots=True)
+class Admission:
+    """The outcome. `ok` False carries `code` (rate_limit_exceeded, concurrency_limit_exceeded,
+    budget_exceeded), a `message` that names the limit or budget, and `retry_after_s` for rates.
+    `headers` are the OpenAI-style x-ratelimit-* headers of the tightest request and token limits
+    (empty when no limit is on the path). `mode` is "redis", "local" (Redis unreachable: local
+    rate buckets and budget leases) or "none" (nothing on the path, no IO done)."""
+
+    ok: bool
+    code: str | None = None
+    message: str = ""
+    retry_after_s: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    mode: str = "none"
+    hold_nanos: int = 0
+    remaining_nanos: int | None = None  # the smallest remaining (limit - spent - held) after this hold
+    alerts: tuple[BudgetCrossing, ...] = ()
+    # Opaque to callers: what `settle` needs to undo or settle this admission.
+    token: object = None
+
+
+class Governor(Protocol):
+    async def admit(self, req: AdmitRequest) -> Admission:
+        """One atomic check of every limit and budget in `req` (one Redis round trip): either all
+        are charged (a request counted, a concurrency slot taken, a hold added to each budget) or
+        none is. Never raises: Redis faults switch to local mode."""
+        ...
+
+    def settle(self, admission: Admission, cost_nanos: int, tokens: int) -> None:
+        """Off the request path: turn the admission's holds into `cost_nanos` of spend on each
+        budget (0 releases them), release its concurrency slots, and correct token limits to the
+        actual `tokens`. Idempotent per admission; never raises."""
+        ...
