@@ -1,0 +1,339 @@
+"""The policy decision: may this request go out, and in what shape? Pure, shared by both planes.
+
+`decide(policies, key, workspace, req, now)` is a function of its arguments only (no await, no IO,
+no clock read): the data plane's policy stage calls it on every request, the control plane's
+`POST /admin/v1/decisions/dry-run` calls it with the same inputs, so both always agree.
+
+Which policy decides
+--------------------
+`policies` are those attached on the request's path (workspace -> department -> member -> agent
+-> key), in any order. Specificity is `SCOPE_SPECIFICITY`, except that a `workflow` policy counts
+as agent level (a workflow label is chosen by the client per request, so it must not outrank the
+key's own policies); at the same level an `agent` policy beats a `workflow` one, and two policies
+on the same level are ordered by id (the smaller id wins), so the input order never matters.
+
+* Deny lists are unioned: `models_deny` anywhere on the path matching the model, or a tool in
+  any `tools_deny`, refuses (or strips) it, whatever any allow list says. When several match, the
+  most specific one is named.
+* Allow lists (`models_allow`, `tools_allow`, `endpoints_allow`) and settings (`windows`,
+  `max_tokens_cap` with its `max_tokens_action`, `max_cost_nanos`, `escalate_over_nanos`) are
+  decided by the MOST SPECIFIC policy that sets them (a non-empty list, a non-None value); less
+  specific ones are overridden, not intersected. `tool_action` comes from the most specific
+  policy that has any tool list (it only means something next to one).
+* The key's `models_allow` (globs over `provider/model`) and `providers_allow` (globs over the
+  provider NAME, the part of the model before "/"), and the workspace's `providers_allow` (globs
+  over the provider TYPE, e.g. "openai"), restrict further: they must match as well.
+* Globs are `fnmatch.fnmatchcase` over `provider/model` and over the endpoint path. Tool names
+  match exactly. A request naming no model (`model == ""`) skips model and key provider rules;
+  `provider_type == ""` skips the workspace's provider list.
+
+Order of checks, the first refusal decides: endpoint -> models (deny, policy allow, key allow) ->
+providers (workspace, key) -> time window -> tools -> max_tokens -> max cost -> escalation.
+
+* Time windows: allowed when `now` falls in ANY window of the deciding policy: the local weekday
+  (0 = Monday) is in `days` and the local time is in [start, end) in the window's timezone. An
+  `end` <= `start` spans midnight, and then the day is the day the window started ("Fri 22:00 to
+  02:00" admits Saturday 01:00, not Sunday 01:00). "24:00" is a valid end. A window whose
+  timezone or times do not parse admits nothing (fail closed; the admin API refuses them).
+* Tools not allowed (in a `tools_deny`, or missing from the deciding non-empty `tools_allow`):
+  `tool_action` "deny" refuses naming the first such tool; "strip" lets the request through with
+  `strip_tools` listing them and one "strip" `Effect` per deciding rule.
+* `max_tokens_cap`: a request with max_tokens above the cap, or with none, is clamped to the cap
+  (`Verdict.max_tokens`, a "clamp" `Effect`); with action "reject" a max_tokens above the cap is
+  refused, while a missing one is still clamped (there is nothing to reject, and the provider's
+  default could exceed the cap).
+* `max_cost_nanos`: `est_cost_nanos` above it refuses. `escalate_over_nanos`: above it refuses
+  with `escalation_required` (outcome "escalate") unless `req.escalation` is set, which the
+  caller does only for a grant of this key that is unexpired (single use is enforced in Redis).
+  Costs are the caller's estimate as given (0 when unknown, which passes both caps); it is not
+  recomputed after a clamp, so an estimate made before clamping is conservative.
+
+Refusals carry `code` in `REFUSAL_CODES`, a `rule` such as "policy:<id>.models_deny",
+"key.models_allow", "workspace.providers_allow", "policy:<id>.windows", "policy:<id>.max_cost_usd"
+or "policy:<id>.escalate_over_usd", the scope it is attached to, and a message naming the rule
+and why (at most `MAX_MESSAGE_LEN` characters; client-supplied names are cut short in it).
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+from zoneinfo import ZoneInfo
+
+from schemas.entities import SCOPE_SPECIFICITY, EscalationGrant, Policy, TimeWindow, VirtualKey, Workspace
+from schemas.money import nanos_to_decimal_str
+
+REFUSAL_CODES = frozenset({"policy_denied", "outside_time_window", "escalation_required"})
+MAX_MESSAGE_LEN = 300
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInput:
+    """The request facts a policy looks at. `model` is `provider/model_id` after alias resolution
+    ("" when the endpoint names none, and then `provider_type` is "" too); `est_cost_nanos` is an
+    upper bound on the call's cost (0 if unknown); `escalation` a grant the caller has already
+    checked belongs to the key and is unexpired."""
+
+    endpoint: str
+    model: str
+    provider_type: str
+    tools: tuple[str, ...]
+    max_tokens: int | None
+    est_cost_nanos: int
+    escalation: EscalationGrant | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """A change the policy makes to a request it lets through."""
+
+    kind: Literal["clamp", "strip"]
+    rule: str
+    scope: str
+    scope_id: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """The decision. Refused: `allowed` False, `code` in `REFUSAL_CODES`, `outcome` "deny" or
+    "escalate", and the deciding `rule`, its `scope`/`scope_id` and a `message`. Allowed: the
+    request goes out with `max_tokens` (when not None) and without `strip_tools`; `effects`
+    records those changes (empty for a plain allow)."""
+
+    allowed: bool
+    code: str | None = None
+    outcome: str = "allow"
+    rule: str = ""
+    scope: str = ""
+    scope_id: str = ""
+    message: str = ""
+    max_tokens: int | None = None
+    strip_tools: tuple[str, ...] = ()
+    effects: tuple[Effect, ...] = ()
+
+
+ALLOW = Verdict(allowed=True)  # shared: a plain allow allocates nothing
+
+_RANK: dict[str, int] = {**SCOPE_SPECIFICITY, "workflow": SCOPE_SPECIFICITY["agent"]}
+_HHMM = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+_DAY_NAMES = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def parse_hhmm(text: str) -> int:
+    """Minutes since midnight of "HH:MM" (two ASCII digits each, 00:00..23:59, or "24:00" = 1440,
+    which only makes sense as a window's end). Raises ValueError otherwise."""
+    if text == "24:00":
+        return 1440
+    m = _HHMM.fullmatch(text)
+    if m is None:
+        raise ValueError(f"expected a time as HH:MM (00:00 to 24:00), got {text[:20]!r}")
+    return int(m.group(1)) * 60 + int(m.group(2))
+
+
+@functools.lru_cache(maxsize=1024)
+def _zone(name: str) -> ZoneInfo | None:
+    # Bounded: names come from config, but an unbounded cache should not trust that.
+    try:
+        return ZoneInfo(name)
+    except (ValueError, KeyError, OSError):
+        return None
+
+
+def valid_timezone(name: str) -> bool:
+    """Whether `name` is an IANA timezone this host knows (e.g. "Europe/Paris", "UTC")."""
+    return _zone(name) is not None
+
+
+def window_problem(window: TimeWindow) -> str | None:
+    """Why the admin API should refuse `window` (a sentence), or None when it is valid."""
+    if not valid_timezone(window.timezone):
+        return f"unknown timezone {window.timezone[:60]!r}"
+    if not window.days or any(d not in range(7) for d in window.days):
+        return "days must be a non-empty list of 0 (Monday) to 6 (Sunday)"
+    try:
+        start, _ = parse_hhmm(window.start), parse_hhmm(window.end)
+    except ValueError as exc:
+        return str(exc)
+    return "start may not be 24:00" if start == 1440 else None
+
+
+def in_window(window: TimeWindow, now: datetime.datetime) -> bool:
+    """Whether the aware datetime `now` falls in `window` (see the module docstring)."""
+    zone = _zone(window.timezone)
+    if zone is None:
+        return False
+    try:
+        start, end = parse_hhmm(window.start), parse_hhmm(window.end)
+    except ValueError:
+        return False
+    local = now.astimezone(zone)
+    minute = local.hour * 60 + local.minute
+    day = local.weekday()
+    if start < end:
+        return day in window.days and start <= minute < end
+    # Spans midnight: the evening part belongs to today, the morning part to yesterday's window.
+    return (day in window.days and minute >= start) or ((day - 1) % 7 in window.days and minute < end)
+
+
+def _order(p: Policy) -> tuple[int, bool, str]:
+    return (-_RANK.get(p.scope, -1), p.scope == "workflow", p.id)
+
+
+def _q(value: str, limit: int = 60) -> str:
+    """A quoted name for a message, cut short: client-supplied strings must not bloat it."""
+    return f"'{value}'" if len(value) <= limit else f"'{value[:limit]}...'"
+
+
+def _list(values: Iterable[str], limit: int = 3) -> str:
+    items = list(values)
+    shown = ", ".join(_q(v, 30) for v in items[:limit])
+    return f"[{shown}, +{len(items) - limit} more]" if len(items) > limit else f"[{shown}]"
+
+
+def _where(p: Policy) -> str:
+    return f"policy {p.id} ({p.scope} {p.scope_id})"
+
+
+def _usd(nanos: int) -> str:
+    return f"${nanos_to_decimal_str(nanos)}"
+
+
+def _window_text(w: TimeWindow) -> str:
+    days = ",".join(_DAY_NAMES[d] for d in w.days if d in range(7))
+    return f"{days} {w.start[:5]}-{w.end[:5]} {w.timezone[:40]}"
+
+
+def _refuse(code: str, rule: str, scope: str, scope_id: str, message: str, outcome: str = "deny") -> Verdict:
+    if len(message) > MAX_MESSAGE_LEN:
+        message = message[: MAX_MESSAGE_LEN - 3] + "..."
+    return Verdict(allowed=False, code=code, outcome=outcome, rule=rule, scope=scope, scope_id=scope_id,
+                   message=message)
+
+
+def _deny(p: Policy, field: str, message: str, code: str = "policy_denied") -> Verdict:
+    return _refuse(code, f"policy:{p.id}.{field}", p.scope, p.scope_id, message)
+
+
+def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Workspace | None,
+           req: PolicyInput, now: datetime.datetime) -> Verdict:
+    """Decide `req` against the policies on its path, the key's and the workspace's lists, at the
+    aware datetime `now`. Never raises; returns the shared `ALLOW` for a plain allow."""
+    key_models = key.models_allow if key is not None else ()
+    key_providers = key.providers_allow if key is not None else ()
+    ws_providers = workspace.providers_allow if workspace is not None else ()
+    if not policies and not key_models and not key_providers and not ws_providers:
+        return ALLOW
+    ordered = sorted(policies, key=_order) if len(policies) > 1 else policies
+
+    ep = next((p for p in ordered if p.endpoints_allow), None)
+    if ep is not None and not any(fnmatchcase(req.endpoint, g) for g in ep.endpoints_allow):
+        return _deny(ep, "endpoints_allow", f"Endpoint {_q(req.endpoint)} is not allowed by {_where(ep)}: "
+                                            f"endpoints_allow {_list(ep.endpoints_allow)}.")
+
+    model = req.model
+    if model:
+        for p in ordered:
+            if p.models_deny and any(fnmatchcase(model, g) for g in p.models_deny):
+                return _deny(p, "models_deny", f"Model {_q(model)} is denied by {_where(p)}: "
+                                               f"models_deny {_list(p.models_deny)}.")
+        ma = next((p for p in ordered if p.models_allow), None)
+        if ma is not None and not any(fnmatchcase(model, g) for g in ma.models_allow):
+            return _deny(ma, "models_allow", f"Model {_q(model)} is not allowed by {_where(ma)}: "
+                                             f"models_allow {_list(ma.models_allow)}.")
+        if key is not None and key_models and not any(fnmatchcase(model, g) for g in key_models):
+            return _refuse("policy_denied", "key.models_allow", "key", key.id,
+                           f"Model {_q(model)} is not allowed for key {key.id}: models_allow {_list(key_models)}.")
+
+    if workspace is not None and ws_providers and req.provider_type \
+            and not any(fnmatchcase(req.provider_type, g) for g in ws_providers):
+        return _refuse("policy_denied", "workspace.providers_allow", "workspace", workspace.id,
+                       f"Provider type {_q(req.provider_type)} is not allowed in workspace {workspace.id}: "
+                       f"providers_allow {_list(ws_providers)}.")
+    if key is not None and key_providers and model:
+        name = model.partition("/")[0]
+        if not any(fnmatchcase(name, g) for g in key_providers):
+            return _refuse("policy_denied", "key.providers_allow", "key", key.id,
+                           f"Provider {_q(name)} is not allowed for key {key.id}: "
+                           f"providers_allow {_list(key_providers)}.")
+
+    if not policies:
+        return ALLOW
+
+    tw = next((p for p in ordered if p.windows), None)
+    if tw is not None and not any(in_window(w, now) for w in tw.windows):
+        return _deny(tw, "windows", f"Outside the time windows of {_where(tw)}: "
+                                    f"{'; '.join(_window_text(w) for w in tw.windows[:3])}.",
+                     code="outside_time_window")
+
+    effects: list[Effect] = []
+    strip: tuple[str, ...] = ()
+    if req.tools:
+        verdict, strip = _tools(ordered, req.tools, effects)
+        if verdict is not None:
+            return verdict
+
+    max_tokens: int | None = None
+    mt = next((p for p in ordered if p.max_tokens_cap is not None), None)
+    if mt is not None and mt.max_tokens_cap is not None:
+        cap = mt.max_tokens_cap
+        asked = req.max_tokens
+        if asked is None or asked > cap:
+            if asked is not None and mt.max_tokens_action == "reject":
+                return _deny(mt, "max_tokens_cap", f"max_tokens {asked} exceeds the cap {cap} of {_where(mt)}: "
+                                                   "max_tokens_cap with max_tokens_action 'reject'.")
+            max_tokens = cap
+            effects.append(Effect("clamp", f"policy:{mt.id}.max_tokens_cap", mt.scope, mt.scope_id,
+                                  f"max_tokens {'unset' if asked is None else asked} -> {cap}"))
+
+    cost = req.est_cost_nanos
+    mc = next((p for p in ordered if p.max_cost_nanos is not None), None)
+    if mc is not None and mc.max_cost_nanos is not None and cost > mc.max_cost_nanos:
+        return _deny(mc, "max_cost_usd", f"Estimated cost {_usd(cost)} exceeds the limit "
+                                         f"{_usd(mc.max_cost_nanos)} of {_where(mc)}: max_cost_usd.")
+    es = next((p for p in ordered if p.escalate_over_nanos is not None), None)
+    if es is not None and es.escalate_over_nanos is not None and cost > es.escalate_over_nanos \
+            and req.escalation is None:
+        return _refuse("escalation_required", f"policy:{es.id}.escalate_over_usd", es.scope, es.scope_id,
+                       f"Estimated cost {_usd(cost)} is over the escalation threshold "
+                       f"{_usd(es.escalate_over_nanos)} of {_where(es)}: escalate_over_usd; "
+                       "retry with an approved Alephant-Escalation-Id.", outcome="escalate")
+
+    if not effects:
+        return ALLOW
+    return Verdict(allowed=True, max_tokens=max_tokens, strip_tools=strip, effects=tuple(effects))
+
+
+def _tools(ordered: Sequence[Policy], tools: tuple[str, ...],
+           effects: list[Effect]) -> tuple[Verdict | None, tuple[str, ...]]:
+    """The tool rules: a refusal, or the tools to strip (appending their "strip" effects)."""
+    acting = next((p for p in ordered if p.tools_allow or p.tools_deny), None)
+    if acting is None:
+        return None, ()
+    allow = next((p for p in ordered if p.tools_allow), None)
+    # (tool, deciding policy, field) per refused tool, first occurrence only, in request order.
+    refused: list[tuple[str, Policy, str]] = []
+    for tool in dict.fromkeys(tools):
+        denier = next((p for p in ordered if tool in p.tools_deny), None)
+        if denier is not None:
+            refused.append((tool, denier, "tools_deny"))
+        elif allow is not None and tool not in allow.tools_allow:
+            refused.append((tool, allow, "tools_allow"))
+    if not refused:
+        return None, ()
+    if acting.tool_action == "deny":
+        tool, p, field = refused[0]
+        listed = p.tools_deny if field == "tools_deny" else p.tools_allow
+        how = "denied" if field == "tools_deny" else "not allowed"
+        return _deny(p, field, f"Tool {_q(tool)} is {how} by {_where(p)}: {field} {_list(listed)}."), ()
+    by_rule: dict[tuple[str, str, str], list[str]] = {}
+    for tool, p, field in refused:
+        by_rule.setdefault((f"policy:{p.id}.{field}", p.scope, p.scope_id), []).append(tool)
+    for (rule, scope, scope_id), names in by_rule.items():
+        effects.append(Effect("strip", rule, scope, scope_id, f"stripped tools {_list(names)}"))
+    return None, tuple(tool for tool, _, _ in refused)
