@@ -31,10 +31,10 @@ from controlplane.idempotency import IdempotencyStore, Replay, check_key
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
-from dataplane.http import Handler, decode_json, error_middleware, read_body
 from events.db import open_pool
 from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
 from schemas.errors import AuthenticationFailed, InvalidRequest
+from schemas.http import Handler, decode_json, error_middleware, read_body
 from schemas.keys import KeyRing
 from schemas.settings import Settings
 

@@ -20,7 +20,6 @@ from psycopg_pool import AsyncConnectionPool
 
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import check_base_url_resolving
-from dataplane.http import validate
 from schemas.entities import (
     RESERVED_PROVIDER_NAMES,
     Agent,
@@ -36,6 +35,7 @@ from schemas.entities import (
 )
 from schemas.errors import Conflict, InvalidRequest, NotFound
 from schemas.events import ConfigChanged, event_encoder, subject_for
+from schemas.http import validate
 from schemas.ids import new_id, uuid7
 from schemas.keys import KeyRing, display_prefix, generate_virtual_key
 

@@ -8,11 +8,11 @@ import msgspec
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from dataplane.models import catalog_entries, type_catalog
-from dataplane.snapshot import Snapshot
+from schemas.catalog import catalog_entries, type_catalog
 from schemas.entities import ConfigEntity, ProviderKind
 from schemas.errors import NotFound
 from schemas.money import nanos_to_decimal_str
+from schemas.snapshot import Snapshot
 
 
 async def run_summary(pool: AsyncConnectionPool[Any], run_id: str, workspace_id: str | None) -> dict[str, Any]:

@@ -17,7 +17,6 @@ import msgspec
 import structlog
 from aiohttp import web
 
-from dataplane.http import error_middleware
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.embeddings import embeddings
 from dataplane.ingress.messages import MessagesIngress, serve_count_tokens
@@ -34,6 +33,7 @@ from dataplane.state import WORKER, WorkerState
 from events.jetstream import bus_auth, connect, ensure_kv
 from events.publisher import EventPublisher
 from events.spool import Spool
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Settings
 

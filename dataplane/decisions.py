@@ -10,9 +10,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dataplane.edge import check_properties, check_text
-from dataplane.snapshot import Snapshot
 from schemas.entities import Provider, VirtualKey
 from schemas.errors import AuthenticationFailed, NotFound, PermissionDenied
+from schemas.snapshot import Snapshot
 
 MAX_HEADER_ID_LEN = 200
 

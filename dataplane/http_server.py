@@ -25,9 +25,9 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 
-from dataplane.http import client_fault, is_anthropic_path
 from dataplane.limits import CappedTCPSite
 from schemas.errors import GatewayError, InternalError, InvalidRequest, UpstreamError, render_anthropic, render_openai
+from schemas.http import client_fault, is_anthropic_path
 
 log = structlog.get_logger(__name__)
 

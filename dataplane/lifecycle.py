@@ -22,21 +22,21 @@ from aiohttp import web
 
 from dataplane.decisions import AgentContext, Target, agent_context, authenticate, bearer_token, resolve_model
 from dataplane.edge import check_model
-from dataplane.http import REQUEST_ID, client_fault, decode_json, read_body
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, secrets_of
 from dataplane.limits import STREAM_SLOTS, body_within
 from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
-from dataplane.snapshot import Snapshot
 from dataplane.state import WORKER, WorkerState
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import Provider, VirtualKey
 from schemas.errors import GatewayError, InvalidRequest, InvalidValue, UpstreamError
 from schemas.events import LlmCall, Usage
+from schemas.http import REQUEST_ID, client_fault, decode_json, read_body
 from schemas.ids import uuid7
 from schemas.money import nanos_to_decimal_str
+from schemas.snapshot import Snapshot
 
 log = structlog.get_logger(__name__)
 

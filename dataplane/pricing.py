@@ -13,19 +13,13 @@ from collections.abc import Iterable, Mapping
 from decimal import Decimal
 
 from genai_prices import Usage as GPUsage
-from genai_prices import calc_price, data_snapshot
+from genai_prices import calc_price
 
 from dataplane.providers import mock
+from schemas.catalog import CATALOG_PROVIDER, MOCK_EMBEDDING_MODELS, MOCK_MODELS, catalog_models
 from schemas.entities import PriceOverride, Provider
 from schemas.events import Usage
 from schemas.money import decimal_to_nanos
-
-# Our provider `type` -> the genai-prices provider id whose catalog prices it.
-CATALOG_PROVIDER = {
-    "openai": "openai", "azure": "azure", "anthropic": "anthropic", "gemini": "google", "bedrock": "aws",
-    "groq": "groq", "mistral": "mistral", "deepseek": "deepseek", "xai": "x-ai", "together": "together",
-    "fireworks": "fireworks", "openrouter": "openrouter", "perplexity": "perplexity", "cohere": "cohere",
-}
 
 _MILLION = 1_000_000
 
@@ -34,7 +28,7 @@ BUILTIN_PRICES = {
     ("mock", model): PriceOverride(id=f"builtin-mock-{model}", provider="mock", model=model,
                                    input_per_mtok_nanos=mock.INPUT_PER_MTOK_NANOS,
                                    output_per_mtok_nanos=mock.OUTPUT_PER_MTOK_NANOS)
-    for model in (*mock.MODELS, *mock.EMBEDDING_MODELS)
+    for model in (*MOCK_MODELS, *MOCK_EMBEDDING_MODELS)
 }
 
 
@@ -109,18 +103,6 @@ def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: P
     if total is None:
         return 0, False
     return min(decimal_to_nanos(total), MAX_CALL_COST_NANOS), True
-
-
-@functools.lru_cache(maxsize=64)
-def catalog_models(provider_type: str) -> tuple[tuple[str, int | None], ...]:
-    """`(model_id, context_window)` pairs the bundled catalog knows for a provider type."""
-    catalog_id = CATALOG_PROVIDER.get(provider_type)
-    if catalog_id is None:
-        return ()
-    for prov in data_snapshot.get_snapshot().providers:
-        if prov.id == catalog_id:
-            return tuple((m.id, m.context_window) for m in prov.models if not m.deprecated)
-    return ()
 
 
 def warm(provider_types: Iterable[str] = ("openai",)) -> None:

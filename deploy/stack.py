@@ -253,7 +253,7 @@ class Stack:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "controlplane.cli", *args], stdout=out, stderr=subprocess.STDOUT,
+                [sys.executable, "-m", "deploy.cli", *args], stdout=out, stderr=subprocess.STDOUT,
                 env=self.child_env(_COMMAND_ROLES.get(args[0])), start_new_session=True,
                 preexec_fn=die_with_parent,
             )
@@ -297,7 +297,7 @@ class Stack:
                                            nats_authorization=self._nats_authorization())
             self._pick_ports()
             self.log("==> migrations, event stream and config bucket")
-            subprocess.run([sys.executable, "-m", "controlplane.cli", "migrate"], env=self.child_env("controlplane"),
+            subprocess.run([sys.executable, "-m", "deploy.cli", "migrate"], env=self.child_env("controlplane"),
                            check=True, stdout=subprocess.DEVNULL)
             self.log("==> control plane")
             self.start_controlplane()

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from dataplane.http import validate
 from dataplane.ingress.base import ChatPlan
 from dataplane.ingress.responses_request import looks_like_responses_body, responses_body_to_chat
 from dataplane.providers.sse import format_sse, sse_comment
 from schemas.errors import GatewayError, render_openai
+from schemas.http import validate
 from schemas.openai import ChatCompletionRequest
 
 DONE = b"data: [DONE]"

@@ -24,13 +24,13 @@ from aiohttp import web
 
 from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
-from dataplane.http import decode_json, read_body, validate
 from dataplane.lifecycle import begin, note_disconnect, priced_json, recorded, upstream_call
 from dataplane.limits import body_within
 from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.state import WORKER
 from schemas.errors import InvalidRequest, UpstreamError
+from schemas.http import decode_json, read_body, validate
 
 INGRESS = "embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit on array inputs

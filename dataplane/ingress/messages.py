@@ -22,7 +22,6 @@ from aiohttp import web
 
 from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
-from dataplane.http import decode_json, read_body, validate
 from dataplane.ingress.base import ChatPlan
 from dataplane.ingress.messages_translate import (
     ChatAnswer,
@@ -41,6 +40,7 @@ from dataplane.providers.sse import format_sse, sse_comment
 from dataplane.state import WORKER
 from schemas.anthropic import CountTokensRequest, MessagesRequest
 from schemas.errors import GatewayError, InvalidRequest, NotFound, UpstreamError, render_anthropic
+from schemas.http import decode_json, read_body, validate
 
 log = structlog.get_logger(__name__)
 

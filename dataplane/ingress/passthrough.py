@@ -67,8 +67,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from dataplane.decisions import Target, agent_context, authenticate, bearer_token
-from dataplane.edge import check_model, too_deep
-from dataplane.http import REQUEST_ID, is_anthropic_path, read_limited
+from dataplane.edge import check_model
 from dataplane.ingress.passthrough_rules import ACCOUNT_HEADERS, forwards_account_headers, refusal
 from dataplane.ingress.passthrough_usage import (
     STREAM_TYPES,
@@ -105,6 +104,7 @@ from schemas.errors import (
     UpstreamError,
     render_anthropic,
 )
+from schemas.http import REQUEST_ID, is_anthropic_path, read_limited, too_deep
 from schemas.money import nanos_to_decimal_str
 
 INGRESS = "passthrough"

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from dataplane.http import validate
 from schemas.errors import InvalidRequest
+from schemas.http import validate
 from schemas.responses import (
     CustomToolCallItem,
     CustomToolCallOutputItem,

@@ -49,8 +49,7 @@ from schemas.openai import (
     PromptTokensDetails,
 )
 
-MODELS = ("echo", "fixed")
-EMBEDDING_MODELS = ("embed",)  # any id embeds; this one is listed by GET /v1/models
+# The model ids GET /v1/models lists for the mock are catalog data: schemas.catalog.MOCK_MODELS.
 EMBEDDING_DIMENSIONS = 64
 MAX_EMBEDDING_DIMENSIONS = 4096
 MAX_EMBEDDING_VALUES = 256 * 1024  # inputs x dimensions per call: ~0.1 s of CPU at most

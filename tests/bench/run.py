@@ -164,7 +164,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 def start_stack(state_dir: Path, workers: int, timeout_s: float) -> tuple[Child, dict[str, str]]:
     """Start ``alephant dev`` on free ports; return it and its ``demo.env`` once ``/readyz`` is 200."""
     alephant = Path(sys.executable).with_name("alephant")
-    command = [str(alephant)] if alephant.exists() else [sys.executable, "-m", "controlplane.cli"]
+    command = [str(alephant)] if alephant.exists() else [sys.executable, "-m", "deploy.cli"]
     demo_path = state_dir / "demo.env"
     # A reused state dir already has a demo.env; only one written by this start counts.
     stale = demo_path.stat().st_mtime_ns if demo_path.exists() else None

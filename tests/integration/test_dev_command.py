@@ -47,7 +47,7 @@ def _http(method: str, url: str, headers: dict[str, str] | None = None, body: An
 def _start(state_dir: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
     with (state_dir.parent / "dev.out").open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "controlplane.cli", "--state-dir", str(state_dir), "dev",
+        return subprocess.Popen([sys.executable, "-m", "deploy.cli", "--state-dir", str(state_dir), "dev",
                                  "--port", "0", "--admin-port", "0"], env=env, stdout=out, stderr=subprocess.STDOUT)
 
 

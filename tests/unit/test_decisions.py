@@ -17,11 +17,11 @@ from dataplane.decisions import (
     bearer_token,
     resolve_model,
 )
-from dataplane.snapshot import Snapshot
 from schemas.entities import ConfigEntity, ModelAlias, Provider, VirtualKey, Workspace, kv_key
 from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from schemas.keys import KeyRing
 from schemas.settings import Secret
+from schemas.snapshot import Snapshot
 
 RING = KeyRing(Secret("unit-test-master-secret-0123456789"))
 KEY_FREE = "sk-alph-free-key"

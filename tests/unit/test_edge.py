@@ -1,4 +1,4 @@
-"""The client edge: pure string checks (dataplane/edge.py), JSON nesting, the usage and cost clamps
+"""The client edge: pure string checks (dataplane/edge.py), JSON nesting (schemas/http.py), the usage and cost clamps
 (dataplane/pricing.py), and the mapping of client-caused exceptions to 4xx (http, http_server)."""
 
 from __future__ import annotations
@@ -17,17 +17,13 @@ from multidict import CIMultiDict, istr
 
 from dataplane.decisions import AgentContext, Target, agent_context
 from dataplane.edge import (
-    MAX_JSON_DEPTH,
     MAX_MODEL_LEN,
     MAX_PROPERTIES,
     MAX_PROPERTY_VALUE_BYTES,
-    check_json_depth,
     check_model,
     check_properties,
     check_text,
-    json_depth_exceeds,
 )
-from dataplane.http import client_fault, decode_json
 from dataplane.http_server import protocol_error
 from dataplane.lifecycle import CallRecord
 from dataplane.pricing import (
@@ -37,10 +33,11 @@ from dataplane.pricing import (
     call_cost_nanos,
     override_cost_nanos,
 )
-from dataplane.snapshot import Snapshot
 from schemas.entities import PriceOverride, Provider, VirtualKey
 from schemas.errors import InvalidRequest, InvalidValue
 from schemas.events import Usage, event_encoder
+from schemas.http import MAX_JSON_DEPTH, check_json_depth, client_fault, decode_json, json_depth_exceeds
+from schemas.snapshot import Snapshot
 from tests.unit.test_decisions import VK_FREE
 
 # --- check_text / check_model --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""dataplane/http.py: body intake (415 / 413 / 400) and validation into typed Structs."""
+"""schemas/http.py: body intake (415 / 413 / 400) and validation into typed Structs."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from aiohttp.test_utils import make_mocked_request
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataplane.http import REQUEST_ID, decode_json, error_response, read_body, read_json, validate
 from schemas.errors import InvalidRequest, NotFound, PayloadTooLarge, RateLimited, UnsupportedMediaType
+from schemas.http import REQUEST_ID, decode_json, error_response, read_body, read_json, validate
 from schemas.openai import ChatCompletionRequest
 
 GOOD = {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}

@@ -11,16 +11,17 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dataplane.http import error_middleware
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.messages import MessagesIngress
 from dataplane.lifecycle import serve
 from dataplane.outbound import make_session
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import Provider, VirtualKey
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic
 from tests.unit.conftest import Recorder
 

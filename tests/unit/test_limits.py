@@ -16,9 +16,9 @@ from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataplane.http import error_middleware, read_limited
 from dataplane.limits import CappedTCPSite, StreamSlots, admit, body_within, wants_stream
 from schemas.errors import RateLimited
+from schemas.http import error_middleware, read_limited
 
 # -- pure decisions --------------------------------------------------------------------------------
 

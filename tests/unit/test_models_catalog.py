@@ -1,4 +1,4 @@
-"""dataplane/models.py: the per-workspace model list, its context windows, and its cache."""
+"""schemas/catalog.py and dataplane/models.py: the per-workspace model list, its context windows, and its cache."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from dataplane.http import error_middleware
-from dataplane.models import ModelCatalog, catalog_entries
-from dataplane.pricing import catalog_models
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.models import ModelCatalog
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
+from schemas.catalog import catalog_entries, catalog_models
 from schemas.entities import ModelAlias, PriceOverride, Provider, VirtualKey, kv_key
 from schemas.errors import NotFound
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 
 
 def snapshot(*extra: Any, revision: int = 1) -> Snapshot:

@@ -10,8 +10,9 @@ from genai_prices import calc_price
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dataplane.pricing import call_cost_nanos, catalog_models, override_cost_nanos
+from dataplane.pricing import call_cost_nanos, override_cost_nanos
 from dataplane.providers import mock
+from schemas.catalog import MOCK_MODELS, catalog_models
 from schemas.entities import PriceOverride, Provider
 from schemas.events import Usage
 from schemas.money import decimal_to_nanos
@@ -202,7 +203,7 @@ def test_unknown_model_is_unpriced() -> None:
 def test_mock_models_have_a_builtin_price() -> None:
     usage = Usage(input_tokens=1_000, output_tokens=500)
     expected = (1_000 * mock.INPUT_PER_MTOK_NANOS + 500 * mock.OUTPUT_PER_MTOK_NANOS + 500_000) // 1_000_000
-    for model in mock.MODELS:
+    for model in MOCK_MODELS:
         assert call_cost_nanos(NO_OVERRIDES, MOCK, model, usage) == (expected, True)
     assert expected == 450_000
 

@@ -1,4 +1,5 @@
-"""dataplane/snapshot.py: immutable indexes over the config entities, and KV entry application."""
+"""schemas/snapshot.py (immutable indexes over the config entities) and dataplane/snapshot.py (KV entry
+application)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from hypothesis import strategies as st
 from nats.js.kv import KV_DEL, KV_PURGE
 from structlog.testing import capture_logs
 
-from dataplane.snapshot import Snapshot, _apply
+from dataplane.snapshot import _apply
 from schemas.entities import (
     Agent,
     ConfigEntity,
@@ -21,6 +22,7 @@ from schemas.entities import (
     entity_encoder,
     kv_key,
 )
+from schemas.snapshot import Snapshot
 
 WS = Workspace(id="ws_1", name="one")
 AGENT = Agent(id="agent_1", workspace_id="ws_1", name="bot")

@@ -7,9 +7,10 @@ import asyncio
 import pytest
 from structlog.testing import capture_logs
 
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from schemas.entities import HEARTBEAT_KEY, Heartbeat
 from schemas.errors import UpstreamError
+from schemas.snapshot import Snapshot
 
 NOW = 1_700_000_000.0
 

@@ -18,7 +18,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from dataplane.http import error_middleware
 from dataplane.ingress.embeddings import (
     base64_to_floats,
     check_input,
@@ -31,13 +30,15 @@ from dataplane.providers import registry
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.mock import EMBEDDING_DIMENSIONS, MockProvider, embedding_vector
 from dataplane.providers.openai import OpenAIProvider
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import PriceOverride, Provider, VirtualKey, Workspace, kv_key
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.events import LlmCall, Usage
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 from tests.fakes.compat_upstream import ScriptedUpstream
 
 VK_PLAIN = "sk-alph-test-embeddings-key-000000000000000"

@@ -13,7 +13,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dataplane.http import error_middleware
 from dataplane.ingress.messages import MessagesIngress, forward_headers, serve_count_tokens
 from dataplane.ingress.messages_translate import estimate_input_tokens
 from dataplane.lifecycle import serve
@@ -21,13 +20,15 @@ from dataplane.providers import registry
 from dataplane.providers.anthropic import AnthropicProvider
 from dataplane.providers.base import CallStats, UpstreamCall
 from dataplane.providers.mock import MockProvider
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.anthropic import CountTokensRequest
 from schemas.entities import Provider, VirtualKey
 from schemas.errors import InvalidRequest, UpstreamError
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 from tests.fakes.anthropic_upstream import FakeAnswer, FakeAnthropic
 from tests.fixtures import AGENT_CLIENT_REQUESTS
 

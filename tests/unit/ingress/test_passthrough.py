@@ -18,7 +18,6 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
-from dataplane.http import error_middleware
 from dataplane.ingress import passthrough as pt
 from dataplane.ingress import passthrough_rules as rules
 from dataplane.ingress.passthrough_usage import (
@@ -40,13 +39,15 @@ from dataplane.providers.aws_sigv4 import (
     string_to_sign,
 )
 from dataplane.providers.eventstream import encode_message
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import ConfigEntity, Provider, VirtualKey
 from schemas.errors import AuthenticationFailed, InvalidRequest, UpstreamError
 from schemas.events import LlmCall, Usage
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 from tests.fakes.anthropic_upstream import FakeAnswer, sse_bytes, stream_events
 from tests.fakes.azure_upstream import FakeAzure
 from tests.fakes.bedrock_upstream import FakeBedrock, Script, stream_frames

@@ -19,7 +19,6 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dataplane.http import validate
 from dataplane.ingress.base import ChatPlan
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.ingress.responses_request import (
@@ -29,6 +28,7 @@ from dataplane.ingress.responses_request import (
     translate_request,
 )
 from schemas.errors import GatewayError, InvalidRequest, PermissionDenied, RateLimited, UpstreamError
+from schemas.http import validate
 from schemas.openai import ChatCompletionRequest
 from tests.fixtures import AGENT_CLIENT_REQUESTS
 

@@ -13,20 +13,21 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dataplane.http import error_middleware
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.lifecycle import serve
 from dataplane.providers import openai_responses, registry
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.mock import MockProvider
 from dataplane.providers.openai import OpenAIProvider
-from dataplane.snapshot import Snapshot, SnapshotStore
+from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import ConfigEntity, Provider, VirtualKey
 from schemas.errors import RateLimited
 from schemas.events import Usage
+from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+from schemas.snapshot import Snapshot
 from tests.fakes.responses_upstream import FakeResponses
 from tests.unit.conftest import Recorder
 from tests.unit.ingress.test_responses import Answer, chat_chunks

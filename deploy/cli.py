@@ -46,9 +46,9 @@ def _uvloop_loop() -> asyncio.AbstractEventLoop:
 # ---- process roles -----------------------------------------------------------------------------
 
 def cmd_dataplane(args: argparse.Namespace) -> None:
-    from controlplane.logs import configure_logging
     from dataplane.app import build_app
     from dataplane.http_server import run_app
+    from deploy.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_level, service="dataplane")
@@ -61,8 +61,8 @@ def cmd_dataplane(args: argparse.Namespace) -> None:
 
 def cmd_controlplane(args: argparse.Namespace) -> None:
     from controlplane.app import build_admin_app
-    from controlplane.logs import configure_logging
     from dataplane.http_server import run_app
+    from deploy.logs import configure_logging
     from events.db import migrate
 
     settings = _settings()
@@ -98,7 +98,7 @@ async def _run_projector(settings: Settings) -> None:
 
 
 def cmd_projector(args: argparse.Namespace) -> None:
-    from controlplane.logs import configure_logging
+    from deploy.logs import configure_logging
 
     settings = _settings()
     configure_logging(settings.log_level, service="projector")

@@ -2,10 +2,18 @@
 
 `read_json` enforces the content type and the body limit *before* decoding, then decodes with
 msgspec into a typed Struct. `error_middleware` is the one place errors become responses.
+
+JSON nesting is capped at `MAX_JSON_DEPTH` before a decoded body is processed further: the
+translators, the validator and the upstream encoders all recurse, and a body a few hundred
+levels deep would otherwise end in `RecursionError` somewhere past the point of a clean 400.
+
+A leaf module: it imports neither plane (both serve HTTP through it).
 """
 
 from __future__ import annotations
 
+import gc
+import itertools
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +24,6 @@ from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestPayloadError
 
-from dataplane.edge import check_json_depth, too_deep
 from schemas.errors import (
     GatewayError,
     InternalError,
@@ -39,6 +46,11 @@ REQUEST_ID: web.RequestKey[str] = web.RequestKey("alephant_request_id", str)
 _any_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder()
 _PATH_RE = re.compile(r"`\$\.?([^`]*)`")
 _FIELD_RE = re.compile(r"required field `([^`]+)`")
+
+# Deeper than any real tool schema or message structure; far below Python's recursion limit, so
+# every later recursive step (validation, translation, encoding upstream) has room to spare.
+MAX_JSON_DEPTH = 128
+_CONTAINERS = frozenset((list, dict))  # what msgspec decodes JSON arrays and objects to
 
 
 def _is_json(content_type: str) -> bool:
@@ -97,7 +109,7 @@ def _validation_error(exc: msgspec.ValidationError) -> InvalidRequest:
 
 def decode_json(body: bytes) -> Any:
     """Decode bytes to plain JSON values, or a 400 that does not echo parser internals. Bodies
-    nested deeper than `edge.MAX_JSON_DEPTH` are refused (`json_too_deep`) here, before anything
+    nested deeper than `MAX_JSON_DEPTH` are refused (`json_too_deep`) here, before anything
     else walks them."""
     try:
         value = _any_decoder.decode(body)
@@ -109,6 +121,36 @@ def decode_json(body: bytes) -> Any:
         raise too_deep() from None
     check_json_depth(body, value)
     return value
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether decoded JSON `value` nests arrays/objects more than `limit` deep. Breadth-first,
+    one level at a time: `gc.get_referents` lists a level's items (dict values, list elements)
+    and the container filter runs in C, so the cost is a few tens of ns per value, with no
+    recursion and no per-value Python code."""
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        items = gc.get_referents(*level)
+        level = list(itertools.compress(items, map(_CONTAINERS.__contains__, map(type, items))))
+    return False
+
+
+def check_json_depth(body: bytes, value: Any, limit: int = MAX_JSON_DEPTH) -> None:
+    """InvalidRequest (code `json_too_deep`) when `value`, decoded from `body`, nests deeper than
+    `limit`. A body with at most `limit` opening brackets in all (nearly every request) cannot,
+    and costs two `bytes.count` calls; others are walked (`json_depth_exceeds`)."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return
+    if json_depth_exceeds(value, limit):
+        raise too_deep(limit)
+
+
+def too_deep(limit: int = MAX_JSON_DEPTH) -> InvalidRequest:
+    return InvalidRequest(f"The JSON body is nested deeper than the {limit}-level limit.", code="json_too_deep")
 
 
 def validate(raw: Any, schema: type[T]) -> T:
