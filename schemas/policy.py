@@ -57,11 +57,11 @@ and why (at most `MAX_MESSAGE_LEN` characters; client-supplied names are cut sho
 from __future__ import annotations
 
 import datetime
+import fnmatch
 import functools
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Literal
 from zoneinfo import ZoneInfo
 
@@ -136,13 +136,29 @@ def parse_hhmm(text: str) -> int:
     return int(m.group(1)) * 60 + int(m.group(2))
 
 
+# The module's only state: caches of pure functions of config strings, bounded because config is
+# not trusted to stay small. Like fnmatch's own cache they change no result, only its cost.
 @functools.lru_cache(maxsize=1024)
 def _zone(name: str) -> ZoneInfo | None:
-    # Bounded: names come from config, but an unbounded cache should not trust that.
     try:
         return ZoneInfo(name)
     except (ValueError, KeyError, OSError):
         return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _bounds(timezone: str, start: str, end: str) -> tuple[ZoneInfo, int, int] | None:
+    zone = _zone(timezone)
+    try:
+        return None if zone is None else (zone, parse_hhmm(start), parse_hhmm(end))
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _globs(patterns: tuple[str, ...]) -> Callable[[str], re.Match[str] | None]:
+    """One regex for a whole glob list: `_globs(ps)(s)` is truthy iff `fnmatchcase(s, p)` for some p."""
+    return re.compile("|".join(fnmatch.translate(p) for p in patterns)).match
 
 
 def valid_timezone(name: str) -> bool:
@@ -165,13 +181,10 @@ def window_problem(window: TimeWindow) -> str | None:
 
 def in_window(window: TimeWindow, now: datetime.datetime) -> bool:
     """Whether the aware datetime `now` falls in `window` (see the module docstring)."""
-    zone = _zone(window.timezone)
-    if zone is None:
+    bounds = _bounds(window.timezone, window.start, window.end)
+    if bounds is None:
         return False
-    try:
-        start, end = parse_hhmm(window.start), parse_hhmm(window.end)
-    except ValueError:
-        return False
+    zone, start, end = bounds
     local = now.astimezone(zone)
     minute = local.hour * 60 + local.minute
     day = local.weekday()
@@ -230,42 +243,50 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
     if not policies and not key_models and not key_providers and not ws_providers:
         return ALLOW
     ordered = sorted(policies, key=_order) if len(policies) > 1 else policies
+    # The deciding policy of each setting: the first (most specific) that sets it.
+    ep = ma = tw = mt = mc = es = None
+    for p in ordered:
+        if ep is None and p.endpoints_allow:
+            ep = p
+        if ma is None and p.models_allow:
+            ma = p
+        if tw is None and p.windows:
+            tw = p
+        if mt is None and p.max_tokens_cap is not None:
+            mt = p
+        if mc is None and p.max_cost_nanos is not None:
+            mc = p
+        if es is None and p.escalate_over_nanos is not None:
+            es = p
 
-    ep = next((p for p in ordered if p.endpoints_allow), None)
-    if ep is not None and not any(fnmatchcase(req.endpoint, g) for g in ep.endpoints_allow):
+    if ep is not None and not _globs(ep.endpoints_allow)(req.endpoint):
         return _deny(ep, "endpoints_allow", f"Endpoint {_q(req.endpoint)} is not allowed by {_where(ep)}: "
                                             f"endpoints_allow {_list(ep.endpoints_allow)}.")
 
     model = req.model
     if model:
         for p in ordered:
-            if p.models_deny and any(fnmatchcase(model, g) for g in p.models_deny):
+            if p.models_deny and _globs(p.models_deny)(model):
                 return _deny(p, "models_deny", f"Model {_q(model)} is denied by {_where(p)}: "
                                                f"models_deny {_list(p.models_deny)}.")
-        ma = next((p for p in ordered if p.models_allow), None)
-        if ma is not None and not any(fnmatchcase(model, g) for g in ma.models_allow):
+        if ma is not None and not _globs(ma.models_allow)(model):
             return _deny(ma, "models_allow", f"Model {_q(model)} is not allowed by {_where(ma)}: "
                                              f"models_allow {_list(ma.models_allow)}.")
-        if key is not None and key_models and not any(fnmatchcase(model, g) for g in key_models):
+        if key is not None and key_models and not _globs(key_models)(model):
             return _refuse("policy_denied", "key.models_allow", "key", key.id,
                            f"Model {_q(model)} is not allowed for key {key.id}: models_allow {_list(key_models)}.")
 
-    if workspace is not None and ws_providers and req.provider_type \
-            and not any(fnmatchcase(req.provider_type, g) for g in ws_providers):
+    if workspace is not None and ws_providers and req.provider_type and not _globs(ws_providers)(req.provider_type):
         return _refuse("policy_denied", "workspace.providers_allow", "workspace", workspace.id,
                        f"Provider type {_q(req.provider_type)} is not allowed in workspace {workspace.id}: "
                        f"providers_allow {_list(ws_providers)}.")
     if key is not None and key_providers and model:
         name = model.partition("/")[0]
-        if not any(fnmatchcase(name, g) for g in key_providers):
+        if not _globs(key_providers)(name):
             return _refuse("policy_denied", "key.providers_allow", "key", key.id,
                            f"Provider {_q(name)} is not allowed for key {key.id}: "
                            f"providers_allow {_list(key_providers)}.")
 
-    if not policies:
-        return ALLOW
-
-    tw = next((p for p in ordered if p.windows), None)
     if tw is not None and not any(in_window(w, now) for w in tw.windows):
         return _deny(tw, "windows", f"Outside the time windows of {_where(tw)}: "
                                     f"{'; '.join(_window_text(w) for w in tw.windows[:3])}.",
@@ -273,13 +294,12 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
 
     effects: list[Effect] = []
     strip: tuple[str, ...] = ()
-    if req.tools:
+    if req.tools and ordered:
         verdict, strip = _tools(ordered, req.tools, effects)
         if verdict is not None:
             return verdict
 
     max_tokens: int | None = None
-    mt = next((p for p in ordered if p.max_tokens_cap is not None), None)
     if mt is not None and mt.max_tokens_cap is not None:
         cap = mt.max_tokens_cap
         asked = req.max_tokens
@@ -292,11 +312,9 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
                                   f"max_tokens {'unset' if asked is None else asked} -> {cap}"))
 
     cost = req.est_cost_nanos
-    mc = next((p for p in ordered if p.max_cost_nanos is not None), None)
     if mc is not None and mc.max_cost_nanos is not None and cost > mc.max_cost_nanos:
         return _deny(mc, "max_cost_usd", f"Estimated cost {_usd(cost)} exceeds the limit "
                                          f"{_usd(mc.max_cost_nanos)} of {_where(mc)}: max_cost_usd.")
-    es = next((p for p in ordered if p.escalate_over_nanos is not None), None)
     if es is not None and es.escalate_over_nanos is not None and cost > es.escalate_over_nanos \
             and req.escalation is None:
         return _refuse("escalation_required", f"policy:{es.id}.escalate_over_usd", es.scope, es.scope_id,
@@ -312,18 +330,25 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
 def _tools(ordered: Sequence[Policy], tools: tuple[str, ...],
            effects: list[Effect]) -> tuple[Verdict | None, tuple[str, ...]]:
     """The tool rules: a refusal, or the tools to strip (appending their "strip" effects)."""
-    acting = next((p for p in ordered if p.tools_allow or p.tools_deny), None)
+    acting = allow = None  # the policy whose tool_action applies; the deciding tools_allow
+    for p in ordered:
+        if p.tools_allow or p.tools_deny:
+            acting = acting or p
+            if p.tools_allow:
+                allow = p
+                break
     if acting is None:
         return None, ()
-    allow = next((p for p in ordered if p.tools_allow), None)
     # (tool, deciding policy, field) per refused tool, first occurrence only, in request order.
     refused: list[tuple[str, Policy, str]] = []
     for tool in dict.fromkeys(tools):
-        denier = next((p for p in ordered if tool in p.tools_deny), None)
-        if denier is not None:
-            refused.append((tool, denier, "tools_deny"))
-        elif allow is not None and tool not in allow.tools_allow:
-            refused.append((tool, allow, "tools_allow"))
+        for p in ordered:
+            if tool in p.tools_deny:
+                refused.append((tool, p, "tools_deny"))
+                break
+        else:
+            if allow is not None and tool not in allow.tools_allow:
+                refused.append((tool, allow, "tools_allow"))
     if not refused:
         return None, ()
     if acting.tool_action == "deny":
