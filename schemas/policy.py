@@ -33,7 +33,8 @@ providers (workspace, key) -> time window -> tools -> max_tokens -> max cost -> 
 * Time windows: allowed when `now` falls in ANY window of the deciding policy: the local weekday
   (0 = Monday) is in `days` and the local time is in [start, end) in the window's timezone. An
   `end` <= `start` spans midnight, and then the day is the day the window started ("Fri 22:00 to
-  02:00" admits Saturday 01:00, not Sunday 01:00). "24:00" is a valid end. A window whose
+  02:00" admits Saturday 01:00, not Sunday 01:00); `end` == `start` is the 24 hours from `start`.
+  "24:00" is a valid end ("00:00" to "24:00" is the whole day). A window whose
   timezone or times do not parse admits nothing (fail closed; the admin API refuses them).
 * Tools not allowed (in a `tools_deny`, or missing from the deciding non-empty `tools_allow`):
   `tool_action` "deny" refuses naming the first such tool; "strip" lets the request through with
@@ -44,7 +45,8 @@ providers (workspace, key) -> time window -> tools -> max_tokens -> max cost -> 
   default could exceed the cap).
 * `max_cost_nanos`: `est_cost_nanos` above it refuses. `escalate_over_nanos`: above it refuses
   with `escalation_required` (outcome "escalate") unless `req.escalation` is set, which the
-  caller does only for a grant of this key that is unexpired (single use is enforced in Redis).
+  caller does only for a grant of this key that is unexpired (single use is enforced in Redis;
+  the grant's `rule` is not compared here). A grant never lifts `max_cost_nanos`.
   Costs are the caller's estimate as given (0 when unknown, which passes both caps); it is not
   recomputed after a clamp, so an estimate made before clamping is conservative.
 
@@ -52,6 +54,11 @@ Refusals carry `code` in `REFUSAL_CODES`, a `rule` such as "policy:<id>.models_d
 "key.models_allow", "workspace.providers_allow", "policy:<id>.windows", "policy:<id>.max_cost_usd"
 or "policy:<id>.escalate_over_usd", the scope it is attached to, and a message naming the rule
 and why (at most `MAX_MESSAGE_LEN` characters; client-supplied names are cut short in it).
+
+Nothing on the path returns the shared `ALLOW` without allocating. For the admin API:
+`parse_hhmm`, `valid_timezone` and `window_problem` validate windows, `in_window` tests one.
+The module's only state is bounded caches of pure functions of config strings (zones, window
+bounds, compiled glob lists): they change a result's cost, never the result.
 """
 
 from __future__ import annotations
@@ -67,6 +74,11 @@ from zoneinfo import ZoneInfo
 
 from schemas.entities import SCOPE_SPECIFICITY, EscalationGrant, Policy, TimeWindow, VirtualKey, Workspace
 from schemas.money import nanos_to_decimal_str
+
+__all__ = [
+    "ALLOW", "MAX_MESSAGE_LEN", "REFUSAL_CODES", "Effect", "PolicyInput", "Verdict", "decide", "in_window",
+    "parse_hhmm", "valid_timezone", "window_problem",
+]
 
 REFUSAL_CODES = frozenset({"policy_denied", "outside_time_window", "escalation_required"})
 MAX_MESSAGE_LEN = 300

@@ -522,3 +522,12 @@ def test_every_verdict_is_well_formed_and_order_independent(policies: list[Polic
     shuffled = list(policies)
     seed.shuffle(shuffled)
     assert decide(shuffled, key, ws, req, now) == v
+
+
+glob_text = st.text(alphabet="ab/.*?[]!-\n", max_size=8)
+
+
+@given(globs=st.lists(glob_text, min_size=1, max_size=4).map(tuple), model=glob_text.filter(bool))
+def test_model_globs_mean_fnmatchcase(globs: tuple[str, ...], model: str) -> None:
+    v = decide((pol("agent", models_allow=globs),), None, None, ask(model), MONDAY_NOON)
+    assert v.allowed is any(fnmatchcase(model, g) for g in globs)
