@@ -2,8 +2,8 @@
 
 `SnapshotWatcher` replays the bucket (ordered consumer, last value per key) into a staging
 dict, publishes the first `Snapshot` when the end-of-replay marker arrives, then applies each
-later update copy-on-write. A request pins one snapshot (`store.pin`) and uses that object for
-every decision, and stamps its `revision` on the events it emits.
+later burst of updates copy-on-write (`Snapshot.with_changes`). A request pins one snapshot
+(`store.pin`) and uses that object for every decision, and stamps its `revision` on the events it emits.
 
 Staleness: the control plane writes a heartbeat entry every few seconds; a worker whose newest
 heartbeat is older than `stale_after_s` (NATS or the control plane unreachable) is stale. Its
@@ -14,7 +14,6 @@ once a minute), `refuse` answers model calls 503 `config_stale`.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ import msgspec
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from schemas.entities import HEARTBEAT_KEY, ConfigEntity, Heartbeat, entity_decoder
+from schemas.entities import ConfigEntity, entity_decoder
 from schemas.errors import UpstreamError
 from schemas.snapshot import Snapshot
 
@@ -158,14 +157,10 @@ class SnapshotWatcher:
                 # Coalesce a burst of updates into one rebuild (nats-py exposes no non-blocking get).
                 queue = watcher._updates
                 entry = queue.get_nowait() if not queue.empty() else None
-            if changed == {HEARTBEAT_KEY}:
-                beat = staging.get(HEARTBEAT_KEY)
-                self._store.swap(dataclasses.replace(
-                    self._store.current, revision=revision,
-                    heartbeat_ms=beat.ts_ms if isinstance(beat, Heartbeat) else None,
-                ))
-            elif changed:
-                self._store.swap(Snapshot.build(staging, revision))
+            if changed:
+                # Copy-on-write from the current snapshot: only the indexes of the changed kinds
+                # are copied (a heartbeat copies only the entity map, at C speed).
+                self._store.swap(self._store.current.with_changes({k: staging.get(k) for k in changed}, revision))
 
     async def poll_bucket_seq(self, interval_s: float = 2.0) -> None:
         """Track the bucket's last sequence so /healthz can report revision lag."""

@@ -2,77 +2,189 @@
 
 Pure data, shared by both planes: the data plane swaps one in per revision (`dataplane.snapshot`),
 the control plane builds one from Postgres rows to answer catalog queries the same way.
+
+Every index comes from one table, `INDEXES`: entity class -> (index name, key function, single or
+grouped). A single index maps a key to one entity; a grouped one maps it to a tuple of entities,
+ordered by id. Adding an entity kind is one row here plus its field on `Snapshot`.
+
+Two ways to make one, with the same result whenever index keys are unique (the control plane's
+constraints make them so; with duplicates, which entity a single index keeps is unspecified):
+`build` indexes a whole entity dict; `with_changes` derives the next snapshot from this one and a
+few changed KV keys, copying only the indexes those kinds touch (untouched indexes are shared by
+reference, so caches keyed on their identity survive, e.g. the model catalog's).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from types import MappingProxyType
+from typing import Any
 
 from schemas.entities import (
+    HEARTBEAT_KEY,
     Agent,
+    Budget,
     ConfigEntity,
+    Department,
+    EscalationGrant,
     Heartbeat,
+    Limit,
+    Member,
     ModelAlias,
+    Policy,
     PriceOverride,
     Provider,
     VirtualKey,
     Workspace,
 )
 
+ScopeKey = tuple[str, str, str]  # (workspace_id, scope, scope_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    """One row of the index table: entities of `kind` go into the snapshot field `name` under
+    `key(entity)`; `grouped` indexes hold a tuple of every entity with that key (by id)."""
+
+    kind: type[Any]
+    name: str
+    key: Callable[[Any], Hashable]
+    grouped: bool = False
+
+
+_by_scope = attrgetter("workspace_id", "scope", "scope_id")
+_by_id = attrgetter("id")
+
+INDEXES: tuple[Index, ...] = (
+    Index(VirtualKey, "keys_by_hash", attrgetter("key_hash")),
+    Index(Workspace, "workspaces", _by_id),
+    Index(Department, "departments", _by_id),
+    Index(Member, "members", _by_id),
+    Index(Agent, "agents", _by_id),
+    Index(Provider, "providers", attrgetter("workspace_id", "name")),
+    Index(ModelAlias, "aliases", attrgetter("workspace_id", "alias")),
+    Index(PriceOverride, "prices", attrgetter("provider", "model")),
+    Index(EscalationGrant, "escalations", _by_id),
+    Index(Budget, "budgets_by_id", _by_id),
+    Index(Budget, "budgets", _by_scope, grouped=True),
+    Index(Limit, "limits", _by_scope, grouped=True),
+    Index(Policy, "policies", _by_scope, grouped=True),
+)
+
+_ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
+for _row in INDEXES:
+    _ROWS_BY_KIND[_row.kind] = (*_ROWS_BY_KIND.get(_row.kind, ()), _row)
+
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Indexes over the config entities at one KV revision. Never mutated after build."""
+    """Indexes over the config entities at one KV revision. Never mutated after it is made.
+
+    `entities` is keyed by KV key. The index fields are filled from `INDEXES`; `heartbeat_ms` is
+    the control plane's newest heartbeat (None before the first)."""
 
     revision: int
     entities: Mapping[str, ConfigEntity]
     keys_by_hash: Mapping[str, VirtualKey]
     workspaces: Mapping[str, Workspace]
+    departments: Mapping[str, Department]
+    members: Mapping[str, Member]
     agents: Mapping[str, Agent]
     providers: Mapping[tuple[str, str], Provider]
     aliases: Mapping[tuple[str, str], ModelAlias]
     prices: Mapping[tuple[str, str], PriceOverride]
+    escalations: Mapping[str, EscalationGrant]
+    budgets_by_id: Mapping[str, Budget]
+    budgets: Mapping[ScopeKey, tuple[Budget, ...]]
+    limits: Mapping[ScopeKey, tuple[Limit, ...]]
+    policies: Mapping[ScopeKey, tuple[Policy, ...]]
     heartbeat_ms: int | None = None
 
     @classmethod
     def build(cls, entities: Mapping[str, ConfigEntity], revision: int) -> Snapshot:
-        keys: dict[str, VirtualKey] = {}
-        workspaces: dict[str, Workspace] = {}
-        agents: dict[str, Agent] = {}
-        providers: dict[tuple[str, str], Provider] = {}
-        aliases: dict[tuple[str, str], ModelAlias] = {}
-        prices: dict[tuple[str, str], PriceOverride] = {}
-        heartbeat: int | None = None
+        """Index every entity of `entities` (a KV key -> entity dict, copied, not kept). O(n)."""
+        single: dict[str, dict[Hashable, Any]] = {row.name: {} for row in INDEXES if not row.grouped}
+        grouped: dict[str, dict[Hashable, list[Any]]] = {row.name: {} for row in INDEXES if row.grouped}
         for ent in entities.values():
-            match ent:
-                case VirtualKey():
-                    keys[ent.key_hash] = ent
-                case Workspace():
-                    workspaces[ent.id] = ent
-                case Agent():
-                    agents[ent.id] = ent
-                case Provider():
-                    providers[(ent.workspace_id, ent.name)] = ent
-                case ModelAlias():
-                    aliases[(ent.workspace_id, ent.alias)] = ent
-                case PriceOverride():
-                    prices[(ent.provider, ent.model)] = ent
-                case Heartbeat():
-                    heartbeat = ent.ts_ms
-        return cls(
-            revision=revision,
-            entities=MappingProxyType(dict(entities)),
-            keys_by_hash=MappingProxyType(keys),
-            workspaces=MappingProxyType(workspaces),
-            agents=MappingProxyType(agents),
-            providers=MappingProxyType(providers),
-            aliases=MappingProxyType(aliases),
-            prices=MappingProxyType(prices),
-            heartbeat_ms=heartbeat,
-        )
+            for row in _ROWS_BY_KIND.get(type(ent), ()):
+                if row.grouped:
+                    grouped[row.name].setdefault(row.key(ent), []).append(ent)
+                else:
+                    single[row.name][row.key(ent)] = ent
+        indexes: dict[str, Any] = {name: MappingProxyType(idx) for name, idx in single.items()}
+        for name, groups in grouped.items():
+            indexes[name] = MappingProxyType({k: _ordered(v) for k, v in groups.items()})
+        return cls(revision=revision, entities=MappingProxyType(dict(entities)), **indexes,
+                   heartbeat_ms=_heartbeat_ms(entities))
 
     @classmethod
     def empty(cls) -> Snapshot:
         return cls.build({}, 0)
+
+    def with_changes(self, changes: Mapping[str, ConfigEntity | None], revision: int) -> Snapshot:
+        """The snapshot after `changes` (KV key -> new entity, or None for deleted) at `revision`.
+
+        Copy-on-write: `entities` and the indexes of the kinds involved (old or new value) are
+        copied, every other index is shared with `self` (a heartbeat copies only `entities`, a
+        C-speed dict copy). Equal to `build` of the changed entity dict (see the module docstring
+        on duplicates)."""
+        entities = _copy(self.entities)
+        copies: dict[str, dict[Hashable, Any]] = {}
+
+        def index(row: Index) -> dict[Hashable, Any]:
+            idx = copies.get(row.name)
+            if idx is None:
+                idx = copies[row.name] = _copy(getattr(self, row.name))
+            return idx
+
+        for key, new in changes.items():
+            old = entities.pop(key, None)
+            if new is not None:
+                entities[key] = new
+            if old is not None:
+                for row in _ROWS_BY_KIND.get(type(old), ()):
+                    _remove(index(row), row, old)
+            if new is not None:
+                for row in _ROWS_BY_KIND.get(type(new), ()):
+                    _add(index(row), row, new)
+        updated: dict[str, Any] = {name: MappingProxyType(idx) for name, idx in copies.items()}
+        return dataclasses.replace(self, revision=revision, entities=MappingProxyType(entities),
+                                   heartbeat_ms=_heartbeat_ms(entities), **updated)
+
+
+def _copy(mapping: Mapping[Any, Any]) -> dict[Any, Any]:
+    # A proxy's own copy() is the underlying dict's C-level copy; dict(proxy) walks it in Python.
+    return mapping.copy() if isinstance(mapping, MappingProxyType) else dict(mapping)
+
+
+def _ordered(group: Iterable[Any]) -> tuple[Any, ...]:
+    return tuple(sorted(group, key=_by_id))
+
+
+def _add(idx: dict[Hashable, Any], row: Index, ent: Any) -> None:
+    key = row.key(ent)
+    if row.grouped:
+        idx[key] = _ordered((*idx.get(key, ()), ent))
+    else:
+        idx[key] = ent
+
+
+def _remove(idx: dict[Hashable, Any], row: Index, ent: Any) -> None:
+    key = row.key(ent)
+    if row.grouped:
+        rest = tuple(e for e in idx.get(key, ()) if e is not ent)
+        if rest:
+            idx[key] = rest
+        else:
+            idx.pop(key, None)
+    elif idx.get(key) is ent:  # another entity may have taken the key since (a rename in the same burst)
+        del idx[key]
+
+
+def _heartbeat_ms(entities: Mapping[str, ConfigEntity]) -> int | None:
+    beat = entities.get(HEARTBEAT_KEY)
+    return beat.ts_ms if isinstance(beat, Heartbeat) else None
+

@@ -12,9 +12,15 @@ from structlog.testing import capture_logs
 from dataplane.snapshot import _apply
 from schemas.entities import (
     Agent,
+    Budget,
     ConfigEntity,
+    Department,
+    EscalationGrant,
     Heartbeat,
+    Limit,
+    Member,
     ModelAlias,
+    Policy,
     PriceOverride,
     Provider,
     VirtualKey,
@@ -22,7 +28,7 @@ from schemas.entities import (
     entity_encoder,
     kv_key,
 )
-from schemas.snapshot import Snapshot
+from schemas.snapshot import INDEXES, Snapshot
 
 WS = Workspace(id="ws_1", name="one")
 AGENT = Agent(id="agent_1", workspace_id="ws_1", name="bot")
@@ -31,7 +37,17 @@ VK = VirtualKey(id="vk_1", workspace_id="ws_1", key_hash="ab" * 32, agent_id="ag
 ALIAS = ModelAlias(id="al_1", workspace_id="ws_1", alias="cheap", target="mock/fixed")
 PRICE = PriceOverride(id="price_1", provider="mock", model="echo", input_per_mtok_nanos=5)
 BEAT = Heartbeat(ts_ms=1_700_000_000_000)
-ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT]
+DEPT = Department(id="dept_1", workspace_id="ws_1", name="Eng")
+MEMBER = Member(id="mem_1", workspace_id="ws_1", name="Ada", department_id="dept_1")
+GRANT = EscalationGrant(id="esc_1", workspace_id="ws_1", key_id="vk_1", rule="cost", expires_at_ms=1)
+BUDGET = Budget(id="bud_1", workspace_id="ws_1", scope="agent", scope_id="agent_1", period="month",
+                limit_nanos=10**9)
+BUDGET_DAY = Budget(id="bud_0", workspace_id="ws_1", scope="agent", scope_id="agent_1", period="day",
+                    limit_nanos=10**8)
+LIMIT = Limit(id="lim_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1", rpm=60)
+POLICY = Policy(id="pol_1", workspace_id="ws_1", scope="department", scope_id="dept_1", models_deny=("*gpt*",))
+ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
+                           LIMIT, POLICY]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
@@ -51,7 +67,30 @@ def test_build_indexes_every_kind() -> None:
     assert snap.aliases == {("ws_1", "cheap"): ALIAS}
     assert snap.prices == {("mock", "echo"): PRICE}
     assert snap.heartbeat_ms == BEAT.ts_ms
+    assert snap.departments == {"dept_1": DEPT}
+    assert snap.members == {"mem_1": MEMBER}
+    assert snap.escalations == {"esc_1": GRANT}
+    assert snap.budgets_by_id == {"bud_1": BUDGET, "bud_0": BUDGET_DAY}
+    assert snap.budgets == {("ws_1", "agent", "agent_1"): (BUDGET_DAY, BUDGET)}  # grouped, by id
+    assert snap.limits == {("ws_1", "workspace", "ws_1"): (LIMIT,)}
+    assert snap.policies == {("ws_1", "department", "dept_1"): (POLICY,)}
     assert len(snap.entities) == len(ALL)
+
+
+def test_every_config_kind_but_the_heartbeat_has_an_index_and_every_index_a_field() -> None:
+    kinds = {type(e) for e in ALL} - {Heartbeat}
+    assert {row.kind for row in INDEXES} == kinds
+    fields = set(Snapshot.__dataclass_fields__)
+    assert {row.name for row in INDEXES} <= fields
+    assert fields - {row.name for row in INDEXES} == {"revision", "entities", "heartbeat_ms"}
+
+
+def test_grouped_indexes_keep_scopes_and_workspaces_apart() -> None:
+    other_ws = Limit(id="lim_2", workspace_id="ws_2", scope="workspace", scope_id="ws_1", rpm=1)
+    agent_scope = Limit(id="lim_3", workspace_id="ws_1", scope="agent", scope_id="ws_1", rpm=2)
+    snap = Snapshot.build(entities(LIMIT, other_ws, agent_scope), 1)
+    assert snap.limits == {("ws_1", "workspace", "ws_1"): (LIMIT,), ("ws_2", "workspace", "ws_1"): (other_ws,),
+                           ("ws_1", "agent", "ws_1"): (agent_scope,)}
 
 
 def test_providers_are_indexed_per_workspace() -> None:
@@ -80,6 +119,73 @@ def test_snapshot_is_immutable_and_detached_from_its_source() -> None:
         snap.entities["x"] = WS  # type: ignore[index]
     with pytest.raises(AttributeError):
         snap.revision = 2  # type: ignore[misc]
+
+
+# --- Snapshot.with_changes --------------------------------------------------------------------
+
+
+def test_with_changes_copies_only_the_indexes_of_changed_kinds() -> None:
+    snap = Snapshot.build(entities(*ALL), 1)
+    raised = Budget(id="bud_1", workspace_id="ws_1", scope="agent", scope_id="agent_1", period="month",
+                    limit_nanos=2 * 10**9)
+    after = snap.with_changes({kv_key(raised): raised}, 2)
+    assert after.revision == 2
+    assert after.budgets_by_id["bud_1"] is raised
+    assert after.budgets[("ws_1", "agent", "agent_1")] == (BUDGET_DAY, raised)
+    assert snap.budgets_by_id["bud_1"] is BUDGET  # the old snapshot is untouched
+    for name in ("keys_by_hash", "providers", "aliases", "prices", "limits", "policies", "members"):
+        assert getattr(after, name) is getattr(snap, name), name
+
+
+def test_a_heartbeat_change_shares_every_index() -> None:
+    snap = Snapshot.build(entities(*ALL), 1)
+    after = snap.with_changes({kv_key(BEAT): Heartbeat(ts_ms=5)}, 2)
+    assert after.heartbeat_ms == 5
+    assert all(getattr(after, row.name) is getattr(snap, row.name) for row in INDEXES)
+
+
+def test_deleting_the_last_entity_of_a_group_drops_the_key() -> None:
+    snap = Snapshot.build(entities(WS, POLICY), 1)
+    after = snap.with_changes({kv_key(POLICY): None, "never.there": None}, 2)
+    assert after.policies == {}
+    assert after.entities == entities(WS)
+
+
+def test_a_rename_in_one_burst_keeps_the_new_name_whatever_the_order() -> None:
+    renamed = Provider(id="prov_9", workspace_id="ws_1", name="mock", type="openai")
+    snap = Snapshot.build(entities(PROVIDER), 1)
+    new_first = snap.with_changes({kv_key(renamed): renamed, kv_key(PROVIDER): None}, 2)
+    old_first = snap.with_changes({kv_key(PROVIDER): None, kv_key(renamed): renamed}, 2)
+    assert new_first.providers == old_first.providers == {("ws_1", "mock"): renamed}
+
+
+def _variants() -> list[ConfigEntity]:
+    """Entities whose index keys collide only where the control plane allows it (same scope)."""
+    return [*ALL,
+            Budget(id="bud_1", workspace_id="ws_1", scope="agent", scope_id="agent_1", period="day", limit_nanos=1),
+            Policy(id="pol_2", workspace_id="ws_1", scope="department", scope_id="dept_1"),
+            Policy(id="pol_1", workspace_id="ws_1", scope="key", scope_id="vk_1"),
+            Member(id="mem_1", workspace_id="ws_1", name="renamed"),
+            Heartbeat(ts_ms=7)]
+
+
+@given(start=st.lists(st.sampled_from(_variants()), max_size=12), bursts=st.lists(
+    st.lists(st.tuples(st.sampled_from(_variants()), st.booleans()), max_size=6), max_size=8))
+def test_with_changes_equals_a_fresh_build(start: list[ConfigEntity],
+                                           bursts: list[list[tuple[ConfigEntity, bool]]]) -> None:
+    state = entities(*start)
+    snap = Snapshot.build(state, 0)
+    for rev, burst in enumerate(bursts, start=1):
+        delta: dict[str, ConfigEntity | None] = {}
+        for ent, delete in burst:
+            delta[kv_key(ent)] = None if delete else ent
+        for key, value in delta.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        snap = snap.with_changes(delta, rev)
+        assert snap == Snapshot.build(state, rev)
 
 
 # --- _apply ------------------------------------------------------------------------------------
