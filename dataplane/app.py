@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -18,15 +18,16 @@ import structlog
 from aiohttp import web
 
 from dataplane.ingress.chat import ChatIngress
-from dataplane.ingress.embeddings import embeddings
-from dataplane.ingress.messages import MessagesIngress, serve_count_tokens
+from dataplane.ingress.embeddings import Embeddings
+from dataplane.ingress.messages import CountTokens, MessagesIngress
 from dataplane.ingress.passthrough import ROUTE as PASSTHROUGH_ROUTE
 from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
-from dataplane.lifecycle import serve
+from dataplane.lifecycle import ModelCall
 from dataplane.limits import STREAM_SLOTS, StreamSlots
 from dataplane.models import ModelCatalog
 from dataplane.outbound import make_session
+from dataplane.pipeline import Endpoint, run
 from dataplane.pricing import warm
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
@@ -42,13 +43,25 @@ log = structlog.get_logger(__name__)
 _encoder = msgspec.json.Encoder()
 
 
+PUBLISHER: web.AppKey[EventPublisher] = web.AppKey("publisher", EventPublisher)
+REFUSAL_FLUSH_S = 10.0
+
+
 async def healthz(request: web.Request) -> web.Response:
-    worker = request.app[WORKER]
+    worker, publisher = request.app[WORKER], request.app[PUBLISHER]
     status = worker.store.status(int(time.time() * 1000))
-    status["events_pending"] = worker.publisher.pending
-    status["events_published"] = worker.publisher.published
-    status["events_dead_lettered"] = worker.publisher.dead_lettered
+    status["events_pending"] = publisher.pending
+    status["events_published"] = publisher.published
+    status["events_dead_lettered"] = publisher.dead_lettered
+    status["policy_allows"] = worker.policy_allows
     return web.json_response(status)
+
+
+async def _flush_refusals(worker: WorkerState) -> None:
+    """One `auth.refusals` event per interval for the unknown-key refusals counted meanwhile."""
+    while True:
+        await asyncio.sleep(REFUSAL_FLUSH_S)
+        worker.refusals.flush(worker.events)
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -79,15 +92,18 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             spool.recovered = []
         # Every upstream connection re-checks its address against the SSRF policy (connect time).
         session = make_session(settings)
-        app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, publisher=publisher,
-                                  session=session)
+        app[PUBLISHER] = publisher
+        app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
+                                           session=session)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
             ("stale-report", store.report_staleness()),
             ("event-publisher", publisher.run()),
+            ("refusal-counts", _flush_refusals(worker)),
         )]
         yield
+        worker.refusals.flush(publisher)
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()
@@ -110,33 +126,26 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     return ctx
 
 
+def _route(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await run(request, endpoint)
+
+    return handler
+
+
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app.cleanup_ctx.append(_resources(settings))
     app[STREAM_SLOTS] = StreamSlots(settings.max_streams, settings.max_streams_per_key)
-    chat = ChatIngress()
-
-    async def chat_completions(request: web.Request) -> web.StreamResponse:
-        return await serve(request, chat)
-
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    messages = MessagesIngress()
-
-    async def anthropic_messages(request: web.Request) -> web.StreamResponse:
-        return await serve(request, messages)
-
-    app.router.add_post("/v1/messages", anthropic_messages)
-    responses = ResponsesIngress()
-
-    async def openai_responses(request: web.Request) -> web.StreamResponse:
-        return await serve(request, responses)
-
-    app.router.add_post("/v1/responses", openai_responses)  # Claude Code adds ?beta=true: only a query
-    app.router.add_post("/v1/messages/count_tokens", serve_count_tokens)
-    catalog = ModelCatalog()
-    app.router.add_post("/v1/embeddings", embeddings)
-    app.router.add_get("/v1/models", catalog.list_handler)
-    app.router.add_get("/v1/models/{model:.+}", catalog.retrieve_handler)
+    app.router.add_post("/v1/chat/completions", _route(ModelCall(ChatIngress())))
+    app.router.add_post("/v1/messages", _route(ModelCall(MessagesIngress())))
+    # Claude Code adds ?beta=true to /v1/responses and /v1/messages: only a query.
+    app.router.add_post("/v1/responses", _route(ModelCall(ResponsesIngress())))
+    app.router.add_post("/v1/messages/count_tokens", _route(CountTokens()))
+    app.router.add_post("/v1/embeddings", _route(Embeddings()))
+    models = _route(ModelCatalog())
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model:.+}", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).

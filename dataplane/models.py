@@ -11,8 +11,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from dataplane.lifecycle import begin
-from dataplane.state import WORKER
+from dataplane.call import Call
+from dataplane.lifecycle import bearer
 from schemas.catalog import ModelEntry, ModelEntryList, catalog_entries
 from schemas.errors import NotFound
 from schemas.snapshot import Snapshot
@@ -55,15 +55,31 @@ class ModelCatalog:
             raise NotFound(f"The model '{model_id}' does not exist.", param="model")
         return _encoder.encode(entry)
 
-    async def list_handler(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`."""
-        rec = begin(request, request.app[WORKER])
-        return web.Response(body=self.body(rec.snap, rec.vk.workspace_id), content_type="application/json",
-                            headers={"Alephant-Request-Id": rec.ctx.request_id})
+    # -- the pipeline endpoint: authenticated and policy-checked like any call; free, so not
+    # governed, and only a refusal is recorded.
+    name = "models"
+    governed = False
+    records_success = False
 
-    async def retrieve_handler(self, request: web.Request) -> web.Response:
-        """`GET /v1/models/{model}` (the route must let `{model}` contain `/`)."""
-        rec = begin(request, request.app[WORKER])
-        body = self.model(rec.snap, rec.vk.workspace_id, request.match_info["model"])
-        return web.Response(body=body, content_type="application/json",
-                            headers={"Alephant-Request-Id": rec.ctx.request_id})
+    def credential(self, request: web.Request) -> str:
+        return bearer(request)
+
+    async def intake(self, call: Call) -> None:
+        return None  # a GET: no body
+
+    def plan(self, call: Call) -> None:
+        return None  # lists models; names none
+
+    def set_max_tokens(self, call: Call, value: int) -> bool:
+        return True
+
+    def strip_tools(self, call: Call, names: tuple[str, ...]) -> bool:
+        return True
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        """`GET /v1/models`, or `GET /v1/models/{model}` (the route lets `{model}` contain `/`)."""
+        model_id = call.request.match_info.get("model")
+        ws = call.vk.workspace_id
+        body = self.body(call.snap, ws) if model_id is None else self.model(call.snap, ws, model_id)
+        return web.Response(body=body, content_type="application/json", headers={"Alephant-Request-Id":
+                                                                                  call.ctx.request_id})

@@ -82,3 +82,22 @@ class Governor(Protocol):
         budget (0 releases them), release its concurrency slots, and correct token limits to the
         actual `tokens`. Idempotent per admission; never raises."""
         ...
+
+    async def use_escalation(self, workspace_id: str, escalation_id: str, ttl_s: int) -> bool:
+        """Mark an approved escalation used: True the first time only, fleet-wide. False when the
+        store is unreachable (an escalation fails closed)."""
+        ...
+
+
+class NoGovernor:
+    """The governor of a worker built without a budget store (unit-test apps): nothing on a path
+    may be admitted, so a budget or limit can never be silently ignored (it fails closed)."""
+
+    async def admit(self, req: AdmitRequest) -> Admission:
+        return Admission(ok=False, code="budget_exceeded", message="This gateway has no budget store configured.")
+
+    def settle(self, admission: Admission, cost_nanos: int, tokens: int) -> None:
+        return None
+
+    async def use_escalation(self, workspace_id: str, escalation_id: str, ttl_s: int) -> bool:
+        return False

@@ -105,6 +105,38 @@ def call_cost_nanos(prices: Mapping[tuple[str, str], PriceOverride], provider: P
     return min(decimal_to_nanos(total), MAX_CALL_COST_NANOS), True
 
 
+_PER_MTOK_IN = Usage(input_tokens=_MILLION)
+_PER_MTOK_OUT = Usage(output_tokens=_MILLION)
+
+
+def unit_prices(prices: Mapping[tuple[str, str], PriceOverride], provider: Provider,
+                model: str) -> tuple[int, int] | None:
+    """`(input, output)` nano-USD per million tokens for `provider`/`model` (same resolution as
+    `call_cost_nanos`: override, built-in, catalog base tier), or None when unpriced. For budget
+    holds: a catalog model with tiered prices is held at its base tier."""
+    override = prices.get((provider.name, model)) or BUILTIN_PRICES.get((provider.type, model))
+    if override is not None:
+        # A cache write can cost more than plain input (Anthropic: 1.25x): hold at the dearer.
+        held_input = max(override.input_per_mtok_nanos, override.cache_write_per_mtok_nanos or 0)
+        return held_input, override.output_per_mtok_nanos
+    catalog_id = CATALOG_PROVIDER.get(provider.type)
+    if catalog_id is None:
+        return None
+    per_in, per_out = _catalog_cost(catalog_id, model, _PER_MTOK_IN), _catalog_cost(catalog_id, model, _PER_MTOK_OUT)
+    if per_in is None or per_out is None:
+        return None
+    return decimal_to_nanos(per_in), decimal_to_nanos(per_out)
+
+
+def hold_nanos(unit: tuple[int, int] | None, input_tokens: int, output_tokens: int) -> int:
+    """The most a call of at most `input_tokens` in and `output_tokens` out can cost at `unit`
+    prices, rounded up (and capped like a call's cost): the budget hold."""
+    if unit is None:
+        return 0
+    micro = input_tokens * unit[0] + output_tokens * unit[1]
+    return min(-(-micro // _MILLION), MAX_CALL_COST_NANOS)
+
+
 def warm(provider_types: Iterable[str] = ("openai",)) -> None:
     """Load the catalog before the first request pays for it (about 150 ms)."""
     for ptype in provider_types:

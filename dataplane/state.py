@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from dataplane.ports import EventSink, Governor, NoGovernor
+from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
-from events.publisher import EventPublisher
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 
@@ -18,8 +19,14 @@ class WorkerState:
     settings: Settings
     keyring: KeyRing
     store: SnapshotStore
-    publisher: EventPublisher
+    events: EventSink
     session: aiohttp.ClientSession
+    governor: Governor = field(default_factory=NoGovernor)
+    refusals: RefusalCounter = field(default_factory=RefusalCounter)
+    policy_allows: int = 0  # plain policy allows (counted, not emitted)
+    # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
+    # request without max_tokens is given (see stages.governance.admit).
+    budget_remaining: dict[str, int] = field(default_factory=dict)
     _provider_keys: dict[str, Secret] = field(default_factory=dict)
 
     def provider_key(self, ciphertext: str | None) -> Secret | None:

@@ -12,7 +12,8 @@
     ├── Conflict              409 invalid_request_error / conflict
     ├── PayloadTooLarge       413 invalid_request_error / request_too_large
     ├── UnsupportedMediaType  415 invalid_request_error / unsupported_media_type
-    ├── RateLimited           429 rate_limit_exceeded (carries retry_after)
+    ├── RateLimited           429 rate_limit_error / rate_limit_exceeded (carries Retry-After)
+    ├── BudgetExceeded        429 insufficient_quota / budget_exceeded (OpenAI's own quota error)
     └── UpstreamError         502/503/504 upstream_error (the provider's reason, never its secrets)
 
 Handlers raise; one middleware renders. Messages are written for the caller and never contain
@@ -124,8 +125,17 @@ class UnsupportedMediaType(GatewayError, ValueError):
 
 class RateLimited(GatewayError):
     status = 429
-    type = "rate_limit_exceeded"
+    type = "rate_limit_error"
     default_code = "rate_limit_exceeded"
+
+
+class BudgetExceeded(GatewayError):
+    """A budget on the request's path cannot cover the call's hold. 429 (not 402) because that is
+    what OpenAI answers for an exhausted quota and what its SDKs map to RateLimitError."""
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "budget_exceeded"
 
 
 class UpstreamError(GatewayError, ConnectionError):

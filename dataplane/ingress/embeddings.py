@@ -1,8 +1,8 @@
 """`POST /v1/embeddings`: OpenAI's embeddings API, relayed to any adapter that can `embed`.
 
-Embeddings are not chat, so this is a small handler of its own rather than an `Ingress`; it
-shares the lifecycle's pieces (`begin`, `CallRecord`, the `llm.call` event with ingress
-"embeddings", pricing by input tokens).
+Embeddings are not chat, so this is a pipeline endpoint of its own rather than an `Ingress`; it
+runs the same stages (auth, policy, limits, budget hold) and records an `llm.call` with ingress
+"embeddings", priced by input tokens.
 
 Formats: the client's `encoding_format` (default `float`; the python SDK sends `base64` unless
 told otherwise) decides the answer's format. When the provider answered in that format the body
@@ -22,15 +22,15 @@ from typing import Annotated, Any, Literal, Protocol
 import msgspec
 from aiohttp import web
 
+from dataplane.call import Call
 from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
-from dataplane.lifecycle import begin, note_disconnect, priced_json, recorded, upstream_call
-from dataplane.limits import body_within
+from dataplane.lifecycle import bearer, note_disconnect, priced_json, read_object, upstream_call
 from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
-from dataplane.state import WORKER
+from dataplane.stages.governance import input_bound
 from schemas.errors import InvalidRequest, UpstreamError
-from schemas.http import decode_json, read_body, validate
+from schemas.http import validate
 
 INGRESS = "embeddings"
 MAX_INPUTS = 2048  # OpenAI's limit on array inputs
@@ -166,27 +166,46 @@ def reformat(body: bytes, wanted: EncodingFormat, provider: str = "provider") ->
     return _encoder.encode(payload)
 
 
-# --- handler ------------------------------------------------------------------------------------
+# --- endpoint -----------------------------------------------------------------------------------
 
 
-async def embeddings(request: web.Request) -> web.StreamResponse:
-    """`POST /v1/embeddings`. Always emits one `llm.call` event (ingress "embeddings")."""
-    worker = request.app[WORKER]
-    rec = begin(request, worker)
-    rec.ingress = INGRESS
-    with recorded(worker, rec):
-        raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
-                                            worker.settings.body_read_timeout_s))
-        typed = parse_request(raw)
-        rec.requested_model = check_model(typed.model)
-        rec.target = resolve_model(rec.snap, rec.vk.workspace_id, typed.model)
+class Embeddings:
+    """`POST /v1/embeddings` as a pipeline endpoint (ingress "embeddings"); priced by input tokens."""
+
+    name = INGRESS
+    governed = True
+    records_success = True
+
+    def credential(self, request: web.Request) -> str:
+        return bearer(request)
+
+    async def intake(self, call: Call) -> None:
+        await read_object(call)
+
+    def plan(self, call: Call) -> None:
+        typed = parse_request(call.raw)
+        call.requested_model = check_model(typed.model)
+        call.target = resolve_model(call.snap, call.vk.workspace_id, typed.model)
+        call.input_bound = input_bound(len(call.body_bytes))
+        call.max_tokens = 0  # an embedding has no output tokens: the hold is the input alone
+
+    def set_max_tokens(self, call: Call, value: int) -> bool:
+        return True  # nothing to cap: no output tokens
+
+    def strip_tools(self, call: Call, names: tuple[str, ...]) -> bool:
+        return True  # no tools
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        target, raw = call.target, call.raw
+        assert target is not None and isinstance(raw, dict)
         embed: Callable[[UpstreamCall], Awaitable[ChatResponse]] | None = getattr(
-            adapter_for(rec.target.provider.type), "embed", None)
+            adapter_for(target.provider.type), "embed", None)
         if embed is None:
-            raise InvalidRequest(f"Provider '{rec.target.provider.name}' (type '{rec.target.provider.type}') does "
+            raise InvalidRequest(f"Provider '{target.provider.name}' (type '{target.provider.type}') does "
                                  "not serve embeddings through this gateway.", param="model",
                                  code="embeddings_not_supported")
-        result = await embed(upstream_call(worker, rec.target, {**raw, "model": rec.target.model}))
-        rec.usage = result.usage
-        note_disconnect(request, rec)
-        return priced_json(rec, reformat(result.body, typed.encoding_format or "float", rec.target.provider.name))
+        result = await embed(upstream_call(call.worker, target, {**raw, "model": target.model}))
+        call.usage = result.usage
+        note_disconnect(call.request, call)
+        wanted: EncodingFormat = raw.get("encoding_format") or "float"
+        return priced_json(call, reformat(result.body, wanted, target.provider.name))

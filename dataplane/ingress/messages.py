@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 from aiohttp import web
 
+from dataplane.call import Call
 from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
 from dataplane.ingress.base import ChatPlan
@@ -31,16 +32,14 @@ from dataplane.ingress.messages_translate import (
     to_chat_request,
     to_message,
 )
-from dataplane.lifecycle import begin, upstream_call
-from dataplane.limits import body_within
+from dataplane.lifecycle import bearer, read_object, tool_names, upstream_call
 from dataplane.providers.anthropic import NATIVE_API
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.providers.sse import format_sse, sse_comment
-from dataplane.state import WORKER
 from schemas.anthropic import CountTokensRequest, MessagesRequest
-from schemas.errors import GatewayError, InvalidRequest, NotFound, UpstreamError, render_anthropic
-from schemas.http import decode_json, read_body, validate
+from schemas.errors import GatewayError, NotFound, UpstreamError, render_anthropic
+from schemas.http import validate
 
 log = structlog.get_logger(__name__)
 
@@ -134,17 +133,36 @@ class MessagesIngress:
         return {"input_tokens": estimate_input_tokens(req)}
 
 
-async def serve_count_tokens(request: web.Request) -> web.Response:
-    """`POST /v1/messages/count_tokens`: authenticated like a model call, resolved to a provider,
-    free (no llm.call event, no spend)."""
-    worker = request.app[WORKER]
-    rec = begin(request, worker)
-    raw = decode_json(await body_within(request, read_body(request, worker.settings.max_body_bytes),
-                                        worker.settings.body_read_timeout_s))
-    if not isinstance(raw, dict):
-        raise InvalidRequest("The request body must be a JSON object.")
-    model = check_model(validate(raw, CountTokensRequest).model)
-    target = resolve_model(rec.snap, rec.vk.workspace_id, model)
-    call = upstream_call(worker, target, {**raw, "model": target.model}, headers=forward_headers(request.headers))
-    counted = await MessagesIngress().count_tokens(raw, adapter_for(target.provider.type), call)
-    return web.json_response(counted, headers={"Alephant-Request-Id": rec.ctx.request_id})
+class CountTokens:
+    """`POST /v1/messages/count_tokens` as a pipeline endpoint: authenticated, checked against
+    policy and resolved like a model call, but free: no limits or budget hold, and only a refusal
+    is recorded (Claude Code calls it constantly)."""
+
+    name = "anthropic.count_tokens"
+    governed = False
+    records_success = False
+
+    def credential(self, request: web.Request) -> str:
+        return bearer(request)
+
+    async def intake(self, call: Call) -> None:
+        await read_object(call)
+
+    def plan(self, call: Call) -> None:
+        call.requested_model = check_model(validate(call.raw, CountTokensRequest).model)
+        call.target = resolve_model(call.snap, call.vk.workspace_id, call.requested_model)
+        call.tools = tool_names(call.raw)
+
+    def set_max_tokens(self, call: Call, value: int) -> bool:
+        return True  # counting produces no output
+
+    def strip_tools(self, call: Call, names: tuple[str, ...]) -> bool:
+        return True  # the count is of what the client would send; nothing is forwarded to a model
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        target, raw = call.target, call.raw
+        assert target is not None and isinstance(raw, dict)
+        upstream = upstream_call(call.worker, target, {**raw, "model": target.model},
+                                 headers=forward_headers(call.request.headers))
+        counted = await MessagesIngress().count_tokens(raw, adapter_for(target.provider.type), upstream)
+        return web.json_response(counted, headers=call.headers())

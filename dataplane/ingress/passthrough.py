@@ -52,7 +52,6 @@ Messages paths (`anthropic_client`), in OpenAI's otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -66,7 +65,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from dataplane.decisions import Target, agent_context, authenticate, bearer_token
+from dataplane.call import Call
+from dataplane.decisions import Target, bearer_token
 from dataplane.edge import check_model
 from dataplane.ingress.passthrough_rules import ACCOUNT_HEADERS, forwards_account_headers, refusal
 from dataplane.ingress.passthrough_usage import (
@@ -78,22 +78,15 @@ from dataplane.ingress.passthrough_usage import (
     usage_from_headers,
 )
 from dataplane.key_mask import StreamMasker, mask, mask_headers, secrets_of
-from dataplane.lifecycle import (
-    CallRecord,
-    client_gone,
-    emit_once,
-    mark_disconnected,
-    new_request_id,
-    note_disconnect,
-    recorded,
-)
+from dataplane.lifecycle import client_gone, mark_disconnected, note_disconnect
 from dataplane.limits import STREAM_SLOTS, body_within, wants_stream
+from dataplane.pipeline import emit_once, run
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
 from dataplane.providers.openai_compat import PROFILES
 from dataplane.providers.upstream import is_redirect, redirect_error, send
-from dataplane.state import WORKER, WorkerState
+from dataplane.stages.governance import input_bound
 from dataplane.usage_estimate import RelayTap
 from schemas.entities import RESERVED_PROVIDER_NAMES, Provider
 from schemas.errors import (
@@ -130,6 +123,23 @@ _KIND: web.RequestKey[str] = web.RequestKey("alephant_passthrough_provider_type"
 
 class _ModelProbe(msgspec.Struct):
     model: Any = None
+    max_tokens: Any = None
+    max_completion_tokens: Any = None
+    max_output_tokens: Any = None
+
+
+def max_tokens_of(body: bytes, content_type: str) -> int | None:
+    """The output cap a JSON body names (any of the three APIs' fields), else None."""
+    if not body or not is_json(media_type(content_type)):
+        return None
+    try:
+        probe = _model_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        return None
+    for value in (probe.max_completion_tokens, probe.max_tokens, probe.max_output_tokens):
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
 
 
 _model_decoder = msgspec.json.Decoder(_ModelProbe)
@@ -369,23 +379,7 @@ def is_streamed(content_type: str | None, content_length: int | None) -> bool:
 # -- IO ----------------------------------------------------------------------------------------
 
 
-def begin_passthrough(request: web.Request, worker: WorkerState) -> tuple[CallRecord, bool]:
-    """`lifecycle.begin` with the passthrough's wider credential lookup (`client_credential`).
-    Returns the record and whether the key came from the `key` query parameter."""
-    store = worker.store
-    if not store.ready.is_set():
-        raise UpstreamError("The gateway is starting and has not loaded its configuration yet.",
-                            status=503, code="not_ready")
-    snap = store.pin(time.time())  # 503 config_stale while stale under ALEPHANT_STALE_POLICY=refuse
-    key, from_query = client_credential(request.headers, split_target(request.raw_path)[1])
-    vk = authenticate(snap, key, worker.keyring.hash_key)
-    ctx = agent_context(request.headers, vk, new_request_id)
-    request[REQUEST_ID] = ctx.request_id
-    rec = CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter(), ingress=INGRESS)
-    return rec, from_query
-
-
-async def _buffered(rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
+async def _buffered(call: Call, provider: Provider, up: aiohttp.ClientResponse,
                     secrets: tuple[bytes, ...]) -> web.Response:
     try:
         raw = await up.read()
@@ -396,28 +390,28 @@ async def _buffered(rec: CallRecord, provider: Provider, up: aiohttp.ClientRespo
     kind = media_type(up.headers.get("Content-Type"))
     raw = mask(raw, secrets)  # every content type: a binary body can carry the key as well
     if 200 <= up.status < 300:
-        rec.usage = usage_from_body(raw, provider.type) if is_json(kind) else None
-        if rec.usage is None and provider.type == "bedrock":
-            rec.usage = usage_from_headers(up.headers)
-    rec.price()
+        call.usage = usage_from_body(raw, provider.type) if is_json(kind) else None
+        if call.usage is None and provider.type == "bedrock":
+            call.usage = usage_from_headers(up.headers)
+    call.price()
     headers = relay_headers(up.headers, secrets)
-    headers.update(rec.headers())
-    headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(rec.cost_nanos)
+    headers.update(call.headers())
+    headers["Alephant-Cost-Usd"] = nanos_to_decimal_str(call.cost_nanos)
     return web.Response(status=up.status, body=raw, headers=headers)
 
 
-async def _watch_client(request: web.Request, rec: CallRecord, up: aiohttp.ClientResponse) -> None:
+async def _watch_client(request: web.Request, call: Call, up: aiohttp.ClientResponse) -> None:
     """Notice a client that went away while we wait on upstream (nothing to write, so no write
     error): mark the record and close the upstream response, which ends the pending read."""
     while True:
         await asyncio.sleep(DISCONNECT_POLL_S)
         if client_gone(request):
-            mark_disconnected(rec)
+            mark_disconnected(call)
             up.close()
             return
 
 
-async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: aiohttp.ClientResponse,
+async def _relay(request: web.Request, call: Call, provider: Provider, up: aiohttp.ClientResponse,
                  secrets: tuple[bytes, ...], sent_body: bytes = b"") -> web.StreamResponse:
     """Chunks as they arrive. Upstream cut mid-stream: the client's connection is cut too (so it
     sees a truncated stream, as it would have without us). Client gone (a failed write, the
@@ -430,18 +424,18 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
     # Any content type; a key split across two reads is still caught (held back, never buffered).
     masker = StreamMasker(secrets) if secrets else None
     headers = relay_headers(up.headers, secrets)
-    headers.update(rec.headers())
+    headers.update(call.headers())
     resp = web.StreamResponse(status=up.status, headers=headers)
     finished = False
-    watcher = asyncio.create_task(_watch_client(request, rec, up))
+    watcher = asyncio.create_task(_watch_client(request, call, up))
     try:
         await resp.prepare(request)
         while True:
             try:
                 chunk = await up.content.readany()
             except (TimeoutError, aiohttp.ClientError):
-                if rec.error_code != "client_disconnected":
-                    rec.partial, rec.error_code = True, "upstream_interrupted"
+                if call.error_code != "client_disconnected":
+                    call.partial, call.error_code = True, "upstream_interrupted"
                     if request.transport is not None:
                         request.transport.close()
                 return resp
@@ -449,8 +443,8 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
                 if masker is not None and (rest := masker.flush()):
                     await resp.write(rest)
                 break
-            if rec.ttfb_ms is None:
-                rec.ttfb_ms = round((time.perf_counter() - rec.started) * 1000, 3)
+            if call.ttfb_ms is None:
+                call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
             if sniffer is not None:
                 sniffer.feed(chunk)
             if masker is not None:
@@ -460,13 +454,13 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
             await resp.write(chunk)
             tap.feed(chunk)
         finished = True
-        _settle_relayed(rec, up, sniffer, sent_body, tap)
-        emit_once(request.app[WORKER], rec)  # spooled before the client sees the stream complete
+        _settle_relayed(call, up, sniffer, sent_body, tap)
+        emit_once(call)  # spooled before the client sees the stream complete
         await resp.write_eof()
     except OSError:  # ConnectionResetError included
-        mark_disconnected(rec)
+        mark_disconnected(call)
     except asyncio.CancelledError:
-        mark_disconnected(rec)
+        mark_disconnected(call)
         raise
     finally:
         watcher.cancel()
@@ -474,59 +468,89 @@ async def _relay(request: web.Request, rec: CallRecord, provider: Provider, up: 
             up.release()
         else:
             up.close()  # stop reading upstream now; never return a half-read connection to the pool
-        _settle_relayed(rec, up, sniffer, sent_body, tap)
+        _settle_relayed(call, up, sniffer, sent_body, tap)
     return resp
 
 
-def _settle_relayed(rec: CallRecord, up: aiohttp.ClientResponse, sniffer: StreamSniffer | None, sent_body: bytes,
+def _settle_relayed(call: Call, up: aiohttp.ClientResponse, sniffer: StreamSniffer | None, sent_body: bytes,
                     tap: RelayTap) -> None:
     """Usage and cost of a relayed stream, from what the sniffer saw (an estimate for a successful
     inference stream whose usage never came). Idempotent: the first call settles."""
-    if rec.emitted:
+    if call.emitted:
         return
     if sniffer is not None:
         sniffer.close()
-        rec.usage = sniffer.usage
+        call.usage = sniffer.usage
         if up.status < 400:
-            rec.settle_usage(sniffer.usage, sent_body, tap)
-    rec.price()
+            call.settle_usage(sniffer.usage, sent_body, tap)
+    call.price()
 
 
-async def _serve(request: web.Request) -> web.StreamResponse:
-    worker = request.app[WORKER]
-    name = request.match_info["provider"]
-    if name in RESERVED:  # the route's pattern already excludes them; kept for other registrations
-        raise web.HTTPNotFound()
-    rec, key_in_query = begin_passthrough(request, worker)
-    rec.requested_model = f"{name}/"
-    with recorded(worker, rec), contextlib.ExitStack() as held:
-        provider = rec.snap.providers.get((rec.vk.workspace_id, name))
+class Passthrough:
+    """`/{provider}/*` as a pipeline endpoint: the client's request, forwarded to the provider's
+    own API with the provider key swapped in (see the module docstring). Its body is forwarded
+    byte for byte, so a policy clamp or tool strip cannot apply: such a request is refused."""
+
+    name = INGRESS
+    governed = True
+    records_success = True
+
+    def credential(self, request: web.Request) -> str:
+        return client_credential(request.headers, split_target(request.raw_path)[1])[0]
+
+    async def intake(self, call: Call) -> None:
+        """The provider and endpoint checks, then the body: a refused call reads and forwards nothing."""
+        request = call.request
+        name = request.match_info["provider"]
+        call.requested_model = f"{name}/"
+        provider = call.snap.providers.get((call.vk.workspace_id, name))
         if provider is None:
             raise NotFound(f"Provider '{name}' is not configured for this workspace.", code="provider_not_found")
         request[_KIND] = provider.type
         if provider.options.get("passthrough") == "off":
             raise PermissionDenied(f"Provider '{name}' does not allow native passthrough.",
                                    code="passthrough_disabled")
-        rest, query = split_target(request.raw_path)
+        rest = split_target(request.raw_path)[0]
         check_path(rest)
-        # Before the body is read: a refused call forwards nothing, not even a connection.
         why = refusal(provider.type, provider.options, request.method, relative_path(base_url_of(provider), rest))
         if why is not None:
             raise PermissionDenied(f"Provider '{name}': {why}.", code="passthrough_not_allowed")
-        if key_in_query or provider.type == "gemini":
+        call.target = Target(provider=provider, model="")
+        settings = call.worker.settings
+        call.body_bytes = await body_within(request, read_limited(request, settings.max_body_bytes),
+                                            settings.body_read_timeout_s)
+
+    def plan(self, call: Call) -> None:
+        assert call.target is not None  # set by intake()
+        provider, rest = call.target.provider, split_target(call.request.raw_path)[0]
+        content_type = call.request.headers.get("Content-Type", "")
+        model = check_model(model_of(call.body_bytes, content_type, rest))
+        call.target, call.requested_model = Target(provider=provider, model=model), f"{provider.name}/{model}"
+        call.max_tokens = max_tokens_of(call.body_bytes, content_type)
+        call.input_bound = input_bound(len(call.body_bytes))
+
+    def set_max_tokens(self, call: Call, value: int) -> bool:
+        return value == call.max_tokens
+
+    def strip_tools(self, call: Call, names: tuple[str, ...]) -> bool:
+        return not names
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        request, worker, target = call.request, call.worker, call.target
+        assert target is not None  # set by intake() and plan()
+        provider = target.provider
+        rest, query = split_target(request.raw_path)
+        if client_credential(request.headers, query)[1] or provider.type == "gemini":
             query = drop_query_param(query, "key")
         url = upstream_url(provider, rest, query)
-        body = await body_within(request, read_limited(request, worker.settings.max_body_bytes),
-                                 worker.settings.body_read_timeout_s)
-        model = check_model(model_of(body, request.headers.get("Content-Type", ""), rest))
-        rec.target, rec.requested_model = Target(provider=provider, model=model), f"{name}/{model}"
+        body = call.body_bytes
         api_key = worker.provider_key(provider.api_key_enc)
         key = api_key.reveal() if api_key else None
         headers = upstream_headers(request.headers.items(), provider, key, method=request.method, url=url,
                                    body=body, now=datetime.now(UTC))
         slots = request.app.get(STREAM_SLOTS)  # absent only in unit-test apps
         if slots is not None and wants_stream(body, rest, provider.type):
-            held.enter_context(slots.hold(rec.vk.id))  # before sending: a refused call costs nothing upstream
+            call.held.enter_context(slots.hold(call.vk.id))  # before sending: a refused call costs nothing upstream
         up = await send(worker.session, provider.name, request.method, URL(url, encoded=True), body or None,
                         headers, worker.settings.upstream_timeout_s)
         if is_redirect(up.status):
@@ -534,22 +558,27 @@ async def _serve(request: web.Request) -> web.StreamResponse:
             # (or its own key) to wherever the provider pointed.
             up.release()
             raise redirect_error(provider.name, up.status)
-        rec.status = up.status
+        call.status = up.status
         if up.status >= 400:
-            rec.error_code = "upstream_error"
+            call.error_code = "upstream_error"
         secrets = secrets_of(provider.type, key)
         if is_streamed(up.headers.get("Content-Type"), up.content_length):
-            rec.stream = True
-            return await _relay(request, rec, provider, up, secrets, body)
-        answer = await _buffered(rec, provider, up, secrets)
-        note_disconnect(request, rec)
+            call.stream = True
+            return await _relay(request, call, provider, up, secrets, body)
+        answer = await _buffered(call, provider, up, secrets)
+        note_disconnect(request, call)
         return answer
+
+
+_ENDPOINT = Passthrough()
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
     """The route handler (see the module docstring)."""
+    if request.match_info["provider"] in RESERVED:  # the route's pattern excludes them; kept for other routes
+        raise web.HTTPNotFound()
     try:
-        return await _serve(request)
+        return await run(request, _ENDPOINT)
     except GatewayError as err:
         if is_anthropic_path(request.path) or not anthropic_client(request.get(_KIND), request.raw_path):
             raise  # the error middleware renders it (Anthropic's shape under /anthropic/, else OpenAI's)

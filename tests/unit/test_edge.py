@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 import zlib
 
 import msgspec
@@ -15,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from multidict import CIMultiDict, istr
 
+from dataplane.call import Call
 from dataplane.decisions import AgentContext, Target, agent_context
 from dataplane.edge import (
     MAX_MODEL_LEN,
@@ -25,7 +25,6 @@ from dataplane.edge import (
     check_text,
 )
 from dataplane.http_server import protocol_error
-from dataplane.lifecycle import CallRecord
 from dataplane.pricing import (
     MAX_CALL_COST_NANOS,
     MAX_TOKENS_PER_CALL,
@@ -38,6 +37,7 @@ from schemas.errors import InvalidRequest, InvalidValue
 from schemas.events import Usage, event_encoder
 from schemas.http import MAX_JSON_DEPTH, check_json_depth, client_fault, decode_json, json_depth_exceeds
 from schemas.snapshot import Snapshot
+from tests.unit.conftest import bare_call
 from tests.unit.test_decisions import VK_FREE
 
 # --- check_text / check_model --------------------------------------------------------------------
@@ -250,11 +250,11 @@ def test_catalog_cost_of_clamped_usage_fits_a_bigint() -> None:
     assert priced and 0 < cost <= MAX_CALL_COST_NANOS
 
 
-def record(usage: Usage | None, prices: dict[tuple[str, str], PriceOverride] | None = None) -> CallRecord:
+def record(usage: Usage | None, prices: dict[tuple[str, str], PriceOverride] | None = None) -> Call:
     snap = dataclasses.replace(Snapshot.empty(), prices=prices or {})
     vk = VirtualKey(id="vk_1", workspace_id="ws_1", key_hash="h")
     ctx = AgentContext(request_id="req_1", agent_id=None, run_id=None, session_id=None, workflow_id=None)
-    rec = CallRecord(snap=snap, vk=vk, ctx=ctx, started=time.perf_counter(), target=Target(PROVIDER, "m"))
+    rec = bare_call(snap, vk, ctx, Target(PROVIDER, "m"))
     rec.usage = usage
     return rec
 

@@ -35,7 +35,7 @@ CASES = [
     (PayloadTooLarge("big"), 413, "invalid_request_error", "request_too_large", "request_too_large"),
     (UnsupportedMediaType("xml"), 415, "invalid_request_error", "unsupported_media_type",
      "invalid_request_error"),
-    (RateLimited("slow down", headers={"Retry-After": "3"}), 429, "rate_limit_exceeded", "rate_limit_exceeded",
+    (RateLimited("slow down", headers={"Retry-After": "3"}), 429, "rate_limit_error", "rate_limit_exceeded",
      "rate_limit_error"),
     (UpstreamError("provider down"), 502, "upstream_error", "upstream_error", "api_error"),
     (UpstreamError("overloaded", status=503), 503, "upstream_error", "upstream_error", "overloaded_error"),

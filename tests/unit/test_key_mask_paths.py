@@ -13,8 +13,9 @@ from aiohttp.test_utils import TestServer
 
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.messages import MessagesIngress
-from dataplane.lifecycle import serve
+from dataplane.lifecycle import ModelCall
 from dataplane.outbound import make_session
+from dataplane.pipeline import run
 from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.entities import Provider, VirtualKey
@@ -49,15 +50,15 @@ async def url(fake: FakeAnthropic) -> AsyncIterator[str]:
     settings = Settings(ssrf_allow="127.0.0.1")
     async with make_session(settings) as session:
         app = web.Application(middlewares=[error_middleware])
-        app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, publisher=Recorder(),  # type: ignore[arg-type]
+        app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store, events=Recorder(),
                                   session=session)
         messages, chat = MessagesIngress(), ChatIngress()
 
         async def messages_route(request: web.Request) -> web.StreamResponse:
-            return await serve(request, messages)
+            return await run(request, ModelCall(messages))
 
         async def chat_route(request: web.Request) -> web.StreamResponse:
-            return await serve(request, chat)
+            return await run(request, ModelCall(chat))
 
         app.router.add_post("/v1/messages", messages_route)
         app.router.add_post("/v1/chat/completions", chat_route)

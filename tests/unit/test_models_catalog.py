@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from dataplane.models import ModelCatalog
+from dataplane.pipeline import run
 from dataplane.snapshot import SnapshotStore
 from dataplane.state import WORKER, WorkerState
 from schemas.catalog import catalog_entries, catalog_models
@@ -22,6 +23,7 @@ from schemas.http import error_middleware
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 from schemas.snapshot import Snapshot
+from tests.unit.conftest import Recorder
 
 
 def snapshot(*extra: Any, revision: int = 1) -> Snapshot:
@@ -98,9 +100,13 @@ async def test_handlers_serve_the_sdk() -> None:
     async with aiohttp.ClientSession() as session:
         app = web.Application(middlewares=[error_middleware])
         app[WORKER] = WorkerState(settings=Settings(secret_key=secret), keyring=keyring, store=store,
-                                  publisher=None, session=session)  # type: ignore[arg-type]
-        app.router.add_get("/v1/models", catalog.list_handler)
-        app.router.add_get("/v1/models/{model:.+}", catalog.retrieve_handler)
+                                  events=Recorder(), session=session)
+
+        async def models(request: web.Request) -> web.StreamResponse:
+            return await run(request, catalog)
+
+        app.router.add_get("/v1/models", models)
+        app.router.add_get("/v1/models/{model:.+}", models)
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="sk-alph-models", max_retries=0)
             try:

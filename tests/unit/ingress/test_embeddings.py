@@ -19,13 +19,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from dataplane.ingress.embeddings import (
+    Embeddings,
     base64_to_floats,
     check_input,
-    embeddings,
     floats_to_base64,
     parse_request,
     reformat,
 )
+from dataplane.pipeline import run
 from dataplane.providers import registry
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.mock import EMBEDDING_DIMENSIONS, MockProvider, embedding_vector
@@ -198,7 +199,12 @@ async def gateway(up: ScriptedUpstream, monkeypatch: pytest.MonkeyPatch
     async with aiohttp.ClientSession() as session:
         app = web.Application(middlewares=[error_middleware])
         app[WORKER] = WorkerState(settings=Settings(secret_key=SECRET), keyring=keyring, store=store,
-                                  publisher=publisher, session=session)  # type: ignore[arg-type]
+                                  events=publisher, session=session)
+        endpoint = Embeddings()
+
+        async def embeddings(request: web.Request) -> web.StreamResponse:
+            return await run(request, endpoint)
+
         app.router.add_post("/v1/embeddings", embeddings)
         async with TestClient(TestServer(app, host="127.0.0.1")) as client:
             yield client, publisher

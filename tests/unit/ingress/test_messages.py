@@ -13,9 +13,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from dataplane.ingress.messages import MessagesIngress, forward_headers, serve_count_tokens
+from dataplane.ingress.messages import CountTokens, MessagesIngress, forward_headers
 from dataplane.ingress.messages_translate import estimate_input_tokens
-from dataplane.lifecycle import serve
+from dataplane.lifecycle import ModelCall
+from dataplane.pipeline import run
 from dataplane.providers import registry
 from dataplane.providers.anthropic import AnthropicProvider
 from dataplane.providers.base import CallStats, UpstreamCall
@@ -494,14 +495,19 @@ async def app(fake: FakeAnthropic, session: aiohttp.ClientSession,
     publisher = RecordingPublisher()
     application = web.Application(middlewares=[error_middleware])
     application[WORKER] = WorkerState(settings=Settings(), keyring=keyring, store=store,
-                                      publisher=publisher, session=session)  # type: ignore[arg-type]
+                                      events=publisher, session=session)
     ingress = MessagesIngress()
 
     async def messages(request: web.Request) -> web.StreamResponse:
-        return await serve(request, ingress)
+        return await run(request, ModelCall(ingress))
 
     application.router.add_post("/v1/messages", messages)
-    application.router.add_post("/v1/messages/count_tokens", serve_count_tokens)
+    count_tokens = CountTokens()
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        return await run(request, count_tokens)
+
+    application.router.add_post("/v1/messages/count_tokens", counted)
     async with TestServer(application, host="127.0.0.1") as server:
         yield App(str(server.make_url("")).rstrip("/"), publisher)
 
@@ -527,7 +533,8 @@ async def test_serve_count_tokens_handler(app: App, fake: FakeAnthropic, session
         assert (await resp.json())["type"] == "error"  # Anthropic's error shape on /v1/messages paths
     async with session.post(url, json=body, headers={"x-api-key": "wrong"}) as resp:
         assert resp.status == 401
-    assert app.publisher.events == []  # counting is free: no llm.call
+    # Counting is free: a count is not recorded, only a refusal is (the unknown key is counted apart).
+    assert [(e.ingress, e.status) for e in app.publisher.events] == [("anthropic.count_tokens", 400)]
 
 
 async def test_lifecycle_native_and_translated(app: App, fake: FakeAnthropic,

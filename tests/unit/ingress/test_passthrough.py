@@ -555,7 +555,7 @@ async def gw(upstreams: dict[str, Any]) -> AsyncIterator[Gw]:
     async with make_session(settings) as session:  # the worker's own guarded session
         app = web.Application(middlewares=[error_middleware])
         app[WORKER] = WorkerState(settings=settings, keyring=keyring, store=store,
-                                  publisher=recorder, session=session)  # type: ignore[arg-type]
+                                  events=recorder, session=session)
 
         async def v1(request: web.Request) -> web.Response:
             return web.json_response({"route": "v1"})

@@ -14,7 +14,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from dataplane.ingress.responses import ResponsesIngress
-from dataplane.lifecycle import serve
+from dataplane.lifecycle import ModelCall
+from dataplane.pipeline import run
 from dataplane.providers import openai_responses, registry
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.mock import MockProvider
@@ -84,12 +85,12 @@ async def gateway(fake: FakeResponses, monkeypatch: pytest.MonkeyPatch
     async with aiohttp.ClientSession() as session:
         app = web.Application(middlewares=[error_middleware])
         app[WORKER] = WorkerState(settings=Settings(), keyring=keyring, store=store,
-                                  publisher=recorder, session=session)  # type: ignore[arg-type]
+                                  events=recorder, session=session)
 
         ingress = ResponsesIngress()  # stateless: one instance serves every request
 
         async def responses(request: web.Request) -> web.StreamResponse:
-            return await serve(request, ingress)  # the route the lead adds
+            return await run(request, ModelCall(ingress))  # the route the lead adds
 
         app.router.add_post("/v1/responses", responses)
         async with TestServer(app, host="127.0.0.1") as server:

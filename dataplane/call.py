@@ -1,0 +1,178 @@
+"""The request context: one `Call` flows through every stage of the pipeline (`dataplane.pipeline`)
+and becomes the request's one `llm.call` event at the end.
+
+A `Call` exists from the first byte: before authentication its key is `ANONYMOUS` and its snapshot
+the one current at arrival, so a refusal at any stage is recorded with what was known then.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from dataplane.decisions import AgentContext, Target
+from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
+from dataplane.usage_estimate import RelayTap, estimate
+from schemas.entities import VirtualKey
+from schemas.events import LlmCall, Usage
+from schemas.ids import uuid7
+from schemas.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from dataplane.ingress.base import ChatPlan
+    from dataplane.pipeline import Endpoint
+    from dataplane.ports import Admission
+    from dataplane.state import WorkerState
+    from schemas.policy import Verdict
+
+# The key of a call not (yet) authenticated; never in a snapshot (no hash matches "").
+ANONYMOUS = VirtualKey(id="", workspace_id="", key_hash="")
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()
+
+
+def _no_context() -> AgentContext:
+    return AgentContext(request_id="", agent_id=None, run_id=None, session_id=None, workflow_id=None)
+
+
+@dataclass(slots=True)
+class Call:
+    """Everything one request's stages decide and observe. Stages read and add to it; the
+    pipeline's `finish` settles its admission, releases what it holds and emits its event."""
+
+    request: web.Request
+    worker: WorkerState
+    endpoint: Endpoint
+    snap: Snapshot
+    started: float = field(default_factory=time.perf_counter)
+    vk: VirtualKey = ANONYMOUS
+    ctx: AgentContext = field(default_factory=_no_context)
+    department_id: str | None = None
+    member_id: str | None = None
+    # intake and plan
+    raw: Any = None  # the decoded JSON body (or None)
+    body_bytes: bytes = b""
+    plan: ChatPlan | None = None
+    target: Target | None = None
+    requested_model: str = ""
+    stream: bool = False
+    tools: tuple[str, ...] = ()
+    max_tokens: int | None = None  # what the upstream will be told (after clamp or injection)
+    input_bound: int = 0  # an upper bound on input tokens, for holds and token limits
+    # governance
+    verdict: Verdict | None = None
+    hold_nanos: int = 0
+    admission: Admission | None = None
+    decision: str = "allow"
+    extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on every answer
+    # outcome
+    status: int = 200
+    error_code: str | None = None
+    usage: Usage | None = None
+    cost_nanos: int = 0
+    priced: bool = True
+    ttfb_ms: float | None = None
+    partial: bool = False
+    anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
+    usage_estimated: bool = False
+    emitted: bool = False
+    bounded_to: Usage | None = None  # the usage `_bound_usage` last checked (see there)
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # slots released in `finish`
+    response: web.StreamResponse | None = None  # set by the stage that answers (dispatch, later a cache hit)
+
+    @property
+    def ingress(self) -> str:
+        return self.endpoint.name
+
+    @property
+    def authenticated(self) -> bool:
+        return self.vk is not ANONYMOUS
+
+    @property
+    def model_ref(self) -> str:
+        """`provider/model` as resolved (aliases applied), or "" before a model is known."""
+        return f"{self.target.provider.name}/{self.target.model}" if self.target is not None else ""
+
+    def flag(self, anomaly: str) -> None:
+        if anomaly not in self.anomalies:
+            self.anomalies = (*self.anomalies, anomaly)
+
+    def _bound_usage(self) -> None:
+        # Every path that records usage (chat, native, passthrough sniffer, embeddings, estimates)
+        # passes here, via price() and again in event(): impossible counts never reach the ledger.
+        # `bounded_to` remembers the last usage checked, so the second pass is one identity test.
+        usage = self.usage
+        if usage is None or usage is self.bounded_to:
+            return
+        bounded = bounded_usage(usage)
+        if bounded is not None:
+            self.usage = usage = bounded
+            self.flag("usage_clamped")
+        self.bounded_to = usage
+
+    def settle_usage(self, reported: Usage | None, request_body: Any, tap: RelayTap) -> None:
+        """Record `reported` usage, or an estimate when it is missing (`usage_estimate.estimate`,
+        which tokenizes only then), and price it."""
+        estimated = estimate(reported, request_body, tap, partial=self.partial)
+        self.usage, self.usage_estimated = (reported, False) if estimated is None else (estimated, True)
+        self.price()
+
+    def price(self) -> None:
+        self._bound_usage()
+        if self.usage is not None and self.target is not None:
+            self.cost_nanos, self.priced = call_cost_nanos(self.snap.prices, self.target.provider,
+                                                          self.target.model, self.usage)
+            if self.cost_nanos >= MAX_CALL_COST_NANOS:
+                self.flag("cost_clamped")
+
+    def event(self) -> LlmCall:
+        self._bound_usage()
+        provider = self.target.provider.name if self.target else self.requested_model.partition("/")[0]
+        model = self.target.model if self.target else self.requested_model
+        return LlmCall(
+            event_id=uuid7(),
+            occurred_at=dt.datetime.now(dt.UTC),
+            workspace_id=self.vk.workspace_id,
+            agent_id=self.ctx.agent_id,
+            run_id=self.ctx.run_id,
+            session_id=self.ctx.session_id,
+            workflow_id=self.ctx.workflow_id,
+            request_id=self.ctx.request_id,
+            snapshot_revision=self.snap.revision,
+            provider=provider,
+            model=model,
+            ingress=self.ingress,
+            stream=self.stream,
+            status=self.status,
+            error_code=self.error_code,
+            usage=self.usage or Usage(),
+            cost_nanos=self.cost_nanos,
+            priced=self.priced,
+            key_id=self.vk.id,
+            latency_ms=round((time.perf_counter() - self.started) * 1000, 3),
+            ttfb_ms=self.ttfb_ms,
+            partial=self.partial,
+            anomalies=self.anomalies,
+            usage_estimated=self.usage_estimated,
+            department_id=self.department_id,
+            member_id=self.member_id,
+            hold_nanos=self.hold_nanos,
+            decision=self.decision,
+            endpoint=self.request.path,
+        )
+
+    def headers(self) -> dict[str, str]:
+        h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": "miss"}
+        if self.target is not None:
+            h["Alephant-Provider"] = self.target.provider.name
+        if self.extra_headers:
+            h.update(self.extra_headers)
+        return h
