@@ -26,6 +26,7 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane import commands as c
+from controlplane.fleet import FLEET, FleetMonitor, get_fleet
 from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
 from controlplane.idempotency import IdempotencyStore, Replay, check_key
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
@@ -211,6 +212,8 @@ ROUTES: tuple[Route, ...] = (
           None, get_catalog),
     Route("GET", "/admin/v1/runs/{run_id}", "Cost and usage of one agent run (?workspace_id=)", None, get_run),
     Route("GET", "/admin/v1/ledger/balance", "Debits and credits per currency", None, get_balance),
+    Route("GET", "/admin/v1/fleet", "Data-plane workers heard in the last 30 s and the config revision each applied",
+          None, get_fleet),
     Route("GET", "/admin/v1/healthz", "Liveness of the admin API", None, healthz),
 )
 
@@ -291,6 +294,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         commands = c.ConfigCommands(pool, keyring, relay, settings.subject_prefix,
                                     ssrf_allow=parse_allow_list(settings.ssrf_allow),
                                     propagation_wait_s=settings.admin_propagation_wait_s)
+        app[FLEET] = FleetMonitor(lambda: relay.last_revision)
+        await app[FLEET].subscribe(nc, settings.subject_prefix)  # ends with nc.drain() below
         app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring))
         task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
         yield

@@ -43,10 +43,13 @@ class SnapshotStore:
     stale_after_s: float = 15.0
     refuse_stale: bool = False
     served_stale: int = 0
+    # Set at every swap; whoever reports the applied revision (dataplane.fleet) waits on it and clears it.
+    swapped: asyncio.Event = field(default_factory=asyncio.Event)
 
     def swap(self, snap: Snapshot) -> None:
         self.current = snap
         self.last_applied_at = time.monotonic()
+        self.swapped.set()
 
     def heartbeat_age_s(self, now_s: float) -> float | None:
         beat = self.current.heartbeat_ms

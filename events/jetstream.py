@@ -17,6 +17,7 @@ from nats.js.api import DiscardPolicy, KeyValueConfig, RetentionPolicy, StorageT
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from schemas.fleet import fleet_subject
 from schemas.settings import Secret, Settings
 
 log = structlog.get_logger(__name__)
@@ -98,7 +99,8 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
     JetStream is driven by requests to `$JS.API.<op>.<stream>[...]`, KV writes are publishes to
     `$KV.<bucket>.<key>`, acks go to `$JS.ACK.<stream>.<consumer>.>` and push-consumer flow control
     replies to `$JS.FC.<stream>.>`. Only the control plane writes the bucket or changes streams;
-    the data plane reads the bucket and publishes events; the projector reads its consumer.
+    the data plane reads the bucket, publishes events and beats on the fleet subject (and hears
+    its peers' beats there, as the control plane does); the projector reads its consumer.
     `admin` (operators' `nats` CLI, tests) may do anything.
     """
     if role == "admin":
@@ -113,14 +115,18 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
         f"$JS.FC.{kv}.>",                                                 # watch flow control
     ]
     events = f"{subject_prefix}.>"
+    fleet = fleet_subject(subject_prefix)  # workers' beats: workers publish and hear them, the control plane hears
     publish: list[str]
+    subscribe: list[str] = []
     if role == "controlplane":  # also `alephant migrate`
         publish = [f"{api}.INFO"]
         for name in (stream, kv):
             publish += [f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.CREATE.{name}", f"{api}.STREAM.UPDATE.{name}"]
         publish += [p for p in kv_read if p != f"{api}.STREAM.INFO.{kv}"] + [f"$KV.{kv_bucket}.>", events]
+        subscribe = [fleet]
     elif role == "dataplane":
-        publish = [*kv_read, events]
+        publish = [*kv_read, events, fleet]
+        subscribe = [fleet]
     elif role == "projector":
         publish = [
             f"{api}.STREAM.INFO.{stream}",
@@ -132,7 +138,7 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
         ]
     else:
         raise ValueError(f"unknown bus role {role!r}")
-    return {"publish": publish, "subscribe": [f"{role_inbox(role)}.>"]}
+    return {"publish": publish, "subscribe": [f"{role_inbox(role)}.>", *subscribe]}
 
 
 async def ensure_stream(js: JetStreamContext, name: str, subject_prefix: str, replicas: int = 1) -> None:
