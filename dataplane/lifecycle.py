@@ -31,11 +31,15 @@ from dataplane.stages.governance import input_bound
 from dataplane.state import WorkerState
 from dataplane.usage_estimate import RelayTap
 from schemas.entities import Provider
-from schemas.errors import GatewayError, InvalidRequest
+from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest
 from schemas.http import decode_json, read_body
 from schemas.money import nanos_to_decimal_str
 
 log = structlog.get_logger(__name__)
+
+# Events beyond `max_tokens` a stream may relay before it counts as past its hold: role, finish,
+# usage and keep-alive events carry no output tokens.
+STREAM_EVENT_SLACK = 16
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -245,6 +249,10 @@ async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[byte
     call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
     resp = web.StreamResponse(headers={**SSE_HEADERS, **call.headers()})
     tap = RelayTap()
+    # A stream under a budget hold is cut once it has clearly passed `max_tokens` (a provider that
+    # ignores it): counted in events, which carry at least one token each on token-per-chunk APIs.
+    cutoff = call.max_tokens + STREAM_EVENT_SLACK if call.hold_nanos and call.max_tokens else None
+    relayed = 1
     try:
         await resp.prepare(request)  # raises ConnectionResetError if the client already left
         await resp.write(first)
@@ -253,10 +261,16 @@ async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[byte
             event = mask(event, secrets)  # inline, not a generator around `events`: a hop per event
             await resp.write(event)
             tap.feed(event)
+            relayed += 1
+            if cutoff is not None and relayed > cutoff:
+                raise BudgetExceeded(f"The stream passed its budget hold ({call.max_tokens} output tokens) and was "
+                                     "cut off; what was relayed is billed.")
         call.settle_usage(stats.usage, sent_body, tap)
         await resp.write(ingress.stream_end(nanos_to_decimal_str(call.cost_nanos)))
     except GatewayError as err:
         call.status, call.error_code, call.partial = err.status, err.code, True
+        if isinstance(err, BudgetExceeded):
+            await chunks.aclose()  # stop the upstream generating what nobody pays for
         call.settle_usage(stats.usage, sent_body, tap)
         with contextlib.suppress(OSError):  # the client may be gone too: nothing left to tell it
             await resp.write(ingress.stream_error(err))
