@@ -61,12 +61,13 @@ def _with_database(url: str, name: str) -> str:
 
 @contextlib.contextmanager
 def dedicated_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
-                    log: Callable[[str], None] | None = None) -> Iterator[Stack]:
+                    log: Callable[[str], None] | None = None, workers: int = 1) -> Iterator[Stack]:
     """A whole stack of its own, always on embedded services (never a shared server: these tests
-    kill, pause and reconfigure their stack), for fault and limit suites. Paused processes are
-    resumed before the stop (a stopped process cannot handle the stop signal)."""
+    kill, pause and reconfigure their stack), for fault and limit suites, with `workers` data-plane
+    workers (`stack.procs["dataplane-<i>"]`). Paused processes are resumed before the stop (a
+    stopped process cannot handle the stop signal)."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
-    stack = Stack(state_dir=state_dir, port=0, admin_port=0, env=env,
+    stack = Stack(state_dir=state_dir, port=0, admin_port=0, workers=workers, env=env,
                   extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
                              **(extra_env or {})},
                   log=log or (lambda _msg: None))
