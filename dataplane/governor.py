@@ -1,0 +1,439 @@
+"""`RedisGovernor`: rate, concurrency and budget admission in one atomic Redis script per request,
+settlements batched off the request path, and a local fallback when Redis is unreachable.
+
+Normal operation (Redis reachable): `admit` is one EVALSHA of `governor_scripts.ADMIT`, which
+sweeps expired holds, checks every GCRA rate limit, concurrency limit and budget
+(`spent + held + hold <= limit`) and, only if all pass, charges them all. Budgets are exact:
+**zero overspend** whenever each hold is a true upper bound of its call's cost (otherwise at most
+the sum of `actual - hold` over the calls in flight).
+
+Leases. While Redis is healthy the worker keeps, per active budget, a lease: a hold with id
+`lease:<worker_id>` of min(`lease_pct`% of the limit, free / (2 * fleet_size)), refreshed every
+`refresh_interval_s` with a TTL of `lease_ttl_s`. Requests on this worker draw on their own lease
+first (inside the admit script), and a request that would be refused first reclaims the other
+workers' leases, so in normal operation leases strand no capacity. Leases exist for the outage:
+
+Redis unreachable (error or `timeout_s`; never raised to the caller) -> `mode="local"`:
+* rate limits fail open onto a per-worker GCRA of limit / fleet_size (`local_admissions` counts
+  what was allowed this way: the gateway's `limiter_failure_mode_allowed`);
+* concurrency: a per-worker count of limit / fleet_size;
+* budgets fail closed onto this worker's copy of its lease, until the lease's expiry; each such
+  admission is recorded in Redis (moved from the lease to a request hold) when Redis is back,
+  before this worker admits through Redis again.
+
+Overspend bound, per budget: at most the sum, over workers, of the lease each worker believed it
+had when it lost Redis. A lease spent locally is double-counted only if Redis dropped it in the
+meantime: it lapsed (the outage outlasted `lease_ttl_s` while other workers could still reach
+Redis), or another worker reclaimed it, or Redis lost it (failover). The same bound covers a
+reply lost mid-admit (the request is voided in Redis and admitted locally).
+
+Crash safety: holds, leases and concurrency entries carry expiries and are swept by every script
+and by `run()`'s periodic refresh, so a dead worker's reservations return within
+`hold_ttl_s` + `refresh_interval_s`. Calls must end within `hold_ttl_s` (or their hold lapses
+and the budget is briefly over-admitted by that hold): keep it above the upstream timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError
+
+from dataplane import governor_scripts as lua
+from dataplane.governor_local import Gcra, LocalState, local_share
+from dataplane.governor_plan import (
+    BudgetRef,
+    Plan,
+    budget_refusal,
+    build_plan,
+    conc_refusal,
+    lease_refusal,
+    rate_headers,
+    rate_refusal,
+)
+from dataplane.ports import Admission, AdmitRequest, BudgetCrossing
+from schemas.budget_keys import escalation_key, lease_hold_id, op_marker_key
+
+log = structlog.get_logger(__name__)
+
+_MARKER_TTL_MS = 3_600_000  # a settlement retried after a lost reply is recognised for an hour
+_ACTIVE_MS = 300_000  # a budget unused this long gives its lease back ...
+_FORGET_MS = 3_600_000  # ... and is no longer swept by this worker after this long
+
+
+@dataclass(slots=True)
+class _Ticket:
+    """`Admission.token`: what `settle` needs."""
+
+    plan: Plan
+    local: bool
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Op:
+    """A queued script call (settle, debit or void), applied in order by `flush`."""
+
+    kind: str
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
+@dataclass(slots=True)
+class _Watched:
+    plan_budget: BudgetRef
+    last_used_ms: int
+
+
+class RedisGovernor:
+    """`dataplane.ports.Governor` over Redis. Start `run()` as a task; `close()` flushes and gives
+    the leases back. `redis` is a client or a URL (then the governor owns the client, built with
+    `timeout_s` socket timeouts and no retries)."""
+
+    def __init__(self, redis: Redis | str, fleet_size: Callable[[], int], *, worker_id: str | None = None,
+                 hold_ttl_s: float = 120.0, settle_flush_interval_s: float = 0.05, timeout_s: float = 0.25,
+                 batch_timeout_s: float = 2.0, lease_ttl_s: float = 60.0, refresh_interval_s: float = 5.0,
+                 lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0, max_inflight: int = 16,
+                 batch_max: int = 256, queue_max: int = 100_000, clock_ms: Callable[[], int] | None = None) -> None:
+        if isinstance(redis, str):
+            redis = Redis.from_url(redis, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                   retry=Retry(NoBackoff(), 0), max_connections=max_inflight + 8)
+            self._owns_redis = True
+        else:
+            self._owns_redis = False
+        self._redis = redis
+        self._fleet_size = fleet_size
+        self.worker_id = worker_id or secrets.token_hex(6)
+        self._lease_id = lease_hold_id(self.worker_id)
+        self._hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._lease_ttl_ms = int(lease_ttl_s * 1000)
+        self._flush_interval_s = settle_flush_interval_s
+        self._refresh_interval_s = refresh_interval_s
+        self._timeout_s, self._batch_timeout_s = timeout_s, batch_timeout_s
+        self._lease_pct = lease_pct
+        self._probe_interval_s, self._down_after_s = probe_interval_s, down_after_s
+        self._batch_max, self._queue_max = batch_max, queue_max
+        self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
+        self._gate = asyncio.Semaphore(max_inflight)
+        self._flush_lock = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._scripts = {name: redis.register_script(getattr(lua, name))
+                         for name in ("ADMIT", "SETTLE", "DEBIT", "VOID", "LEASE")}
+        self._queue: deque[_Op] = deque()
+        self._unrecorded = 0  # queued debit/void ops: Redis admits wait until they are applied
+        self._watched: dict[str, _Watched] = {}
+        self._local = LocalState()
+        # The breaker: closed (`_healthy`) until Redis has failed for `down_after_s` with no
+        # success in between; then open (local mode, leases) with one probe per `probe_interval_s`.
+        self._healthy = True
+        self._failing_since: float | None = None
+        self._probe_at = 0.0
+        self._closing = False
+        self._refresh_requested = False
+        # Metrics: admissions allowed by the local fallback; settlements dropped (queue full).
+        self.local_admissions = 0
+        self.dropped_settlements = 0
+
+    # -- admission -------------------------------------------------------------------------------
+
+    async def admit(self, req: AdmitRequest) -> Admission:
+        """See `dataplane.ports.Governor.admit`. No IO when nothing is on the path."""
+        if not req.limits and not req.budgets:
+            return Admission(ok=True, mode="none")
+        plan = build_plan(req)
+        if isinstance(plan, Admission):
+            return plan
+        for b in plan.budgets:
+            watched = self._watched.get(b.prefix)
+            if watched is None:
+                self._watched[b.prefix] = _Watched(b, req.now_ms)
+                self._refresh_requested = True
+                self._wake.set()
+            else:
+                watched.last_used_ms = req.now_ms
+        attempted = False
+        async with self._gate:
+            if self._usable() and (not self._unrecorded or await self._flush_within(self._timeout_s)):
+                attempted = True
+                try:
+                    async with asyncio.timeout(self._timeout_s):
+                        reply = await self._scripts["ADMIT"](keys=plan.admit_keys(), args=plan.admit_args(
+                            self._hold_ttl_ms, self._lease_id))
+                except Exception as exc:  # any fault of the store: decide locally, never raise
+                    self._failed("admit", exc)
+                else:
+                    self._succeeded()
+                    return self._from_reply(plan, reply)
+        return self._admit_local(plan, req.now_ms, attempted=attempted)
+
+    def _from_reply(self, plan: Plan, reply: list[Any]) -> Admission:
+        ok, fail_kind, fail_idx, fail_spent, fail_held, rates, _concs, budgets = reply
+        decisions = [Gcra(bool(r[0]), 0.0, int(r[1]), int(r[2]), int(r[3])) for r in rates]
+        headers = rate_headers(plan.rates, decisions, [r.value for r in plan.rates])
+        kind = fail_kind.decode() if isinstance(fail_kind, bytes) else str(fail_kind)
+        if not ok:
+            idx = int(fail_idx) - 1
+            if kind == "rate":
+                return rate_refusal(plan.rates[idx], decisions[idx], headers, local=False)
+            if kind == "conc":
+                return conc_refusal(plan.concs[idx], headers, local=False)
+            return budget_refusal(plan.budgets[idx], int(fail_spent), int(fail_held), plan.hold, headers)
+        alerts: list[BudgetCrossing] = []
+        remaining: int | None = None
+        for b, (left, lease_left, lease_exp, committed, crossed) in zip(plan.budgets, budgets, strict=True):
+            self._local.set_lease(b.prefix, int(lease_left), int(lease_exp))
+            remaining = int(left) if remaining is None else min(remaining, int(left))
+            alerts += [BudgetCrossing(b.budget, int(t), b.period_start, int(committed)) for t in crossed]
+        return Admission(ok=True, mode="redis", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
+                         remaining_nanos=remaining, alerts=tuple(alerts), token=_Ticket(plan, local=False))
+
+    def _admit_local(self, plan: Plan, now_ms: int, *, attempted: bool) -> Admission:
+        if attempted:
+            # The lost reply may hide an admission that did apply: undo it, whatever happens here.
+            self._enqueue(_Op("void", *plan.void_call(op_marker_key(plan.workspace_id, f"v:{plan.hold_id}"),
+                                                      _MARKER_TTL_MS)), unrecorded=True)
+        fleet = max(1, self._fleet_size())
+        shares = [local_share(r.value, fleet) for r in plan.rates]
+        decisions = [self._local.rate(r.key, now_ms, r.period_ms, s, r.quantity) for r, s in zip(plan.rates, shares,
+                                                                                                strict=True)]
+        headers = rate_headers(plan.rates, decisions, shares)
+        for r, d in zip(plan.rates, decisions, strict=True):
+            if not d.ok:
+                return rate_refusal(r, d, headers, local=True)
+        for c in plan.concs:
+            if self._local.in_flight.get(c.key, 0) >= local_share(c.value, fleet):
+                return conc_refusal(c, headers, local=True)
+        lefts: list[int] = []
+        if plan.hold > 0:
+            for b in plan.budgets:
+                # Leases only once Redis is known to be down: a call that merely timed out (a slow
+                # store, a busy event loop) may have been admitted, and the others may be
+                # reclaiming this worker's lease right now.
+                left = self._local.lease_covers(b.prefix, plan.hold, now_ms) if not self._healthy else -1
+                if left < 0:
+                    return lease_refusal(b, self._local.lease_left(b.prefix, now_ms), plan.hold, headers,
+                                         store_down=not self._healthy)
+                lefts.append(left)
+        for r, d in zip(plan.rates, decisions, strict=True):
+            self._local.charge_rate(r.key, d, now_ms)
+        for c in plan.concs:
+            self._local.take_slot(c.key)
+        for b, left in zip(plan.budgets, lefts, strict=False):
+            lease = self._local.leases[b.prefix]
+            lease.nanos = left
+        if plan.budgets:
+            self._enqueue(_Op("debit", *plan.debit_call(
+                op_marker_key(plan.workspace_id, f"d:{plan.hold_id}"), now_ms, self._hold_ttl_ms, self._lease_id,
+                _MARKER_TTL_MS)), unrecorded=True)
+        self.local_admissions += 1
+        remaining = min((self._local.lease_left(b.prefix, now_ms) for b in plan.budgets), default=None)
+        return Admission(ok=True, mode="local", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
+                         remaining_nanos=remaining, token=_Ticket(plan, local=True))
+
+    # -- settlement ------------------------------------------------------------------------------
+
+    def settle(self, admission: Admission, cost_nanos: int, tokens: int) -> None:
+        """See `dataplane.ports.Governor.settle`: queued, applied by `run()`/`flush()` in batches."""
+        ticket = admission.token
+        if not isinstance(ticket, _Ticket) or ticket.settled:
+            return
+        ticket.settled = True
+        try:
+            plan = ticket.plan
+            if ticket.local:
+                for c in plan.concs:
+                    self._local.release_slot(c.key)
+            call = plan.settle_call(op_marker_key(plan.workspace_id, f"s:{plan.hold_id}"), max(0, cost_nanos),
+                                    tokens, _MARKER_TTL_MS, redis_charged=not ticket.local)
+            if call is not None:
+                self._enqueue(_Op("settle", *call))
+        except Exception as exc:  # settle never raises: reconciliation restores spend from the ledger
+            log.error("governor_settle_failed", error=type(exc).__name__, detail=str(exc)[:200])
+
+    def _enqueue(self, op: _Op, *, unrecorded: bool = False) -> None:
+        if len(self._queue) >= self._queue_max:
+            dropped = next((o for o in self._queue if o.kind == "settle"), None)
+            if dropped is not None:
+                self._queue.remove(dropped)
+                self.dropped_settlements += 1
+                log.error("governor_settlement_dropped", dropped=self.dropped_settlements)
+        self._queue.append(op)
+        self._unrecorded += unrecorded
+        if len(self._queue) >= self._batch_max:
+            self._wake.set()
+
+    async def flush(self) -> bool:
+        """Send every queued settlement now (batches of `batch_max`, one pipeline each, in order).
+        True when the queue is empty afterwards; False if Redis failed (the rest stays queued: a
+        batch is applied once however often it is sent, see `governor_scripts`)."""
+        async with self._flush_lock:
+            while self._queue:
+                batch = [self._queue[i] for i in range(min(self._batch_max, len(self._queue)))]
+                try:
+                    async with asyncio.timeout(self._batch_timeout_s):
+                        results = await self._pipeline([(op.kind.upper(), op.keys, op.args) for op in batch])
+                except Exception as exc:
+                    self._failed("flush", exc)
+                    return False
+                self._succeeded()
+                for op, result in zip(batch, results, strict=True):
+                    if isinstance(result, Exception):  # a script error is permanent: log, do not retry
+                        log.error("governor_op_failed", op=op.kind, error=str(result)[:200])
+                    self._queue.popleft()
+                    self._unrecorded -= op.kind != "settle"
+            return True
+
+    async def _flush_within(self, timeout_s: float) -> bool:
+        """`flush` on the request path: bounded by `timeout_s`, waiting for a running flush included."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self.flush()
+        except TimeoutError as exc:
+            self._failed("flush", exc)
+            return False
+
+    async def _pipeline(self, calls: list[tuple[str, tuple[str, ...], tuple[str | int, ...]]]) -> list[Any]:
+        """One round trip of EVALSHAs (SCRIPT LOAD and once more after a NOSCRIPT: the
+        settlement scripts are idempotent, the lease script is a refresh)."""
+        for _attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for name, keys, args in calls:
+                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if not any(isinstance(r, NoScriptError) for r in results):
+                return results
+            for script in self._scripts.values():
+                script.sha = await self._redis.script_load(script.script)
+        raise NoScriptError("scripts could not be loaded")
+
+    # -- leases, sweeps, health ------------------------------------------------------------------
+
+    async def refresh_leases(self) -> None:
+        """Sweep every budget this worker has seen in the last hour and size its lease (given back
+        after five minutes without use). One pipeline; a failure marks Redis down."""
+        now = self._clock_ms()
+        fleet = max(1, self._fleet_size())
+        for prefix in [p for p, w in self._watched.items() if now - w.last_used_ms > _FORGET_MS]:
+            del self._watched[prefix]
+        watched = list(self._watched.values())
+        if not watched:
+            return
+        calls = [("LEASE", *w.plan_budget.lease_call(now, self._lease_id, self._lease_ttl_ms, fleet,
+                                                     self._lease_pct if now - w.last_used_ms <= _ACTIVE_MS else 0))
+                 for w in watched]
+        try:
+            async with asyncio.timeout(self._batch_timeout_s):
+                results = await self._pipeline(calls)
+        except Exception as exc:
+            self._failed("lease_refresh", exc)
+            return
+        self._succeeded()
+        for w, result in zip(watched, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("governor_lease_failed", error=str(result)[:200])
+                continue
+            self._local.set_lease(w.plan_budget.prefix, int(result[0]), int(result[1]))
+
+    async def run(self) -> None:
+        """The background task: flush settlements every `settle_flush_interval_s` (sooner when a
+        batch is full), refresh leases and sweep every `refresh_interval_s`, probe Redis while it
+        is down. Returns after `close()`."""
+        next_refresh = 0.0
+        while not self._closing:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._flush_interval_s):
+                    await self._wake.wait()
+            self._wake.clear()
+            if self._closing:
+                break
+            if not self._healthy and not await self._probe():
+                continue
+            if self._queue:
+                await self.flush()
+            if self._refresh_requested or time.monotonic() >= next_refresh:
+                self._refresh_requested = False
+                next_refresh = time.monotonic() + self._refresh_interval_s
+                await self.refresh_leases()
+
+    async def close(self) -> None:
+        """Stop `run()`, flush what is queued and give this worker's leases back (best effort,
+        bounded by the batch timeout), then close the client if the governor owns it."""
+        self._closing = True
+        self._wake.set()
+        if self._healthy or await self._probe():
+            for w in self._watched.values():
+                w.last_used_ms = -_FORGET_MS  # inactive: the refresh below releases the lease
+            if await self.flush():
+                await self.refresh_leases()
+        if self._queue:
+            log.warning("governor_settlements_not_flushed", pending=len(self._queue))
+        if self._owns_redis:
+            await self._redis.aclose()
+
+    async def _probe(self) -> bool:
+        if time.monotonic() < self._probe_at:
+            return False
+        self._probe_at = time.monotonic() + self._probe_interval_s
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._redis.ping()
+        except Exception as exc:
+            self._failed("probe", exc)
+            return False
+        self._succeeded()
+        return True
+
+    def _usable(self) -> bool:
+        """Healthy, or down long enough that one request may try again (half-open breaker)."""
+        if self._healthy:
+            return True
+        if time.monotonic() >= self._probe_at:
+            self._probe_at = time.monotonic() + self._probe_interval_s
+            return True
+        return False
+
+    def _failed(self, what: str, exc: BaseException) -> None:
+        """A Redis call failed. The breaker opens once calls have failed for `down_after_s` with
+        no success in between, not at the first timeout: under load the event loop itself can
+        delay a reply past `timeout_s` while Redis is fine."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+            log.warning("governor_redis_failed", during=what, error=type(exc).__name__, detail=str(exc)[:200])
+        if self._healthy and now - self._failing_since >= self._down_after_s:
+            log.warning("governor_redis_down", local_mode=True)
+            self._healthy = False
+        self._probe_at = now + self._probe_interval_s
+
+    def _succeeded(self) -> None:
+        if not self._healthy:
+            log.info("governor_redis_back")
+        self._healthy = True
+        self._failing_since = None
+
+    # -- escalations -----------------------------------------------------------------------------
+
+    async def use_escalation(self, workspace_id: str, escalation_id: str, ttl_s: int) -> bool:
+        """SET NX EX: True the first time only, fleet-wide; False on any store fault (fails closed)."""
+        if not self._usable():
+            return False
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                first = await self._redis.set(escalation_key(workspace_id, escalation_id), "1", nx=True,
+                                              ex=max(1, int(ttl_s)))
+        except Exception as exc:
+            self._failed("use_escalation", exc)
+            return False
+        self._succeeded()
+        return bool(first)
