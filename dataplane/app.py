@@ -17,6 +17,8 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from dataplane.fleet import FleetView, run_fleet
+from dataplane.governor import RedisGovernor
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.embeddings import Embeddings
 from dataplane.ingress.messages import CountTokens, MessagesIngress
@@ -92,18 +94,24 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             spool.recovered = []
         # Every upstream connection re-checks its address against the SSRF policy (connect time).
         session = make_session(settings)
+        # Limits and budgets: Redis, with a local fallback sized by the fleet this worker hears.
+        fleet = FleetView()
+        governor = RedisGovernor(settings.redis_url, fleet.size, hold_ttl_s=settings.hold_ttl_s)
         app[PUBLISHER] = publisher
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
-                                           session=session)
+                                           session=session, governor=governor, fleet=fleet)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
             ("stale-report", store.report_staleness()),
             ("event-publisher", publisher.run()),
             ("refusal-counts", _flush_refusals(worker)),
+            ("governor", governor.run()),
+            ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet)),
         )]
         yield
         worker.refusals.flush(publisher)
+        await governor.close()  # settles what is queued, gives the leases back
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()

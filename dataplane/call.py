@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from dataplane.decisions import AgentContext, Target
+from dataplane.decisions import NO_KEY, AgentContext, KeyChoice, Target
 from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import VirtualKey
@@ -67,6 +67,7 @@ class Call:
     tools: tuple[str, ...] = ()
     max_tokens: int | None = None  # what the upstream will be told (after clamp or injection)
     input_bound: int = 0  # an upper bound on input tokens, for holds and token limits
+    provider_key: KeyChoice = NO_KEY  # the upstream credential (route stage)
     # governance
     verdict: Verdict | None = None
     hold_nanos: int = 0
@@ -167,6 +168,8 @@ class Call:
             hold_nanos=self.hold_nanos,
             decision=self.decision,
             endpoint=self.request.path,
+            provider_key_id=self.provider_key.key_id,
+            provider_key_source=self.provider_key.source,
         )
 
     def headers(self) -> dict[str, str]:

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from dataplane.edge import check_properties, check_text
-from schemas.entities import Provider, VirtualKey
+from schemas.entities import OPERATOR, Provider, ProviderKey, VirtualKey
 from schemas.errors import AuthenticationFailed, NotFound, PermissionDenied
 from schemas.snapshot import Snapshot
 
@@ -105,3 +105,55 @@ def resolve_model(snap: Snapshot, workspace_id: str, model: str) -> Target:
         raise NotFound(f"The model '{model}' does not exist: provider '{provider_name}' is not configured "
                        "for this workspace.", param="model")
     return Target(provider=provider, model=model_id)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChoice:
+    """The upstream credential a call uses: `key_id` (a ProviderKey id, or the provider's own id
+    for its inline key; None for a keyless provider), where it came from (`key`: the virtual
+    key's own choice; `workspace`: the workspace's BYO key; `operator`: a master key; `none`),
+    and its ciphertext. Events record the id and source, never the secret."""
+
+    key_id: str | None
+    source: str
+    ciphertext: str | None
+
+
+NO_KEY = KeyChoice(key_id=None, source="none", ciphertext=None)
+
+
+def _weighted(keys: tuple[ProviderKey, ...], pick: float) -> ProviderKey:
+    """The key `pick` (uniform in [0, 1)) lands on when keys share traffic by weight."""
+    if len(keys) == 1:
+        return keys[0]
+    total = sum(max(k.weight, 0) for k in keys)
+    if total <= 0:
+        return keys[0]
+    point = pick * total
+    for key in keys:
+        point -= max(key.weight, 0)
+        if point < 0:
+            return key
+    return keys[-1]
+
+
+def choose_provider_key(snap: Snapshot, vk: VirtualKey, provider: Provider, pick: float) -> KeyChoice:
+    """Master-key resolution, most specific first: the virtual key's own choice for this provider;
+    else the workspace's BYO keys for it (by weight), else the provider's inline key; else the
+    operator's master keys for its type (by weight); else no key (e.g. the built-in mock)."""
+    own = vk.provider_keys.get(provider.name)
+    if own is not None:
+        pk = snap.provider_keys.get(own)
+        if pk is not None and pk.workspace_id in (vk.workspace_id, OPERATOR) and pk.provider_type == provider.type:
+            return KeyChoice(pk.id, "key", pk.api_key_enc)
+    byo = snap.provider_keys_for.get((provider.workspace_id, provider.name))
+    if byo:
+        pk = _weighted(byo, pick)
+        return KeyChoice(pk.id, "workspace", pk.api_key_enc)
+    if provider.api_key_enc is not None:
+        return KeyChoice(provider.id, "workspace", provider.api_key_enc)
+    master = snap.master_keys.get((OPERATOR, provider.type))
+    if master:
+        pk = _weighted(master, pick)
+        return KeyChoice(pk.id, "operator", pk.api_key_enc)
+    return NO_KEY

@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from dataplane.call import Call
-from dataplane.decisions import Target, bearer_token, resolve_model
+from dataplane.decisions import bearer_token, resolve_model
 from dataplane.edge import check_model
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, secrets_of
@@ -28,7 +28,6 @@ from dataplane.pipeline import emit_once
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.stages.governance import input_bound
-from dataplane.state import WorkerState
 from dataplane.usage_estimate import RelayTap
 from schemas.entities import Provider
 from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest
@@ -142,14 +141,14 @@ class ModelCall:
         return True
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
-        plan, target, worker = call.plan, call.target, call.worker
+        plan, target = call.plan, call.target
         assert plan is not None and target is not None  # set by plan()
         adapter = adapter_for(target.provider.type)
         native = _native_route(adapter, plan, target.provider)
         body = plan.native_body if native and plan.native_body is not None else plan.body
         body["model"] = target.model
         # Client API headers (anthropic-version/-beta) only mean something to that API itself.
-        upstream = upstream_call(worker, target, body, include_usage=plan.include_usage,
+        upstream = upstream_call(call, body, include_usage=plan.include_usage,
                                  headers=plan.forward_headers if native else None)
         # Whatever a provider echoes, its key must not reach the client (native and translated alike).
         secrets = secrets_of(target.provider.type, upstream.api_key.reveal() if upstream.api_key else None)
@@ -182,14 +181,17 @@ class ModelCall:
         return priced_json(call, body_out)
 
 
-def upstream_call(worker: WorkerState, target: Target, body: dict[str, Any], *, include_usage: bool = False,
+def upstream_call(call: Call, body: dict[str, Any], *, include_usage: bool = False,
                   headers: dict[str, str] | None = None) -> UpstreamCall:
-    """The dispatch for `target`: its decrypted key, the shared session and the upstream timeout."""
+    """The dispatch for the call's target: the credential the route stage chose (decrypted), the
+    shared session and the upstream timeout."""
+    target, worker = call.target, call.worker
+    assert target is not None  # set by plan()
     return UpstreamCall(
         provider=target.provider,
         model=target.model,
         body=body,
-        api_key=worker.provider_key(target.provider.api_key_enc),
+        api_key=worker.provider_key(call.provider_key.ciphertext),
         session=worker.session,
         timeout_s=worker.settings.upstream_timeout_s,
         client_wants_usage=include_usage,

@@ -2,7 +2,8 @@
 embeddings, passthrough and models.
 
     ready -> authenticate -> agent context -> intake -> plan -> policy -> admit (limits + budget
-    hold, one Redis round trip) -> dispatch (adapt, call, relay) ... finish (settle, release, emit)
+    hold, one Redis round trip) -> route (upstream credential) -> dispatch (adapt, call, relay)
+    ... finish (settle, release, emit)
 
 `PIPELINE` is that list; a new capability (cache, route) is one more stage in it. An `Endpoint`
 supplies what differs between APIs: how its credential is read, how its body is taken in and
@@ -21,6 +22,7 @@ from aiohttp import web
 
 from dataplane.call import Call
 from dataplane.stages import access, governance
+from dataplane.stages.route import route
 from dataplane.state import WORKER, WorkerState
 from schemas.errors import GatewayError, InvalidValue
 from schemas.http import client_fault
@@ -75,6 +77,7 @@ PIPELINE: tuple[Stage, ...] = (
     _plan,
     governance.policy,
     governance.admit,
+    route,
     _dispatch,
 )
 

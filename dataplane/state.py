@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from dataplane.fleet import FleetView
 from dataplane.ports import EventSink, Governor, NoGovernor
 from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
@@ -22,6 +23,7 @@ class WorkerState:
     events: EventSink
     session: aiohttp.ClientSession
     governor: Governor = field(default_factory=NoGovernor)
+    fleet: FleetView = field(default_factory=FleetView)  # the live workers this one hears
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a

@@ -85,6 +85,26 @@ class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag=
         return self.options.get(name, "").strip().lower() in ("true", "1", "yes")
 
 
+# The workspace id of operator-level (master) provider keys: they serve every workspace that has
+# no key of its own for that provider.
+OPERATOR = "_operator"
+
+
+class ProviderKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="pkey"):
+    """One upstream credential, encrypted (`api_key_enc`, Fernet). A workspace's BYO key names
+    its provider by `provider_name`; an operator-level key (`workspace_id == OPERATOR`) serves
+    every workspace's providers of `provider_type` that have no key of their own. Several keys
+    for one provider share its traffic by `weight`."""
+
+    id: str
+    workspace_id: str
+    provider_type: ProviderKind
+    provider_name: str = ""
+    api_key_enc: str
+    weight: int = 1
+    name: str = ""
+
+
 class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="vk"):
     """A client credential, stored only as a keyed hash. KV key: `vk.<key_hash>`."""
 
@@ -101,6 +121,9 @@ class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     providers_allow: tuple[str, ...] = ()
     # Epoch ms after which the key no longer authenticates (rotation overlap, or an expiry).
     expires_at_ms: int | None = None
+    # Provider name -> ProviderKey id: this key's own choice of upstream credential (it overrides
+    # the workspace's and the operator's keys for that provider).
+    provider_keys: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Budget(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="budget"):
@@ -203,8 +226,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     ts_ms: int
 
 
-ConfigEntity = (Workspace | Department | Member | Agent | Provider | VirtualKey | ModelAlias | PriceOverride | Budget
-                | Limit | Policy | EscalationGrant | Heartbeat)
+ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
+                | PriceOverride | Budget | Limit | Policy | EscalationGrant | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -69,6 +69,10 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     decision: str = "allow"
     # The route (e.g. "/v1/chat/completions") the call came in on.
     endpoint: str = ""
+    # The upstream credential used (a ProviderKey id, or the provider's id for its inline key) and
+    # where it came from: key | workspace | operator | none. Never the secret.
+    provider_key_id: str | None = None
+    provider_key_source: str = "none"
 
 
 class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):

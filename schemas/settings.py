@@ -74,6 +74,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A batch not acked within this window (its projector died) is redelivered to another one.
     projector_ack_wait_s: float = 30.0
     log_level: str = "info"
+    # -- governance ----------------------------------------------------------------------------------
+    # A budget hold not settled within this (its worker died) expires and is swept.
+    hold_ttl_s: float = 120.0
     # Hosts, IPs or CIDRs that provider base URLs may point at although they are private (SSRF guard).
     ssrf_allow: str = ""
     # -- event durability (spool, publisher, projector) -------------------------------------------

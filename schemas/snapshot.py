@@ -37,6 +37,7 @@ from schemas.entities import (
     Policy,
     PriceOverride,
     Provider,
+    ProviderKey,
     VirtualKey,
     Workspace,
 )
@@ -65,6 +66,10 @@ INDEXES: tuple[Index, ...] = (
     Index(Member, "members", _by_id),
     Index(Agent, "agents", _by_id),
     Index(Provider, "providers", attrgetter("workspace_id", "name")),
+    Index(ProviderKey, "provider_keys", _by_id),
+    # BYO keys by (workspace, provider name); operator keys by (OPERATOR, "") per type below.
+    Index(ProviderKey, "provider_keys_for", attrgetter("workspace_id", "provider_name"), grouped=True),
+    Index(ProviderKey, "master_keys", attrgetter("workspace_id", "provider_type"), grouped=True),
     Index(ModelAlias, "aliases", attrgetter("workspace_id", "alias")),
     Index(PriceOverride, "prices", attrgetter("provider", "model")),
     Index(EscalationGrant, "escalations", _by_id),
@@ -94,6 +99,9 @@ class Snapshot:
     members: Mapping[str, Member]
     agents: Mapping[str, Agent]
     providers: Mapping[tuple[str, str], Provider]
+    provider_keys: Mapping[str, ProviderKey]
+    provider_keys_for: Mapping[tuple[str, str], tuple[ProviderKey, ...]]
+    master_keys: Mapping[tuple[str, str], tuple[ProviderKey, ...]]
     aliases: Mapping[tuple[str, str], ModelAlias]
     prices: Mapping[tuple[str, str], PriceOverride]
     escalations: Mapping[str, EscalationGrant]

@@ -204,7 +204,7 @@ class Embeddings:
             raise InvalidRequest(f"Provider '{target.provider.name}' (type '{target.provider.type}') does "
                                  "not serve embeddings through this gateway.", param="model",
                                  code="embeddings_not_supported")
-        result = await embed(upstream_call(call.worker, target, {**raw, "model": target.model}))
+        result = await embed(upstream_call(call, {**raw, "model": target.model}))
         call.usage = result.usage
         note_disconnect(call.request, call)
         wanted: EncodingFormat = raw.get("encoding_format") or "float"

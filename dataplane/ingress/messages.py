@@ -162,7 +162,7 @@ class CountTokens:
     async def dispatch(self, call: Call) -> web.StreamResponse:
         target, raw = call.target, call.raw
         assert target is not None and isinstance(raw, dict)
-        upstream = upstream_call(call.worker, target, {**raw, "model": target.model},
+        upstream = upstream_call(call, {**raw, "model": target.model},
                                  headers=forward_headers(call.request.headers))
         counted = await MessagesIngress().count_tokens(raw, adapter_for(target.provider.type), upstream)
         return web.json_response(counted, headers=call.headers())

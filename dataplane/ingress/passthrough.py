@@ -544,7 +544,7 @@ class Passthrough:
             query = drop_query_param(query, "key")
         url = upstream_url(provider, rest, query)
         body = call.body_bytes
-        api_key = worker.provider_key(provider.api_key_enc)
+        api_key = worker.provider_key(call.provider_key.ciphertext)
         key = api_key.reveal() if api_key else None
         headers = upstream_headers(request.headers.items(), provider, key, method=request.method, url=url,
                                    body=body, now=datetime.now(UTC))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,13 +12,16 @@ from multidict import CIMultiDict
 
 from dataplane.decisions import (
     MAX_HEADER_ID_LEN,
+    NO_KEY,
     AgentContext,
+    KeyChoice,
     agent_context,
     authenticate,
     bearer_token,
+    choose_provider_key,
     resolve_model,
 )
-from schemas.entities import ConfigEntity, ModelAlias, Provider, VirtualKey, Workspace, kv_key
+from schemas.entities import OPERATOR, ConfigEntity, ModelAlias, Provider, ProviderKey, VirtualKey, Workspace, kv_key
 from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound, PermissionDenied
 from schemas.keys import KeyRing
 from schemas.settings import Secret
@@ -221,3 +225,50 @@ def test_malformed_model_name_is_404(model: str) -> None:
         resolve_model(SNAP, "ws_1", model)
     assert info.value.code == "model_not_found"
     assert info.value.param == "model"
+
+
+# --- master-key resolution -----------------------------------------------------------------------
+
+OPENAI = Provider(id="ws_1.openai", workspace_id="ws_1", name="openai", type="openai")
+MASTER_A = ProviderKey(id="pk_ma", workspace_id=OPERATOR, provider_type="openai", api_key_enc="ma", weight=3)
+MASTER_B = ProviderKey(id="pk_mb", workspace_id=OPERATOR, provider_type="openai", api_key_enc="mb", weight=1)
+BYO = ProviderKey(id="pk_byo", workspace_id="ws_1", provider_type="openai", provider_name="openai",
+                  api_key_enc="byo")
+OTHER_WS = ProviderKey(id="pk_other", workspace_id="ws_2", provider_type="openai", provider_name="openai",
+                       api_key_enc="other")
+KEY_VK = VirtualKey(id="vk_1", workspace_id="ws_1", key_hash="h")
+
+
+def _keys_snap(*keys: ProviderKey) -> Snapshot:
+    return Snapshot.build({kv_key(k): k for k in keys}, 1)
+
+
+def test_master_key_serves_a_workspace_without_its_own() -> None:
+    choice = choose_provider_key(_keys_snap(MASTER_A), KEY_VK, OPENAI, 0.5)
+    assert (choice.key_id, choice.source, choice.ciphertext) == ("pk_ma", "operator", "ma")
+
+
+def test_master_keys_share_by_weight() -> None:
+    snap = _keys_snap(MASTER_A, MASTER_B)
+    picks = [choose_provider_key(snap, KEY_VK, OPENAI, i / 100).key_id for i in range(100)]
+    assert picks.count("pk_ma") == 75 and picks.count("pk_mb") == 25
+
+
+def test_workspace_byo_key_overrides_the_master_and_the_inline_key() -> None:
+    inline = msgspec.structs.replace(OPENAI, api_key_enc="inline")
+    assert choose_provider_key(_keys_snap(MASTER_A, BYO), KEY_VK, inline, 0.1).key_id == "pk_byo"
+    assert choose_provider_key(_keys_snap(MASTER_A), KEY_VK, inline, 0.1) == KeyChoice("ws_1.openai", "workspace",
+                                                                                      "inline")
+
+
+def test_the_virtual_keys_choice_overrides_both_but_only_within_its_workspace() -> None:
+    snap = _keys_snap(MASTER_A, BYO, MASTER_B, OTHER_WS)
+    mine = msgspec.structs.replace(KEY_VK, provider_keys={"openai": "pk_mb"})
+    assert choose_provider_key(snap, mine, OPENAI, 0.1) == KeyChoice("pk_mb", "key", "mb")
+    theirs = msgspec.structs.replace(KEY_VK, provider_keys={"openai": "pk_other"})
+    assert choose_provider_key(snap, theirs, OPENAI, 0.1).key_id == "pk_byo"  # another workspace's key: ignored
+
+
+def test_no_key_anywhere_is_no_key() -> None:
+    mock = Provider(id="ws_1.mock", workspace_id="ws_1", name="mock", type="mock")
+    assert choose_provider_key(_keys_snap(MASTER_A), KEY_VK, mock, 0.1) == NO_KEY

@@ -11,6 +11,7 @@ from structlog.testing import capture_logs
 
 from dataplane.snapshot import _apply
 from schemas.entities import (
+    OPERATOR,
     Agent,
     Budget,
     ConfigEntity,
@@ -23,6 +24,7 @@ from schemas.entities import (
     Policy,
     PriceOverride,
     Provider,
+    ProviderKey,
     VirtualKey,
     Workspace,
     entity_encoder,
@@ -46,8 +48,10 @@ BUDGET_DAY = Budget(id="bud_0", workspace_id="ws_1", scope="agent", scope_id="ag
                     limit_nanos=10**8)
 LIMIT = Limit(id="lim_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1", rpm=60)
 POLICY = Policy(id="pol_1", workspace_id="ws_1", scope="department", scope_id="dept_1", models_deny=("*gpt*",))
+BYO_KEY = ProviderKey(id="pk_1", workspace_id="ws_1", provider_type="mock", provider_name="mock", api_key_enc="c1")
+MASTER_KEY = ProviderKey(id="pk_0", workspace_id=OPERATOR, provider_type="openai", api_key_enc="c0")
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
-                           LIMIT, POLICY]
+                           LIMIT, POLICY, BYO_KEY, MASTER_KEY]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
@@ -68,6 +72,9 @@ def test_build_indexes_every_kind() -> None:
     assert snap.prices == {("mock", "echo"): PRICE}
     assert snap.heartbeat_ms == BEAT.ts_ms
     assert snap.departments == {"dept_1": DEPT}
+    assert snap.provider_keys == {"pk_1": BYO_KEY, "pk_0": MASTER_KEY}
+    assert snap.provider_keys_for[("ws_1", "mock")] == (BYO_KEY,)
+    assert snap.master_keys[(OPERATOR, "openai")] == (MASTER_KEY,)
     assert snap.members == {"mem_1": MEMBER}
     assert snap.escalations == {"esc_1": GRANT}
     assert snap.budgets_by_id == {"bud_1": BUDGET, "bud_0": BUDGET_DAY}
