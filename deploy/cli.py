@@ -5,10 +5,13 @@
     alephant controlplane   the admin API and the config-snapshot publisher
     alephant projector      folds the event stream into the Postgres ledgers
     alephant migrate        Postgres migrations + JetStream stream + config bucket (idempotent)
-    alephant workspaces|agents|providers|keys|aliases|prices|runs|ledger ...   admin commands
+    alephant workspaces|departments|members|agents|providers|keys|aliases|prices|budgets|limits|
+             policies|escalations|decisions|models|runs|ledger ...   admin commands
+    alephant fleet          the data-plane workers and the config revision each has applied
 
-Admin commands talk to the admin API at ALEPHANT_ADMIN_URL with ALEPHANT_ADMIN_TOKEN; when those
-are unset they read `.alephant/demo.env`, so they work against `make run` out of the box.
+Admin commands (deploy/admin_cli.py) talk to the admin API at ALEPHANT_ADMIN_URL with
+ALEPHANT_ADMIN_TOKEN; when those are unset they read `.alephant/demo.env`, so they work against
+`make run` out of the box. Changes print their snapshot revision; `--wait` waits for the fleet.
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
-from schemas.entities import ProviderKind
+from deploy.admin_cli import add_admin_commands
 from schemas.settings import Settings, SettingsError, load_settings
 
 
@@ -173,139 +175,6 @@ Try it:
 Ctrl-C stops everything.""", flush=True)
 
 
-# ---- admin commands ----------------------------------------------------------------------------
-
-def _admin(args: argparse.Namespace) -> Any:
-    from deploy.stack import AdminClient, read_env_file
-
-    demo = read_env_file(Path(args.state_dir) / "demo.env")
-    url = os.environ.get("ALEPHANT_ADMIN_URL") or demo.get("ALEPHANT_ADMIN_URL")
-    token = os.environ.get("ALEPHANT_ADMIN_TOKEN") or demo.get("ALEPHANT_ADMIN_TOKEN")
-    if not url or not token:
-        sys.exit("alephant: set ALEPHANT_ADMIN_URL and ALEPHANT_ADMIN_TOKEN (or start `alephant dev`, "
-                 "which writes them to .alephant/demo.env)")
-    return AdminClient(url, token)
-
-
-def _default_ws(args: argparse.Namespace) -> str:
-    ws: str | None = getattr(args, "workspace", None) or os.environ.get("ALEPHANT_WORKSPACE")
-    return ws or "demo"
-
-
-def _admin_call(method: str, path: Callable[[argparse.Namespace], str],
-                body: Callable[[argparse.Namespace], Any] | None = None) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        from deploy.stack import AdminError
-
-        try:
-            result = _admin(args).call(method, path(args), body(args) if body else None)
-        except AdminError as exc:
-            sys.exit(f"alephant: {exc}")
-        except OSError as exc:
-            sys.exit(f"alephant: cannot reach the admin API: {exc}")
-        print(json.dumps(result, indent=2))
-        if isinstance(result, dict) and result.get("propagated") is False:
-            print("alephant: saved, but not yet propagated to the workers (NATS unreachable); the control plane "
-                  "keeps retrying. Do not repeat the command.", file=sys.stderr)
-
-    return run
-
-
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def _add_admin_commands(sub: Any) -> None:
-    def group(name: str, help_text: str) -> Any:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        return p.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-    def leaf(parent: Any, name: str, help_text: str, fn: Callable[[argparse.Namespace], None],
-             ws: bool = True) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
-        if ws:
-            p.add_argument("--workspace", "-w", help="workspace id (default: $ALEPHANT_WORKSPACE or 'demo')")
-        p.set_defaults(fn=fn)
-        return p
-
-    g = group("workspaces", "Create and list workspaces")
-    p = leaf(g, "create", "Create a workspace", _admin_call("POST", lambda a: "/admin/v1/workspaces",
-             lambda a: _drop_none({"name": a.name, "id": a.id})), ws=False)
-    p.add_argument("name")
-    p.add_argument("--id")
-    leaf(g, "list", "List workspaces", _admin_call("GET", lambda a: "/admin/v1/workspaces"), ws=False)
-
-    g = group("agents", "Register and list agents")
-    p = leaf(g, "create", "Register an agent", _admin_call("POST", lambda a: "/admin/v1/agents",
-             lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "id": a.id})))
-    p.add_argument("name")
-    p.add_argument("--id")
-    leaf(g, "list", "List agents", _admin_call("GET", lambda a: f"/admin/v1/agents?workspace_id={_default_ws(a)}"))
-
-    g = group("providers", "Configure upstream providers (keys are encrypted at rest)")
-    p = leaf(g, "set", "Create or replace a provider", _admin_call("POST", lambda a: "/admin/v1/providers",
-             lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "type": a.type,
-                                   "base_url": a.base_url, "api_key": a.api_key_from_env and
-                                   os.environ.get(a.api_key_from_env),
-                                   "options": dict(o.split("=", 1) for o in a.option) or None})))
-    p.add_argument("name", help="the name clients use as the model prefix, e.g. 'openai' in openai/gpt-4o")
-    p.add_argument("--type", required=True, choices=list(get_args(ProviderKind)))
-    p.add_argument("--base-url")
-    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="type-specific setting, e.g. api_version=2024-10-21 (azure), region=us-east-1 (bedrock)")
-    p.add_argument("--api-key-from-env", metavar="VAR",
-                   help="read the provider key from this environment variable (never pass keys as arguments)")
-    leaf(g, "list", "List providers",
-         _admin_call("GET", lambda a: f"/admin/v1/providers?workspace_id={_default_ws(a)}"))
-
-    g = group("keys", "Virtual keys for clients")
-    p = leaf(g, "create", "Create a virtual key (the key is printed once)",
-             _admin_call("POST", lambda a: "/admin/v1/virtual-keys",
-                         lambda a: _drop_none({"workspace_id": _default_ws(a), "name": a.name, "agent_id": a.agent})))
-    p.add_argument("--name", default="")
-    p.add_argument("--agent", help="bind the key to one agent id")
-    leaf(g, "list", "List virtual keys",
-         _admin_call("GET", lambda a: f"/admin/v1/virtual-keys?workspace_id={_default_ws(a)}"))
-    p = leaf(g, "revoke", "Revoke a key fleet-wide",
-             _admin_call("POST", lambda a: f"/admin/v1/virtual-keys/{a.id}/revoke"), ws=False)
-    p.add_argument("id")
-
-    g = group("aliases", "Model aliases")
-    p = leaf(g, "set", "Point an alias at provider/model", _admin_call("POST", lambda a: "/admin/v1/model-aliases",
-             lambda a: {"workspace_id": _default_ws(a), "alias": a.alias, "target": a.target}))
-    p.add_argument("alias")
-    p.add_argument("target", help="provider/model_id")
-    leaf(g, "list", "List aliases",
-         _admin_call("GET", lambda a: f"/admin/v1/model-aliases?workspace_id={_default_ws(a)}"))
-
-    g = group("prices", "Operator price overrides (integer nano-USD per million tokens)")
-    p = leaf(g, "set", "Set the price of provider/model", _admin_call("POST", lambda a: "/admin/v1/prices",
-             lambda a: _drop_none({"provider": a.provider, "model": a.model,
-                                   "input_per_mtok_nanos": a.input, "output_per_mtok_nanos": a.output,
-                                   "cache_read_per_mtok_nanos": a.cache_read})), ws=False)
-    p.add_argument("provider")
-    p.add_argument("model")
-    p.add_argument("--input", type=int, required=True, help="nano-USD per million input tokens ($2.50 = 2500000000)")
-    p.add_argument("--output", type=int, required=True, help="nano-USD per million output tokens")
-    p.add_argument("--cache-read", type=int)
-    leaf(g, "list", "List price overrides", _admin_call("GET", lambda a: "/admin/v1/prices"), ws=False)
-
-    g = group("models", "The model catalog")
-    leaf(g, "list", "Models the workspace's keys may call, with context windows",
-         _admin_call("GET", lambda a: f"/admin/v1/models?workspace_id={_default_ws(a)}"))
-    leaf(g, "catalog", "Provider types and the models known for each",
-         _admin_call("GET", lambda a: "/admin/v1/catalog"), ws=False)
-
-    g = group("runs", "Agent runs: cost and usage from the ledger")
-    p = leaf(g, "get", "Cost and usage of one run", _admin_call("GET", lambda a: f"/admin/v1/runs/{a.run_id}"),
-             ws=False)
-    p.add_argument("run_id")
-
-    g = group("ledger", "The double-entry ledger")
-    leaf(g, "balance", "Debits and credits per currency",
-         _admin_call("GET", lambda a: "/admin/v1/ledger/balance"), ws=False)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alephant", description="Alephant Gateway: an agentic finance gateway for LLM calls.",
@@ -339,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         fn=cmd_projector)
     sub.add_parser("migrate", help="apply Postgres migrations and create the stream and config bucket",
                    description="Idempotent; safe to run on every deploy.").set_defaults(fn=cmd_migrate)
-    _add_admin_commands(sub)
+    add_admin_commands(sub)
     return parser
 
 

@@ -1,0 +1,375 @@
+"""`alephant <group> <action>`: the admin commands, one thin call each to the admin API.
+
+Every command prints the API's JSON answer on stdout. A change (POST, PATCH, DELETE) also says on
+stderr which config `snapshot_revision` it produced; with `--wait` it then polls
+`GET /admin/v1/fleet` until every live data-plane worker has applied that revision (or
+`--wait-timeout` passes: exit status 1), so a script can act on the change knowing the whole fleet
+enforces it.
+
+The admin API is ALEPHANT_ADMIN_URL with ALEPHANT_ADMIN_TOKEN; when those are unset, the
+`<state-dir>/demo.env` that `alephant dev` writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO, get_args
+
+from deploy.stack import AdminClient, AdminError, read_env_file
+from schemas.entities import SCOPES, BudgetPeriod, ProviderKind
+
+Args = argparse.Namespace
+Path_ = Callable[[Args], str]
+Body = Callable[[Args], Any]
+
+WAIT_TIMEOUT_S = 30.0
+WAIT_POLL_S = 0.2
+
+
+def admin_client(args: Args) -> AdminClient:
+    demo = read_env_file(Path(args.state_dir) / "demo.env")
+    url = os.environ.get("ALEPHANT_ADMIN_URL") or demo.get("ALEPHANT_ADMIN_URL")
+    token = os.environ.get("ALEPHANT_ADMIN_TOKEN") or demo.get("ALEPHANT_ADMIN_TOKEN")
+    if not url or not token:
+        sys.exit("alephant: set ALEPHANT_ADMIN_URL and ALEPHANT_ADMIN_TOKEN (or start `alephant dev`, "
+                 "which writes them to .alephant/demo.env)")
+    return AdminClient(url, token)
+
+
+def default_ws(args: Args) -> str:
+    ws: str | None = getattr(args, "workspace", None) or os.environ.get("ALEPHANT_WORKSPACE")
+    return ws or "demo"
+
+
+def drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def wait_for_fleet(client: AdminClient, revision: int, timeout_s: float, out: TextIO = sys.stderr,
+                   poll_s: float = WAIT_POLL_S) -> bool:
+    """Poll the fleet until at least one worker is live and every live worker's `applied_revision`
+    is >= `revision`. Prints progress on `out` when it changes; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    said = ""
+    while True:
+        workers: list[dict[str, Any]] = client.call("GET", "/admin/v1/fleet")["workers"]
+        behind = [w for w in workers if w["applied_revision"] < revision]
+        done = len(workers) - len(behind)
+        if workers and not behind:
+            print(f"alephant: revision {revision} applied by {done}/{len(workers)} workers", file=out, flush=True)
+            return True
+        line = (f"alephant: waiting for revision {revision}: {done}/{len(workers)} workers applied"
+                if workers else "alephant: waiting for a data-plane worker to report")
+        if line != said:
+            print(line, file=out, flush=True)
+            said = line
+        if time.monotonic() >= deadline:
+            lagging = ", ".join(f"{w['host']}:{w['pid']} at {w['applied_revision']}" for w in behind) or "none live"
+            print(f"alephant: timed out after {timeout_s:g} s waiting for revision {revision} ({lagging})", file=out)
+            return False
+        time.sleep(poll_s)
+
+
+def admin_call(method: str, path: Path_, body: Body | None = None, *, change: bool | None = None) -> Callable[
+        [Args], None]:
+    """The command that sends `method path` (with `body(args)`) and prints the answer. A `change`
+    (default: any method but GET) reports its snapshot revision and honours `--wait`."""
+    is_change = method != "GET" if change is None else change
+
+    def run(args: Args) -> None:
+        client = admin_client(args)
+        try:
+            result = client.call(method, path(args), body(args) if body else None)
+            print(json.dumps(result, indent=2))
+            if is_change and isinstance(result, dict):
+                _after_change(client, result, args)
+        except AdminError as exc:
+            sys.exit(f"alephant: {exc}")
+        except OSError as exc:
+            sys.exit(f"alephant: cannot reach the admin API: {exc}")
+
+    return run
+
+
+def _after_change(client: AdminClient, result: dict[str, Any], args: Args) -> None:
+    if result.get("propagated") is False:
+        print("alephant: saved, but not yet propagated to the workers (NATS unreachable); the control plane "
+              "keeps retrying. Do not repeat the command.", file=sys.stderr)
+    revision = result.get("snapshot_revision")
+    if revision is not None:
+        print(f"alephant: snapshot revision {revision}", file=sys.stderr)
+    if not getattr(args, "wait", False):
+        return
+    if not isinstance(revision, int):
+        sys.exit("alephant: --wait: the change has no snapshot revision yet (not propagated); "
+                 "check `alephant fleet` later")
+    if not wait_for_fleet(client, revision, args.wait_timeout):
+        sys.exit(1)
+
+
+def read_json_arg(value: str) -> Any:
+    """A JSON value given inline, or `@path` to read it from a file (`@-`: stdin)."""
+    text = value
+    if value.startswith("@"):
+        text = sys.stdin.read() if value == "@-" else Path(value[1:]).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def _pairs(items: list[str]) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in items)
+
+
+class Commands:
+    """Builds the admin subcommand tree: `group(...)` then `leaf(...)` per action."""
+
+    def __init__(self, sub: Any) -> None:
+        self._sub = sub
+
+    def group(self, name: str, help_text: str) -> Any:
+        p = self._sub.add_parser(name, help=help_text, description=help_text)
+        return p.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    @staticmethod
+    def leaf(parent: Any, name: str, help_text: str, method: str, path: Path_, body: Body | None = None, *,
+             ws: bool = True, change: bool | None = None) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, description=help_text)
+        if ws:
+            p.add_argument("--workspace", "-w", help="workspace id (default: $ALEPHANT_WORKSPACE or 'demo')")
+        if method != "GET" if change is None else change:
+            p.add_argument("--wait", action="store_true",
+                           help="after the change, wait until every live data-plane worker has applied it")
+            p.add_argument("--wait-timeout", type=float, default=WAIT_TIMEOUT_S, metavar="SECONDS",
+                           help=f"give up waiting after this long, exit status 1 (default {WAIT_TIMEOUT_S:g})")
+        p.set_defaults(fn=admin_call(method, path, body, change=change))
+        return p
+
+    def crud_tail(self, g: Any, path: str, noun: str, *, get: bool = True, ws_list: bool = True) -> None:
+        """`list`, `get ID`, `delete ID` and a generic `patch ID --set field=JSON` for one kind."""
+        base = f"/admin/v1/{path}"
+        if ws_list:
+            self.leaf(g, "list", f"List {noun}s", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
+        else:
+            self.leaf(g, "list", f"List {noun}s", "GET", lambda a: base, ws=False)
+        if get:
+            self.leaf(g, "get", f"Get a {noun}", "GET", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+        p = self.leaf(g, "patch", f"Change fields of a {noun} (validated as on create)", "PATCH",
+                      lambda a: f"{base}/{a.id}", lambda a: {k: read_json_arg(v) for k, v in _pairs(a.set).items()},
+                      ws=False)
+        p.add_argument("id")
+        p.add_argument("--set", action="append", default=[], required=True, metavar="FIELD=JSON",
+                       help='a field and its JSON value, e.g. --set name=\'"Platform"\' or --set rpm=null')
+        self.leaf(g, "delete", f"Delete a {noun}", "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+
+
+def add_scope(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scope", required=True, choices=list(SCOPES), help="what the rule attaches to")
+    p.add_argument("--scope-id", required=True, help="the id of that workspace, department, member, agent or key")
+
+
+def add_admin_commands(sub: Any) -> None:
+    """Register every admin group on the top-level `alephant` subparsers."""
+    cmds = Commands(sub)
+    leaf = cmds.leaf
+
+    g = cmds.group("workspaces", "Create and list workspaces")
+    p = leaf(g, "create", "Create a workspace", "POST", lambda a: "/admin/v1/workspaces",
+             lambda a: drop_none({"name": a.name, "id": a.id}), ws=False)
+    p.add_argument("name")
+    p.add_argument("--id")
+    cmds.crud_tail(g, "workspaces", "workspace", ws_list=False)
+
+    g = cmds.group("departments", "Departments: groups of members, agents and keys that budgets and policies "
+                   "can target")
+    p = leaf(g, "create", "Create a department", "POST", lambda a: "/admin/v1/departments",
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "id": a.id}))
+    p.add_argument("name")
+    p.add_argument("--id")
+    cmds.crud_tail(g, "departments", "department")
+
+    g = cmds.group("members", "Members: the people agents and keys act for")
+    p = leaf(g, "create", "Create a member", "POST", lambda a: "/admin/v1/members",
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "department_id": a.department,
+                                  "email": a.email, "id": a.id}))
+    p.add_argument("name")
+    p.add_argument("--department", metavar="ID", help="the member's department id")
+    p.add_argument("--email")
+    p.add_argument("--id")
+    cmds.crud_tail(g, "members", "member")
+
+    g = cmds.group("agents", "Register and list agents")
+    p = leaf(g, "create", "Register an agent", "POST", lambda a: "/admin/v1/agents",
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "id": a.id}))
+    p.add_argument("name")
+    p.add_argument("--id")
+    cmds.crud_tail(g, "agents", "agent")
+
+    g = cmds.group("providers", "Configure upstream providers (keys are encrypted at rest)")
+    p = leaf(g, "set", "Create or replace a provider", "POST", lambda a: "/admin/v1/providers",
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "type": a.type,
+                                  "base_url": a.base_url, "api_key": a.api_key_from_env and
+                                  os.environ.get(a.api_key_from_env), "options": _pairs(a.option) or None}))
+    p.add_argument("name", help="the name clients use as the model prefix, e.g. 'openai' in openai/gpt-4o")
+    p.add_argument("--type", required=True, choices=list(get_args(ProviderKind)))
+    p.add_argument("--base-url")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="type-specific setting, e.g. api_version=2024-10-21 (azure), region=us-east-1 (bedrock)")
+    p.add_argument("--api-key-from-env", metavar="VAR",
+                   help="read the provider key from this environment variable (never pass keys as arguments)")
+    cmds.crud_tail(g, "providers", "provider")
+
+    g = cmds.group("keys", "Virtual keys for clients")
+    p = leaf(g, "create", "Create a virtual key (the key is printed once)", "POST",
+             lambda a: "/admin/v1/virtual-keys",
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "agent_id": a.agent,
+                                  "department_id": a.department, "member_id": a.member}))
+    p.add_argument("--name", default="")
+    p.add_argument("--agent", help="bind the key to one agent id")
+    p.add_argument("--department", metavar="ID", help="the department the key's spend counts against")
+    p.add_argument("--member", metavar="ID", help="the member the key acts for")
+    leaf(g, "revoke", "Revoke a key fleet-wide", "POST", lambda a: f"/admin/v1/virtual-keys/{a.id}/revoke",
+         ws=False).add_argument("id")
+    cmds.crud_tail(g, "virtual-keys", "virtual key")
+
+    g = cmds.group("aliases", "Model aliases")
+    p = leaf(g, "set", "Point an alias at provider/model", "POST", lambda a: "/admin/v1/model-aliases",
+             lambda a: {"workspace_id": default_ws(a), "alias": a.alias, "target": a.target})
+    p.add_argument("alias")
+    p.add_argument("target", help="provider/model_id")
+    cmds.crud_tail(g, "model-aliases", "alias")
+
+    g = cmds.group("prices", "Operator price overrides (integer nano-USD per million tokens)")
+    p = leaf(g, "set", "Set the price of provider/model", "POST", lambda a: "/admin/v1/prices",
+             lambda a: drop_none({"provider": a.provider, "model": a.model, "input_per_mtok_nanos": a.input,
+                                  "output_per_mtok_nanos": a.output, "cache_read_per_mtok_nanos": a.cache_read}),
+             ws=False)
+    p.add_argument("provider")
+    p.add_argument("model")
+    p.add_argument("--input", type=int, required=True, help="nano-USD per million input tokens ($2.50 = 2500000000)")
+    p.add_argument("--output", type=int, required=True, help="nano-USD per million output tokens")
+    p.add_argument("--cache-read", type=int)
+    cmds.crud_tail(g, "prices", "price override", ws_list=False)
+
+    _governance(cmds)
+
+    g = cmds.group("models", "The model catalog")
+    leaf(g, "list", "Models the workspace's keys may call, with context windows", "GET",
+         lambda a: f"/admin/v1/models?workspace_id={default_ws(a)}")
+    leaf(g, "catalog", "Provider types and the models known for each", "GET", lambda a: "/admin/v1/catalog",
+         ws=False)
+
+    g = cmds.group("runs", "Agent runs: cost and usage from the ledger")
+    leaf(g, "get", "Cost and usage of one run", "GET", lambda a: f"/admin/v1/runs/{a.run_id}",
+         ws=False).add_argument("run_id")
+
+    g = cmds.group("ledger", "The double-entry ledger")
+    leaf(g, "balance", "Debits and credits per currency", "GET", lambda a: "/admin/v1/ledger/balance", ws=False)
+
+    help_text = "Data-plane workers heard in the last 30 s and the config revision each has applied"
+    sub.add_parser("fleet", help=help_text, description=help_text).set_defaults(
+        fn=admin_call("GET", lambda a: "/admin/v1/fleet"))
+
+
+def _governance(cmds: Commands) -> None:
+    """Budgets, limits, policies, escalations and the policy dry run."""
+    leaf = cmds.leaf
+
+    g = cmds.group("budgets", "Spend budgets per period (USD as decimal strings, e.g. 1.00)")
+    p = leaf(g, "create", "Create a budget", "POST", lambda a: "/admin/v1/budgets",
+             lambda a: drop_none({"workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
+                                  "period": a.period, "limit_usd": a.limit_usd, "timezone": a.timezone,
+                                  "alert_at": a.alert_at or None, "id": a.id}))
+    add_scope(p)
+    p.add_argument("--period", required=True, choices=list(get_args(BudgetPeriod)))
+    p.add_argument("--limit-usd", required=True, metavar="USD", help="e.g. 1.00 (a decimal string, never a float)")
+    p.add_argument("--timezone", help="where the period's days begin (IANA name; default UTC)")
+    p.add_argument("--alert-at", type=int, action="append", metavar="PERCENT",
+                   help="emit budget.alert when spend crosses this percent (repeatable, e.g. 50 --alert-at 90)")
+    p.add_argument("--id")
+    p = leaf(g, "update", "Change a budget's limit, alerts or time zone", "PATCH",
+             lambda a: f"/admin/v1/budgets/{a.id}",
+             lambda a: drop_none({"limit_usd": a.limit_usd, "alert_at": a.alert_at, "timezone": a.timezone}),
+             ws=False)
+    p.add_argument("id")
+    p.add_argument("--limit-usd", metavar="USD")
+    p.add_argument("--alert-at", type=int, action="append", metavar="PERCENT")
+    p.add_argument("--timezone")
+    cmds.crud_tail(g, "budgets", "budget (get shows spent, held and remaining)")
+
+    g = cmds.group("limits", "Rate and concurrency limits (requests and tokens per minute / day)")
+    p = leaf(g, "create", "Create a limit (at least one of the rates)", "POST", lambda a: "/admin/v1/limits",
+             lambda a: drop_none({"workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
+                                  "rpm": a.rpm, "rpd": a.rpd, "tpm": a.tpm, "tpd": a.tpd,
+                                  "concurrency": a.concurrency, "id": a.id}))
+    add_scope(p)
+    for name, what in (("rpm", "requests per minute"), ("rpd", "requests per day"), ("tpm", "tokens per minute"),
+                       ("tpd", "tokens per day"), ("concurrency", "calls in flight at once")):
+        p.add_argument(f"--{name}", type=int, help=what)
+    p.add_argument("--id")
+    cmds.crud_tail(g, "limits", "limit")
+
+    g = cmds.group("policies", "What calls may do: models, tools, endpoints, hours, token and cost caps")
+    p = leaf(g, "create", "Create a policy (globs like 'openai/gpt-4o*'; repeat a flag for several)", "POST",
+             lambda a: "/admin/v1/policies", _policy_body)
+    add_scope(p)
+    for flag, what in (("models-allow", "models allowed"), ("models-deny", "models denied"),
+                       ("tools-allow", "tool names allowed"), ("tools-deny", "tool names denied"),
+                       ("endpoints-allow", "endpoints allowed, e.g. /v1/chat/*")):
+        p.add_argument(f"--{flag}", action="append", metavar="GLOB", help=f"{what} (repeatable)")
+    p.add_argument("--tool-action", choices=["deny", "strip"], help="a denied tool refuses the call or is removed")
+    p.add_argument("--window", action="append", type=read_json_arg, metavar="JSON",
+                   help='hours calls are allowed, e.g. \'{"days": [0,1,2,3,4], "start": "08:00", "end": "18:00", '
+                        '"timezone": "Europe/Paris"}\' (repeatable)')
+    p.add_argument("--max-tokens-cap", type=int, metavar="N")
+    p.add_argument("--max-tokens-action", choices=["clamp", "reject"])
+    p.add_argument("--max-cost-usd", metavar="USD", help="refuse a call estimated to cost more")
+    p.add_argument("--escalate-over-usd", metavar="USD", help="hold a call estimated to cost more for approval")
+    p.add_argument("--id")
+    cmds.crud_tail(g, "policies", "policy")
+
+    g = cmds.group("escalations", "Calls held for approval by a policy")
+    p = leaf(g, "list", "Escalations, newest first", "GET",
+             lambda a: "/admin/v1/escalations?" + "&".join(
+                 f"{k}={v}" for k, v in (("workspace_id", default_ws(a)), ("status", a.status)) if v))
+    p.add_argument("--status", choices=["pending", "approved", "rejected", "used"])
+    leaf(g, "get", "Get an escalation", "GET", lambda a: f"/admin/v1/escalations/{a.id}", ws=False).add_argument("id")
+    p = leaf(g, "approve", "Approve: the key may retry the call once, with Alephant-Escalation-Id", "POST",
+             lambda a: f"/admin/v1/escalations/{a.id}/approve", lambda a: drop_none({"ttl_s": a.ttl_s}), ws=False)
+    p.add_argument("id")
+    p.add_argument("--ttl-s", type=int, help="seconds the approval stays usable (default 900)")
+    leaf(g, "reject", "Reject a pending escalation", "POST", lambda a: f"/admin/v1/escalations/{a.id}/reject",
+         lambda a: {}, ws=False).add_argument("id")
+
+    g = cmds.group("decisions", "What the gateway would decide for a request")
+    p = leaf(g, "dry-run", "The policy decision for a request, without making the call", "POST",
+             lambda a: "/admin/v1/decisions/dry-run",
+             lambda a: drop_none({"key": a.key, "key_id": a.key_id, "body": a.body, "endpoint": a.endpoint,
+                                  "headers": _pairs(a.header) or None, "est_cost_usd": a.est_cost_usd}),
+             ws=False, change=False)
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--key", help="the virtual key as a client sends it")
+    who.add_argument("--key-id", help="a virtual key's id")
+    p.add_argument("--body", required=True, type=read_json_arg, metavar="JSON|@FILE",
+                   help="the request body, inline or @file.json")
+    p.add_argument("--endpoint", help="default /v1/chat/completions")
+    p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
+                   help="an Alephant-* header of the request (repeatable)")
+    p.add_argument("--est-cost-usd", metavar="USD", help="the cost estimate to decide with (default 0)")
+
+
+def _policy_body(a: Args) -> dict[str, Any]:
+    return drop_none({
+        "workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
+        "models_allow": a.models_allow, "models_deny": a.models_deny, "tools_allow": a.tools_allow,
+        "tools_deny": a.tools_deny, "tool_action": a.tool_action, "endpoints_allow": a.endpoints_allow,
+        "windows": a.window, "max_tokens_cap": a.max_tokens_cap, "max_tokens_action": a.max_tokens_action,
+        "max_cost_usd": a.max_cost_usd, "escalate_over_usd": a.escalate_over_usd, "id": a.id,
+    })
