@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hmac
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,8 +25,12 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
+from redis.asyncio import Redis
 
 from controlplane import commands as c
+from controlplane import governance as g
+from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
+from controlplane.escalations import STATUSES, ApproveEscalation, Escalations, RejectEscalation
 from controlplane.fleet import FLEET, FleetMonitor, get_fleet
 from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
 from controlplane.idempotency import IdempotencyStore, Replay, check_key
@@ -34,7 +39,7 @@ from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
 from events.db import open_pool
 from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
-from schemas.errors import AuthenticationFailed, InvalidRequest
+from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound
 from schemas.http import Handler, decode_json, error_middleware, read_body
 from schemas.keys import KeyRing
 from schemas.settings import Settings
@@ -51,6 +56,10 @@ class AdminState:
     commands: c.ConfigCommands
     relay: OutboxRelay
     idempotency: IdempotencyStore
+    escalations: Escalations
+    dry_run: DecisionDryRun
+    # Budget counters live in Redis; the admin API only reads them (GET /budgets/{id}).
+    redis: Redis | None = None
 
 
 ADMIN: web.AppKey[AdminState] = web.AppKey("admin", AdminState)
@@ -125,6 +134,18 @@ class Route:
     body: type[msgspec.Struct] | None
     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     status: int = 200
+    # A POST that changes nothing (the dry run): no Idempotency-Key, no 202.
+    readonly: bool = False
+
+
+Handler_ = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def _body(request: web.Request, optional: bool = False) -> Any:
+    """The decoded JSON body; `{}` for an optional body that was not sent."""
+    if optional and not request.body_exists:
+        return {}
+    return decode_json(await read_body(request, ADMIN_BODY_LIMIT))
 
 
 def _cmd(schema: type[Any], name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -158,6 +179,106 @@ async def revoke_key(request: web.Request) -> web.StreamResponse:
     return await _command(request, None, lambda hook: commands.revoke_virtual_key(key_id, hook), 200)
 
 
+def _create(spec: c.KindSpec) -> Handler_:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        raw = await _body(request)
+        cmd = c.parse_command(raw, spec.create)
+        commands = request.app[ADMIN].commands
+        return await _command(request, raw, lambda hook: commands.create(spec, cmd, hook), 201)
+
+    return handler
+
+
+def _patcher(spec: c.KindSpec) -> Handler_:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ent_id = _param(request.match_info["id"], "id")
+        raw = await _body(request)
+        patch = c.parse_command(raw, spec.patch)
+        commands = request.app[ADMIN].commands
+        return await _command(request, raw, lambda hook: commands.patch(spec, ent_id, patch, hook), 200)
+
+    return handler
+
+
+def _deleter(spec: c.KindSpec) -> Handler_:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ent_id = _param(request.match_info["id"], "id")
+        commands = request.app[ADMIN].commands
+        return await _command(request, None, lambda hook: commands.delete(spec, ent_id, hook), 200)
+
+    return handler
+
+
+async def rotate_key(request: web.Request) -> web.StreamResponse:
+    key_id = _param(request.match_info["id"], "id")
+    raw = await _body(request, optional=True)
+    cmd = c.parse_command(raw, c.RotateVirtualKey)
+    commands = request.app[ADMIN].commands
+    return await _command(request, raw, lambda hook: commands.rotate_virtual_key(key_id, cmd, hook), 201)
+
+
+async def get_budget(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    budget_id = _param(request.match_info["id"], "id")
+    budget = await st.commands.load("budget", budget_id)
+    if budget is None:
+        raise NotFound(f"No budget with id '{budget_id}'.", code="budget_not_found")
+    usage = await g.budget_usage(st.redis, budget, dt.datetime.now(dt.UTC))
+    return _json(c.public_view(budget) | usage)
+
+
+async def list_escalations(request: web.Request) -> web.StreamResponse:
+    status = _query(request, "status")
+    if status is not None and status not in STATUSES:
+        raise InvalidRequest(f"'status' must be one of {', '.join(STATUSES)}.", param="status")
+    items = await request.app[ADMIN].escalations.list(_query(request, "workspace_id"), status)
+    return _json({"object": "list", "data": items})
+
+
+async def get_escalation(request: web.Request) -> web.StreamResponse:
+    return _json(await request.app[ADMIN].escalations.get(_param(request.match_info["id"], "id")))
+
+
+async def approve_escalation(request: web.Request) -> web.StreamResponse:
+    esc_id = _param(request.match_info["id"], "id")
+    raw = await _body(request, optional=True)
+    cmd = c.parse_command(raw, ApproveEscalation)
+    escalations = request.app[ADMIN].escalations
+    return await _command(request, raw, lambda hook: escalations.approve(esc_id, cmd, hook), 200)
+
+
+async def reject_escalation(request: web.Request) -> web.StreamResponse:
+    esc_id = _param(request.match_info["id"], "id")
+    raw = await _body(request, optional=True)
+    c.parse_command(raw, RejectEscalation)
+    escalations = request.app[ADMIN].escalations
+    return await _command(request, raw, lambda hook: escalations.reject(esc_id, hook), 200)
+
+
+async def dry_run(request: web.Request) -> web.StreamResponse:
+    cmd = parse_dry_run(await _body(request))
+    return _json(await request.app[ADMIN].dry_run.run(cmd))
+
+
+def _crud(path: str, spec: c.KindSpec, noun: str, *, create: bool = True, get: bool = True,
+          delete_rule: str = "") -> tuple[Route, ...]:
+    """POST (create), GET list, GET one, PATCH, DELETE for one entity kind."""
+    base = f"/admin/v1/{path}"
+    routes = [Route("POST", base, f"Create a {noun}", spec.create, _create(spec), 201)] if create else []
+    routes += [Route("GET", base, f"List {noun}s (?workspace_id=)", None, _lister(spec.kind))]
+    if get:
+        routes += [Route("GET", base + "/{id}", f"Get a {noun}", None, _getter(spec.kind))]
+    routes += [
+        Route("PATCH", base + "/{id}", f"Change a {noun}: the fields given, validated as on create; references "
+              "are re-checked", spec.patch, _patcher(spec)),
+        Route("DELETE", base + "/{id}", f"Delete a {noun}. {delete_rule}".strip(), None, _deleter(spec)),
+    ]
+    return tuple(routes)
+
+
+_REFUSED_IF_USED = "Refused (409 `still_referenced`) while {} point at it."
+
+
 async def get_run(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
     return _json(await run_summary(st.pool, _param(request.match_info["run_id"], "run_id"),
@@ -184,28 +305,42 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES: tuple[Route, ...] = (
-    Route("POST", "/admin/v1/workspaces", "Create a workspace", c.CreateWorkspace,
-          _cmd(c.CreateWorkspace, "create_workspace"), 201),
-    Route("GET", "/admin/v1/workspaces", "List workspaces", None, _lister("ws")),
-    Route("GET", "/admin/v1/workspaces/{id}", "Get a workspace", None, _getter("ws")),
-    Route("POST", "/admin/v1/agents", "Register an agent", c.CreateAgent, _cmd(c.CreateAgent, "create_agent"), 201),
-    Route("GET", "/admin/v1/agents", "List agents (?workspace_id=)", None, _lister("agent")),
-    Route("GET", "/admin/v1/agents/{id}", "Get an agent", None, _getter("agent")),
-    Route("POST", "/admin/v1/providers", "Create or replace a provider (the key is encrypted at rest)",
-          c.UpsertProvider, _cmd(c.UpsertProvider, "upsert_provider"), 201),
-    Route("GET", "/admin/v1/providers", "List providers (?workspace_id=)", None, _lister("provider")),
+    *_crud("workspaces", c.WORKSPACE, "workspace", delete_rule="Refused (409 `still_referenced`) while anything "
+           "of the workspace is live (agents, keys, providers, ...): delete those first."),
+    *_crud("departments", g.DEPARTMENT, "department",
+           delete_rule=_REFUSED_IF_USED.format("members, agents, keys, budgets, limits or policies")),
+    *_crud("members", g.MEMBER, "member",
+           delete_rule=_REFUSED_IF_USED.format("agents, keys, budgets, limits or policies")),
+    *_crud("agents", c.AGENT, "agent", delete_rule=_REFUSED_IF_USED.format("keys, budgets, limits or policies")),
+    *_crud("providers", c.PROVIDER, "provider", delete_rule=_REFUSED_IF_USED.format("model aliases")),
     Route("POST", "/admin/v1/virtual-keys", "Create a virtual key; the plaintext `key` is returned only here (and to a "
           "retry with the same Idempotency-Key)",
           c.CreateVirtualKey, _cmd(c.CreateVirtualKey, "create_virtual_key"), 201),
-    Route("GET", "/admin/v1/virtual-keys", "List virtual keys (?workspace_id=)", None, _lister("vk")),
+    *_crud("virtual-keys", c.VIRTUAL_KEY, "virtual key", create=False,
+           delete_rule="Same as revoke: never refused; budgets, limits and policies on the key stay, inert."),
     Route("POST", "/admin/v1/virtual-keys/{id}/revoke",
           "Revoke a virtual key fleet-wide (202: revoked, workers not yet told)", None, revoke_key),
-    Route("POST", "/admin/v1/model-aliases", "Create or replace a model alias", c.UpsertAlias,
-          _cmd(c.UpsertAlias, "upsert_alias"), 201),
-    Route("GET", "/admin/v1/model-aliases", "List model aliases (?workspace_id=)", None, _lister("alias")),
-    Route("POST", "/admin/v1/prices", "Create or replace a price override (nano-USD per million tokens)",
-          c.UpsertPrice, _cmd(c.UpsertPrice, "upsert_price"), 201),
-    Route("GET", "/admin/v1/prices", "List price overrides", None, _lister("price")),
+    Route("POST", "/admin/v1/virtual-keys/{id}/rotate", "Mint a replacement key with the same bindings (plaintext "
+          "`key` returned only here); the old key keeps working for `overlap_s` (default 3600)",
+          c.RotateVirtualKey, rotate_key, 201),
+    *_crud("model-aliases", c.ALIAS, "model alias"),
+    *_crud("prices", c.PRICE, "price override (nano-USD per million tokens)"),
+    *_crud("budgets", g.BUDGET, "budget (`limit_usd` a decimal string)", get=False),
+    Route("GET", "/admin/v1/budgets/{id}", "Get a budget with its current period's `spent_usd`, `held_usd` and "
+          "`remaining_usd` from Redis (null, with `budget_store: unavailable`, when Redis is unreachable)",
+          None, get_budget),
+    *_crud("limits", g.LIMIT, "limit"),
+    *_crud("policies", g.POLICY, "policy"),
+    Route("GET", "/admin/v1/escalations", "Escalations, newest first (?workspace_id=&status=pending|approved|"
+          "rejected|used)", None, list_escalations),
+    Route("GET", "/admin/v1/escalations/{id}", "Get an escalation", None, get_escalation),
+    Route("POST", "/admin/v1/escalations/{id}/approve", "Approve a pending escalation: the key may retry once with "
+          "`Alephant-Escalation-Id` within `ttl_s` (default 900); 409 if it is not pending", ApproveEscalation,
+          approve_escalation),
+    Route("POST", "/admin/v1/escalations/{id}/reject", "Reject a pending escalation; 409 if it is not pending",
+          RejectEscalation, reject_escalation),
+    Route("POST", "/admin/v1/decisions/dry-run", "What the policy stage would decide for a request (no call is "
+          "made; the cost estimate is `est_cost_usd` or 0)", DryRun, dry_run, readonly=True),
     Route("GET", "/admin/v1/models", "Models a workspace's keys may call (?workspace_id=), with context windows",
           None, get_models),
     Route("GET", "/admin/v1/catalog", "Provider types this gateway supports and the models it knows for each",
@@ -222,10 +357,15 @@ _PROPAGATED = "Committed and relayed to the workers' config bucket: `propagated:
 _NOT_PROPAGATED = ("Committed, but NATS did not take it in time: `propagated: false`, `snapshot_revision: null`. "
                    "The change is durable and the control plane keeps relaying it; workers apply it when NATS is "
                    "back. Do not retry it as if it had failed.")
-_IDEMPOTENCY_DOC = ("Makes the POST safe to retry for 24 h: the same key with the same request returns the first "
-                    "response (status and body, a created key's plaintext included) with `Idempotent-Replayed: "
-                    "true`; with a different request, 422 `idempotency_key_mismatch`; while the first is in flight, "
-                    "409 `idempotency_key_in_use`.")
+_IDEMPOTENCY_DOC = ("Makes the POST, PATCH or DELETE safe to retry for 24 h: the same key with the same request "
+                    "returns the first response (status and body, a created key's plaintext included) with "
+                    "`Idempotent-Replayed: true`; with a different request, 422 `idempotency_key_mismatch`; "
+                    "while the first is in flight, 409 `idempotency_key_in_use`.")
+
+
+_API_DOC = ("Every change answers with the config `revision` it was published at (`revision`, also "
+            "`snapshot_revision`; null while `propagated` is false). Money is given as decimal USD strings "
+            "(`limit_usd`, `max_cost_usd`, ...), stored as integer nano-USD.")
 
 
 def openapi_document() -> dict[str, Any]:
@@ -250,9 +390,10 @@ def openapi_document() -> dict[str, Any]:
         params: list[dict[str, Any]] = [{"name": p.strip("{}"), "in": "path", "required": True,
                                          "schema": {"type": "string"}}
                                         for p in r.path.split("/") if p.startswith("{")]
-        if r.method == "POST":
+        if r.method != "GET" and not r.readonly:
             op["responses"]["202"] = {"description": _NOT_PROPAGATED, **ok}
-            op["responses"]["409"] = {"description": "idempotency_key_in_use (or the entity already exists)",
+            op["responses"]["409"] = {"description": "idempotency_key_in_use (or the entity already exists, or "
+                                                      "is still referenced, or the escalation is not pending)",
                                       "content": {"application/json": {"schema": error_ref}}}
             op["responses"]["422"] = {"description": "idempotency_key_mismatch",
                                       "content": {"application/json": {"schema": error_ref}}}
@@ -267,7 +408,7 @@ def openapi_document() -> dict[str, Any]:
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Alephant Gateway admin API", "version": "1"},
+        "info": {"title": "Alephant Gateway admin API", "version": "1", "description": _API_DOC},
         "components": {"schemas": components, "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}}},
         "security": [{"admin": []}],
         "paths": paths,
@@ -296,12 +437,17 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
                                     propagation_wait_s=settings.admin_propagation_wait_s)
         app[FLEET] = FleetMonitor(lambda: relay.last_revision)
         await app[FLEET].subscribe(nc, settings.subject_prefix)  # ends with nc.drain() below
-        app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring))
+        # Lazy: nothing connects until a budget is read, so the control plane starts without Redis;
+        # short timeouts, so an unreachable Redis makes GET /budgets/{id} degrade, not hang.
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring),
+                                Escalations(commands), DecisionDryRun(commands), redis)
         task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
         yield
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await redis.aclose()
         await pool.close()
         await nc.drain()
 

@@ -2,29 +2,63 @@
 an outbox row carrying its `config.changed` event and KV entry; then let the relay publish.
 
 Inputs reject unknown fields. Responses never contain secrets except the one-time plaintext of
-a newly created virtual key.
+a newly created (or rotated) virtual key.
+
+Every entity kind is described by a `KindSpec` (its create and patch commands, how an entity maps
+back to create fields, how a validated command builds the entity), so create, PATCH and DELETE
+share one validation path: a PATCH is merged over the stored entity's fields and validated as a
+create. References (`workspace_id`, `department_id`, `member_id`, `agent_id`, a budget's or
+policy's `scope_id`) must name a live entity of the same workspace: 404 `<what>_not_found` or
+400 `<what>_workspace_mismatch`, naming the field. Nothing is written on any error.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import re
-from collections.abc import Awaitable, Callable, Collection, Iterator
-from typing import Annotated, Any, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+# Re-exported (`as`): the admin app and the tests name them through this module.
+from controlplane.inputs import CONTROL_CHARS as CONTROL_CHARS
+from controlplane.inputs import (
+    PRINTABLE_ASCII,
+    ApiKey,
+    BaseUrl,
+    Command,
+    Globs,
+    Ident,
+    KeyTtl,
+    ModelId,
+    ModelRef,
+    Name,
+    Options,
+    ProviderKinds,
+    Timestamp,
+    given_fields,
+    iso_ms,
+    now_ms,
+    parse_timestamp_ms,
+)
+from controlplane.inputs import check_command as check_command
+from controlplane.inputs import parse_command as parse_command
+from controlplane.references import Ref, check_ref, references, referrers, slug
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import check_base_url_resolving
 from schemas.entities import (
     RESERVED_PROVIDER_NAMES,
     Agent,
+    Budget,
     ConfigEntity,
+    EscalationGrant,
     ModelAlias,
+    Policy,
     PriceOverride,
     Provider,
     ProviderKind,
@@ -35,49 +69,53 @@ from schemas.entities import (
 )
 from schemas.errors import Conflict, InvalidRequest, NotFound
 from schemas.events import ConfigChanged, event_encoder, subject_for
-from schemas.http import validate
 from schemas.ids import new_id, uuid7
 from schemas.keys import KeyRing, display_prefix, generate_virtual_key
+from schemas.money import nanos_to_decimal_str
 
-T = TypeVar("T")
-
-# Caps on every admin string: an entity travels in KV values, events and Postgres rows, and a
-# worker keeps all of them in memory, so no field may be unbounded.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=120)]
-Ident = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
-ModelId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
-ModelRef = Annotated[str, msgspec.Meta(min_length=3, max_length=321)]  # Ident "/" ModelId
-BaseUrl = Annotated[str, msgspec.Meta(max_length=2048)]
-ApiKey = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
-OptionValue = Annotated[str, msgspec.Meta(max_length=1024)]
-Options = Annotated[dict[Ident, OptionValue], msgspec.Meta(max_length=32)]
 # $1,000,000 per million tokens. With usage clamped at the edge, a call's cost stays far below
 # the ledger's bigint columns (2**80 as a price overflowed them and froze the projector).
 MAX_PRICE_PER_MTOK_NANOS = 10**15
+MAX_ROTATION_OVERLAP_S = 7 * 86400
 Price = Annotated[int, msgspec.Meta(ge=0, le=MAX_PRICE_PER_MTOK_NANOS)]
-
-# C0 and C1 control characters, DEL included. A NUL cannot be stored by Postgres (the request
-# was a 500), and CR/LF in a provider key made every call to that provider fail as a bad header.
-CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_PRINTABLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 # Called inside a command's transaction with the response body it is about to commit (before
 # propagation is known), so an idempotency record commits or rolls back with the change itself.
 CommitHook = Callable[[psycopg.AsyncConnection[Any], dict[str, Any]], Awaitable[None]]
 
 
-class CreateWorkspace(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class CreateWorkspace(Command):
+    """`providers_allow`: provider TYPES this workspace may call (empty = any)."""
+
     name: Name
     id: Ident | None = None
+    providers_allow: ProviderKinds = ()
 
 
-class CreateAgent(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class PatchWorkspace(Command):
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    providers_allow: ProviderKinds | msgspec.UnsetType = msgspec.UNSET
+
+
+class CreateAgent(Command):
+    """`department_id` / `member_id`, when given, must be of the same workspace."""
+
     workspace_id: Ident
     name: Name
     id: Ident | None = None
+    department_id: Ident | None = None
+    member_id: Ident | None = None
 
 
-class UpsertProvider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class PatchAgent(Command):
+    """null unbinds a department or member."""
+
+    name: Name | msgspec.UnsetType = msgspec.UNSET
+    department_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    member_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+
+
+class UpsertProvider(Command):
     """`name` is the first path segment of `/{name}/...` and the prefix of `name/model`; names the
     data plane serves itself (`v1`, `admin`, `healthz`, ...) are refused. `api_key` is printable
     ASCII (it becomes an HTTP header) of at most 4 KiB."""
@@ -89,22 +127,81 @@ class UpsertProvider(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     api_key: ApiKey | None = None
     options: Options = msgspec.field(default_factory=dict)
 
+    def check(self) -> None:
+        if self.name.lower() in RESERVED_PROVIDER_NAMES:
+            raise InvalidRequest(
+                f"'{self.name}' is reserved (it is a gateway path); choose another provider name. Reserved: "
+                + ", ".join(sorted(RESERVED_PROVIDER_NAMES)) + ".", param="name", code="reserved_name")
+        if self.api_key is not None and not PRINTABLE_ASCII.match(self.api_key):
+            raise InvalidRequest("'api_key' must be printable ASCII.", param="api_key", code="invalid_characters")
 
-class CreateVirtualKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """`agent_id`, when given, must be an agent of the same workspace."""
+
+class PatchProvider(Command):
+    """An omitted `api_key` keeps the stored one; null removes it."""
+
+    type: ProviderKind | msgspec.UnsetType = msgspec.UNSET
+    base_url: BaseUrl | msgspec.UnsetType = msgspec.UNSET
+    api_key: ApiKey | msgspec.UnsetType | None = msgspec.UNSET
+    options: Options | msgspec.UnsetType = msgspec.UNSET
+
+
+class CreateVirtualKey(Command):
+    """`agent_id`, `department_id`, `member_id`, when given, must be of the same workspace.
+    `models_allow` globs over `provider/model`, `providers_allow` globs over provider names (empty
+    = any). Expiry: `expires_at` (ISO-8601 with an offset, in the future) or `ttl_s`, not both."""
 
     workspace_id: Ident
     name: Annotated[str, msgspec.Meta(max_length=120)] = ""
     agent_id: Ident | None = None
+    department_id: Ident | None = None
+    member_id: Ident | None = None
+    models_allow: Globs = ()
+    providers_allow: Globs = ()
+    expires_at: Timestamp | None = None
+    ttl_s: KeyTtl | None = None
+
+    def check(self) -> None:
+        if self.expires_at is not None and self.ttl_s is not None:
+            raise InvalidRequest("Give either 'expires_at' or 'ttl_s', not both.", param="ttl_s",
+                                 code="conflicting_fields")
+        if self.expires_at is not None:
+            parse_timestamp_ms(self.expires_at, "expires_at")
 
 
-class UpsertAlias(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class PatchVirtualKey(Command):
+    """`expires_at: null` removes the expiry; an omitted one keeps it. The workspace is fixed."""
+
+    name: Annotated[str, msgspec.Meta(max_length=120)] | msgspec.UnsetType = msgspec.UNSET
+    agent_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    department_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    member_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    models_allow: Globs | msgspec.UnsetType = msgspec.UNSET
+    providers_allow: Globs | msgspec.UnsetType = msgspec.UNSET
+    expires_at: Timestamp | msgspec.UnsetType | None = msgspec.UNSET
+    ttl_s: KeyTtl | msgspec.UnsetType = msgspec.UNSET
+
+
+class RotateVirtualKey(Command):
+    """The old key keeps working for `overlap_s` seconds (0 = it stops now), at most 7 days."""
+
+    overlap_s: Annotated[int, msgspec.Meta(ge=0, le=MAX_ROTATION_OVERLAP_S)] = 3600
+
+
+class UpsertAlias(Command):
     workspace_id: Ident
     alias: Name
     target: ModelRef
 
+    def check(self) -> None:
+        if "/" not in self.target:
+            raise InvalidRequest("target must be 'provider/model_id'.", param="target")
 
-class UpsertPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+
+class PatchAlias(Command):
+    target: ModelRef | msgspec.UnsetType = msgspec.UNSET
+
+
+class UpsertPrice(Command):
     """Prices in integer nano-USD per million tokens ($2.50/MTok = 2_500_000_000), each at most
     10**15 ($1,000,000/MTok)."""
 
@@ -116,46 +213,11 @@ class UpsertPrice(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     cache_write_per_mtok_nanos: Price | None = None
 
 
-def _strings(value: Any, path: str) -> Iterator[tuple[str, str]]:
-    """Every string in a decoded command, with the dotted path of the field holding it."""
-    if isinstance(value, str):
-        yield path, value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield path, k
-            yield from _strings(v, f"{path}.{k}")
-    elif isinstance(value, msgspec.Struct):
-        for name in value.__struct_fields__:
-            yield from _strings(getattr(value, name), f"{path}.{name}" if path else name)
-
-
-def check_command(cmd: msgspec.Struct) -> None:
-    """Rules msgspec constraints cannot state; raises InvalidRequest (400) naming the field.
-
-    No control character in any string (names, ids, URLs, options, keys); a provider key is
-    printable ASCII; a provider name is not one of the data plane's own path segments.
-    """
-    for path, text in _strings(cmd, ""):
-        if CONTROL_CHARS.search(text):
-            raise InvalidRequest(f"'{path}' must not contain control characters (NUL, CR, LF, tab, ...).",
-                                 param=path, code="invalid_characters")
-    if isinstance(cmd, UpsertProvider):
-        if cmd.name.lower() in RESERVED_PROVIDER_NAMES:
-            raise InvalidRequest(
-                f"'{cmd.name}' is reserved (it is a gateway path); choose another provider name. Reserved: "
-                + ", ".join(sorted(RESERVED_PROVIDER_NAMES)) + ".", param="name", code="reserved_name")
-        if cmd.api_key is not None and not _PRINTABLE_ASCII.match(cmd.api_key):
-            raise InvalidRequest("'api_key' must be printable ASCII.", param="api_key", code="invalid_characters")
-    if isinstance(cmd, UpsertAlias) and "/" not in cmd.target:
-        raise InvalidRequest("target must be 'provider/model_id'.", param="target")
-
-
-def parse_command(raw: Any, schema: type[T]) -> T:
-    """Decoded JSON -> a checked command Struct, or a 400 naming the offending field."""
-    cmd = validate(raw, schema)
-    assert isinstance(cmd, msgspec.Struct)
-    check_command(cmd)
-    return cmd
+class PatchPrice(Command):
+    input_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
+    output_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
+    cache_read_per_mtok_nanos: Price | msgspec.UnsetType | None = msgspec.UNSET
+    cache_write_per_mtok_nanos: Price | msgspec.UnsetType | None = msgspec.UNSET
 
 
 def _stable_id(*parts: str) -> str:
@@ -164,12 +226,68 @@ def _stable_id(*parts: str) -> str:
 
 
 def public_view(entity: ConfigEntity) -> dict[str, Any]:
-    """An entity as the API shows it: no key hash, no ciphertext."""
+    """An entity as the API shows it: no key hash, no ciphertext; money also as decimal USD
+    strings and epoch-ms instants also as ISO-8601."""
     data: dict[str, Any] = msgspec.to_builtins(entity)
     data.pop("key_hash", None)
     if "api_key_enc" in data:
         data["has_api_key"] = data.pop("api_key_enc") is not None
+    match entity:
+        case Budget():
+            data["limit_usd"] = nanos_to_decimal_str(entity.limit_nanos)
+        case Policy():
+            for usd, nanos in (("max_cost_usd", entity.max_cost_nanos), ("escalate_over_usd",
+                                                                           entity.escalate_over_nanos)):
+                data[usd] = None if nanos is None else nanos_to_decimal_str(nanos)
+        case VirtualKey() | EscalationGrant():
+            data["expires_at"] = None if entity.expires_at_ms is None else iso_ms(entity.expires_at_ms)
     return data
+
+
+# ---- kinds -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What a PATCH starts from: the stored entity and the fields the PATCH body set."""
+
+    entity: Any
+    given: frozenset[str]
+
+
+Build = Callable[["ConfigCommands", Any, str, Prior | None], Awaitable[ConfigEntity]]
+
+
+@dataclass(frozen=True, slots=True)
+class KindSpec:
+    """One entity kind: `create` and `patch` commands, the create fields of a stored entity
+    (`fields`, what a PATCH is merged over), and `build` (a checked create command -> entity)."""
+
+    kind: str
+    what: str
+    create: type[Command]
+    patch: type[Command]
+    new_id: Callable[[Any], str]
+    fields: Callable[[Any], dict[str, Any]]
+    build: Build
+    upsert: bool = False
+
+
+def _builtins(entity: Any, *names: str) -> dict[str, Any]:
+    return {n: msgspec.to_builtins(getattr(entity, n)) for n in names}
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One entity write of a command. `refs` are checked first (a PATCH checks only new ones)."""
+
+    entity: ConfigEntity
+    op: str
+    refs: tuple[Ref, ...] = ()
+    create_only: bool = False
+    delete: bool = False
+
+
+Plan = Callable[[psycopg.AsyncConnection[Any]], Awaitable[tuple[Sequence[Write], dict[str, Any]]]]
 
 
 class ConfigCommands:
@@ -177,50 +295,38 @@ class ConfigCommands:
     then waits at most `propagation_wait_s` for the relay.
 
     Every mutating command returns its response body with `propagated`: true when the change
-    reached NATS (with its `snapshot_revision`), false when it is committed but still queued (NATS
-    down or slow; `snapshot_revision` is null and the relay keeps retrying). Nothing after the
-    commit raises. `on_commit`, when given, runs inside the transaction (see `CommitHook`).
+    reached NATS (with its `snapshot_revision`, also given as `revision`), false when it is
+    committed but still queued (NATS down or slow; the revisions are null and the relay keeps
+    retrying). Nothing after the commit raises. `on_commit`, when given, runs inside the
+    transaction (see `CommitHook`).
     """
 
     def __init__(self, pool: AsyncConnectionPool[Any], keyring: KeyRing, relay: OutboxRelay,
                  subject_prefix: str, ssrf_allow: Collection[str] = (), propagation_wait_s: float = 2.0) -> None:
-        self._ssrf_allow = ssrf_allow
-        self._pool = pool
-        self._keyring = keyring
-        self._relay = relay
+        self.ssrf_allow = ssrf_allow
+        self.pool = pool
+        self.keyring = keyring
+        self.relay = relay
         self._prefix = subject_prefix
         self._wait_s = propagation_wait_s
 
-    async def _require(self, conn: psycopg.AsyncConnection[Any], kind: str, entity_id: str, what: str) -> None:
-        cur = await conn.execute("SELECT 1 FROM config_entity WHERE kind = %s AND id = %s AND deleted_at IS NULL",
-                                 (kind, entity_id))
-        if await cur.fetchone() is None:
-            raise NotFound(f"{what} '{entity_id}' does not exist.", code=f"{what.lower().replace(' ', '_')}_not_found")
-
-    async def _require_agent_of(self, conn: psycopg.AsyncConnection[Any], agent_id: str, workspace_id: str) -> None:
-        cur = await conn.execute(
-            "SELECT workspace_id FROM config_entity WHERE kind = 'agent' AND id = %s AND deleted_at IS NULL",
-            (agent_id,))
-        row = await cur.fetchone()
-        if row is None:
-            raise NotFound(f"Agent '{agent_id}' does not exist.", code="agent_not_found")
-        if row[0] != workspace_id:
-            raise InvalidRequest(f"Agent '{agent_id}' belongs to another workspace; a key can only be bound to an "
-                                 f"agent of its own workspace ('{workspace_id}').", param="agent_id",
-                                 code="agent_workspace_mismatch")
-
-    async def _write(self, conn: psycopg.AsyncConnection[Any], entity: ConfigEntity, op: str, *,
-                     create_only: bool = False, delete: bool = False) -> None:
+    async def _write(self, conn: psycopg.AsyncConnection[Any], w: Write) -> None:
+        entity = w.entity
         kind = type(entity).__struct_config__.tag
         assert isinstance(kind, str)
         ent_id: str = entity.id  # type: ignore[union-attr]
         ws = getattr(entity, "workspace_id", None)
+        for ref in w.refs:
+            await check_ref(conn, ref, ws or "")
         key = kv_key(entity)
         body = msgspec.to_builtins(entity)
-        if create_only:
+        if w.create_only:
+            # A deleted entity's id may be reused; a live one is a conflict.
             cur = await conn.execute(
                 "INSERT INTO config_entity (kind, id, workspace_id, kv_key, body) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING RETURNING id",
+                "ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, kv_key = EXCLUDED.kv_key, "
+                "workspace_id = EXCLUDED.workspace_id, deleted_at = NULL, created_at = now(), updated_at = now() "
+                "WHERE config_entity.deleted_at IS NOT NULL RETURNING id",
                 (kind, ent_id, ws, key, Jsonb(body)),
             )
             if await cur.fetchone() is None:
@@ -231,48 +337,56 @@ class ConfigCommands:
                 "VALUES (%s, %s, %s, %s, %s, CASE WHEN %s THEN now() END) "
                 "ON CONFLICT (kind, id) DO UPDATE SET body = EXCLUDED.body, kv_key = EXCLUDED.kv_key, "
                 "deleted_at = EXCLUDED.deleted_at, updated_at = now()",
-                (kind, ent_id, ws, key, Jsonb(body), delete),
+                (kind, ent_id, ws, key, Jsonb(body), w.delete),
             )
         event = ConfigChanged(
             event_id=uuid7(), occurred_at=dt.datetime.now(dt.UTC), workspace_id=ws or "_system",
-            entity=kind, entity_id=ent_id, op=op, data=public_view(entity),
+            entity=kind, entity_id=ent_id, op=w.op, data=public_view(entity),
         )
         await conn.execute(
             "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) VALUES (%s, %s, %s, %s, %s)",
             (event.event_id, subject_for(event, self._prefix), event_encoder.encode(event), key,
-             None if delete else entity_encoder.encode(entity)),
+             None if w.delete else entity_encoder.encode(entity)),
         )
 
-    async def _commit(self, entity: ConfigEntity, op: str, body: dict[str, Any], on_commit: CommitHook | None,
-                      *, requires: tuple[tuple[str, str, str], ...] = (), agent_of: tuple[str, str] | None = None,
-                      create_only: bool = False, delete: bool = False) -> dict[str, Any]:
-        """Check references, write, run `on_commit`, commit; then relay within the wait bound."""
-        async with self._pool.connection() as conn, conn.transaction():
-            for kind, ent_id, what in requires:
-                await self._require(conn, kind, ent_id, what)
-            if agent_of is not None:
-                await self._require_agent_of(conn, *agent_of)
-            await self._write(conn, entity, op, create_only=create_only, delete=delete)
+    async def commit(self, plan: Plan, on_commit: CommitHook | None) -> dict[str, Any]:
+        """In one transaction: `plan` (reads, checks, side rows) returns the writes and the body;
+        write them, run `on_commit`; commit; then relay within the wait bound."""
+        async with self.pool.connection() as conn, conn.transaction():
+            writes, body = await plan(conn)
+            for w in writes:
+                await self._write(conn, w)
             if on_commit is not None:
-                await on_commit(conn, body | {"propagated": False, "snapshot_revision": None})
-        rev = await self._relay.flush_within(self._wait_s)
-        return body | {"propagated": rev is not None, "snapshot_revision": rev}
+                await on_commit(conn, body | {"propagated": False, "snapshot_revision": None, "revision": None})
+        rev = await self.relay.flush_within(self._wait_s)
+        return body | {"propagated": rev is not None, "snapshot_revision": rev, "revision": rev}
 
-    async def _load(self, kind: str, entity_id: str) -> dict[str, Any] | None:
-        async with self._pool.connection() as conn:
+    async def load_for_update(self, conn: psycopg.AsyncConnection[Any], kind: str, entity_id: str,
+                              what: str) -> Any:
+        """The live entity, row-locked for this transaction, or 404 `<what>_not_found`."""
+        cur = await conn.execute("SELECT body FROM config_entity WHERE kind = %s AND id = %s AND deleted_at IS NULL "
+                                 "FOR UPDATE", (kind, entity_id))
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No {what.lower()} with id '{entity_id}'.", code=f"{slug(what)}_not_found")
+        return msgspec.convert(dict(row[0]) | {"kind": kind}, ConfigEntity)
+
+    async def load(self, kind: str, entity_id: str) -> Any:
+        """The live entity or None."""
+        async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT body FROM config_entity WHERE kind = %s AND id = %s AND deleted_at IS NULL", (kind, entity_id))
             row = await cur.fetchone()
-        return None if row is None else dict(row[0])
+        return None if row is None else msgspec.convert(dict(row[0]) | {"kind": kind}, ConfigEntity)
 
     async def get(self, kind: str, entity_id: str) -> dict[str, Any]:
-        body = await self._load(kind, entity_id)
-        if body is None:
+        entity = await self.load(kind, entity_id)
+        if entity is None:
             raise NotFound(f"No {kind} with id '{entity_id}'.", code="not_found")
-        return public_view(msgspec.convert(body | {"kind": kind}, ConfigEntity))
+        return public_view(entity)
 
     async def list(self, kind: str, workspace_id: str | None) -> list[dict[str, Any]]:
-        async with self._pool.connection() as conn:
+        async with self.pool.connection() as conn:
             cur = await conn.execute(
                 "SELECT body FROM config_entity WHERE kind = %s AND deleted_at IS NULL "
                 "AND (%s::text IS NULL OR workspace_id = %s) ORDER BY created_at",
@@ -281,50 +395,170 @@ class ConfigCommands:
             rows = await cur.fetchall()
         return [public_view(msgspec.convert(r[0] | {"kind": kind}, ConfigEntity)) for r in rows]
 
+    # ---- generic create / patch / delete over a KindSpec --------------------------------------
+
+    async def create(self, spec: KindSpec, cmd: Any, on_commit: CommitHook | None = None) -> dict[str, Any]:
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            entity = await spec.build(self, cmd, spec.new_id(cmd), None)
+            op = "upserted" if spec.upsert else "created"
+            return [Write(entity, op, references(entity), create_only=not spec.upsert)], public_view(entity)
+        return await self.commit(plan, on_commit)
+
+    async def patch(self, spec: KindSpec, entity_id: str, patch: Command,
+                    on_commit: CommitHook | None = None) -> dict[str, Any]:
+        """Merge the set fields over the stored entity and validate the result as a create;
+        references are re-checked where they changed."""
+        given = given_fields(patch)
+        if not given:
+            raise InvalidRequest("Nothing to change: the body sets no field.", code="empty_patch")
+
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            old = await self.load_for_update(conn, spec.kind, entity_id, spec.what)
+            cmd = parse_command(spec.fields(old) | given, spec.create)
+            new = await spec.build(self, cmd, entity_id, Prior(old, frozenset(given)))
+            before = set(references(old))
+            refs = tuple(r for r in references(new) if r not in before)
+            return [Write(new, "updated", refs)], public_view(new)
+        return await self.commit(plan, on_commit)
+
+    async def delete(self, spec: KindSpec, entity_id: str, on_commit: CommitHook | None = None) -> dict[str, Any]:
+        """Refused (409 `still_referenced`) while other live entities point at it."""
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            old = await self.load_for_update(conn, spec.kind, entity_id, spec.what)
+            users = await referrers(conn, spec.kind, old)
+            if users:
+                raise Conflict(f"{spec.what} '{entity_id}' is still referenced by: {', '.join(users)}; delete or "
+                               "re-point those first.", code="still_referenced")
+            return [Write(old, "deleted", delete=True)], public_view(old) | {"deleted": True}
+        return await self.commit(plan, on_commit)
+
+    # ---- the original kinds (kept as named methods: the routes and the CLI call them) ---------
+
     async def create_workspace(self, cmd: CreateWorkspace, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        ws = Workspace(id=cmd.id or new_id("ws"), name=cmd.name)
-        return await self._commit(ws, "created", public_view(ws), on_commit, create_only=True)
+        return await self.create(WORKSPACE, cmd, on_commit)
 
     async def create_agent(self, cmd: CreateAgent, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        agent = Agent(id=cmd.id or new_id("agent"), workspace_id=cmd.workspace_id, name=cmd.name)
-        return await self._commit(agent, "created", public_view(agent), on_commit,
-                                  requires=(("ws", cmd.workspace_id, "Workspace"),), create_only=True)
+        return await self.create(AGENT, cmd, on_commit)
 
     async def upsert_provider(self, cmd: UpsertProvider, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        if cmd.type != "mock" and cmd.base_url:
-            await check_base_url_resolving(cmd.base_url, self._ssrf_allow)
-        provider = Provider(
-            id=f"{cmd.workspace_id}.{cmd.name}", workspace_id=cmd.workspace_id, name=cmd.name, type=cmd.type,
-            base_url=cmd.base_url, api_key_enc=self._keyring.encrypt(cmd.api_key) if cmd.api_key else None,
-            options=cmd.options,
-        )
-        return await self._commit(provider, "upserted", public_view(provider), on_commit,
-                                  requires=(("ws", cmd.workspace_id, "Workspace"),))
+        return await self.create(PROVIDER, cmd, on_commit)
+
+    async def upsert_alias(self, cmd: UpsertAlias, on_commit: CommitHook | None = None) -> dict[str, Any]:
+        return await self.create(ALIAS, cmd, on_commit)
+
+    async def upsert_price(self, cmd: UpsertPrice, on_commit: CommitHook | None = None) -> dict[str, Any]:
+        return await self.create(PRICE, cmd, on_commit)
 
     async def create_virtual_key(self, cmd: CreateVirtualKey, on_commit: CommitHook | None = None) -> dict[str, Any]:
         """The response carries the plaintext `key`; it exists nowhere else (an idempotency record
         keeps it only encrypted, for a retry of this same request)."""
         plaintext = generate_virtual_key()
-        vk = VirtualKey(id=new_id("vk"), workspace_id=cmd.workspace_id, key_hash=self._keyring.hash_key(plaintext),
-                        name=cmd.name, agent_id=cmd.agent_id, prefix=display_prefix(plaintext))
-        return await self._commit(
-            vk, "created", public_view(vk) | {"key": plaintext}, on_commit,
-            requires=(("ws", cmd.workspace_id, "Workspace"),),
-            agent_of=None if cmd.agent_id is None else (cmd.agent_id, cmd.workspace_id), create_only=True)
+
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            vk = _virtual_key(cmd, new_id("vk"), self.keyring.hash_key(plaintext), display_prefix(plaintext), None)
+            return [Write(vk, "created", references(vk), create_only=True)], public_view(vk) | {"key": plaintext}
+        return await self.commit(plan, on_commit)
+
+    async def rotate_virtual_key(self, key_id: str, cmd: RotateVirtualKey,
+                                 on_commit: CommitHook | None = None) -> dict[str, Any]:
+        """A new key with the old one's bindings and expiry (plaintext in the response, once); the
+        old key expires `overlap_s` from now (or keeps an earlier expiry). Both in one transaction.
+        An expired key is not rotated (409 `key_expired`)."""
+        plaintext = generate_virtual_key()
+
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            old: VirtualKey = await self.load_for_update(conn, "vk", key_id, "Virtual key")
+            now = now_ms()
+            if old.expires_at_ms is not None and old.expires_at_ms <= now:
+                raise Conflict(f"Virtual key '{key_id}' has expired; create a new key instead of rotating it.",
+                               code="key_expired")
+            end_ms = now + cmd.overlap_s * 1000
+            if old.expires_at_ms is not None:
+                end_ms = min(end_ms, old.expires_at_ms)
+            new = msgspec.structs.replace(old, id=new_id("vk"), key_hash=self.keyring.hash_key(plaintext),
+                                          prefix=display_prefix(plaintext))
+            retiring = msgspec.structs.replace(old, expires_at_ms=end_ms)
+            body = public_view(new) | {"key": plaintext, "rotated_from": key_id, "old_key_expires_at": iso_ms(end_ms)}
+            return [Write(new, "created", references(new), create_only=True), Write(retiring, "rotated")], body
+        return await self.commit(plan, on_commit)
 
     async def revoke_virtual_key(self, key_id: str, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        body = await self._load("vk", key_id)
-        if body is None:
-            raise NotFound(f"No virtual key with id '{key_id}' (or it is already revoked).", code="key_not_found")
-        vk = msgspec.convert(body, VirtualKey)
-        return await self._commit(vk, "revoked", public_view(vk) | {"revoked": True}, on_commit, delete=True)
+        """Revocation is never refused: budgets, limits and policies on the key stay (inert)."""
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            cur = await conn.execute("SELECT body FROM config_entity WHERE kind = 'vk' AND id = %s "
+                                     "AND deleted_at IS NULL FOR UPDATE", (key_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"No virtual key with id '{key_id}' (or it is already revoked).",
+                               code="key_not_found")
+            vk = msgspec.convert(row[0], VirtualKey)
+            return [Write(vk, "revoked", delete=True)], public_view(vk) | {"revoked": True}
+        return await self.commit(plan, on_commit)
 
-    async def upsert_alias(self, cmd: UpsertAlias, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        alias = ModelAlias(id=_stable_id(cmd.workspace_id, cmd.alias), workspace_id=cmd.workspace_id,
-                           alias=cmd.alias, target=cmd.target)
-        return await self._commit(alias, "upserted", public_view(alias), on_commit,
-                                  requires=(("ws", cmd.workspace_id, "Workspace"),))
 
-    async def upsert_price(self, cmd: UpsertPrice, on_commit: CommitHook | None = None) -> dict[str, Any]:
-        price = PriceOverride(id=_stable_id(cmd.provider, cmd.model), **msgspec.structs.asdict(cmd))
-        return await self._commit(price, "upserted", public_view(price), on_commit)
+def _virtual_key(cmd: CreateVirtualKey, key_id: str, key_hash: str, prefix: str, prior: Prior | None) -> VirtualKey:
+    if prior is not None and not {"expires_at", "ttl_s"} & prior.given:
+        expires: int | None = prior.entity.expires_at_ms
+    elif cmd.ttl_s is not None:
+        expires = now_ms() + cmd.ttl_s * 1000
+    elif cmd.expires_at is not None:
+        expires = parse_timestamp_ms(cmd.expires_at, "expires_at")
+        if expires <= now_ms():
+            raise InvalidRequest("'expires_at' is in the past; to stop a key now, revoke it (DELETE).",
+                                 param="expires_at", code="invalid_timestamp")
+    else:
+        expires = None
+    return VirtualKey(id=key_id, workspace_id=cmd.workspace_id, key_hash=key_hash, name=cmd.name,
+                      agent_id=cmd.agent_id, prefix=prefix, department_id=cmd.department_id, member_id=cmd.member_id,
+                      models_allow=cmd.models_allow, providers_allow=cmd.providers_allow, expires_at_ms=expires)
+
+
+async def _build_workspace(_: ConfigCommands, cmd: CreateWorkspace, ent_id: str, prior: Prior | None) -> Workspace:
+    return Workspace(id=ent_id, name=cmd.name, providers_allow=tuple(cmd.providers_allow))
+
+
+async def _build_agent(_: ConfigCommands, cmd: CreateAgent, ent_id: str, prior: Prior | None) -> Agent:
+    return Agent(id=ent_id, workspace_id=cmd.workspace_id, name=cmd.name, department_id=cmd.department_id,
+                 member_id=cmd.member_id)
+
+
+async def _build_provider(cc: ConfigCommands, cmd: UpsertProvider, ent_id: str, prior: Prior | None) -> Provider:
+    if cmd.type != "mock" and cmd.base_url:
+        await check_base_url_resolving(cmd.base_url, cc.ssrf_allow)
+    if prior is not None and "api_key" not in prior.given:
+        key_enc = prior.entity.api_key_enc
+    else:
+        key_enc = cc.keyring.encrypt(cmd.api_key) if cmd.api_key else None
+    return Provider(id=ent_id, workspace_id=cmd.workspace_id, name=cmd.name, type=cmd.type, base_url=cmd.base_url,
+                    api_key_enc=key_enc, options=cmd.options)
+
+
+async def _build_vk(_: ConfigCommands, cmd: CreateVirtualKey, ent_id: str, prior: Prior | None) -> VirtualKey:
+    assert prior is not None, "a virtual key is created by create_virtual_key (it mints the secret)"
+    return _virtual_key(cmd, ent_id, prior.entity.key_hash, prior.entity.prefix, prior)
+
+
+async def _build_alias(_: ConfigCommands, cmd: UpsertAlias, ent_id: str, prior: Prior | None) -> ModelAlias:
+    return ModelAlias(id=ent_id, workspace_id=cmd.workspace_id, alias=cmd.alias, target=cmd.target)
+
+
+async def _build_price(_: ConfigCommands, cmd: UpsertPrice, ent_id: str, prior: Prior | None) -> PriceOverride:
+    return PriceOverride(id=ent_id, **msgspec.structs.asdict(cmd))
+
+
+WORKSPACE = KindSpec("ws", "Workspace", CreateWorkspace, PatchWorkspace, lambda c: c.id or new_id("ws"),
+                     lambda e: _builtins(e, "id", "name", "providers_allow"), _build_workspace)
+AGENT = KindSpec("agent", "Agent", CreateAgent, PatchAgent, lambda c: c.id or new_id("agent"),
+                 lambda e: _builtins(e, "id", "workspace_id", "name", "department_id", "member_id"), _build_agent)
+PROVIDER = KindSpec("provider", "Provider", UpsertProvider, PatchProvider, lambda c: f"{c.workspace_id}.{c.name}",
+                    lambda e: _builtins(e, "workspace_id", "name", "type", "base_url", "options"), _build_provider,
+                    upsert=True)
+VIRTUAL_KEY = KindSpec("vk", "Virtual key", CreateVirtualKey, PatchVirtualKey, lambda c: new_id("vk"),
+                       lambda e: _builtins(e, "workspace_id", "name", "agent_id", "department_id", "member_id",
+                                           "models_allow", "providers_allow"), _build_vk)
+ALIAS = KindSpec("alias", "Model alias", UpsertAlias, PatchAlias, lambda c: _stable_id(c.workspace_id, c.alias),
+                 lambda e: _builtins(e, "workspace_id", "alias", "target"), _build_alias, upsert=True)
+PRICE = KindSpec("price", "Price", UpsertPrice, PatchPrice, lambda c: _stable_id(c.provider, c.model),
+                 lambda e: _builtins(e, "provider", "model", "input_per_mtok_nanos", "output_per_mtok_nanos",
+                                     "cache_read_per_mtok_nanos", "cache_write_per_mtok_nanos"),
+                 _build_price, upsert=True)

@@ -33,7 +33,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from events.ledger import Transfer, journal_rejection, transfers_for
-from schemas.events import Event, LlmCall, event_decoder, event_encoder, event_type
+from schemas.events import Event, LlmCall, PolicyDecision, event_decoder, event_encoder, event_type
 
 log = structlog.get_logger(__name__)
 
@@ -110,6 +110,22 @@ async def _post_transfers(cur: psycopg.AsyncCursor[Any], ws_run: dict[uuid.UUID,
             for eid, t in transfers
         ],
     )
+
+
+async def _record_escalations(cur: psycopg.AsyncCursor[Any], decisions: list[PolicyDecision]) -> None:
+    """One pending `escalation` row per escalation id (the first event wins; a replay is a no-op)."""
+    rows = [
+        (d.escalation_id, d.event_id, d.workspace_id, d.key_id, d.agent_id, d.run_id, d.request_id, d.rule, d.scope,
+         d.scope_id, d.model, d.endpoint, d.message, d.occurred_at)
+        for d in decisions if d.outcome == "escalate" and d.escalation_id
+    ]
+    if rows:
+        await cur.executemany(
+            "INSERT INTO escalation (id, event_id, workspace_id, key_id, agent_id, run_id, request_id, rule, scope, "
+            "scope_id, model, endpoint, message, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (id) DO NOTHING",
+            rows,
+        )
 
 
 async def _update_runs(cur: psycopg.AsyncCursor[Any], calls: list[LlmCall]) -> None:
@@ -203,6 +219,7 @@ async def _fold(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]])
         ws_run = {e.event_id: (e.workspace_id, e.run_id, e.occurred_at) for e in unique}
         await _post_transfers(cur, ws_run, transfers)
     await _update_runs(cur, [e for e in unique if isinstance(e, LlmCall)])
+    await _record_escalations(cur, [e for e in unique if isinstance(e, PolicyDecision)])
     return len(unique), len(transfers)
 
 

@@ -1,0 +1,124 @@
+"""Escalations: calls a policy held for an admin's decision (`escalate_over_usd`).
+
+The data plane refuses such a call with `escalation_required` and an escalation id, and emits a
+`policy.decision` event (outcome "escalate"); the ledger projector folds it into the `escalation`
+table as `pending` (events/projector.py). Here an admin lists, approves or rejects them:
+
+- approve: `pending` -> `approved`, and in the SAME transaction an `EscalationGrant` config entity
+  (id = the escalation id) goes through the normal command path, so every worker's snapshot gets
+  it; the key may then retry once with `Alephant-Escalation-Id: <id>` until `expires_at`
+  (single use is enforced by the data plane in Redis);
+- reject: `pending` -> `rejected` (no config change).
+Deciding an escalation that is not pending is 409 `escalation_not_pending`; an unknown id is 404
+`escalation_not_found`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+import msgspec
+import psycopg
+from psycopg.rows import dict_row
+
+from controlplane.commands import CommitHook, ConfigCommands, Write, public_view
+from controlplane.inputs import Command, iso_ms, now_ms
+from schemas.entities import EscalationGrant
+from schemas.errors import Conflict, NotFound
+
+DEFAULT_GRANT_TTL_S = 900
+MAX_GRANT_TTL_S = 7 * 86400
+Status = Literal["pending", "approved", "rejected", "used"]
+STATUSES: tuple[str, ...] = ("pending", "approved", "rejected", "used")
+# Constant column list (no input): the f-strings below interpolate only this.
+# A grant's id becomes a KV key (`escalation.<id>`): only ids a KV key can carry are approvable.
+_KV_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_COLUMNS = ("id, workspace_id, key_id, agent_id, run_id, request_id, rule, scope, scope_id, model, endpoint, "
+            "message, status, created_at, decided_at, decided_by, expires_at")
+
+
+class ApproveEscalation(Command):
+    """The grant admits one retry within `ttl_s` seconds of the approval (default 900)."""
+
+    ttl_s: Annotated[int, msgspec.Meta(ge=1, le=MAX_GRANT_TTL_S)] = DEFAULT_GRANT_TTL_S
+
+
+class RejectEscalation(Command):
+    pass
+
+
+def _view(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in row.items()}
+
+
+def _now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat()
+
+
+class Escalations:
+    def __init__(self, commands: ConfigCommands) -> None:
+        self._commands = commands
+
+    async def list(self, workspace_id: str | None, status: str | None, limit: int = 500) -> list[dict[str, Any]]:
+        """Newest first, at most `limit`."""
+        async with self._commands.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(
+                f"SELECT {_COLUMNS} FROM escalation WHERE (%(ws)s::text IS NULL OR workspace_id = %(ws)s) "  # noqa: S608
+                "AND (%(st)s::text IS NULL OR status = %(st)s) ORDER BY created_at DESC, id LIMIT %(n)s",
+                {"ws": workspace_id, "st": status, "n": limit})
+            return [_view(r) for r in await cur.fetchall()]
+
+    async def get(self, escalation_id: str) -> dict[str, Any]:
+        async with self._commands.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(f"SELECT {_COLUMNS} FROM escalation WHERE id = %s", (escalation_id,))  # noqa: S608
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No escalation with id '{escalation_id}'.", code="escalation_not_found")
+        return _view(row)
+
+    async def _pending(self, conn: psycopg.AsyncConnection[Any], escalation_id: str) -> dict[str, Any]:
+        async with conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(f"SELECT {_COLUMNS} FROM escalation WHERE id = %s FOR UPDATE",  # noqa: S608
+                              (escalation_id,))
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"No escalation with id '{escalation_id}'.", code="escalation_not_found")
+        if row["status"] != "pending":
+            raise Conflict(f"Escalation '{escalation_id}' is already {row['status']}; only a pending one can be "
+                           "decided.", code="escalation_not_pending")
+        return row
+
+    async def approve(self, escalation_id: str, cmd: ApproveEscalation,
+                      on_commit: CommitHook | None = None) -> dict[str, Any]:
+        async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
+            row = await self._pending(conn, escalation_id)
+            if not row["key_id"] or not _KV_SAFE.match(escalation_id):
+                raise Conflict(f"Escalation '{escalation_id}' names no virtual key (or its id cannot be a config "
+                               "key), so no grant can be issued; reject it instead.", code="escalation_not_grantable")
+            expires_ms = now_ms() + cmd.ttl_s * 1000
+            await conn.execute(
+                "UPDATE escalation SET status = 'approved', decided_at = now(), decided_by = 'admin', "
+                "expires_at = to_timestamp(%s / 1000.0) WHERE id = %s", (expires_ms, escalation_id))
+            grant = EscalationGrant(id=escalation_id, workspace_id=row["workspace_id"], key_id=row["key_id"],
+                                    rule=row["rule"], expires_at_ms=expires_ms)
+            body = _view(row) | {"status": "approved", "decided_at": _now_iso(), "decided_by": "admin",
+                                 "expires_at": iso_ms(expires_ms),
+                                 "grant": public_view(grant)}
+            return [Write(grant, "approved")], body
+        return await self._commands.commit(plan, on_commit)
+
+    async def reject(self, escalation_id: str, on_commit: CommitHook | None = None) -> dict[str, Any]:
+        """No config changes, so nothing to propagate: `propagated` is true and the revision is the
+        control plane's current one."""
+        async with self._commands.pool.connection() as conn, conn.transaction():
+            row = await self._pending(conn, escalation_id)
+            await conn.execute("UPDATE escalation SET status = 'rejected', decided_at = now(), decided_by = 'admin' "
+                               "WHERE id = %s", (escalation_id,))
+            body = _view(row) | {"status": "rejected", "decided_at": _now_iso(), "decided_by": "admin"}
+            if on_commit is not None:
+                await on_commit(conn, body | {"propagated": False, "snapshot_revision": None, "revision": None})
+        rev = self._commands.relay.last_revision or None
+        return body | {"propagated": True, "snapshot_revision": rev, "revision": rev}

@@ -1,0 +1,104 @@
+"""References between config entities: what an entity points at (checked on every write) and
+what points at an entity (checked before a delete).
+
+A reference names a live entity of the SAME workspace: otherwise 404 `<what>_not_found` or 400
+`<what>_workspace_mismatch`, naming the field. Deleting an entity others point at is refused
+(409 `still_referenced`) rather than cascaded: a delete never changes anything but its target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from schemas.entities import Budget, ConfigEntity, EscalationGrant, Limit, Policy, Provider
+from schemas.errors import InvalidRequest, NotFound
+
+# Where a scope points: the config kind and how messages name it. `workflow` is a free label.
+SCOPE_KIND: dict[str, tuple[str, str]] = {
+    "workspace": ("ws", "Workspace"), "department": ("dept", "Department"), "member": ("member", "Member"),
+    "agent": ("agent", "Agent"), "key": ("vk", "Virtual key"),
+}
+_REF_FIELDS = (("department_id", "dept", "Department"), ("member_id", "member", "Member"),
+               ("agent_id", "agent", "Agent"))
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """`entity.<param>` names the live entity `(kind, id)`, which must be of the same workspace."""
+
+    kind: str
+    id: str
+    param: str
+    what: str
+
+
+def references(entity: ConfigEntity) -> tuple[Ref, ...]:
+    ws = getattr(entity, "workspace_id", None)
+    if not isinstance(ws, str) or isinstance(entity, EscalationGrant):
+        return ()
+    refs = [Ref("ws", ws, "workspace_id", "Workspace")]
+    for field, kind, what in _REF_FIELDS:
+        value = getattr(entity, field, None)
+        if isinstance(value, str):
+            refs.append(Ref(kind, value, field, what))
+    if isinstance(entity, Budget | Limit | Policy) and entity.scope not in ("workflow", "workspace"):
+        kind, what = SCOPE_KIND[entity.scope]
+        refs.append(Ref(kind, entity.scope_id, "scope_id", what))
+    return tuple(refs)
+
+
+def slug(what: str) -> str:
+    return what.lower().replace(" ", "_")
+
+
+async def check_ref(conn: psycopg.AsyncConnection[Any], ref: Ref, workspace_id: str) -> None:
+    # FOR SHARE: a concurrent DELETE of the referenced entity waits for this commit and then
+    # sees the new reference (or this insert waits for the delete and finds nothing).
+    cur = await conn.execute("SELECT workspace_id FROM config_entity WHERE kind = %s AND id = %s "
+                             "AND deleted_at IS NULL FOR SHARE", (ref.kind, ref.id))
+    row = await cur.fetchone()
+    if row is None:
+        raise NotFound(f"{ref.what} '{ref.id}' does not exist.", param=ref.param, code=f"{slug(ref.what)}_not_found")
+    if ref.kind != "ws" and row[0] != workspace_id:
+        raise InvalidRequest(f"{ref.what} '{ref.id}' belongs to another workspace; '{ref.param}' must name a "
+                             f"{ref.what.lower()} of workspace '{workspace_id}'.", param=ref.param,
+                             code=f"{slug(ref.what)}_workspace_mismatch")
+
+
+# Entities whose fields point at an entity of kind K; deleting K while they are live is a 409.
+_REFERRERS: dict[str, tuple[tuple[str, str], ...]] = {
+    "dept": (("member", "department_id"), ("agent", "department_id"), ("vk", "department_id")),
+    "member": (("agent", "member_id"), ("vk", "member_id")),
+    "agent": (("vk", "agent_id"),),
+}
+_SCOPE_OF: dict[str, str] = {"dept": "department", "member": "member", "agent": "agent"}
+
+
+async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) -> list[str]:
+    """Up to 5 live entities ("kind id") that would dangle if `entity` were deleted."""
+    ent_id: str = entity.id
+    if kind == "ws":
+        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE workspace_id = %s AND kind <> 'ws' "
+                                 "AND deleted_at IS NULL ORDER BY kind, id LIMIT 5", (ent_id,))
+        return [f"{k} {i}" for k, i in await cur.fetchall()]
+    if kind == "provider":
+        assert isinstance(entity, Provider)
+        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE kind = 'alias' AND workspace_id = %s "
+                                 "AND deleted_at IS NULL AND starts_with(body->>'target', %s) LIMIT 5",
+                                 (entity.workspace_id, f"{entity.name}/"))
+        return [f"{k} {i}" for k, i in await cur.fetchall()]
+    found: list[str] = []
+    ws = entity.workspace_id
+    for other, field in _REFERRERS.get(kind, ()):
+        cur = await conn.execute("SELECT id FROM config_entity WHERE kind = %s AND workspace_id = %s "
+                                 "AND deleted_at IS NULL AND body->>%s = %s LIMIT 5", (other, ws, field, ent_id))
+        found += [f"{other} {r[0]}" for r in await cur.fetchall()]
+    if kind in _SCOPE_OF:
+        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE kind IN ('budget', 'limit', 'policy') "
+                                 "AND workspace_id = %s AND deleted_at IS NULL AND body->>'scope' = %s "
+                                 "AND body->>'scope_id' = %s LIMIT 5", (ws, _SCOPE_OF[kind], ent_id))
+        found += [f"{k} {i}" for k, i in await cur.fetchall()]
+    return found[:5]
