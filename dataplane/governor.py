@@ -67,7 +67,7 @@ from schemas.budget_keys import escalation_key, lease_hold_id, op_marker_key
 
 log = structlog.get_logger(__name__)
 
-_MARKER_TTL_MS = 3_600_000  # a settlement retried after a lost reply is recognised for an hour
+_MARKER_TTL_MS = lua.MARKER_TTL_MS
 _ACTIVE_MS = 300_000  # a budget unused this long gives its lease back ...
 _FORGET_MS = 3_600_000  # ... and is no longer swept by this worker after this long
 
@@ -105,7 +105,8 @@ class RedisGovernor:
                  hold_ttl_s: float = 120.0, settle_flush_interval_s: float = 0.05, timeout_s: float = 0.25,
                  batch_timeout_s: float = 2.0, lease_ttl_s: float = 60.0, refresh_interval_s: float = 5.0,
                  lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0, max_inflight: int = 16,
-                 batch_max: int = 256, queue_max: int = 100_000, clock_ms: Callable[[], int] | None = None) -> None:
+                 batch_max: int = 256, queue_max: int = 100_000, max_hold_s: float = 900.0,
+                 clock_ms: Callable[[], int] | None = None) -> None:
         if isinstance(redis, str):
             redis = Redis.from_url(redis, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                    retry=Retry(NoBackoff(), 0), max_connections=max_inflight + 8)
@@ -117,6 +118,7 @@ class RedisGovernor:
         self.worker_id = worker_id or secrets.token_hex(6)
         self._lease_id = lease_hold_id(self.worker_id)
         self._hold_ttl_ms = int(hold_ttl_s * 1000)
+        self._max_hold_ms = int(max_hold_s * 1000)
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
         self._flush_interval_s = settle_flush_interval_s
         self._refresh_interval_s = refresh_interval_s
@@ -129,10 +131,14 @@ class RedisGovernor:
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._scripts = {name: redis.register_script(getattr(lua, name))
-                         for name in ("ADMIT", "SETTLE", "DEBIT", "VOID", "LEASE")}
+                         for name in ("ADMIT", "SETTLE", "DEBIT", "VOID", "LEASE", "EXTEND")}
         self._queue: deque[_Op] = deque()
         self._unrecorded = 0  # queued debit/void ops: Redis admits wait until they are applied
         self._watched: dict[str, _Watched] = {}
+        # Admissions not settled yet, by hold id: their holds are kept from lapsing while this
+        # worker lives (up to `max_hold_s`), so a long call keeps its reservation.
+        self._open: dict[str, _Ticket] = {}
+        self._run_task: asyncio.Task[None] | None = None
         self._local = LocalState()
         # The breaker: closed (`_healthy`) until Redis has failed for `down_after_s` with no
         # success in between; then open (local mode, leases) with one probe per `probe_interval_s`.
@@ -195,8 +201,9 @@ class RedisGovernor:
             self._local.set_lease(b.prefix, int(lease_left), int(lease_exp))
             remaining = int(left) if remaining is None else min(remaining, int(left))
             alerts += [BudgetCrossing(b.budget, int(t), b.period_start, int(committed)) for t in crossed]
+        ticket = self._track(_Ticket(plan, local=False))
         return Admission(ok=True, mode="redis", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
-                         remaining_nanos=remaining, alerts=tuple(alerts), token=_Ticket(plan, local=False))
+                         remaining_nanos=remaining, alerts=tuple(alerts), token=ticket)
 
     def _admit_local(self, plan: Plan, now_ms: int, *, attempted: bool) -> Admission:
         if attempted:
@@ -238,8 +245,14 @@ class RedisGovernor:
                 _MARKER_TTL_MS)), unrecorded=True)
         self.local_admissions += 1
         remaining = min((self._local.lease_left(b.prefix, now_ms) for b in plan.budgets), default=None)
+        ticket = self._track(_Ticket(plan, local=True))
         return Admission(ok=True, mode="local", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
-                         remaining_nanos=remaining, token=_Ticket(plan, local=True))
+                         remaining_nanos=remaining, token=ticket)
+
+    def _track(self, ticket: _Ticket) -> _Ticket:
+        if ticket.plan.budgets or ticket.plan.concs:
+            self._open[ticket.plan.hold_id] = ticket
+        return ticket
 
     # -- settlement ------------------------------------------------------------------------------
 
@@ -251,6 +264,7 @@ class RedisGovernor:
         ticket.settled = True
         try:
             plan = ticket.plan
+            self._open.pop(plan.hold_id, None)
             if ticket.local:
                 for c in plan.concs:
                     self._local.release_slot(c.key)
@@ -319,19 +333,30 @@ class RedisGovernor:
 
     # -- leases, sweeps, health ------------------------------------------------------------------
 
-    async def refresh_leases(self) -> None:
+    async def refresh_leases(self, *, release: bool = False) -> None:
         """Sweep every budget this worker has seen in the last hour and size its lease (given back
-        after five minutes without use). One pipeline; a failure marks Redis down."""
+        after five minutes without use, or now with `release`); keep the holds of calls in flight
+        for more than half the hold TTL from lapsing. One pipeline; a failure counts against Redis.
+        Skipped while local admissions are not recorded in Redis yet (they are part of the lease)."""
+        if self._unrecorded:
+            return
         now = self._clock_ms()
         fleet = max(1, self._fleet_size())
         for prefix in [p for p, w in self._watched.items() if now - w.last_used_ms > _FORGET_MS]:
             del self._watched[prefix]
+        for hold_id in [h for h, t in self._open.items() if now - t.plan.now_ms > self._max_hold_ms]:
+            log.warning("governor_hold_not_settled", hold_id=hold_id, after_s=self._max_hold_ms / 1000)
+            del self._open[hold_id]  # its reservation now lapses like a dead worker's
         watched = list(self._watched.values())
-        if not watched:
+        calls: list[tuple[str, tuple[str, ...], tuple[str | int, ...]]] = [
+            ("LEASE", *w.plan_budget.lease_call(
+                now, self._lease_id, self._lease_ttl_ms, fleet,
+                0 if release or now - w.last_used_ms > _ACTIVE_MS else self._lease_pct))
+            for w in watched]
+        calls += [("EXTEND", *t.plan.extend_call(now + self._hold_ttl_ms, self._hold_ttl_ms))
+                  for t in self._open.values() if now - t.plan.now_ms >= self._hold_ttl_ms // 2]
+        if not calls:
             return
-        calls = [("LEASE", *w.plan_budget.lease_call(now, self._lease_id, self._lease_ttl_ms, fleet,
-                                                     self._lease_pct if now - w.last_used_ms <= _ACTIVE_MS else 0))
-                 for w in watched]
         try:
             async with asyncio.timeout(self._batch_timeout_s):
                 results = await self._pipeline(calls)
@@ -339,7 +364,7 @@ class RedisGovernor:
             self._failed("lease_refresh", exc)
             return
         self._succeeded()
-        for w, result in zip(watched, results, strict=True):
+        for w, result in zip(watched, results, strict=False):
             if isinstance(result, Exception):
                 log.error("governor_lease_failed", error=str(result)[:200])
                 continue
@@ -349,6 +374,7 @@ class RedisGovernor:
         """The background task: flush settlements every `settle_flush_interval_s` (sooner when a
         batch is full), refresh leases and sweep every `refresh_interval_s`, probe Redis while it
         is down. Returns after `close()`."""
+        self._run_task = asyncio.current_task()
         next_refresh = 0.0
         while not self._closing:
             with contextlib.suppress(TimeoutError):
@@ -371,11 +397,10 @@ class RedisGovernor:
         bounded by the batch timeout), then close the client if the governor owns it."""
         self._closing = True
         self._wake.set()
-        if self._healthy or await self._probe():
-            for w in self._watched.values():
-                w.last_used_ms = -_FORGET_MS  # inactive: the refresh below releases the lease
-            if await self.flush():
-                await self.refresh_leases()
+        if self._run_task is not None and not self._run_task.done():
+            await asyncio.wait({self._run_task}, timeout=2 * self._batch_timeout_s)
+        if (self._healthy or await self._probe()) and await self.flush():
+            await self.refresh_leases(release=True)
         if self._queue:
             log.warning("governor_settlements_not_flushed", pending=len(self._queue))
         if self._owns_redis:

@@ -123,6 +123,10 @@ class Plan:
                                  len(self.budgets)]
         return tuple(keys), tuple(args + [b.expire_at_ms for b in self.budgets])
 
+    def extend_call(self, expires_ms: int, ttl_ms: int) -> Call:
+        keys = [b.keys.hexp for b in self.budgets] + [c.key for c in self.concs]
+        return tuple(keys), (self.hold_id, expires_ms, ttl_ms)
+
     def void_call(self, marker: str, marker_ttl_ms: int) -> Call:
         keys = [marker] + [k for b in self.budgets for k in (b.keys.holds, b.keys.hexp, b.keys.held)]
         keys += [c.key for c in self.concs]

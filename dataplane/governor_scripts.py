@@ -10,13 +10,15 @@ Conventions inside the scripts:
 * every script that touches a budget first sweeps its expired holds (at most `SWEEP_MAX` per call;
   the rest stay counted, which only errs towards refusing) -- TigerBeetle's pending-transfer
   timeout, done by hand;
-* the settlement scripts start with a `SET NX` marker: a batch retried after a lost reply applies
-  each settlement once.
+* the settlement scripts start with a `SET NX` marker (kept `MARKER_TTL_MS`): a batch retried
+  after a lost reply applies each settlement once. A retry later than that may count a settlement's
+  spend twice (the refusing side; the debit and void parts are idempotent by themselves).
 """
 
 from __future__ import annotations
 
 MAX_EXACT_NANOS = 2**53
+MARKER_TTL_MS = 900_000
 SWEEP_MAX = 1000
 
 _COMMON = r"""
@@ -50,6 +52,12 @@ local function leased(holds, leases)
   local total = 0
   for _, id in ipairs(redis.call('SMEMBERS', leases)) do total = total + num(redis.call('HGET', holds, id)) end
   return total
+end
+
+-- Make `key` live at least `ms` more (never shortens a longer TTL or removes "no expiry").
+local function extend_ttl(key, ms)
+  local pttl = redis.call('PTTL', key)
+  if pttl >= 0 and pttl < ms then redis.call('PEXPIRE', key, fmt(ms)) end
 end
 
 local function expire_at(keys, at)
@@ -147,7 +155,7 @@ end
 for i = 1, nc do
   local key = KEYS[6 * nb + nr + i]
   redis.call('ZADD', key, fmt(now + ttl), hold_id)
-  redis.call('PEXPIRE', key, fmt(ttl + 1000))
+  extend_ttl(key, ttl + 1000)
 end
 local out = {}
 for j = 1, nb do
@@ -217,12 +225,15 @@ for j = 1, tonumber(ARGV[7]) do
   local k = 1 + 5 * (j - 1)
   local holds, hexp, held_key, leases = KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5]
   local held = sweep(holds, hexp, held_key, leases, now)
-  local use = math.min(num(redis.call('HGET', holds, lease_id)), h)
-  if use > 0 then redis.call('HINCRBY', holds, lease_id, fmt(-use)) end
-  redis.call('HSET', holds, hold_id, fmt(h))
-  redis.call('ZADD', hexp, fmt(now + ttl), hold_id)
-  redis.call('SET', held_key, fmt(held + h - use))
-  expire_at({holds, hexp, held_key}, tonumber(ARGV[7 + j]))
+  -- (a hold already there was recorded by an earlier send of this debit: the counter has it)
+  if h > 0 and redis.call('HEXISTS', holds, hold_id) == 0 then
+    local use = math.min(num(redis.call('HGET', holds, lease_id)), h)
+    if use > 0 then redis.call('HINCRBY', holds, lease_id, fmt(-use)) end
+    redis.call('HSET', holds, hold_id, fmt(h))
+    redis.call('ZADD', hexp, fmt(now + ttl), hold_id)
+    redis.call('SET', held_key, fmt(held + h - use))
+    expire_at({holds, hexp, held_key}, tonumber(ARGV[7 + j]))
+  end
 end
 return 1
 """
@@ -243,6 +254,16 @@ for j = 1, nb do
   end
 end
 for i = 2 + 3 * nb, #KEYS do redis.call('ZREM', KEYS[i], hold_id) end
+return 1
+"""
+
+# Keep the holds and concurrency entries of a call still in flight on a live worker from lapsing.
+# KEYS: the hexp ZSET of each budget, then each concurrency ZSET. ARGV: hold_id, expires_ms, ttl_ms.
+# Only existing entries are touched (ZADD XX): a settled call is not brought back.
+EXTEND = _COMMON + r"""
+for _, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', ARGV[2], ARGV[1]) == 1 then extend_ttl(key, tonumber(ARGV[3]) + 1000) end
+end
 return 1
 """
 

@@ -179,6 +179,28 @@ async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service)
             await runner
 
 
+async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease_back(
+        redis_service: Service) -> None:
+    w = ws()
+    b = budget(w, limit=20 * CENT)
+    lim = Limit(id="lim_l", workspace_id=w, scope="key", scope_id="k1", concurrency=1)
+    async with governors(redis_service, 1, hold_ttl_s=0.3, refresh_interval_s=0.05) as (gov,):
+        runner = asyncio.create_task(gov.run())
+        long_call = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=10 * CENT))
+        assert long_call.ok
+        await asyncio.sleep(1.0)  # well past the hold TTL: the live worker kept extending it
+        _, holds = await raw_budget(gov._redis, b)
+        assert holds[long_call.token.plan.hold_id] == 10 * CENT  # type: ignore[attr-defined]
+        assert holds["lease:w0"] > 0
+        second = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=CENT))
+        assert not second.ok and second.code == "concurrency_limit_exceeded"
+        gov.settle(long_call, 10 * CENT, 10)
+        await gov.close()
+        await runner
+        spent, holds = await raw_budget(gov._redis, b)
+        assert spent == 10 * CENT and holds == {}  # settled, and the lease given back on close
+
+
 async def test_gcra_across_two_workers_admits_the_limit(redis_service: Service) -> None:
     w = ws()
     lim = Limit(id="lim_r", workspace_id=w, scope="key", scope_id="k1", rpm=60)
