@@ -77,6 +77,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- governance ----------------------------------------------------------------------------------
     # A budget hold not settled within this (its worker died) expires and is swept.
     hold_ttl_s: float = 120.0
+    # The control plane raises each budget's spend in Redis to the journal's figure this often
+    # (and at start-up): Redis may lose increments in a failover or restart; it is never lowered.
+    reconcile_interval_s: float = 30.0
     # Hosts, IPs or CIDRs that provider base URLs may point at although they are private (SSRF guard).
     ssrf_allow: str = ""
     # -- event durability (spool, publisher, projector) -------------------------------------------
