@@ -154,7 +154,8 @@ class RedisGovernor:
     # -- admission -------------------------------------------------------------------------------
 
     async def admit(self, req: AdmitRequest) -> Admission:
-        """See `dataplane.ports.Governor.admit`. No IO when nothing is on the path."""
+        """See `dataplane.ports.Governor.admit`. No IO when nothing is on the path. `req.request_id`
+        names the holds and concurrency entries, so it must be unique per admission."""
         if not req.limits and not req.budgets:
             return Admission(ok=True, mode="none")
         plan = build_plan(req)
@@ -180,7 +181,10 @@ class RedisGovernor:
                     self._failed("admit", exc)
                 else:
                     self._succeeded()
-                    return self._from_reply(plan, reply)
+                    try:
+                        return self._from_reply(plan, reply)
+                    except Exception as exc:  # an unreadable reply is a lost one (voided below)
+                        log.error("governor_bad_reply", error=type(exc).__name__, detail=str(exc)[:200])
         return self._admit_local(plan, req.now_ms, attempted=attempted)
 
     def _from_reply(self, plan: Plan, reply: list[Any]) -> Admission:
@@ -206,8 +210,9 @@ class RedisGovernor:
                          remaining_nanos=remaining, alerts=tuple(alerts), token=ticket)
 
     def _admit_local(self, plan: Plan, now_ms: int, *, attempted: bool) -> Admission:
-        if attempted:
-            # The lost reply may hide an admission that did apply: undo it, whatever happens here.
+        if attempted and (plan.budgets or plan.concs):
+            # The lost reply may hide an admission that did apply: undo it, whatever happens here
+            # (a rate limiter it may have charged only errs towards refusing, briefly).
             self._enqueue(_Op("void", *plan.void_call(op_marker_key(plan.workspace_id, f"v:{plan.hold_id}"),
                                                       _MARKER_TTL_MS)), unrecorded=True)
         fleet = max(1, self._fleet_size())
