@@ -105,7 +105,11 @@ async def ledger_spend(pool: AsyncConnectionPool, budget: Budget, start: dt.date
 async def reconcile(redis: Redis, pool: AsyncConnectionPool, budgets: Iterable[Budget], now: dt.datetime) -> int:
     """For each budget, `spent := max(spent, ledger spend of its current window)`, atomically in
     Redis (never lowered). Returns how many budgets were raised. Raises on a Redis or Postgres
-    error (the caller logs it and tries again next interval; nothing is half-applied per budget)."""
+    error (the caller logs it and tries again next interval; nothing is half-applied per budget).
+
+    After a loss, a settlement a worker still has queued (it could not reach Redis) lands on top
+    of the restored figure and is counted twice until the window ends: an over-count, the
+    refusing side, never an overspend."""
     raise_spent = redis.register_script(_RAISE_SPENT)
     raised = 0
     for budget in budgets:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from structlog.testing import capture_logs
 
 from controlplane.budget_state import budget_state
 from dataplane.governor import RedisGovernor
@@ -39,6 +40,15 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
     finally:
         svc.resume()
         svc.stop()
+
+
+@pytest.fixture(autouse=True)
+def no_script_errors() -> Iterator[None]:
+    """A Lua error is logged and the op dropped (never raised): fail the test on one."""
+    with capture_logs() as logs:
+        yield
+    bad = [e for e in logs if e["event"] in ("governor_op_failed", "governor_lease_failed", "governor_bad_reply")]
+    assert not bad, bad
 
 
 @asynccontextmanager
