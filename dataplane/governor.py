@@ -13,24 +13,33 @@ Leases. While Redis is healthy the worker keeps, per active budget, a lease: a h
 first (inside the admit script), and a request that would be refused first reclaims the other
 workers' leases, so in normal operation leases strand no capacity. Leases exist for the outage:
 
-Redis unreachable (error or `timeout_s`; never raised to the caller) -> `mode="local"`:
+Redis failing (an error, or no reply within `timeout_s`; never raised to the caller) ->
+`mode="local"`. A call whose Redis attempt failed has an unknown outcome there: it is voided in
+Redis later, rate and concurrency limits are decided locally, and its budgets are refused ("did
+not answer in time"). Once Redis has failed for `down_after_s` with no success in between, the
+breaker opens (one probe per `probe_interval_s`) and the worker runs fully local:
 * rate limits fail open onto a per-worker GCRA of limit / fleet_size (`local_admissions` counts
   what was allowed this way: the gateway's `limiter_failure_mode_allowed`);
 * concurrency: a per-worker count of limit / fleet_size;
 * budgets fail closed onto this worker's copy of its lease, until the lease's expiry; each such
   admission is recorded in Redis (moved from the lease to a request hold) when Redis is back,
   before this worker admits through Redis again.
+Waiting `down_after_s` keeps a busy event loop (which can delay a reply past `timeout_s` while
+Redis is fine) from spending leases that other workers may be reclaiming.
 
 Overspend bound, per budget: at most the sum, over workers, of the lease each worker believed it
-had when it lost Redis. A lease spent locally is double-counted only if Redis dropped it in the
-meantime: it lapsed (the outage outlasted `lease_ttl_s` while other workers could still reach
-Redis), or another worker reclaimed it, or Redis lost it (failover). The same bound covers a
-reply lost mid-admit (the request is voided in Redis and admitted locally).
+had when its breaker opened. A lease spent locally is double-counted only if Redis dropped it in
+the meantime: it lapsed (the outage outlasted `lease_ttl_s` while other workers could still reach
+Redis), another worker reclaimed it (the breaker opened while Redis was in fact reachable), or
+Redis lost it (a failover or restart, which also drops the holds of calls in flight: those calls'
+holds are the bound there, and `controlplane.budget_state.reconcile` restores `spent`).
 
 Crash safety: holds, leases and concurrency entries carry expiries and are swept by every script
 and by `run()`'s periodic refresh, so a dead worker's reservations return within
-`hold_ttl_s` + `refresh_interval_s`. Calls must end within `hold_ttl_s` (or their hold lapses
-and the budget is briefly over-admitted by that hold): keep it above the upstream timeout.
+`hold_ttl_s` + `refresh_interval_s`. A live worker extends the holds of its calls still in
+flight (up to `max_hold_s`), so a call longer than `hold_ttl_s` keeps its reservation.
+
+Amounts are exact up to 2^53 nano-USD (about $9M) per budget window (Lua numbers are doubles).
 """
 
 from __future__ import annotations
