@@ -261,7 +261,7 @@ async def dry_run(request: web.Request) -> web.StreamResponse:
 
 
 def _crud(path: str, spec: c.KindSpec, noun: str, *, create: bool = True, get: bool = True,
-          delete_rule: str = "") -> tuple[Route, ...]:
+          delete_rule: str = "", delete: Handler_ | None = None) -> tuple[Route, ...]:
     """POST (create), GET list, GET one, PATCH, DELETE for one entity kind."""
     base = f"/admin/v1/{path}"
     routes = [Route("POST", base, f"Create a {noun}", spec.create, _create(spec), 201)] if create else []
@@ -271,7 +271,7 @@ def _crud(path: str, spec: c.KindSpec, noun: str, *, create: bool = True, get: b
     routes += [
         Route("PATCH", base + "/{id}", f"Change a {noun}: the fields given, validated as on create; references "
               "are re-checked", spec.patch, _patcher(spec)),
-        Route("DELETE", base + "/{id}", f"Delete a {noun}. {delete_rule}".strip(), None, _deleter(spec)),
+        Route("DELETE", base + "/{id}", f"Delete a {noun}. {delete_rule}".strip(), None, delete or _deleter(spec)),
     ]
     return tuple(routes)
 
@@ -317,7 +317,8 @@ ROUTES: tuple[Route, ...] = (
           "retry with the same Idempotency-Key)",
           c.CreateVirtualKey, _cmd(c.CreateVirtualKey, "create_virtual_key"), 201),
     *_crud("virtual-keys", c.VIRTUAL_KEY, "virtual key", create=False,
-           delete_rule="Same as revoke: never refused; budgets, limits and policies on the key stay, inert."),
+           delete_rule="Same as revoke: never refused; budgets, limits and policies on the key stay, inert.",
+           delete=revoke_key),
     Route("POST", "/admin/v1/virtual-keys/{id}/revoke",
           "Revoke a virtual key fleet-wide (202: revoked, workers not yet told)", None, revoke_key),
     Route("POST", "/admin/v1/virtual-keys/{id}/rotate", "Mint a replacement key with the same bindings (plaintext "
@@ -331,8 +332,8 @@ ROUTES: tuple[Route, ...] = (
           None, get_budget),
     *_crud("limits", g.LIMIT, "limit"),
     *_crud("policies", g.POLICY, "policy"),
-    Route("GET", "/admin/v1/escalations", "Escalations, newest first (?workspace_id=&status=pending|approved|"
-          "rejected|used)", None, list_escalations),
+    Route("GET", "/admin/v1/escalations", "Escalations, newest first, at most 500 (?workspace_id=&status="
+          "pending|approved|rejected); `used` tells whether an approved one's retry happened", None, list_escalations),
     Route("GET", "/admin/v1/escalations/{id}", "Get an escalation", None, get_escalation),
     Route("POST", "/admin/v1/escalations/{id}/approve", "Approve a pending escalation: the key may retry once with "
           "`Alephant-Escalation-Id` within `ttl_s` (default 900); 409 if it is not pending", ApproveEscalation,
@@ -441,7 +442,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         # short timeouts, so an unreachable Redis makes GET /budgets/{id} degrade, not hang.
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
         app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring),
-                                Escalations(commands), DecisionDryRun(commands), redis)
+                                Escalations(commands, redis), DecisionDryRun(commands), redis)
         task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
         yield
         task.cancel()

@@ -18,24 +18,31 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgspec
 import psycopg
 from psycopg.rows import dict_row
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from controlplane.commands import CommitHook, ConfigCommands, Write, public_view
 from controlplane.inputs import Command, iso_ms, now_ms
+from schemas.budget_keys import escalation_key
 from schemas.entities import EscalationGrant
 from schemas.errors import Conflict, NotFound
 
 DEFAULT_GRANT_TTL_S = 900
 MAX_GRANT_TTL_S = 7 * 86400
-Status = Literal["pending", "approved", "rejected", "used"]
-STATUSES: tuple[str, ...] = ("pending", "approved", "rejected", "used")
-# Constant column list (no input): the f-strings below interpolate only this.
+# The table also allows "used" for a later sweep; today use shows as the `used` field.
+STATUSES: tuple[str, ...] = ("pending", "approved", "rejected")
 # A grant's id becomes a KV key (`escalation.<id>`): only ids a KV key can carry are approvable.
 _KV_SAFE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# Approving also deletes up to this many grants expired for over GRANT_GC_AFTER_MS, so the
+# workers' snapshots do not accumulate them.
+GRANT_GC_BATCH = 100
+GRANT_GC_AFTER_MS = 60_000
+# Constant column list (no input): the f-strings below interpolate only this.
 _COLUMNS = ("id, workspace_id, key_id, agent_id, run_id, request_id, rule, scope, scope_id, model, endpoint, "
             "message, status, created_at, decided_at, decided_by, expires_at")
 
@@ -59,8 +66,31 @@ def _now_iso() -> str:
 
 
 class Escalations:
-    def __init__(self, commands: ConfigCommands) -> None:
+    """Rows carry `used` for an approved escalation whose grant is live: whether its one retry
+    happened (from the data plane's Redis marker); null when unknown (not approved, expired, or
+    Redis unreachable)."""
+
+    def __init__(self, commands: ConfigCommands, redis: Redis | None = None) -> None:
         self._commands = commands
+        self._redis = redis
+
+    async def _with_use(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        now = dt.datetime.now(dt.UTC)
+        live = [r for r in rows if r["status"] == "approved" and r["expires_at"] is not None and r["expires_at"] > now]
+        for r in rows:
+            r["used"] = None
+        if live and self._redis is not None:
+            # One GET each in a plain pipeline: the keys carry different workspaces' hash tags.
+            pipe = self._redis.pipeline(transaction=False)
+            for r in live:
+                pipe.exists(escalation_key(r["workspace_id"], r["id"]))
+            try:
+                found = await pipe.execute()
+            except (RedisError, OSError, TimeoutError):
+                return rows
+            for r, hit in zip(live, found, strict=True):
+                r["used"] = bool(hit)
+        return rows
 
     async def list(self, workspace_id: str | None, status: str | None, limit: int = 500) -> list[dict[str, Any]]:
         """Newest first, at most `limit`."""
@@ -69,7 +99,8 @@ class Escalations:
                 f"SELECT {_COLUMNS} FROM escalation WHERE (%(ws)s::text IS NULL OR workspace_id = %(ws)s) "  # noqa: S608
                 "AND (%(st)s::text IS NULL OR status = %(st)s) ORDER BY created_at DESC, id LIMIT %(n)s",
                 {"ws": workspace_id, "st": status, "n": limit})
-            return [_view(r) for r in await cur.fetchall()]
+            rows = await cur.fetchall()
+        return [_view(r) for r in await self._with_use(rows)]
 
     async def get(self, escalation_id: str) -> dict[str, Any]:
         async with self._commands.pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
@@ -77,7 +108,7 @@ class Escalations:
             row = await cur.fetchone()
         if row is None:
             raise NotFound(f"No escalation with id '{escalation_id}'.", code="escalation_not_found")
-        return _view(row)
+        return _view((await self._with_use([row]))[0])
 
     async def _pending(self, conn: psycopg.AsyncConnection[Any], escalation_id: str) -> dict[str, Any]:
         async with conn.cursor(row_factory=dict_row) as cur:
@@ -104,10 +135,10 @@ class Escalations:
                 "expires_at = to_timestamp(%s / 1000.0) WHERE id = %s", (expires_ms, escalation_id))
             grant = EscalationGrant(id=escalation_id, workspace_id=row["workspace_id"], key_id=row["key_id"],
                                     rule=row["rule"], expires_at_ms=expires_ms)
-            body = _view(row) | {"status": "approved", "decided_at": _now_iso(), "decided_by": "admin",
+            body = _view(row) | {"status": "approved", "used": False, "decided_at": _now_iso(), "decided_by": "admin",
                                  "expires_at": iso_ms(expires_ms),
                                  "grant": public_view(grant)}
-            return [Write(grant, "approved")], body
+            return [Write(grant, "approved"), *await _expired_grants(conn)], body
         return await self._commands.commit(plan, on_commit)
 
     async def reject(self, escalation_id: str, on_commit: CommitHook | None = None) -> dict[str, Any]:
@@ -122,3 +153,12 @@ class Escalations:
                 await on_commit(conn, body | {"propagated": False, "snapshot_revision": None, "revision": None})
         rev = self._commands.relay.last_revision or None
         return body | {"propagated": True, "snapshot_revision": rev, "revision": rev}
+
+
+async def _expired_grants(conn: psycopg.AsyncConnection[Any]) -> list[Write]:
+    """Deletes of grants long expired (any workspace), skipping rows another approval holds."""
+    cur = await conn.execute(
+        "SELECT body FROM config_entity WHERE kind = 'escalation' AND deleted_at IS NULL "
+        "AND (body->>'expires_at_ms')::bigint < %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+        (now_ms() - GRANT_GC_AFTER_MS, GRANT_GC_BATCH))
+    return [Write(msgspec.convert(r[0], EscalationGrant), "expired", delete=True) for r in await cur.fetchall()]

@@ -81,8 +81,10 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
     """Up to 5 live entities ("kind id") that would dangle if `entity` were deleted."""
     ent_id: str = entity.id
     if kind == "ws":
-        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE workspace_id = %s AND kind <> 'ws' "
-                                 "AND deleted_at IS NULL ORDER BY kind, id LIMIT 5", (ent_id,))
+        # Escalation grants are not counted: they expire on their own and have no delete route.
+        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE workspace_id = %s "
+                                 "AND kind NOT IN ('ws', 'escalation') AND deleted_at IS NULL ORDER BY kind, id "
+                                 "LIMIT 5", (ent_id,))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind == "provider":
         assert isinstance(entity, Provider)
@@ -90,6 +92,8 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
                                  "AND deleted_at IS NULL AND starts_with(body->>'target', %s) LIMIT 5",
                                  (entity.workspace_id, f"{entity.name}/"))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
+    if kind not in _REFERRERS:
+        return []  # nothing points at a price, alias, key, budget, limit or policy
     found: list[str] = []
     ws = entity.workspace_id
     for other, field in _REFERRERS.get(kind, ()):

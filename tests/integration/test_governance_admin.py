@@ -151,7 +151,7 @@ async def test_references_must_be_live_entities_of_the_same_workspace(
 
 # ---- budgets ------------------------------------------------------------------------------------
 
-BAD_BUDGETS: list[tuple[str, dict[str, Any], int, str, str | None]] = [
+BAD_BUDGETS: list[tuple[str, dict[str, Any], int, str | None, str | None]] = [
     ("float amount", {"limit_usd": 1.5}, 400, "limit_usd", None),
     ("negative amount", {"limit_usd": "-1"}, 400, "limit_usd", "invalid_amount"),
     ("not a number", {"limit_usd": "abc"}, 400, "limit_usd", "invalid_amount"),
@@ -325,6 +325,13 @@ async def _chat(gateway: Gateway, http: aiohttp.ClientSession, key: str) -> tupl
         return resp.status, await resp.json()
 
 
+async def _eventually_status(gateway: Gateway, http: aiohttp.ClientSession, key: str, status: int) -> Any:
+    async def check() -> Any:
+        got, body = await _chat(gateway, http, key)
+        return body if got == status else None
+    return await eventually(check, timeout=5)
+
+
 async def test_rotation_mints_a_key_with_the_same_bindings_and_ends_the_old_one(
         gateway: Gateway, admin: Admin, http: aiohttp.ClientSession) -> None:
     old = await admin.ok("POST", f"{A}/virtual-keys", {"workspace_id": "demo", "name": "rotating",
@@ -337,14 +344,14 @@ async def test_rotation_mints_a_key_with_the_same_bindings_and_ends_the_old_one(
     assert (new["agent_id"], new["models_allow"], new["name"]) == ("demo-agent", ["mock/*"], "rotating")
     keys = {k["id"]: k for k in (await admin.ok("GET", f"{A}/virtual-keys?workspace_id=demo"))["data"]}
     assert keys[old["id"]]["expires_at"] == new["old_key_expires_at"]
-    assert (await _chat(gateway, http, new["key"]))[0] == 200
-    status, body = await _chat(gateway, http, old["key"])
-    assert (status, body["error"]["code"]) == (401, "key_expired")
+    await _eventually_status(gateway, http, new["key"], 200)  # the worker applies the change just after
+    body = await _eventually_status(gateway, http, old["key"], 401)
+    assert body["error"]["code"] == "key_expired"
     status, data, _ = await admin.call("POST", f"{A}/virtual-keys/{old['id']}/rotate")
     assert (status, data["error"]["code"]) == (409, "key_expired")
     assert (await admin.call("POST", f"{A}/virtual-keys/vk_ghost/rotate"))[0] == 404
     await admin.ok("DELETE", f"{A}/virtual-keys/{new['id']}")
-    assert (await _chat(gateway, http, new["key"]))[0] == 401
+    await _eventually_status(gateway, http, new["key"], 401)
 
 
 # ---- escalations ------------------------------------------------------------------------------
@@ -461,3 +468,84 @@ async def test_openapi_lists_the_governance_routes(admin: Admin) -> None:
         assert any(p["name"] == "Idempotency-Key" for p in item["patch"]["parameters"])
     assert "CreateBudget" in doc["components"]["schemas"]
     assert "Idempotency-Key" not in str(paths["/admin/v1/decisions/dry-run"]["post"].get("parameters", []))
+
+
+async def test_an_escalated_call_is_approved_and_its_one_retry_goes_through(
+        gateway: Gateway, admin: Admin, http: aiohttp.ClientSession, fake_provider: str) -> None:
+    """End to end: the data plane refuses with `escalation_required`, the projector records the
+    escalation, the admin approves it, one retry with `Alephant-Escalation-Id` passes."""
+    key = await admin.ok("POST", f"{A}/virtual-keys", {"workspace_id": "demo", "name": "escalating"})
+    await admin.ok("POST", f"{A}/policies", {"workspace_id": "demo", "scope": "key", "scope_id": key["id"],
+                                             "escalate_over_usd": "0.000000001"})
+    body = {"model": f"{fake_provider}/gpt-4o-mini", "messages": [{"role": "user", "content": "expensive"}]}
+
+    async def call(extra: dict[str, str]) -> tuple[int, Any]:
+        async with http.post(f"{gateway.base_url}/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key['key']}", **extra}) as resp:
+            return resp.status, await resp.json()
+
+    status, refused = await call({})
+    assert (status, refused["error"]["code"]) == (403, "escalation_required"), refused
+
+    async def recorded() -> dict[str, Any] | None:
+        rows = (await admin.ok("GET", f"{A}/escalations?workspace_id=demo&status=pending"))["data"]
+        return next((r for r in rows if r["key_id"] == key["id"]), None)
+    escalation = await eventually(recorded)
+    assert escalation["id"] in refused["error"]["message"]
+    assert escalation["rule"].endswith(".escalate_over_usd") and escalation["used"] is None
+    # The dry run agrees with the data plane: without the approved header the call escalates.
+    dry = await admin.ok("POST", f"{A}/decisions/dry-run", {"key_id": key["id"], "body": body,
+                                                            "est_cost_usd": "0.01"}, status=200)
+    assert (dry["decision"], dry["rule"]) == ("escalate", escalation["rule"])
+
+    approved = await admin.ok("POST", f"{A}/escalations/{escalation['id']}/approve", status=200)
+    assert approved["propagated"] is True
+    dry = await admin.ok("POST", f"{A}/decisions/dry-run", {
+        "key_id": key["id"], "body": body, "est_cost_usd": "0.01",
+        "headers": {"Alephant-Escalation-Id": escalation["id"]}}, status=200)
+    assert (dry["decision"], dry["escalation_grant"]) == ("allow", escalation["id"])
+    assert (await admin.ok("GET", f"{A}/escalations/{escalation['id']}"))["used"] is False
+
+    async def retried() -> tuple[int, Any] | None:
+        # The grant reaches the worker's snapshot within the propagation the approval waited for.
+        got = await call({"Alephant-Escalation-Id": escalation["id"]})
+        return got if got[0] == 200 else None
+    await eventually(retried, timeout=5)
+    status, again = await call({"Alephant-Escalation-Id": escalation["id"]})
+    assert (status, again["error"]["code"]) == (403, "escalation_required")  # one retry only
+    assert (await admin.ok("GET", f"{A}/escalations/{escalation['id']}"))["used"] is True
+
+
+async def test_patch_providers_aliases_prices_and_delete_of_a_key_revokes_it(admin: Admin, ws: str) -> None:
+    provider = await admin.ok("POST", f"{A}/providers", {
+        "workspace_id": ws, "name": "up", "type": "openai", "base_url": "http://127.0.0.1:9/v1", "api_key": "sk-1"})
+    assert provider["has_api_key"] is True
+    kept = await admin.ok("PATCH", f"{A}/providers/{provider['id']}", {"options": {"api_version": "1"}})
+    assert (kept["has_api_key"], kept["options"], kept["base_url"]) == (True, {"api_version": "1"},
+                                                                         "http://127.0.0.1:9/v1")
+    status, data, _ = await admin.call("PATCH", f"{A}/providers/{provider['id']}", {"base_url": "http://10.0.0.1/v1"})
+    assert (status, data["error"]["param"]) == (400, "base_url")  # the SSRF rule, as on create
+    status, data, _ = await admin.call("PATCH", f"{A}/providers/{provider['id']}", {"name": "renamed"})
+    assert status == 400  # the name is the provider's id: not a PATCH field
+    cleared = await admin.ok("PATCH", f"{A}/providers/{provider['id']}", {"api_key": None})
+    assert cleared["has_api_key"] is False
+
+    alias = await admin.ok("POST", f"{A}/model-aliases", {"workspace_id": ws, "alias": "fast", "target": "up/a"})
+    moved = await admin.ok("PATCH", f"{A}/model-aliases/{alias['id']}", {"target": "up/b"})
+    assert (moved["id"], moved["alias"], moved["target"]) == (alias["id"], "fast", "up/b")
+    status, data, _ = await admin.call("PATCH", f"{A}/model-aliases/{alias['id']}", {"target": "nobar"})
+    assert (status, data["error"]["param"]) == (400, "target")
+
+    model = f"m-{ws}"
+    price = await admin.ok("POST", f"{A}/prices", {"provider": "up", "model": model, "input_per_mtok_nanos": 1,
+                                                   "output_per_mtok_nanos": 2, "cache_read_per_mtok_nanos": 3})
+    repriced = await admin.ok("PATCH", f"{A}/prices/{price['id']}", {"output_per_mtok_nanos": 5,
+                                                                     "cache_read_per_mtok_nanos": None})
+    assert (repriced["input_per_mtok_nanos"], repriced["output_per_mtok_nanos"],
+            repriced["cache_read_per_mtok_nanos"]) == (1, 5, None)
+    await admin.ok("DELETE", f"{A}/prices/{price['id']}")
+
+    key = await admin.ok("POST", f"{A}/virtual-keys", {"workspace_id": ws})
+    revoked = await admin.ok("DELETE", f"{A}/virtual-keys/{key['id']}")
+    assert revoked["revoked"] is True and "key" not in revoked
+    assert (await admin.call("DELETE", f"{A}/virtual-keys/{key['id']}"))[0] == 404
