@@ -4,7 +4,10 @@ state + `config.*` event in one transaction, then the KV snapshot entry (see com
 Mutating routes answer 201 (or 200) with `"propagated": true` once the change reached NATS, or
 202 with `"propagated": false` when it is committed but NATS could not take it within
 `ALEPHANT_ADMIN_PROPAGATION_WAIT_S`; the relay keeps retrying and workers apply it when NATS is
-back. Every POST accepts an `Idempotency-Key` header (see idempotency.py).
+back. Either way the body carries the config `revision` (= `snapshot_revision`, null while not
+propagated). Every POST, PATCH and DELETE accepts an `Idempotency-Key` header (see
+idempotency.py). PATCH takes the fields to change and validates the result as a create; DELETE
+of an entity others still reference is refused (409 `still_referenced`), never cascaded.
 
 The route table below is also the source of the OpenAPI document at /admin/v1/openapi.json.
 """
