@@ -1,6 +1,6 @@
 """Closed-loop HTTP load generator for one benchmark scenario; prints one JSON object.
 
-``python -m tests.bench.loadgen --url http://127.0.0.1:9999/v1 --connections 32 [--stream]``
+``python -m tests.bench.loadgen --url http://127.0.0.1:9999/v1 --connections 32 [--stream] [--max-tokens 64]``
 
 ``--connections`` workers share a keep-alive pool of that many connections; each sends a
 chat completion, reads the whole response, and immediately sends the next. Requests that
@@ -14,9 +14,11 @@ end with ``data: [DONE]``. Latencies are wall-clock from just before sending to 
 
 Output (stdout, one line): ``{"label", "url", "stream", "connections", "duration_s",
 "requests", "errors", "error_kinds": {kind: count}, "rps", "p50_ms", "p90_ms", "p99_ms",
-"max_ms", "mean_ms", "ttfb_p50_ms", "ttfb_p99_ms"}``. ``requests`` and ``rps`` count successes
-only; the ttfb fields are ``null`` when not streaming, and every latency field is ``null`` when
-nothing succeeded.
+"max_ms", "mean_ms", "ttfb_p50_ms", "ttfb_p99_ms", "completed"}``. ``requests`` and ``rps`` count
+successes only; the ttfb fields are ``null`` when not streaming, and every latency field is
+``null`` when nothing succeeded. ``completed`` counts every request that got an answer or failed
+during the whole run (warm-up, window and the in-flight tail, errors included): what the server
+handled, the denominator for server CPU per request measured around this process.
 """
 
 from __future__ import annotations
@@ -43,11 +45,15 @@ class _Tally:
     latencies_ns: list[int] = field(default_factory=list)
     ttfbs_ns: list[int] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
+    completed: int = 0
 
 
-def chat_body(model: str, *, stream: bool) -> bytes:
-    """The benchmark request body: one short user message, ``stream_options`` when streaming."""
+def chat_body(model: str, *, stream: bool, max_tokens: int | None = None) -> bytes:
+    """The benchmark request body: one short user message, ``stream_options`` when streaming,
+    ``max_tokens`` when given."""
     body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": PROMPT}]}
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
     if stream:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -118,6 +124,7 @@ async def run(
         while time.perf_counter_ns() < window_end:
             kind, ttfb, latency = await _one(session, url, body, headers, stream)
             done = time.perf_counter_ns()
+            tally.completed += 1
             if not window_start <= done <= window_end:
                 continue
             if kind is not None:
@@ -149,6 +156,7 @@ async def run(
         "mean_ms": sum(lat) / ok / 1e6 if ok else None,
         "ttfb_p50_ms": percentile(ttfb, 0.50) if stream else None,
         "ttfb_p99_ms": percentile(ttfb, 0.99) if stream else None,
+        "completed": tally.completed,
     }
 
 
@@ -168,6 +176,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first (default 1)")
     parser.add_argument("--stream", action="store_true", help="stream with stream_options.include_usage")
+    parser.add_argument("--max-tokens", type=int, help="max_tokens in every request (default: none)")
     parser.add_argument("--header", action="append", type=_parse_header, default=[], help="'Name: value'")
     parser.add_argument("--label", default="", help="copied into the output")
     return parser.parse_args(argv)
@@ -179,7 +188,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     result = await run(
         url=args.url.rstrip("/") + "/chat/completions",
         headers=headers,
-        body=chat_body(args.model, stream=args.stream),
+        body=chat_body(args.model, stream=args.stream, max_tokens=args.max_tokens),
         stream=args.stream,
         connections=args.connections,
         warmup_s=args.warmup,

@@ -1,13 +1,22 @@
-"""Pure summarising of benchmark results: gateway-vs-direct comparisons and the text tables.
+"""Pure summarising of benchmark results: comparisons between targets and the text tables.
 
 Inputs are the JSON objects :mod:`tests.bench.loadgen` prints, each extended by the runner
-with ``"scenario"`` (e.g. ``"1c non-stream"``) and ``"target"`` (``"direct"`` or ``"gateway"``).
+with ``"scenario"`` (e.g. ``"1c non-stream"``), ``"target"`` (one of ``TARGET_NAMES``) and, for
+targets served by the gateway, the server-side costs measured around the run (``None`` when not
+measured): ``"cpu_ms_per_req"`` (the data-plane workers' user+system CPU milliseconds over
+``completed`` requests) and ``"redis_evalsha_per_req"`` / ``"redis_reads_per_req"`` (Redis
+``EVALSHA`` calls and client reads, i.e. about one per round trip, over ``completed`` requests).
 Nothing here does IO; :mod:`tests.bench.run` prints the returned strings.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+#: ``direct``: the fake upstream itself; ``gateway``: through the gateway with nothing governing
+#: the request; ``governed``: through the gateway with a policy, two limits and two budgets on
+#: the request's path (issue 8's full-governance scenario).
+TARGET_NAMES = ("direct", "gateway", "governed")
 
 #: ARCHITECTURE.md section 9, shown next to the measurements for reference only (never enforced).
 TARGETS = {
@@ -17,46 +26,108 @@ TARGETS = {
     "added_ttfb_ms": 1.0,
 }
 
+#: Issue 8 ("Governance before the call"), shown for reference only (never enforced): governed
+#: throughput at 32 connections over the plain gateway's, worker CPU per governed request, Redis
+#: round trips per governed request, and the in-memory decision steps (the micro-benchmark).
+GOVERNANCE_TARGETS = {
+    "governed_vs_gateway_32c": 0.8,
+    "governed_cpu_ms_per_req": 0.4,
+    "redis_round_trips_per_req": 1.0,
+    "decision_us_per_req": 50.0,
+}
+
 
 def scenario_name(connections: int, stream: bool) -> str:
     """``"<n>c stream"`` or ``"<n>c non-stream"``."""
     return f"{connections}c {'stream' if stream else 'non-stream'}"
 
 
-def _delta(gateway: Any, direct: Any) -> float | None:
-    if isinstance(gateway, int | float) and isinstance(direct, int | float):
-        return float(gateway) - float(direct)
+def _delta(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) - float(b)
     return None
 
 
-def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One comparison per scenario that has both a direct and a gateway result, in input order.
+def _ratio(a: Any, b: Any) -> float | None:
+    if isinstance(a, int | float) and isinstance(b, int | float) and b:
+        return float(a) / float(b)
+    return None
 
-    ``throughput_pct`` is gateway req/s over direct req/s in percent (``None`` when direct is 0);
-    ``added_*_ms`` are gateway minus direct (``None`` when either side has no successes).
+
+def _scenarios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first result of each scenario, in input order."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in results:
+        seen.setdefault(r["scenario"], r)
+    return list(seen.values())
+
+
+def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One comparison per (scenario, gateway-served target) that has a direct result as well,
+    in input order of scenarios, then ``TARGET_NAMES`` order.
+
+    ``throughput_pct`` is the target's req/s over direct req/s in percent (``None`` when direct
+    is 0); ``added_*_ms`` are target minus direct (``None`` when either side has no successes).
+    ``vs_gateway_pct`` (``governed`` only) is its req/s over the plain gateway's in percent, and
+    ``added_p50_vs_gateway_ms`` its p50 minus the gateway's; ``None`` without a gateway result.
     """
     by_key = {(r["scenario"], r["target"]): r for r in results}
     out: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for r in results:
-        scenario = r["scenario"]
-        if scenario in seen:
+    for first in _scenarios(results):
+        scenario, stream = first["scenario"], first["stream"]
+        direct = by_key.get((scenario, "direct"))
+        if direct is None:
             continue
-        seen.add(scenario)
-        direct, gateway = by_key.get((scenario, "direct")), by_key.get((scenario, "gateway"))
-        if direct is None or gateway is None:
-            continue
-        out.append(
-            {
+        gateway = by_key.get((scenario, "gateway"))
+        for target in TARGET_NAMES[1:]:
+            r = by_key.get((scenario, target))
+            if r is None:
+                continue
+            row: dict[str, Any] = {
                 "scenario": scenario,
-                "connections": r["connections"],
-                "stream": r["stream"],
-                "throughput_pct": 100.0 * gateway["rps"] / direct["rps"] if direct["rps"] else None,
-                "added_p50_ms": _delta(gateway["p50_ms"], direct["p50_ms"]),
-                "added_p99_ms": _delta(gateway["p99_ms"], direct["p99_ms"]),
-                "added_ttfb_p50_ms": _delta(gateway["ttfb_p50_ms"], direct["ttfb_p50_ms"]) if r["stream"] else None,
+                "target": target,
+                "connections": first["connections"],
+                "stream": stream,
+                "throughput_pct": 100.0 * r["rps"] / direct["rps"] if direct["rps"] else None,
+                "added_p50_ms": _delta(r["p50_ms"], direct["p50_ms"]),
+                "added_p99_ms": _delta(r["p99_ms"], direct["p99_ms"]),
+                "added_ttfb_p50_ms": _delta(r["ttfb_p50_ms"], direct["ttfb_p50_ms"]) if stream else None,
             }
-        )
+            if target == "governed":
+                ratio = _ratio(r["rps"], gateway["rps"]) if gateway is not None else None
+                row["vs_gateway_pct"] = None if ratio is None else 100.0 * ratio
+                row["added_p50_vs_gateway_ms"] = _delta(r["p50_ms"], gateway["p50_ms"]) if gateway else None
+            out.append(row)
+    return out
+
+
+def governance(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario with both a ``gateway`` and a ``governed`` result: req/s of each and their
+    ratio (``governed_vs_gateway``, a fraction), worker CPU ms per request of each and the
+    difference, and the governed run's Redis EVALSHA calls and reads per request (gateway's too,
+    as the baseline of Redis traffic that is not the requests')."""
+    by_key = {(r["scenario"], r["target"]): r for r in results}
+    out: list[dict[str, Any]] = []
+    for first in _scenarios(results):
+        scenario = first["scenario"]
+        gateway, governed = by_key.get((scenario, "gateway")), by_key.get((scenario, "governed"))
+        if gateway is None or governed is None:
+            continue
+        out.append({
+            "scenario": scenario,
+            "connections": first["connections"],
+            "stream": first["stream"],
+            "gateway_rps": gateway["rps"],
+            "governed_rps": governed["rps"],
+            "governed_vs_gateway": _ratio(governed["rps"], gateway["rps"]),
+            "gateway_cpu_ms_per_req": gateway.get("cpu_ms_per_req"),
+            "governed_cpu_ms_per_req": governed.get("cpu_ms_per_req"),
+            "added_cpu_ms_per_req": _delta(governed.get("cpu_ms_per_req"), gateway.get("cpu_ms_per_req")),
+            "gateway_evalsha_per_req": gateway.get("redis_evalsha_per_req"),
+            "governed_evalsha_per_req": governed.get("redis_evalsha_per_req"),
+            "gateway_redis_reads_per_req": gateway.get("redis_reads_per_req"),
+            "governed_redis_reads_per_req": governed.get("redis_reads_per_req"),
+        })
     return out
 
 
@@ -65,13 +136,16 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
-    """The per-run table: scenario, target, req/s, p50, p99, TTFB p50 (streams), errors."""
-    header = f"{'scenario':<16} {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} {'errors':>7}"
+    """The per-run table: scenario, target, req/s, p50, p99, TTFB p50 (streams), errors, and the
+    worker CPU ms and Redis EVALSHA calls per request (gateway-served targets)."""
+    header = (f"{'scenario':<16} {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} "
+              f"{'errors':>7} {'cpu ms/req':>10} {'evalsha/req':>11}")
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
             f"{r['scenario']:<16} {r['target']:<8} {r['rps']:>9.1f} {_num(r['p50_ms'], '.3f'):>8} "
-            f"{_num(r['p99_ms'], '.3f'):>8} {_num(r['ttfb_p50_ms'], '.3f'):>9} {r['errors']:>7}"
+            f"{_num(r['p99_ms'], '.3f'):>8} {_num(r['ttfb_p50_ms'], '.3f'):>9} {r['errors']:>7} "
+            f"{_num(r.get('cpu_ms_per_req'), '.3f'):>10} {_num(r.get('redis_evalsha_per_req'), '.2f'):>11}"
         )
     for r in results:
         if r["error_kinds"]:
@@ -80,24 +154,61 @@ def results_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pct(value: Any) -> str:
+    return "-" if value is None else f"{value:.1f}%"
+
+
 def comparison_table(comparisons: list[dict[str, Any]]) -> str:
-    """Gateway relative to direct per scenario, with the section 9 targets alongside."""
+    """Each gateway-served target relative to direct per scenario (and ``governed`` relative to
+    the plain gateway), with the section 9 targets alongside."""
     t = TARGETS
-    header = f"{'scenario':<16} {'gw/direct req/s':>16} {'+p50 ms':>9} {'+p99 ms':>9} {'+ttfb p50 ms':>13}"
+    header = (f"{'scenario':<16} {'target':<8} {'req/s vs direct':>16} {'+p50 ms':>9} {'+p99 ms':>9} "
+              f"{'+ttfb p50 ms':>13} {'req/s vs gateway':>17}")
     lines = [header, "-" * len(header)]
     for c in comparisons:
-        pct = "-" if c["throughput_pct"] is None else f"{c['throughput_pct']:.1f}%"
         lines.append(
-            f"{c['scenario']:<16} {pct:>16} {_num(c['added_p50_ms'], '+.3f'):>9} "
-            f"{_num(c['added_p99_ms'], '+.3f'):>9} {_num(c['added_ttfb_p50_ms'], '+.3f'):>13}"
+            f"{c['scenario']:<16} {c['target']:<8} {_pct(c['throughput_pct']):>16} "
+            f"{_num(c['added_p50_ms'], '+.3f'):>9} {_num(c['added_p99_ms'], '+.3f'):>9} "
+            f"{_num(c['added_ttfb_p50_ms'], '+.3f'):>13} {_pct(c.get('vs_gateway_pct')):>17}"
         )
     lines.append(
-        f"{'targets (§9)':<16} {'>= ' + format(t['throughput_pct'], '.0f') + '%':>16} "
+        f"{'targets (§9)':<16} {'':<8} {'>= ' + format(t['throughput_pct'], '.0f') + '%':>16} "
         f"{'<= ' + format(t['added_p50_ms_1c'], '.1f'):>9} {'<= ' + format(t['added_p99_ms_1c'], '.1f'):>9} "
-        f"{'<= ' + format(t['added_ttfb_ms'], '.1f'):>13}"
+        f"{'<= ' + format(t['added_ttfb_ms'], '.1f'):>13} "
+        f"{'>= ' + format(100 * GOVERNANCE_TARGETS['governed_vs_gateway_32c'], '.0f') + '% @32c':>17}"
     )
     lines.append(
         "  for reference only, not enforced: the latency targets apply at 1 connection, TTFB to streams; "
         "throughput is per worker with full governance on."
+    )
+    return "\n".join(lines)
+
+
+def governance_table(rows: list[dict[str, Any]]) -> str:
+    """Governed against the plain gateway per scenario: req/s ratio, worker CPU ms per request
+    and Redis calls per request, with issue 8's bars alongside."""
+    g = GOVERNANCE_TARGETS
+    header = (f"{'scenario':<16} {'gov/gw req/s':>12} {'gw cpu ms':>10} {'gov cpu ms':>11} {'+cpu ms':>8} "
+              f"{'gov evalsha':>12} {'gov reads':>10} {'gw reads':>9}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ratio = row["governed_vs_gateway"]
+        lines.append(
+            f"{row['scenario']:<16} {_num(ratio, '.2f') + ('x' if ratio is not None else ''):>12} "
+            f"{_num(row['gateway_cpu_ms_per_req'], '.3f'):>10} {_num(row['governed_cpu_ms_per_req'], '.3f'):>11} "
+            f"{_num(row['added_cpu_ms_per_req'], '+.3f'):>8} {_num(row['governed_evalsha_per_req'], '.2f'):>12} "
+            f"{_num(row['governed_redis_reads_per_req'], '.2f'):>10} "
+            f"{_num(row['gateway_redis_reads_per_req'], '.2f'):>9}"
+        )
+    lines.append(
+        f"{'targets (#8)':<16} {'>= ' + format(g['governed_vs_gateway_32c'], '.1f') + 'x':>12} {'':>10} "
+        f"{'<= ' + format(g['governed_cpu_ms_per_req'], '.1f'):>11} {'':>8} {'':>12} "
+        f"{'~' + format(g['redis_round_trips_per_req'], '.0f'):>10}"
+    )
+    lines.append(
+        "  per request, all server-side: cpu = the data-plane workers' user+system CPU (/proc) over every request "
+        "they answered in the run (warm-up included); evalsha = Redis EVALSHA calls (the admission, plus its "
+        "settlement sent later in batches off the request path); reads = Redis client reads, about one per round "
+        "trip (a batch of settlements is one). The ratio bar applies at 32 connections; for reference only."
     )
     return "\n".join(lines)
