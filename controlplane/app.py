@@ -32,11 +32,13 @@ from redis.asyncio import Redis
 
 from controlplane import commands as c
 from controlplane import governance as g
+from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
 from controlplane.escalations import STATUSES, ApproveEscalation, Escalations, RejectEscalation
 from controlplane.fleet import FLEET, FleetMonitor, get_fleet
 from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
 from controlplane.idempotency import IdempotencyStore, Replay, check_key
+from controlplane.provider_keys import PROVIDER_KEY
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import parse_allow_list
@@ -316,6 +318,9 @@ ROUTES: tuple[Route, ...] = (
            delete_rule=_REFUSED_IF_USED.format("agents, keys, budgets, limits or policies")),
     *_crud("agents", c.AGENT, "agent", delete_rule=_REFUSED_IF_USED.format("keys, budgets, limits or policies")),
     *_crud("providers", c.PROVIDER, "provider", delete_rule=_REFUSED_IF_USED.format("model aliases")),
+    *_crud("provider-keys", PROVIDER_KEY, "provider key: with `workspace_id`, a BYO key for its provider named "
+           "`provider`; without, an operator master key for the provider type `provider`, serving every workspace "
+           "without a key of its own (list master keys with ?workspace_id=_operator)"),
     Route("POST", "/admin/v1/virtual-keys", "Create a virtual key; the plaintext `key` is returned only here (and to a "
           "retry with the same Idempotency-Key)",
           c.CreateVirtualKey, _cmd(c.CreateVirtualKey, "create_virtual_key"), 201),
@@ -446,11 +451,16 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
         app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring),
                                 Escalations(commands, redis), DecisionDryRun(commands), redis)
-        task = asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay")
+        tasks = [asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay"),
+                 # Redis is not the record of truth: raise budget spend to the ledger's after a loss.
+                 asyncio.create_task(run_reconciler(redis, pool, settings.reconcile_interval_s),
+                                     name="budget-reconciler")]
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await redis.aclose()
         await pool.close()
         await nc.drain()

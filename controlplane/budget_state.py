@@ -13,15 +13,19 @@ the data plane).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterable
 
 import msgspec
+import structlog
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from schemas.budget_keys import LEASE_PREFIX, budget_keys, key_expire_at_ms, period_window
 from schemas.entities import Budget
+
+log = structlog.get_logger(__name__)
 
 # The event field that names each scope (a workspace budget covers every call of the workspace).
 _SCOPE_FIELD: dict[str, str | None] = {
@@ -118,6 +122,28 @@ async def reconcile(redis: Redis, pool: AsyncConnectionPool, budgets: Iterable[B
         keys = budget_keys(budget.workspace_id, budget.id, period_key)
         raised += int(await raise_spent(keys=[keys.spent], args=[str(max(0, ledger)), key_expire_at_ms(end)]))
     return raised
+
+
+async def live_budgets(pool: AsyncConnectionPool) -> list[Budget]:
+    """Every budget not deleted, from the control plane's state."""
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT body FROM config_entity WHERE kind = 'budget' AND deleted_at IS NULL")
+        rows = await cur.fetchall()
+    return [msgspec.convert(row[0], Budget) for row in rows]
+
+
+async def run_reconciler(redis: Redis, pool: AsyncConnectionPool, interval_s: float) -> None:
+    """`reconcile` every budget at start and then every `interval_s`, until cancelled. A failed
+    round (Redis or Postgres unreachable) is logged and retried at the next interval."""
+    while True:
+        try:
+            raised = await reconcile(redis, pool, await live_budgets(pool), dt.datetime.now(dt.UTC))
+        except Exception as exc:  # any store fault: the next round retries; never kill the loop
+            log.warning("budget_reconcile_failed", error=type(exc).__name__)
+        else:
+            if raised:
+                log.info("budget_reconcile_raised", budgets=raised)
+        await asyncio.sleep(interval_s)
 
 
 def _text(value: bytes | str) -> str:

@@ -159,6 +159,8 @@ class CreateVirtualKey(Command):
     providers_allow: Globs = ()
     expires_at: Timestamp | None = None
     ttl_s: KeyTtl | None = None
+    # Provider name -> provider key id (the workspace's or a master key): this key's own choice.
+    provider_keys: Annotated[dict[Ident, Ident], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=dict)
 
     def check(self) -> None:
         if self.expires_at is not None and self.ttl_s is not None:
@@ -179,6 +181,7 @@ class PatchVirtualKey(Command):
     providers_allow: Globs | msgspec.UnsetType = msgspec.UNSET
     expires_at: Timestamp | msgspec.UnsetType | None = msgspec.UNSET
     ttl_s: KeyTtl | msgspec.UnsetType = msgspec.UNSET
+    provider_keys: Annotated[dict[Ident, Ident], msgspec.Meta(max_length=32)] | msgspec.UnsetType = msgspec.UNSET
 
 
 class RotateVirtualKey(Command):
@@ -510,7 +513,8 @@ def _virtual_key(cmd: CreateVirtualKey, key_id: str, key_hash: str, prefix: str,
         expires = None
     return VirtualKey(id=key_id, workspace_id=cmd.workspace_id, key_hash=key_hash, name=cmd.name,
                       agent_id=cmd.agent_id, prefix=prefix, department_id=cmd.department_id, member_id=cmd.member_id,
-                      models_allow=cmd.models_allow, providers_allow=cmd.providers_allow, expires_at_ms=expires)
+                      models_allow=cmd.models_allow, providers_allow=cmd.providers_allow, expires_at_ms=expires,
+                      provider_keys=dict(cmd.provider_keys))
 
 
 async def _build_workspace(_: ConfigCommands, cmd: CreateWorkspace, ent_id: str, prior: Prior | None) -> Workspace:
@@ -555,7 +559,7 @@ PROVIDER = KindSpec("provider", "Provider", UpsertProvider, PatchProvider, lambd
                     upsert=True)
 VIRTUAL_KEY = KindSpec("vk", "Virtual key", CreateVirtualKey, PatchVirtualKey, lambda c: new_id("vk"),
                        lambda e: _builtins(e, "workspace_id", "name", "agent_id", "department_id", "member_id",
-                                           "models_allow", "providers_allow"), _build_vk)
+                                           "models_allow", "providers_allow", "provider_keys"), _build_vk)
 ALIAS = KindSpec("alias", "Model alias", UpsertAlias, PatchAlias, lambda c: _stable_id(c.workspace_id, c.alias),
                  lambda e: _builtins(e, "workspace_id", "alias", "target"), _build_alias, upsert=True)
 PRICE = KindSpec("price", "Price", UpsertPrice, PatchPrice, lambda c: _stable_id(c.provider, c.model),

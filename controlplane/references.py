@@ -13,7 +13,17 @@ from typing import Any
 
 import psycopg
 
-from schemas.entities import Budget, ConfigEntity, EscalationGrant, Limit, Policy, Provider
+from schemas.entities import (
+    OPERATOR,
+    Budget,
+    ConfigEntity,
+    EscalationGrant,
+    Limit,
+    Policy,
+    Provider,
+    ProviderKey,
+    VirtualKey,
+)
 from schemas.errors import InvalidRequest, NotFound
 
 # Where a scope points: the config kind and how messages name it. `workflow` is a free label.
@@ -37,9 +47,14 @@ class Ref:
 
 def references(entity: ConfigEntity) -> tuple[Ref, ...]:
     ws = getattr(entity, "workspace_id", None)
-    if not isinstance(ws, str) or isinstance(entity, EscalationGrant):
+    if not isinstance(ws, str) or isinstance(entity, EscalationGrant) or ws == OPERATOR:
         return ()
     refs = [Ref("ws", ws, "workspace_id", "Workspace")]
+    if isinstance(entity, ProviderKey):
+        refs.append(Ref("provider", f"{ws}.{entity.provider_name}", "provider", "Provider"))
+    if isinstance(entity, VirtualKey):  # its own provider-key choices: the workspace's or master keys
+        refs += [Ref("pkey", key_id, f"provider_keys.{name}", "Provider key")
+                 for name, key_id in sorted(entity.provider_keys.items())]
     for field, kind, what in _REF_FIELDS:
         value = getattr(entity, field, None)
         if isinstance(value, str):
@@ -62,7 +77,7 @@ async def check_ref(conn: psycopg.AsyncConnection[Any], ref: Ref, workspace_id: 
     row = await cur.fetchone()
     if row is None:
         raise NotFound(f"{ref.what} '{ref.id}' does not exist.", param=ref.param, code=f"{slug(ref.what)}_not_found")
-    if ref.kind != "ws" and row[0] != workspace_id:
+    if ref.kind != "ws" and row[0] != workspace_id and not (ref.kind == "pkey" and row[0] == OPERATOR):
         raise InvalidRequest(f"{ref.what} '{ref.id}' belongs to another workspace; '{ref.param}' must name a "
                              f"{ref.what.lower()} of workspace '{workspace_id}'.", param=ref.param,
                              code=f"{slug(ref.what)}_workspace_mismatch")
