@@ -1,0 +1,53 @@
+"""`tests.bench.report`: the pure comparisons behind `make bench`'s tables (no timing here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.bench.report import compare, comparison_table, governance, governance_table, results_table
+
+
+def _result(scenario: str, target: str, rps: float, p50: float | None, **extra: Any) -> dict[str, Any]:
+    connections = int(scenario.split("c", 1)[0])
+    return {"scenario": scenario, "target": target, "connections": connections, "stream": "non" not in scenario,
+            "rps": rps, "p50_ms": p50, "p99_ms": p50, "ttfb_p50_ms": None, "errors": 0, "error_kinds": {}, **extra}
+
+
+RESULTS = [
+    _result("32c non-stream", "direct", 4000.0, 5.0),
+    _result("32c non-stream", "gateway", 1000.0, 20.0, cpu_ms_per_req=0.5, redis_evalsha_per_req=0.0,
+            redis_reads_per_req=0.01),
+    _result("32c non-stream", "governed", 850.0, 24.0, cpu_ms_per_req=0.6, redis_evalsha_per_req=2.0,
+            redis_reads_per_req=1.1),
+    _result("1c non-stream", "direct", 2000.0, 0.4),
+    _result("1c non-stream", "governed", 500.0, None),
+]
+
+
+def test_compare_gives_each_gateway_target_against_direct_and_governed_against_the_gateway() -> None:
+    rows = {(c["scenario"], c["target"]): c for c in compare(RESULTS)}
+    assert list(rows) == [("32c non-stream", "gateway"), ("32c non-stream", "governed"), ("1c non-stream", "governed")]
+    assert rows[("32c non-stream", "gateway")]["throughput_pct"] == 25.0
+    assert "vs_gateway_pct" not in rows[("32c non-stream", "gateway")]
+    governed = rows[("32c non-stream", "governed")]
+    assert governed["throughput_pct"] == 21.25
+    assert governed["vs_gateway_pct"] == 85.0
+    assert governed["added_p50_ms"] == 19.0 and governed["added_p50_vs_gateway_ms"] == 4.0
+    lone = rows[("1c non-stream", "governed")]  # no gateway run, no successes: nothing to subtract
+    assert lone["vs_gateway_pct"] is None and lone["added_p50_ms"] is None
+
+
+def test_governance_pairs_gateway_and_governed_runs_with_their_server_costs() -> None:
+    (row,) = governance(RESULTS)
+    assert row["scenario"] == "32c non-stream"
+    assert row["governed_vs_gateway"] == 0.85
+    assert abs(row["added_cpu_ms_per_req"] - 0.1) < 1e-12
+    assert row["governed_evalsha_per_req"] == 2.0 and row["governed_redis_reads_per_req"] == 1.1
+
+
+def test_tables_render_missing_measurements_as_dashes() -> None:
+    assert "-" in results_table(RESULTS).splitlines()[-1]
+    assert "85.0%" in comparison_table(compare(RESULTS))
+    table = governance_table(governance(RESULTS))
+    assert "0.85x" in table and "+0.100" in table
+    assert governance([_result("1c stream", "governed", 1.0, 1.0)]) == []
