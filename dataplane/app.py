@@ -96,7 +96,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         session = make_session(settings)
         # Limits and budgets: Redis, with a local fallback sized by the fleet this worker hears.
         fleet = FleetView()
-        governor = RedisGovernor(settings.redis_url, fleet.size, hold_ttl_s=settings.hold_ttl_s)
+        governor = RedisGovernor(settings.redis_url, fleet.size, hold_ttl_s=settings.hold_ttl_s,
+                                 timeout_s=settings.redis_timeout_s)
         app[PUBLISHER] = publisher
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
                                            session=session, governor=governor, fleet=fleet)

@@ -111,7 +111,7 @@ class RedisGovernor:
     `timeout_s` socket timeouts and no retries)."""
 
     def __init__(self, redis: Redis | str, fleet_size: Callable[[], int], *, worker_id: str | None = None,
-                 hold_ttl_s: float = 120.0, settle_flush_interval_s: float = 0.05, timeout_s: float = 0.25,
+                 hold_ttl_s: float = 120.0, settle_flush_interval_s: float = 0.05, timeout_s: float = 1.0,
                  batch_timeout_s: float = 2.0, lease_ttl_s: float = 60.0, refresh_interval_s: float = 5.0,
                  lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0, max_inflight: int = 16,
                  batch_max: int = 256, queue_max: int = 100_000, max_hold_s: float = 900.0,

@@ -77,6 +77,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # -- governance ----------------------------------------------------------------------------------
     # A budget hold not settled within this (its worker died) expires and is swept.
     hold_ttl_s: float = 120.0
+    # Longest wait for one Redis reply (admission, escalation) before deciding locally. Generous:
+    # a busy event loop delays replies too, and a refused paid call is worse than a slow one;
+    # a real outage opens the breaker after one second of failures, then nothing waits.
+    redis_timeout_s: float = 1.0
     # The control plane raises each budget's spend in Redis to the journal's figure this often
     # (and at start-up): Redis may lose increments in a failover or restart; it is never lowered.
     reconcile_interval_s: float = 30.0

@@ -54,7 +54,7 @@ def no_script_errors() -> Iterator[None]:
 @asynccontextmanager
 async def governors(svc: Service, n: int = 1, **options: Any) -> AsyncIterator[list[RedisGovernor]]:
     """`n` governors ("workers") of one fleet, each with its own client, closed afterwards."""
-    clients = [Redis.from_url(svc.url, socket_timeout=0.25, socket_connect_timeout=0.25) for _ in range(n)]
+    clients = [Redis.from_url(svc.url, socket_timeout=1.0, socket_connect_timeout=1.0) for _ in range(n)]
     govs = [RedisGovernor(c, lambda: n, worker_id=f"w{i}", **options) for i, c in enumerate(clients)]
     try:
         yield govs
