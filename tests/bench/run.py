@@ -3,7 +3,7 @@
 Steps: start the fake upstream (own process, recording off) -> start ``alephant dev`` on a
 fresh state dir -> wait for ``demo.env`` and ``/readyz`` -> register the fake as provider
 ``fake`` with a price -> wait until ``fake/gpt-4o-mini`` answers 200 -> set up the governed
-tenant (`register_governed`) -> for each scenario ({connections} x {non-stream, stream}) run
+tenant (:mod:`tests.bench.governed`) -> for each scenario ({connections} x {non-stream, stream}) run
 :mod:`tests.bench.loadgen` in its own process against three targets in turn -> stop the stack
 -> run the micro-benchmark :mod:`tests.bench.governance_micro` -> print the tables and write JSON.
 
@@ -19,7 +19,7 @@ Around each gateway and governed run the runner reads the data-plane workers' CP
 ``/proc/<pid>/stat`` (the workers are the ``dataplane`` children of ``alephant dev``) and Redis
 ``INFO`` (``EVALSHA`` calls, client reads), and divides both by the requests the run completed
 (loadgen's ``completed``: warm-up and errors included, all of which the worker served). Redis
-counts include traffic that is not the requests' (lease refreshes, fleet beats): the ``gateway``
+counts include traffic that is not the requests' (the governor's lease refreshes): the ``gateway``
 row, whose path has nothing to govern, shows that baseline.
 
 All traffic goes to 127.0.0.1. Every process this starts is stopped on the way out, also on
@@ -40,18 +40,23 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
-
-import redis
+from typing import Any
 
 from tests.bench.governance_micro import summary_table as micro_table
+from tests.bench.governed import (
+    GOV_AGENT,
+    GOV_DEPARTMENT,
+    GOV_MEMBER,
+    GOV_WORKSPACE,
+    Governed,
+    budget_state,
+    register_governed,
+)
 from tests.bench.loadgen import chat_body
+from tests.bench.processes import BenchError, Child, http, say, spawn, wait_for
 from tests.bench.report import (
     GOVERNANCE_TARGETS,
     TARGET_NAMES,
@@ -63,6 +68,7 @@ from tests.bench.report import (
     results_table,
     scenario_name,
 )
+from tests.bench.server_costs import RedisCounters, cpu_seconds, per_request, redis_url, worker_pids
 
 FAKE_PROVIDER_KEY = "sk-fake-upstream"
 DIRECT_MODEL = "gpt-4o-mini"
@@ -70,115 +76,6 @@ GATEWAY_MODEL = "fake/gpt-4o-mini"
 GATEWAY_HEADERS = {"Alephant-Agent-Id": "bench-agent", "Alephant-Run-Id": "bench-run"}
 BENCH_MAX_TOKENS = 64
 STOP_GRACE_S = 20.0
-# The governed tenant: its own workspace, so the workspace-level limit and budget never reach
-# the demo key's path (the plain `gateway` target must stay ungoverned).
-GOV_WORKSPACE = "bench-gov"
-GOV_DEPARTMENT, GOV_MEMBER, GOV_AGENT = "bench-gov-dept", "bench-gov-member", "bench-gov-agent"
-GOV_RPM_PER_KEY = 100_000_000  # about 1.7M req/s: far above one machine's bench
-# The admin API's ceiling; over 15x what 5k req/s charge (about 200 tokens a request: the input
-# bound, half the body's bytes plus 64, and max_tokens).
-GOV_TPM_PER_WORKSPACE = 1_000_000_000
-GOV_BUDGET_USD = "1000000"
-
-T = TypeVar("T")
-
-
-class BenchError(RuntimeError):
-    """The stack or a load run failed; the message says what and where to look."""
-
-
-def say(message: str) -> None:
-    """A progress line on stdout (flushed: ``make`` output is often piped)."""
-    print(message, flush=True)
-
-
-# -- HTTP to our own loopback services (no proxies, whatever the environment says) -------------
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def http(
-    method: str,
-    url: str,
-    *,
-    headers: dict[str, str] | None = None,
-    body: Any = None,
-    timeout: float = 5.0,
-    response_headers: dict[str, str] | None = None,
-) -> tuple[int, bytes]:
-    """``(status, body)``; HTTP error statuses are returned, transport errors raise ``OSError``.
-    ``response_headers``, when given, is filled with the answer's headers (names lower-cased)."""
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
-        req.add_header("Content-Type", "application/json")
-    try:
-        with _OPENER.open(req, timeout=timeout) as resp:
-            if response_headers is not None:
-                response_headers.update({k.lower(): v for k, v in resp.headers.items()})
-            return int(resp.status), bytes(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-
-
-# -- child processes -------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    """A process this benchmark started (in its own session, so Ctrl-C reaches only us)."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, sig: int, grace_s: float) -> bool:
-        """Send ``sig``, wait ``grace_s``, then SIGKILL. Idempotent; true if it had to be killed."""
-        if not self.alive():
-            return False
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            say(f"  {self.name} did not stop within {grace_s:.0f}s; killing it")
-            self.proc.kill()
-            self.proc.wait(5)
-            return True
-        return False
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join("    | " + line for line in text.splitlines()[-lines:])
-
-
-def spawn(name: str, argv: list[str], log: Path) -> Child:
-    """Start ``argv`` with stdout and stderr appended to ``log``."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    return Child(name, proc, log)
-
-
-def wait_for(child: Child, what: str, timeout_s: float, check: Callable[[], T | None]) -> T:
-    """Poll ``check()`` every 100 ms until it returns a truthy value; fail if ``child`` exits."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not child.alive():
-            raise BenchError(
-                f"{child.name} exited with {child.proc.returncode} while waiting for {what}:\n{child.tail()}"
-            )
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise BenchError(f"timed out after {timeout_s:.0f}s waiting for {what} (log: {child.log}):\n{child.tail()}")
-
 
 def start_fake(state_dir: Path, words: int) -> tuple[Child, str]:
     """Start the fake upstream on a free port; return it and its base URL."""
@@ -286,185 +183,6 @@ def register_fake(env: dict[str, str], fake_url: str, stack: Child) -> None:
     except BenchError as exc:
         status, raw = last[0] if last else (0, b"")
         raise BenchError(f"{exc}\n  last answer: {status} {raw.decode(errors='replace')[:500]}") from None
-
-
-def _admin_post(env: dict[str, str], path: str, body: dict[str, Any], *, exists_ok: bool = False) -> dict[str, Any]:
-    """POST to the admin API; the created entity. With ``exists_ok`` a 409 (a reused state dir
-    already has this id) returns ``{}``."""
-    auth = {"Authorization": f"Bearer {env['ALEPHANT_ADMIN_TOKEN']}"}
-    status, raw = http("POST", env["ALEPHANT_ADMIN_URL"] + path, headers=auth, body=body)
-    if status == 409 and exists_ok:
-        return {}
-    if status not in (200, 201, 202):
-        raise BenchError(f"POST {path} -> {status}: {raw.decode(errors='replace')[:500]}")
-    created: dict[str, Any] = json.loads(raw)
-    return created
-
-
-@dataclass
-class Governed:
-    """The governed tenant's credentials and what governs its path (ids for the JSON)."""
-
-    key: str
-    key_id: str
-    headers: dict[str, str]
-    budget_ids: list[str]
-    limit_ids: list[str]
-    policy_ids: list[str]
-
-
-def register_governed(env: dict[str, str], fake_url: str, stack: Child) -> Governed:
-    """Create workspace ``bench-gov`` with provider ``fake``, a department, a member in it, an
-    agent of both, and a virtual key bound to the agent; then on that key's path a policy
-    (agent: models_allow ``fake/*``), two budgets (agent: month; workspace: total; $1M each) and
-    two limits (key: rpm; workspace: tpm), the limits last. Waits until a governed request
-    answers 200 with both x-ratelimit trios, i.e. until the worker has applied the limits, and
-    so everything created before them. Idempotent over a reused state dir, except that each
-    run mints a new key (with its own rpm limit)."""
-    ws = GOV_WORKSPACE
-    _admin_post(env, "/admin/v1/workspaces", {"id": ws, "name": "Bench: full governance"}, exists_ok=True)
-    _admin_post(env, "/admin/v1/providers", {"workspace_id": ws, "name": "fake", "type": "openai",
-                                             "base_url": fake_url, "api_key": FAKE_PROVIDER_KEY}, exists_ok=True)
-    _admin_post(env, "/admin/v1/departments", {"workspace_id": ws, "id": GOV_DEPARTMENT, "name": "Bench department"},
-                exists_ok=True)
-    _admin_post(env, "/admin/v1/members", {"workspace_id": ws, "id": GOV_MEMBER, "name": "Bench member",
-                                           "department_id": GOV_DEPARTMENT}, exists_ok=True)
-    _admin_post(env, "/admin/v1/agents", {"workspace_id": ws, "id": GOV_AGENT, "name": "Bench agent",
-                                          "department_id": GOV_DEPARTMENT, "member_id": GOV_MEMBER}, exists_ok=True)
-    created = _admin_post(env, "/admin/v1/virtual-keys", {"workspace_id": ws, "name": "bench governed",
-                                                          "agent_id": GOV_AGENT})
-    key, key_id = str(created["key"]), str(created["id"])
-    policy = {"workspace_id": ws, "id": "bench-gov-policy", "scope": "agent", "scope_id": GOV_AGENT,
-              "models_allow": ["fake/*"]}
-    _admin_post(env, "/admin/v1/policies", policy, exists_ok=True)
-    budgets = [
-        {"workspace_id": ws, "id": "bench-gov-agent-budget", "scope": "agent", "scope_id": GOV_AGENT,
-         "period": "month", "limit_usd": GOV_BUDGET_USD},
-        {"workspace_id": ws, "id": "bench-gov-ws-budget", "scope": "workspace", "scope_id": ws,
-         "period": "total", "limit_usd": GOV_BUDGET_USD},
-    ]
-    for budget in budgets:
-        _admin_post(env, "/admin/v1/budgets", budget, exists_ok=True)
-    rpm = _admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "scope": "key", "scope_id": key_id,
-                                                "rpm": GOV_RPM_PER_KEY})
-    _admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "id": "bench-gov-ws-tpm", "scope": "workspace",
-                                          "scope_id": ws, "tpm": GOV_TPM_PER_WORKSPACE}, exists_ok=True)
-
-    headers = {"Alephant-Agent-Id": GOV_AGENT, "Alephant-Run-Id": "bench-run"}
-    url = env["ALEPHANT_BASE_URL"].rstrip("/") + "/chat/completions"
-    last: list[tuple[int, bytes, dict[str, str]]] = []
-    wanted = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
-
-    def governed() -> bool:
-        got: dict[str, str] = {}
-        try:
-            status, raw = http("POST", url, headers={"Authorization": f"Bearer {key}", **headers},
-                               body=chat_body(GATEWAY_MODEL, stream=False, max_tokens=BENCH_MAX_TOKENS),
-                               response_headers=got)
-        except OSError as exc:
-            status, raw = 0, str(exc).encode()
-        last[:] = [(status, raw, got)]
-        return status == 200 and all(h in got for h in wanted)
-
-    try:
-        wait_for(stack, "the governed key to answer 200 under its limits", 30, governed)
-    except BenchError as exc:
-        status, raw, got = last[0] if last else (0, b"", {})
-        limits = {k: v for k, v in got.items() if k.startswith("x-ratelimit")}
-        raise BenchError(f"{exc}\n  last answer: {status} {limits} {raw.decode(errors='replace')[:500]}") from None
-    return Governed(key=key, key_id=key_id, headers=headers, budget_ids=[str(b["id"]) for b in budgets],
-                    limit_ids=[str(rpm["id"]), "bench-gov-ws-tpm"], policy_ids=["bench-gov-policy"])
-
-
-def budget_state(env: dict[str, str], budget_id: str) -> dict[str, Any]:
-    """``GET /admin/v1/budgets/{id}``'s spent, held and remaining (``{}`` if it fails)."""
-    auth = {"Authorization": f"Bearer {env['ALEPHANT_ADMIN_TOKEN']}"}
-    try:
-        status, raw = http("GET", f"{env['ALEPHANT_ADMIN_URL']}/admin/v1/budgets/{budget_id}", headers=auth)
-    except OSError:
-        return {}
-    if status != 200:
-        return {}
-    doc = json.loads(raw)
-    return {k: doc.get(k) for k in ("id", "scope", "limit_usd", "spent_usd", "held_usd", "remaining_usd")}
-
-
-# -- server-side costs: worker CPU from /proc, Redis calls from INFO ----------------------------
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def worker_pids(stack_pid: int) -> list[int]:
-    """The data-plane workers: children of ``alephant dev`` running ``deploy.cli dataplane``."""
-    pids: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            if ppid == stack_pid and b"dataplane" in (entry / "cmdline").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except (OSError, ValueError):
-            continue
-    return sorted(pids)
-
-
-def cpu_seconds(pids: list[int]) -> float | None:
-    """User + system CPU seconds of ``pids`` (``None`` if any has gone)."""
-    total = 0
-    for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
-    return total / _CLK_TCK
-
-
-def redis_url(state_dir: Path) -> str | None:
-    """The stack's Redis: ``ALEPHANT_REDIS_URL`` if set (external), else the embedded one's URL
-    from ``alephant dev``'s log (``redis  embedded  redis://...``)."""
-    if os.environ.get("ALEPHANT_REDIS_URL"):
-        return os.environ["ALEPHANT_REDIS_URL"]
-    try:
-        lines = (state_dir / "alephant-dev.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        parts = line.split()
-        if len(parts) >= 3 and parts[0] == "redis" and parts[1] == "embedded":
-            return parts[2]
-    return None
-
-
-class RedisCounters:
-    """``(EVALSHA calls, client reads)`` from Redis ``INFO``, over one kept connection; ``None``
-    when Redis cannot be read (the columns then stay empty)."""
-
-    def __init__(self, url: str | None) -> None:
-        self._client = redis.Redis.from_url(url, socket_timeout=2) if url else None
-
-    def read(self) -> tuple[int, int] | None:
-        if self._client is None:
-            return None
-        try:
-            info = self._client.info("all")
-        except redis.RedisError:
-            return None
-        calls = info.get("cmdstat_evalsha", {}).get("calls", 0) + info.get("cmdstat_eval", {}).get("calls", 0)
-        return int(calls), int(info.get("total_reads_processed", 0))
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-
-
-def _per_request(before: float | None, after: float | None, completed: int, scale: float = 1.0) -> float | None:
-    if before is None or after is None or completed <= 0:
-        return None
-    return (after - before) * scale / completed
 
 
 # -- load runs -------------------------------------------------------------------------------
@@ -607,7 +325,8 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
             if "governed" in targets:
                 say(f"==> governed tenant: workspace {GOV_WORKSPACE}, department, member, agent, key; "
                     "a policy, two budgets, two limits on the key's path")
-                gov = register_governed(env, fake_url, stack)
+                gov = register_governed(env, fake_url, stack, provider_key=FAKE_PROVIDER_KEY, model=GATEWAY_MODEL,
+                                        max_tokens=BENCH_MAX_TOKENS)
                 say("  the governed key answers 200 under its limits")
             counters = RedisCounters(redis_url(state_dir))
             if counters.read() is None:
@@ -647,9 +366,9 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         scenario=scenario,
                         target=target,
                         workers=len(pids) or None,
-                        cpu_ms_per_req=_per_request(cpu0, cpu1, done, 1000.0),
-                        redis_evalsha_per_req=_per_request(redis0 and redis0[0], redis1 and redis1[0], done),
-                        redis_reads_per_req=_per_request(redis0 and redis0[1], redis1 and redis1[1], done),
+                        cpu_ms_per_req=per_request(cpu0, cpu1, done, 1000.0),
+                        redis_evalsha_per_req=per_request(redis0 and redis0[0], redis1 and redis1[0], done),
+                        redis_reads_per_req=per_request(redis0 and redis0[1], redis1 and redis1[1], done),
                     )
                     results.append(result)
                     errors = f", {result['errors']} errors" if result["errors"] else ""

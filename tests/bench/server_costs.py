@@ -1,0 +1,87 @@
+"""Server-side costs of a benchmark run, read from outside the processes: the data-plane workers'
+CPU time (``/proc/<pid>/stat``) and the Redis counters (``INFO``). Linux only; every reader
+returns ``None`` rather than raising when its source is gone, so a run is never lost to a probe.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import redis
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def worker_pids(stack_pid: int) -> list[int]:
+    """The data-plane workers: children of ``alephant dev`` running ``deploy.cli dataplane``."""
+    pids: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            if ppid == stack_pid and b"dataplane" in (entry / "cmdline").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return sorted(pids)
+
+
+def cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of ``pids`` (``None`` if any has gone)."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total / _CLK_TCK
+
+
+def redis_url(state_dir: Path) -> str | None:
+    """The stack's Redis: ``ALEPHANT_REDIS_URL`` if set (external), else the embedded one's URL
+    from ``alephant dev``'s log (``redis  embedded  redis://...``)."""
+    if os.environ.get("ALEPHANT_REDIS_URL"):
+        return os.environ["ALEPHANT_REDIS_URL"]
+    try:
+        lines = (state_dir / "alephant-dev.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "redis" and parts[1] == "embedded":
+            return parts[2]
+    return None
+
+
+class RedisCounters:
+    """``(EVALSHA calls, client reads)`` from Redis ``INFO``, over one kept connection; ``None``
+    when Redis cannot be read (the columns then stay empty)."""
+
+    def __init__(self, url: str | None) -> None:
+        self._client = redis.Redis.from_url(url, socket_timeout=2) if url else None
+
+    def read(self) -> tuple[int, int] | None:
+        if self._client is None:
+            return None
+        try:
+            info = self._client.info("all")
+        except redis.RedisError:
+            return None
+        calls = info.get("cmdstat_evalsha", {}).get("calls", 0) + info.get("cmdstat_eval", {}).get("calls", 0)
+        return int(calls), int(info.get("total_reads_processed", 0))
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def per_request(before: float | None, after: float | None, completed: int, scale: float = 1.0) -> float | None:
+    """``(after - before) * scale / completed``, or ``None`` when either reading or the count is missing."""
+    if before is None or after is None or completed <= 0:
+        return None
+    return (after - before) * scale / completed
