@@ -107,7 +107,7 @@ CASES = [
     Case("deep json, chat", "/v1/chat/completions", 400, "json_too_deep", deep(), recorded=True),
     Case("deep json, responses", "/v1/responses", 400, "json_too_deep", deep(), recorded=True),
     Case("deep json, messages", "/v1/messages", 400, None, deep(), anthropic=True, recorded=True),
-    Case("deep json, count_tokens", "/v1/messages/count_tokens", 400, None, deep(), anthropic=True),
+    Case("deep json, count_tokens", "/v1/messages/count_tokens", 400, None, deep(), anthropic=True, recorded=True),
     Case("deep json, embeddings", "/v1/embeddings", 400, "json_too_deep", deep(), recorded=True),
     Case("very deep json, passthrough", "/fake/v1/chat/completions", 400, "json_too_deep", deep(100_000),
          recorded=True),
