@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from dataplane.ingress.base import ChatPlan
     from dataplane.pipeline import Endpoint
     from dataplane.ports import Admission
+    from dataplane.stages.governance import OnPath
     from dataplane.state import WorkerState
     from schemas.policy import Verdict
 
@@ -69,6 +70,7 @@ class Call:
     input_bound: int = 0  # an upper bound on input tokens, for holds and token limits
     provider_key: KeyChoice = NO_KEY  # the upstream credential (route stage)
     # governance
+    on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None
     hold_nanos: int = 0
     admission: Admission | None = None

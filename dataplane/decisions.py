@@ -69,6 +69,11 @@ def _header_id(headers: Mapping[str, str], name: str) -> str | None:
     return check_text(value, name, MAX_HEADER_ID_LEN)
 
 
+def request_id_of(headers: Mapping[str, str]) -> str | None:
+    """The client's `Alephant-Request-Id`, checked (InvalidValue when unusable), or None."""
+    return _header_id(headers, REQUEST_ID)
+
+
 def agent_context(headers: Mapping[str, str], vk: VirtualKey, new_request_id: Callable[[], str]) -> AgentContext:
     """Agent context from the contract headers. A key bound to an agent may only act as it.
     Every value passes the edge checks (`dataplane.edge`): InvalidValue (400) names the header."""

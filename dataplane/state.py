@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +30,10 @@ class WorkerState:
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).
     budget_remaining: dict[str, int] = field(default_factory=dict)
+    # stages.governance.on_path's memo: (workspace, scope path) -> what governs it, valid while
+    # the snapshot's governance index is `on_path_index` (the same object).
+    on_path_memo: dict[Any, Any] = field(default_factory=dict)
+    on_path_index: object = None
     _provider_keys: dict[str, Secret] = field(default_factory=dict)
 
     def provider_key(self, ciphertext: str | None) -> Secret | None:

@@ -77,6 +77,10 @@ INDEXES: tuple[Index, ...] = (
     Index(Budget, "budgets", _by_scope, grouped=True),
     Index(Limit, "limits", _by_scope, grouped=True),
     Index(Policy, "policies", _by_scope, grouped=True),
+    # Everything that governs a scope, in one index: a request's path costs one lookup per scope.
+    Index(Policy, "governance", _by_scope, grouped=True),
+    Index(Limit, "governance", _by_scope, grouped=True),
+    Index(Budget, "governance", _by_scope, grouped=True),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -109,6 +113,7 @@ class Snapshot:
     budgets: Mapping[ScopeKey, tuple[Budget, ...]]
     limits: Mapping[ScopeKey, tuple[Limit, ...]]
     policies: Mapping[ScopeKey, tuple[Policy, ...]]
+    governance: Mapping[ScopeKey, tuple[Policy | Limit | Budget, ...]]
     heartbeat_ms: int | None = None
 
     @classmethod

@@ -8,9 +8,9 @@ from __future__ import annotations
 import time
 
 from dataplane.call import Call, new_request_id
-from dataplane.decisions import AgentContext, agent_context
+from dataplane.decisions import AgentContext, agent_context, request_id_of
 from dataplane.decisions import authenticate as authenticate_key
-from schemas.errors import AuthenticationFailed, UpstreamError
+from schemas.errors import AuthenticationFailed, InvalidValue, PermissionDenied, UpstreamError
 from schemas.http import REQUEST_ID
 
 
@@ -40,10 +40,16 @@ async def agent(call: Call) -> None:
     agent), and the department and member the request acts under: the key's own binding, else
     its agent's."""
     vk = call.vk
-    # A provisional context first, so a refusal here (agent mismatch) is recorded with an id.
-    call.ctx = AgentContext(request_id=new_request_id(), agent_id=None, run_id=None, session_id=None,
-                            workflow_id=None)
-    call.ctx = agent_context(call.request.headers, vk, lambda: call.ctx.request_id)
+    try:
+        call.ctx = agent_context(call.request.headers, vk, new_request_id)
+    except PermissionDenied:  # an agent mismatch is recorded too: under the client's request id if valid
+        try:
+            rid = request_id_of(call.request.headers) or new_request_id()
+        except InvalidValue:
+            rid = new_request_id()
+        call.ctx = AgentContext(request_id=rid, agent_id=None, run_id=None, session_id=None, workflow_id=None)
+        call.request[REQUEST_ID] = call.ctx.request_id
+        raise
     call.request[REQUEST_ID] = call.ctx.request_id
     department, member = vk.department_id, vk.member_id
     if call.ctx.agent_id is not None and (department is None or member is None):

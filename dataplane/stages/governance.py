@@ -23,18 +23,16 @@ import os
 import time
 import uuid
 from collections.abc import Mapping
-from typing import TypeVar
+from dataclasses import dataclass
 
 from dataplane.call import Call
 from dataplane.ports import AdmitRequest
 from dataplane.pricing import hold_nanos, unit_prices
-from schemas.entities import Budget, EscalationGrant
+from schemas.entities import Budget, EscalationGrant, Limit, Policy
 from schemas.errors import BudgetExceeded, PermissionDenied, RateLimited
 from schemas.events import BudgetAlert, PolicyDecision
 from schemas.ids import uuid7
 from schemas.policy import PolicyInput, Verdict, decide
-
-T = TypeVar("T")
 
 ESCALATION_ID = "Alephant-Escalation-Id"
 # Output tokens assumed for a model whose limit is unknown, when the gateway must bound a call
@@ -66,14 +64,50 @@ def scope_path(call: Call) -> tuple[tuple[str, str], ...]:
     return tuple(path)
 
 
-def _on_path(index: Mapping[tuple[str, str, str], tuple[T, ...]], ws: str,
-             path: tuple[tuple[str, str], ...]) -> tuple[T, ...]:
-    """The entities of `index` attached anywhere on `path`, least specific first."""
-    found: tuple[T, ...] = ()
+@dataclass(frozen=True, slots=True)
+class OnPath:
+    """The policies, limits and budgets attached anywhere on a request's path."""
+
+    policies: tuple[Policy, ...] = ()
+    limits: tuple[Limit, ...] = ()
+    budgets: tuple[Budget, ...] = ()
+
+
+NOTHING_ON_PATH = OnPath()
+ON_PATH_MEMO_MAX = 100_000  # distinct (workspace, path) pairs a worker remembers
+
+
+def _collect(index: Mapping[tuple[str, str, str], tuple[Policy | Limit | Budget, ...]], ws: str,
+             path: tuple[tuple[str, str], ...]) -> OnPath:
+    hits: tuple[Policy | Limit | Budget, ...] = ()
     for scope, scope_id in path:
         hit = index.get((ws, scope, scope_id))
         if hit:
-            found += hit
+            hits += hit
+    if not hits:
+        return NOTHING_ON_PATH
+    return OnPath(policies=tuple(e for e in hits if isinstance(e, Policy)),
+                  limits=tuple(e for e in hits if isinstance(e, Limit)),
+                  budgets=tuple(e for e in hits if isinstance(e, Budget)))
+
+
+def on_path(call: Call) -> OnPath:
+    """What governs this call: one snapshot lookup per scope on its path (`Snapshot.governance`),
+    memoized per worker for as long as that index is the same object (a config change to a
+    policy, limit or budget replaces it), and kept on the call."""
+    found = call.on_path
+    if found is not None:
+        return found
+    index, ws, worker = call.snap.governance, call.vk.workspace_id, call.worker
+    path = scope_path(call)
+    memo = worker.on_path_memo
+    if worker.on_path_index is not index or len(memo) >= ON_PATH_MEMO_MAX:
+        memo.clear()
+        worker.on_path_index = index
+    found = memo.get((ws, path))
+    if found is None:
+        found = memo[(ws, path)] = _collect(index, ws, path)
+    call.on_path = found
     return found
 
 
@@ -136,8 +170,7 @@ async def policy(call: Call) -> None:
     allocation beyond the path, when nothing on the path constrains anything."""
     vk, snap = call.vk, call.snap
     ws = snap.workspaces.get(vk.workspace_id)
-    path = scope_path(call)
-    policies = _on_path(snap.policies, vk.workspace_id, path)
+    policies = on_path(call).policies
     if not policies and not vk.models_allow and not vk.providers_allow and (ws is None or not ws.providers_allow):
         call.worker.policy_allows += 1
         return
@@ -186,10 +219,8 @@ async def admit(call: Call) -> None:
     if not call.endpoint.governed:
         return
     vk = call.vk
-    path = scope_path(call)
-    snap = call.snap
-    limits = _on_path(snap.limits, vk.workspace_id, path)
-    budgets = _on_path(snap.budgets, vk.workspace_id, path)
+    governing = on_path(call)
+    limits, budgets = governing.limits, governing.budgets
     if not limits and not budgets:
         return
     unit = _unit(call)

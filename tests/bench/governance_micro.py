@@ -263,17 +263,13 @@ def steps(bench: Bench, n: int) -> dict[str, float]:
 
     def lookups(i: int) -> object:
         c = calls[i % pool]
-        path = governance.scope_path(c)
-        ws = c.vk.workspace_id
-        return (governance._on_path(snap.policies, ws, path), governance._on_path(snap.limits, ws, path),
-                governance._on_path(snap.budgets, ws, path))
+        c.on_path = None  # recomputed, as each request does once
+        return governance.on_path(c)
 
     inputs = []
     for c in calls:
-        path = governance.scope_path(c)
-        inputs.append((governance._on_path(snap.policies, c.vk.workspace_id, path),
-                       governance._on_path(snap.limits, c.vk.workspace_id, path),
-                       governance._on_path(snap.budgets, c.vk.workspace_id, path)))
+        found = governance.on_path(c)
+        inputs.append((found.policies, found.limits, found.budgets))
 
     def policy(i: int) -> object:
         c = calls[i % pool]
@@ -324,11 +320,10 @@ def run(iterations: int, pool_size: int, seed: int) -> dict[str, Any]:
     path_counts = [0, 0, 0]
     for request in bench.requests:  # also warms caches (zones, globs) as a running worker has them
         call = bench.one(request)
-        path = governance.scope_path(call)
-        ws = call.vk.workspace_id
-        path_counts[0] += len(governance._on_path(snap.policies, ws, path))
-        path_counts[1] += len(governance._on_path(snap.limits, ws, path))
-        path_counts[2] += len(governance._on_path(snap.budgets, ws, path))
+        found = governance.on_path(call)
+        path_counts[0] += len(found.policies)
+        path_counts[1] += len(found.limits)
+        path_counts[2] += len(found.budgets)
     passes: dict[str, dict[str, float]] = {}
     for name, with_plan in (("decisions", False), ("decisions + admission plan", True)):
         bench.governor.build_plan = with_plan
