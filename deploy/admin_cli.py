@@ -207,8 +207,11 @@ def add_admin_commands(sub: Any) -> None:
 
     g = cmds.group("agents", "Register and list agents")
     p = leaf(g, "create", "Register an agent", "POST", lambda a: "/admin/v1/agents",
-             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "id": a.id}))
+             lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "id": a.id,
+                                  "department_id": a.department, "member_id": a.member}))
     p.add_argument("name")
+    p.add_argument("--department", metavar="ID", help="the department the agent's spend counts against")
+    p.add_argument("--member", metavar="ID", help="the member the agent acts for")
     p.add_argument("--id")
     cmds.crud_tail(g, "agents", "agent")
 
@@ -225,6 +228,21 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("--api-key-from-env", metavar="VAR",
                    help="read the provider key from this environment variable (never pass keys as arguments)")
     cmds.crud_tail(g, "providers", "provider")
+
+    g = cmds.group("provider-keys", "Upstream credentials: a workspace's own (BYO) keys per provider, by weight, "
+                   "and operator master keys per provider type for workspaces without their own")
+    p = leaf(g, "create", "Add a provider key (read from an environment variable, never an argument)", "POST",
+             lambda a: "/admin/v1/provider-keys",
+             lambda a: drop_none({"workspace_id": None if a.master else default_ws(a), "provider": a.provider,
+                                  "api_key": os.environ.get(a.api_key_from_env, ""), "weight": a.weight,
+                                  "name": a.name}))
+    p.add_argument("provider", help="the workspace's provider name (BYO), or with --master a provider type")
+    p.add_argument("--api-key-from-env", metavar="VAR", required=True, help="the environment variable holding it")
+    p.add_argument("--master", action="store_true",
+                   help="an operator master key for the provider type, serving every workspace without its own")
+    p.add_argument("--weight", type=int, help="share of traffic among one provider's keys (default 1)")
+    p.add_argument("--name")
+    cmds.crud_tail(g, "provider-keys", "provider key")
 
     g = cmds.group("keys", "Virtual keys for clients")
     p = leaf(g, "create", "Create a virtual key (the key is printed once)", "POST",
