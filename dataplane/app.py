@@ -56,6 +56,9 @@ async def healthz(request: web.Request) -> web.Response:
     status["events_published"] = publisher.published
     status["events_dead_lettered"] = publisher.dead_lettered
     status["policy_allows"] = worker.policy_allows
+    # Admissions decided by this worker alone while Redis was unreachable (rates on local buckets,
+    # budgets on leases): RELIABILITY's limiter_failure_mode_allowed.
+    status["limiter_failure_mode_allowed"] = getattr(worker.governor, "local_admissions", 0)
     return web.json_response(status)
 
 

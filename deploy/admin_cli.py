@@ -152,22 +152,27 @@ class Commands:
         p.set_defaults(fn=admin_call(method, path, body, change=change))
         return p
 
-    def crud_tail(self, g: Any, path: str, noun: str, *, get: bool = True, ws_list: bool = True) -> None:
+    def crud_tail(self, g: Any, path: str, noun: str, *, get: bool = True, ws_list: bool = True,
+                  plural: str | None = None, get_help: str = "") -> None:
         """`list`, `get ID`, `delete ID` and a generic `patch ID --set field=JSON` for one kind."""
         base = f"/admin/v1/{path}"
+        many = plural or f"{noun}s"
+        article = "an" if noun[:1] in "aeiou" else "a"
         if ws_list:
-            self.leaf(g, "list", f"List {noun}s", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
+            self.leaf(g, "list", f"List {many}", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
         else:
-            self.leaf(g, "list", f"List {noun}s", "GET", lambda a: base, ws=False)
+            self.leaf(g, "list", f"List {many}", "GET", lambda a: base, ws=False)
         if get:
-            self.leaf(g, "get", f"Get a {noun}", "GET", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
-        p = self.leaf(g, "patch", f"Change fields of a {noun} (validated as on create)", "PATCH",
+            self.leaf(g, "get", f"Get {article} {noun}{get_help}", "GET", lambda a: f"{base}/{a.id}",
+                      ws=False).add_argument("id")
+        p = self.leaf(g, "patch", f"Change fields of {article} {noun} (validated as on create)", "PATCH",
                       lambda a: f"{base}/{a.id}", lambda a: {k: read_json_arg(v) for k, v in _pairs(a.set).items()},
                       ws=False)
         p.add_argument("id")
         p.add_argument("--set", action="append", default=[], required=True, metavar="FIELD=JSON",
                        help='a field and its JSON value, e.g. --set name=\'"Platform"\' or --set rpm=null')
-        self.leaf(g, "delete", f"Delete a {noun}", "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+        self.leaf(g, "delete", f"Delete {article} {noun}", "DELETE", lambda a: f"{base}/{a.id}",
+                  ws=False).add_argument("id")
 
 
 def add_scope(p: argparse.ArgumentParser) -> None:
@@ -320,7 +325,7 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--limit-usd", metavar="USD")
     p.add_argument("--alert-at", type=int, action="append", metavar="PERCENT")
     p.add_argument("--timezone")
-    cmds.crud_tail(g, "budgets", "budget (get shows spent, held and remaining)")
+    cmds.crud_tail(g, "budgets", "budget", get_help=" with its spent, held and remaining amounts")
 
     g = cmds.group("limits", "Rate and concurrency limits (requests and tokens per minute / day)")
     p = leaf(g, "create", "Create a limit (at least one of the rates)", "POST", lambda a: "/admin/v1/limits",
@@ -351,7 +356,7 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--max-cost-usd", metavar="USD", help="refuse a call estimated to cost more")
     p.add_argument("--escalate-over-usd", metavar="USD", help="hold a call estimated to cost more for approval")
     p.add_argument("--id")
-    cmds.crud_tail(g, "policies", "policy")
+    cmds.crud_tail(g, "policies", "policy", plural="policies")
 
     g = cmds.group("escalations", "Calls held for approval by a policy")
     p = leaf(g, "list", "Escalations, newest first", "GET",
