@@ -58,7 +58,7 @@ async def healthz(request: web.Request) -> web.Response:
     status["policy_allows"] = worker.policy_allows
     # Admissions decided by this worker alone while Redis was unreachable (rates on local buckets,
     # budgets on leases): RELIABILITY's limiter_failure_mode_allowed.
-    status["limiter_failure_mode_allowed"] = getattr(worker.governor, "local_admissions", 0)
+    status["limiter_failure_mode_allowed"] = worker.governor.local_admissions
     return web.json_response(status)
 
 

@@ -71,6 +71,9 @@ class Admission:
 
 
 class Governor(Protocol):
+    # Admissions this worker decided alone while the store was unreachable (a metric).
+    local_admissions: int
+
     async def admit(self, req: AdmitRequest) -> Admission:
         """One atomic check of every limit and budget in `req` (one Redis round trip): either all
         are charged (a request counted, a concurrency slot taken, a hold added to each budget) or
@@ -92,6 +95,8 @@ class Governor(Protocol):
 class NoGovernor:
     """The governor of a worker built without a budget store (unit-test apps): nothing on a path
     may be admitted, so a budget or limit can never be silently ignored (it fails closed)."""
+
+    local_admissions = 0
 
     async def admit(self, req: AdmitRequest) -> Admission:
         return Admission(ok=False, code="budget_exceeded", message="This gateway has no budget store configured.")

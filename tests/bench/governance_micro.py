@@ -96,6 +96,8 @@ class PlanOnlyGovernor:
     script argument) and admits; off, it admits at once (the decision steps alone). What a real
     admission adds is the round trip and reading its reply."""
 
+    local_admissions = 0
+
     def __init__(self) -> None:
         self.build_plan = True
 
