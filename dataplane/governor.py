@@ -63,16 +63,19 @@ from dataplane import governor_scripts as lua
 from dataplane.governor_local import Gcra, LocalState, local_share
 from dataplane.governor_plan import (
     BudgetRef,
+    Call,
     Plan,
+    PlanCache,
     budget_refusal,
     build_plan,
     conc_refusal,
     lease_refusal,
+    netstring,
     rate_headers,
     rate_refusal,
 )
 from dataplane.ports import Admission, AdmitRequest, BudgetCrossing
-from schemas.budget_keys import escalation_key, lease_hold_id, op_marker_key
+from schemas.budget_keys import escalation_key, lease_hold_id
 
 log = structlog.get_logger(__name__)
 
@@ -95,12 +98,12 @@ class _Op:
     """A queued script call (settle, debit or void), applied in order by `flush`."""
 
     kind: str
-    keys: tuple[str, ...]
-    args: tuple[str | int, ...]
+    call: Call
 
 
 @dataclass(slots=True)
 class _Watched:
+    tag: str
     plan_budget: BudgetRef
     last_used_ms: int
 
@@ -126,6 +129,8 @@ class RedisGovernor:
         self._fleet_size = fleet_size
         self.worker_id = worker_id or secrets.token_hex(6)
         self._lease_id = lease_hold_id(self.worker_id)
+        self._lease_field = netstring(self._lease_id)
+        self._plans = PlanCache()
         self._hold_ttl_ms = int(hold_ttl_s * 1000)
         self._max_hold_ms = int(max_hold_s * 1000)
         self._lease_ttl_ms = int(lease_ttl_s * 1000)
@@ -167,13 +172,13 @@ class RedisGovernor:
         names the holds and concurrency entries, so it must be unique per admission."""
         if not req.limits and not req.budgets:
             return Admission(ok=True, mode="none")
-        plan = build_plan(req)
+        plan = build_plan(req, self._plans)
         if isinstance(plan, Admission):
             return plan
         for b in plan.budgets:
             watched = self._watched.get(b.prefix)
             if watched is None:
-                self._watched[b.prefix] = _Watched(b, req.now_ms)
+                self._watched[b.prefix] = _Watched(plan.tag, b, req.now_ms)
                 self._refresh_requested = True
                 self._wake.set()
             else:
@@ -184,8 +189,8 @@ class RedisGovernor:
                 attempted = True
                 try:
                     async with asyncio.timeout(self._timeout_s):
-                        reply = await self._scripts["ADMIT"](keys=plan.admit_keys(), args=plan.admit_args(
-                            self._hold_ttl_ms, self._lease_id))
+                        tag, fields, hold_id = plan.admit_call(self._hold_ttl_ms, self._lease_field)
+                        reply = await self._scripts["ADMIT"](keys=[tag], args=[fields, hold_id])
                 except Exception as exc:  # any fault of the store: decide locally, never raise
                     self._failed("admit", exc)
                 else:
@@ -196,24 +201,30 @@ class RedisGovernor:
                         log.error("governor_bad_reply", error=type(exc).__name__, detail=str(exc)[:200])
         return self._admit_local(plan, req.now_ms, attempted=attempted)
 
-    def _from_reply(self, plan: Plan, reply: list[Any]) -> Admission:
-        ok, fail_kind, fail_idx, fail_spent, fail_held, rates, _concs, budgets = reply
-        decisions = [Gcra(bool(r[0]), 0.0, int(r[1]), int(r[2]), int(r[3])) for r in rates]
-        headers = rate_headers(plan.rates, decisions, [r.value for r in plan.rates])
-        kind = fail_kind.decode() if isinstance(fail_kind, bytes) else str(fail_kind)
+    def _from_reply(self, plan: Plan, reply: list[int]) -> Admission:
+        """Read ADMIT's flat reply (layout: `governor_scripts.ADMIT`)."""
+        ok, fail_kind, fail_idx, fail_spent, fail_held = reply[:5]
+        end = 5 + 4 * len(plan.rates)
+        decisions = [Gcra(bool(reply[i]), 0.0, reply[i + 1], reply[i + 2], reply[i + 3]) for i in range(5, end, 4)]
+        headers = rate_headers(plan.rates, decisions, [r.value for r in plan.rates]) if plan.rates else {}
         if not ok:
-            idx = int(fail_idx) - 1
-            if kind == "rate":
-                return rate_refusal(plan.rates[idx], decisions[idx], headers, local=False)
-            if kind == "conc":
+            idx = fail_idx - 1
+            if fail_kind == lua.FAIL_RATE:
+                return rate_refusal(plan.rates[idx], plan.quantities[idx], decisions[idx], headers, local=False)
+            if fail_kind == lua.FAIL_CONC:
                 return conc_refusal(plan.concs[idx], headers, local=False)
-            return budget_refusal(plan.budgets[idx], int(fail_spent), int(fail_held), plan.hold, headers)
+            return budget_refusal(plan.budgets[idx], fail_spent, fail_held, plan.hold, headers)
         alerts: list[BudgetCrossing] = []
         remaining: int | None = None
-        for b, (left, lease_left, lease_exp, committed, crossed) in zip(plan.budgets, budgets, strict=True):
-            self._local.set_lease(b.prefix, int(lease_left), int(lease_exp))
-            remaining = int(left) if remaining is None else min(remaining, int(left))
-            alerts += [BudgetCrossing(b.budget, int(t), b.period_start, int(committed)) for t in crossed]
+        i = end
+        for b in plan.budgets:
+            left, lease_left, lease_exp, committed, n_crossed = reply[i:i + 5]
+            self._local.set_lease(b.prefix, lease_left, lease_exp)
+            remaining = left if remaining is None else min(remaining, left)
+            alerts += [BudgetCrossing(b.budget, t, b.period_start, committed) for t in reply[i + 5:i + 5 + n_crossed]]
+            i += 5 + n_crossed
+        if i != len(reply):
+            raise ValueError(f"ADMIT replied {len(reply)} values, expected {i}")
         ticket = self._track(_Ticket(plan, local=False))
         return Admission(ok=True, mode="redis", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
                          remaining_nanos=remaining, alerts=tuple(alerts), token=ticket)
@@ -222,16 +233,15 @@ class RedisGovernor:
         if attempted and (plan.budgets or plan.concs):
             # The lost reply may hide an admission that did apply: undo it, whatever happens here
             # (a rate limiter it may have charged only errs towards refusing, briefly).
-            self._enqueue(_Op("void", *plan.void_call(op_marker_key(plan.workspace_id, f"v:{plan.hold_id}"),
-                                                      _MARKER_TTL_MS)), unrecorded=True)
+            self._enqueue(_Op("void", plan.void_call(_MARKER_TTL_MS)), unrecorded=True)
         fleet = max(1, self._fleet_size())
         shares = [local_share(r.value, fleet) for r in plan.rates]
-        decisions = [self._local.rate(r.key, now_ms, r.period_ms, s, r.quantity) for r, s in zip(plan.rates, shares,
-                                                                                                strict=True)]
+        decisions = [self._local.rate(r.key, now_ms, r.period_ms, s, q)
+                     for r, s, q in zip(plan.rates, shares, plan.quantities, strict=True)]
         headers = rate_headers(plan.rates, decisions, shares)
-        for r, d in zip(plan.rates, decisions, strict=True):
+        for r, q, d in zip(plan.rates, plan.quantities, decisions, strict=True):
             if not d.ok:
-                return rate_refusal(r, d, headers, local=True)
+                return rate_refusal(r, q, d, headers, local=True)
         for c in plan.concs:
             if self._local.in_flight.get(c.key, 0) >= local_share(c.value, fleet):
                 return conc_refusal(c, headers, local=True)
@@ -254,9 +264,8 @@ class RedisGovernor:
             lease = self._local.leases[b.prefix]
             lease.nanos = left
         if plan.budgets:
-            self._enqueue(_Op("debit", *plan.debit_call(
-                op_marker_key(plan.workspace_id, f"d:{plan.hold_id}"), now_ms, self._hold_ttl_ms, self._lease_id,
-                _MARKER_TTL_MS)), unrecorded=True)
+            self._enqueue(_Op("debit", plan.debit_call(now_ms, self._hold_ttl_ms, self._lease_field, _MARKER_TTL_MS)),
+                          unrecorded=True)
         self.local_admissions += 1
         remaining = min((self._local.lease_left(b.prefix, now_ms) for b in plan.budgets), default=None)
         ticket = self._track(_Ticket(plan, local=True))
@@ -282,10 +291,9 @@ class RedisGovernor:
             if ticket.local:
                 for c in plan.concs:
                     self._local.release_slot(c.key)
-            call = plan.settle_call(op_marker_key(plan.workspace_id, f"s:{plan.hold_id}"), max(0, cost_nanos),
-                                    tokens, _MARKER_TTL_MS, redis_charged=not ticket.local)
+            call = plan.settle_call(max(0, cost_nanos), tokens, _MARKER_TTL_MS, redis_charged=not ticket.local)
             if call is not None:
-                self._enqueue(_Op("settle", *call))
+                self._enqueue(_Op("settle", call))
         except Exception as exc:  # settle never raises: reconciliation restores spend from the ledger
             log.error("governor_settle_failed", error=type(exc).__name__, detail=str(exc)[:200])
 
@@ -310,7 +318,7 @@ class RedisGovernor:
                 batch = [self._queue[i] for i in range(min(self._batch_max, len(self._queue)))]
                 try:
                     async with asyncio.timeout(self._batch_timeout_s):
-                        results = await self._pipeline([(op.kind.upper(), op.keys, op.args) for op in batch])
+                        results = await self._pipeline([(op.kind.upper(), op.call) for op in batch])
                 except Exception as exc:
                     self._failed("flush", exc)
                     return False
@@ -331,13 +339,13 @@ class RedisGovernor:
             self._failed("flush", exc)
             return False
 
-    async def _pipeline(self, calls: list[tuple[str, tuple[str, ...], tuple[str | int, ...]]]) -> list[Any]:
+    async def _pipeline(self, calls: list[tuple[str, Call]]) -> list[Any]:
         """One round trip of EVALSHAs (SCRIPT LOAD and once more after a NOSCRIPT: the
         settlement scripts are idempotent, the lease script is a refresh)."""
         for _attempt in range(2):
             pipe = self._redis.pipeline(transaction=False)
-            for name, keys, args in calls:
-                pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+            for name, (tag, fields, hold_id) in calls:
+                pipe.evalsha(self._scripts[name].sha, 1, tag, fields, hold_id)
             results: list[Any] = await pipe.execute(raise_on_error=False)
             if not any(isinstance(r, NoScriptError) for r in results):
                 return results
@@ -362,12 +370,12 @@ class RedisGovernor:
             log.warning("governor_hold_not_settled", hold_id=hold_id, after_s=self._max_hold_ms / 1000)
             del self._open[hold_id]  # its reservation now lapses like a dead worker's
         watched = list(self._watched.values())
-        calls: list[tuple[str, tuple[str, ...], tuple[str | int, ...]]] = [
-            ("LEASE", *w.plan_budget.lease_call(
-                now, self._lease_id, self._lease_ttl_ms, fleet,
+        calls: list[tuple[str, Call]] = [
+            ("LEASE", w.plan_budget.lease_call(
+                w.tag, now, self._lease_field, self._lease_ttl_ms, fleet,
                 0 if release or now - w.last_used_ms > _ACTIVE_MS else self._lease_pct))
             for w in watched]
-        calls += [("EXTEND", *t.plan.extend_call(now + self._hold_ttl_ms, self._hold_ttl_ms))
+        calls += [("EXTEND", t.plan.extend_call(now + self._hold_ttl_ms, self._hold_ttl_ms))
                   for t in self._open.values() if now - t.plan.now_ms >= self._hold_ttl_ms // 2]
         if not calls:
             return

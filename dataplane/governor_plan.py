@@ -1,9 +1,11 @@
 """What one admission touches, and how its outcome reads. Pure: no IO, no clock.
 
 `build_plan` turns an `AdmitRequest` into a `Plan`: the Redis keys of each budget window, rate
-limiter and concurrency limiter on the path, and the arguments of each governor script
-(`governor_scripts`). The refusal and header helpers render outcomes for clients: amounts in
-dollars from integer nano-USD, reset times the way OpenAI writes them ("20ms", "1.5s", "6m0s").
+limiter and concurrency limiter on the path, and the arguments of each governor script in their
+packed form (`governor_scripts`: one workspace tag, one field string, the hold id). What depends
+only on an entity and its current window (keys, window, expiry, packed fields) is memoised in a
+`PlanCache`. The refusal and header helpers render outcomes for clients: amounts in dollars from
+integer nano-USD, reset times the way OpenAI writes them ("20ms", "1.5s", "6m0s").
 """
 
 from __future__ import annotations
@@ -21,39 +23,53 @@ from dataplane.ports import Admission, AdmitRequest
 from schemas.budget_keys import (
     RATE_KINDS,
     RATE_PERIOD_MS,
-    BudgetKeys,
-    budget_keys,
-    budget_prefix,
-    concurrency_key,
+    budget_suffix,
+    concurrency_suffix,
     epoch_ms_to_datetime,
     key_expire_at_ms,
     period_window,
-    rate_key,
+    rate_suffix,
+    workspace_tag,
 )
 from schemas.entities import Budget, Limit
 from schemas.money import nanos_to_decimal_str
 
-Call = tuple[tuple[str, ...], tuple[str | int, ...]]  # a script's KEYS and ARGV
+# A script call: KEYS[1] (the workspace tag), ARGV[1] (the packed fields), ARGV[2] (the hold id,
+# "" for scripts without one). See `governor_scripts`.
+Call = tuple[str, str, str]
 
 _UNITS = {"rpm": ("requests", "minute"), "rpd": ("requests", "day"), "tpm": ("tokens", "minute"),
           "tpd": ("tokens", "day")}
 CONCURRENCY_RETRY_S = 1.0  # a slot frees as soon as any call ends
+_NO_END_MS = 2**63  # a `total` window's end (it has none)
+
+
+def netstring(value: str) -> str:
+    """A string field of a packed script argument: `<byte length>:<bytes>,`."""
+    return f"{len(value.encode())}:{value},"
 
 
 @dataclass(frozen=True, slots=True)
 class BudgetRef:
+    """One budget in its window containing some instant; valid for `start_ms <= now < end_ms`."""
+
     budget: Budget
-    keys: BudgetKeys
-    prefix: str
+    prefix: str  # the window's key prefix (its keys add `:spent`, ...); also its local lease's name
     period_key: str
     period_start: str  # ISO 8601, in the budget's zone
     expire_at_ms: int  # 0 = never
+    start_ms: int
+    end_ms: int
+    suffix_field: str  # netstring of the prefix after the tag
+    admit_fields: str  # this budget's part of ADMIT's fields
+    settle_fields: str  # ... of SETTLE's and DEBIT's
+    hexp_field: str  # netstring of its hold-expiry ZSET's suffix (EXTEND)
 
-    def lease_call(self, now_ms: int, lease_id: str, lease_ttl_ms: int, fleet: int, pct: int) -> Call:
+    def lease_call(self, tag: str, now_ms: int, lease_field: str, lease_ttl_ms: int, fleet: int, pct: int) -> Call:
         """`LEASE` for this window: a cap of `pct`% of the limit (0 gives the lease back)."""
         cap = self.budget.limit_nanos * pct // 100
-        return ((self.keys.spent, self.keys.holds, self.keys.hexp, self.keys.held, self.keys.leases),
-                (now_ms, lease_id, lease_ttl_ms, self.budget.limit_nanos, cap, fleet, self.expire_at_ms))
+        return tag, (f"{now_ms},{lease_ttl_ms},{self.budget.limit_nanos},{cap},{fleet},{self.expire_at_ms},"
+                     f"{self.suffix_field}{lease_field}"), ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +79,9 @@ class RateRef:
     key: str
     value: int
     period_ms: int
-    quantity: int
+    per_token: bool  # tpm/tpd (charged the request's tokens) rather than rpm/rpd (one request)
+    suffix_field: str
+    admit_fields: str  # ADMIT's fields but the quantity
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,66 +89,60 @@ class ConcRef:
     limit: Limit
     key: str
     value: int
+    suffix_field: str
+    admit_fields: str
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     workspace_id: str
+    tag: str
     hold_id: str
     hold: int
     tokens: int
     now_ms: int
     budgets: tuple[BudgetRef, ...]
     rates: tuple[RateRef, ...]
+    quantities: tuple[int, ...]  # what each rate limiter is charged
     concs: tuple[ConcRef, ...]
 
-    def admit_keys(self) -> list[str]:
-        return [k for b in self.budgets for k in b.keys] + [r.key for r in self.rates] + [c.key for c in self.concs]
+    def admit_call(self, hold_ttl_ms: int, lease_field: str) -> Call:
+        """`ADMIT`; `lease_field` is this worker's lease hold id as a `netstring`."""
+        parts = [f"{self.now_ms},{self.hold},{hold_ttl_ms},{len(self.budgets)},{len(self.rates)},{len(self.concs)},",
+                 lease_field]
+        parts += [b.admit_fields for b in self.budgets]
+        for r, q in zip(self.rates, self.quantities, strict=True):
+            parts += (r.admit_fields, f"{q},")
+        parts += [c.admit_fields for c in self.concs]
+        return self.tag, "".join(parts), self.hold_id
 
-    def admit_args(self, hold_ttl_ms: int, lease_id: str) -> list[str | int]:
-        args: list[str | int] = [self.now_ms, self.hold_id, self.hold, hold_ttl_ms, lease_id, len(self.budgets),
-                                 len(self.rates), len(self.concs)]
-        for b in self.budgets:
-            args += [b.budget.limit_nanos, b.expire_at_ms, ",".join(str(t) for t in b.budget.alert_at)]
-        for r in self.rates:
-            args += [r.period_ms, r.value, r.quantity]
-        args += [c.value for c in self.concs]
-        return args
-
-    def settle_call(self, marker: str, cost_nanos: int, tokens: int, marker_ttl_ms: int, *,
-                    redis_charged: bool) -> Call | None:
+    def settle_call(self, cost_nanos: int, tokens: int, marker_ttl_ms: int, *, redis_charged: bool) -> Call | None:
         """`SETTLE`, or None when there is nothing in Redis to settle. Rate and concurrency
         entries exist in Redis only if the admission was made there (`redis_charged`)."""
         delta = tokens - self.tokens
-        token_rates = [r for r in self.rates if r.kind in ("tpm", "tpd")] if redis_charged and delta else []
-        concs = list(self.concs) if redis_charged else []
+        token_rates = [r for r in self.rates if r.per_token] if redis_charged and delta else []
+        concs = self.concs if redis_charged else ()
         if not (self.budgets or token_rates or concs):
             return None
-        keys = [marker]
-        for b in self.budgets:
-            keys += [b.keys.spent, b.keys.holds, b.keys.hexp, b.keys.held]
-        keys += [r.key for r in token_rates] + [c.key for c in concs]
-        args: list[str | int] = [self.hold_id, cost_nanos, marker_ttl_ms, len(self.budgets), len(token_rates),
-                                 len(concs)]
-        args += [b.expire_at_ms for b in self.budgets]
-        args += [repr(delta * r.period_ms / r.value) for r in token_rates]
-        return tuple(keys), tuple(args)
+        parts = [f"{cost_nanos},{marker_ttl_ms},{len(self.budgets)},{len(token_rates)},{len(concs)},"]
+        parts += [b.settle_fields for b in self.budgets]
+        for r in token_rates:
+            parts += (r.suffix_field, f"{delta * r.period_ms / r.value!r},")
+        parts += [c.suffix_field for c in concs]
+        return self.tag, "".join(parts), self.hold_id
 
-    def debit_call(self, marker: str, now_ms: int, hold_ttl_ms: int, lease_id: str, marker_ttl_ms: int) -> Call:
-        keys = [marker] + [k for b in self.budgets
-                           for k in (b.keys.spent, b.keys.holds, b.keys.hexp, b.keys.held, b.keys.leases)]
-        args: list[str | int] = [now_ms, self.hold_id, self.hold, hold_ttl_ms, lease_id, marker_ttl_ms,
-                                 len(self.budgets)]
-        return tuple(keys), tuple(args + [b.expire_at_ms for b in self.budgets])
+    def debit_call(self, now_ms: int, hold_ttl_ms: int, lease_field: str, marker_ttl_ms: int) -> Call:
+        return self.tag, "".join([f"{now_ms},{self.hold},{hold_ttl_ms},{marker_ttl_ms},{len(self.budgets)},",
+                                  lease_field, *(b.settle_fields for b in self.budgets)]), self.hold_id
 
     def extend_call(self, expires_ms: int, ttl_ms: int) -> Call:
-        keys = [b.keys.hexp for b in self.budgets] + [c.key for c in self.concs]
-        return tuple(keys), (self.hold_id, expires_ms, ttl_ms)
+        zsets = [b.hexp_field for b in self.budgets] + [c.suffix_field for c in self.concs]
+        return self.tag, "".join([f"{expires_ms},{ttl_ms},{len(zsets)},", *zsets]), self.hold_id
 
-    def void_call(self, marker: str, marker_ttl_ms: int) -> Call:
-        keys = [marker] + [k for b in self.budgets for k in (b.keys.holds, b.keys.hexp, b.keys.held)]
-        keys += [c.key for c in self.concs]
-        return tuple(keys), (self.hold_id, marker_ttl_ms, len(self.budgets))
+    def void_call(self, marker_ttl_ms: int) -> Call:
+        return self.tag, "".join([f"{marker_ttl_ms},{len(self.budgets)},{len(self.concs)},",
+                                  *(b.suffix_field for b in self.budgets), *(c.suffix_field for c in self.concs)]), \
+            self.hold_id
 
 
 def _window(budget: Budget, now: dt.datetime) -> tuple[str, dt.datetime, dt.datetime | None]:
@@ -142,36 +154,95 @@ def _window(budget: Budget, now: dt.datetime) -> tuple[str, dt.datetime, dt.date
         return period_window(msgspec.structs.replace(budget, timezone="UTC"), now)
 
 
-def build_plan(req: AdmitRequest) -> Plan | Admission:
-    """The plan of `req`, or a refusal that needs no IO (a limit of 0 admits nothing)."""
-    now = epoch_ms_to_datetime(req.now_ms)
-    budgets: list[BudgetRef] = []
-    for b in req.budgets:
-        period_key, start, end = _window(b, now)
-        budgets.append(BudgetRef(b, budget_keys(req.workspace_id, b.id, period_key),
-                                 budget_prefix(req.workspace_id, b.id, period_key), period_key, start.isoformat(),
-                                 key_expire_at_ms(end)))
+def _budget_ref(tag: str, b: Budget, now_ms: int) -> BudgetRef:
+    period_key, start, end = _window(b, epoch_ms_to_datetime(now_ms))
+    suffix = budget_suffix(b.id, period_key)
+    expire_at = key_expire_at_ms(end)
+    suffix_field = netstring(suffix)
+    alerts = "".join(f"{t}," for t in b.alert_at)
+    return BudgetRef(b, f"{tag}:{suffix}", period_key, start.isoformat(), expire_at,
+                     int(start.timestamp() * 1000) if end is not None else 0,
+                     int(end.timestamp() * 1000) if end is not None else _NO_END_MS, suffix_field,
+                     f"{suffix_field}{b.limit_nanos},{expire_at},{len(b.alert_at)},{alerts}",
+                     f"{suffix_field}{expire_at},", netstring(f"{suffix}:hexp"))
+
+
+# A limit's rate and concurrency limiters, or the (code, message) refusing every request (a 0).
+_LimitRefs = tuple[tuple[RateRef, ...], tuple[ConcRef, ...], tuple[str, str] | None]
+
+
+def _limit_refs(tag: str, limit: Limit) -> _LimitRefs:
+    rates: list[RateRef] = []
+    for kind in RATE_KINDS:
+        value: int | None = getattr(limit, kind)
+        if value is None:
+            continue
+        if value <= 0:
+            what, per = _UNITS[kind]
+            return (), (), ("rate_limit_exceeded", f"Rate limit {limit.id} ({_scope(limit)}) allows no {what} per "
+                                                   f"{per}.")
+        suffix = rate_suffix(limit.id, kind)
+        period = RATE_PERIOD_MS[kind]
+        rates.append(RateRef(limit, kind, f"{tag}:{suffix}", value, period, kind in ("tpm", "tpd"),
+                             netstring(suffix), f"{netstring(suffix)}{period},{value},"))
+    concs: tuple[ConcRef, ...] = ()
+    if limit.concurrency is not None:
+        if limit.concurrency <= 0:
+            return (), (), ("concurrency_limit_exceeded",
+                            f"Concurrency limit {limit.id} ({_scope(limit)}) allows no calls.")
+        suffix = concurrency_suffix(limit.id)
+        concs = (ConcRef(limit, f"{tag}:{suffix}", limit.concurrency, netstring(suffix),
+                         f"{netstring(suffix)}{limit.concurrency},"),)
+    return tuple(rates), concs, None
+
+
+class PlanCache:
+    """What `build_plan` derives from one entity (and, for a budget, its current window), kept
+    while the entity object and the window stay the same. Entities are frozen: a changed one is a
+    new object, so entries are keyed by object identity (the entry holds the object, so its id is
+    not reused while cached). Bounded: cleared whole when it reaches `max_entries`."""
+
+    def __init__(self, max_entries: int = 20_000) -> None:
+        self._max = max_entries
+        self._budgets: dict[tuple[int, str], BudgetRef] = {}
+        self._limits: dict[tuple[int, str], tuple[Limit, _LimitRefs]] = {}
+
+    def budget(self, tag: str, b: Budget, now_ms: int) -> BudgetRef:
+        key = (id(b), tag)
+        ref = self._budgets.get(key)
+        if ref is None or ref.budget is not b or not ref.start_ms <= now_ms < ref.end_ms:
+            if len(self._budgets) >= self._max:
+                self._budgets.clear()
+            ref = self._budgets[key] = _budget_ref(tag, b, now_ms)
+        return ref
+
+    def limit(self, tag: str, limit: Limit) -> _LimitRefs:
+        key = (id(limit), tag)
+        entry = self._limits.get(key)
+        if entry is None or entry[0] is not limit:
+            if len(self._limits) >= self._max:
+                self._limits.clear()
+            entry = self._limits[key] = (limit, _limit_refs(tag, limit))
+        return entry[1]
+
+
+def build_plan(req: AdmitRequest, cache: PlanCache | None = None) -> Plan | Admission:
+    """The plan of `req`, or a refusal that needs no IO (a limit of 0 admits nothing). Without a
+    `cache`, everything is derived afresh (same result)."""
+    cache = cache or PlanCache()
+    tag = workspace_tag(req.workspace_id)
+    budgets = tuple(cache.budget(tag, b, req.now_ms) for b in req.budgets)
     rates: list[RateRef] = []
     concs: list[ConcRef] = []
     for limit in req.limits:
-        for kind in RATE_KINDS:
-            value: int | None = getattr(limit, kind)
-            if value is None:
-                continue
-            if value <= 0:
-                what, per = _UNITS[kind]
-                return Admission(ok=False, code="rate_limit_exceeded", mode="none",
-                                 message=f"Rate limit {limit.id} ({_scope(limit)}) allows no {what} per {per}.")
-            quantity = 1 if kind in ("rpm", "rpd") else max(0, req.tokens)
-            rates.append(RateRef(limit, kind, rate_key(req.workspace_id, limit.id, kind), value, RATE_PERIOD_MS[kind],
-                                 quantity))
-        if limit.concurrency is not None:
-            if limit.concurrency <= 0:
-                return Admission(ok=False, code="concurrency_limit_exceeded", mode="none",
-                                 message=f"Concurrency limit {limit.id} ({_scope(limit)}) allows no calls.")
-            concs.append(ConcRef(limit, concurrency_key(req.workspace_id, limit.id), limit.concurrency))
-    return Plan(req.workspace_id, req.request_id, max(0, req.hold_nanos), max(0, req.tokens), req.now_ms,
-                tuple(budgets), tuple(rates), tuple(concs))
+        limit_rates, limit_concs, refusal = cache.limit(tag, limit)
+        if refusal is not None:
+            return Admission(ok=False, code=refusal[0], mode="none", message=refusal[1])
+        rates += limit_rates
+        concs += limit_concs
+    tokens = max(0, req.tokens)
+    return Plan(req.workspace_id, tag, req.request_id, max(0, req.hold_nanos), tokens, req.now_ms, budgets,
+                tuple(rates), tuple(tokens if r.per_token else 1 for r in rates), tuple(concs))
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -201,12 +272,15 @@ def rate_headers(rates: Sequence[RateRef], decisions: Sequence[Gcra], limits: Se
     """x-ratelimit-{limit,remaining,reset}-{requests,tokens} of the tightest request limiter
     (rpm/rpd) and token limiter (tpm/tpd): the fewest remaining, then the smallest limit.
     `limits` are the enforced values (the local shares in local mode)."""
+    tightest: list[tuple[int, int, int] | None] = [None, None]  # requests, tokens: (remaining, limit, reset)
+    for r, d, lim in zip(rates, decisions, limits, strict=True):
+        best = tightest[r.per_token]
+        if best is None or (d.remaining, lim) < best[:2]:
+            tightest[r.per_token] = (d.remaining, lim, d.reset_ms)
     headers: dict[str, str] = {}
-    for family, kinds in (("requests", ("rpm", "rpd")), ("tokens", ("tpm", "tpd"))):
-        found = [(d.remaining, lim, d.reset_ms) for r, d, lim in zip(rates, decisions, limits, strict=True)
-                 if r.kind in kinds]
-        if found:
-            remaining, lim, reset_ms = min(found, key=lambda x: (x[0], x[1]))
+    for family, best in zip(("requests", "tokens"), tightest, strict=True):
+        if best is not None:
+            remaining, lim, reset_ms = best
             headers[f"x-ratelimit-limit-{family}"] = str(lim)
             headers[f"x-ratelimit-remaining-{family}"] = str(max(0, remaining))
             headers[f"x-ratelimit-reset-{family}"] = format_reset(reset_ms)
@@ -217,13 +291,13 @@ def _scope(entity: Budget | Limit) -> str:
     return f"{entity.scope} {entity.scope_id}"
 
 
-def rate_refusal(r: RateRef, d: Gcra, headers: dict[str, str], *, local: bool) -> Admission:
+def rate_refusal(r: RateRef, quantity: int, d: Gcra, headers: dict[str, str], *, local: bool) -> Admission:
     what, per = _UNITS[r.kind]
     mode = "local" if local else "redis"
     where = " (this worker's share while the limit store is unreachable)" if local else ""
-    if r.quantity > r.value:
+    if quantity > r.value:
         return Admission(ok=False, code="rate_limit_exceeded", mode=mode, headers=headers,
-                         message=f"This request needs {r.quantity} {what}, more than rate limit {r.limit.id} "
+                         message=f"This request needs {quantity} {what}, more than rate limit {r.limit.id} "
                                  f"({_scope(r.limit)}) allows: {r.value} {what} per {per}{where}.")
     return Admission(ok=False, code="rate_limit_exceeded", mode=mode, headers=headers,
                      retry_after_s=d.retry_after_ms / 1000,

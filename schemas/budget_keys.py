@@ -5,7 +5,11 @@ Shared by the data plane (`dataplane.governor`, which writes these keys) and the
 
 Every key of a workspace carries the hash tag `{<workspace_id>}`: in Redis Cluster all of a
 workspace's keys live in one slot, so one script may touch all the limits and budgets on a
-request's path. Layout (`<ws>` = workspace id, `<pk>` = `period_window(...)[0]`):
+request's path. Every key is `workspace_tag(ws) + ":" + <suffix>`; the governor's scripts get the
+tag as their one declared key and build the other names from it and the suffixes below
+(`budget_suffix`, `rate_suffix`, `concurrency_suffix`, the `BudgetKeys` field names), so every
+key a script touches is in its declared key's slot. Layout (`<ws>` = workspace id,
+`<pk>` = `period_window(...)[0]`):
 
     gov:{<ws>}:b:<budget_id>:<pk>:spent    STRING  settled spend, integer nano-USD
     gov:{<ws>}:b:<budget_id>:<pk>:holds    HASH    hold_id -> nanos (requests and worker leases)
@@ -54,38 +58,55 @@ class BudgetKeys(NamedTuple):
     alerts: str
 
 
-def _tag(workspace_id: str) -> str:
+def workspace_tag(workspace_id: str) -> str:
+    """`gov:{<workspace_id>}`: the start of every key of the workspace. Raises ValueError for an
+    id that cannot be a hash tag."""
     if not workspace_id or "{" in workspace_id or "}" in workspace_id:
         # A brace would end the hash tag early and scatter the workspace over slots.
         raise ValueError(f"workspace id {workspace_id!r} cannot be a Redis hash tag")
     return f"gov:{{{workspace_id}}}"
 
 
+def budget_suffix(budget_id: str, period_key: str) -> str:
+    """The budget window's prefix after the tag; its keys add `:<BudgetKeys field>`."""
+    return f"b:{budget_id}:{period_key}"
+
+
+def rate_suffix(limit_id: str, kind: RateKind) -> str:
+    if kind not in RATE_PERIOD_MS:
+        raise ValueError(f"unknown rate kind {kind!r}")
+    return f"l:{limit_id}:{kind}"
+
+
+def concurrency_suffix(limit_id: str) -> str:
+    return f"l:{limit_id}:conc"
+
+
 def budget_prefix(workspace_id: str, budget_id: str, period_key: str) -> str:
-    return f"{_tag(workspace_id)}:b:{budget_id}:{period_key}"
+    return f"{workspace_tag(workspace_id)}:{budget_suffix(budget_id, period_key)}"
 
 
 def budget_keys(workspace_id: str, budget_id: str, period_key: str) -> BudgetKeys:
     p = budget_prefix(workspace_id, budget_id, period_key)
-    return BudgetKeys(f"{p}:spent", f"{p}:holds", f"{p}:hexp", f"{p}:held", f"{p}:leases", f"{p}:alerts")
+    return BudgetKeys(*(f"{p}:{name}" for name in BudgetKeys._fields))
 
 
 def rate_key(workspace_id: str, limit_id: str, kind: RateKind) -> str:
-    if kind not in RATE_PERIOD_MS:
-        raise ValueError(f"unknown rate kind {kind!r}")
-    return f"{_tag(workspace_id)}:l:{limit_id}:{kind}"
+    return f"{workspace_tag(workspace_id)}:{rate_suffix(limit_id, kind)}"
 
 
 def concurrency_key(workspace_id: str, limit_id: str) -> str:
-    return f"{_tag(workspace_id)}:l:{limit_id}:conc"
+    return f"{workspace_tag(workspace_id)}:{concurrency_suffix(limit_id)}"
 
 
 def escalation_key(workspace_id: str, escalation_id: str) -> str:
-    return f"{_tag(workspace_id)}:esc:{escalation_id}"
+    return f"{workspace_tag(workspace_id)}:esc:{escalation_id}"
 
 
 def op_marker_key(workspace_id: str, op_id: str) -> str:
-    return f"{_tag(workspace_id)}:op:{op_id}"
+    """`op_id` is `<kind>:<hold id>` (kind `s` settle, `d` debit, `v` void: the scripts build
+    the same name from the tag and the hold id)."""
+    return f"{workspace_tag(workspace_id)}:op:{op_id}"
 
 
 def lease_hold_id(worker_id: str) -> str:

@@ -47,7 +47,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from dataplane.call import Call, new_request_id
 from dataplane.decisions import Target, agent_context, authenticate
-from dataplane.governor_plan import Plan, build_plan
+from dataplane.governor_plan import Plan, PlanCache, build_plan
 from dataplane.ingress.chat import ChatIngress
 from dataplane.lifecycle import ModelCall
 from dataplane.ports import Admission, AdmitRequest
@@ -100,15 +100,15 @@ class PlanOnlyGovernor:
 
     def __init__(self) -> None:
         self.build_plan = True
+        self.plans = PlanCache()  # as the real governor keeps one
 
     async def admit(self, req: AdmitRequest) -> Admission:
         if not self.build_plan:
             return Admission(ok=True, mode="redis", hold_nanos=req.hold_nanos)
-        plan = build_plan(req)
+        plan = build_plan(req, self.plans)
         if not isinstance(plan, Plan):
             return plan
-        plan.admit_keys()
-        plan.admit_args(600_000, "lease:micro")
+        plan.admit_call(600_000, "11:lease:micro,")
         return Admission(ok=True, mode="redis", hold_nanos=plan.hold)
 
     def settle(self, admission: Admission, cost_nanos: int, tokens: int) -> None:
@@ -285,14 +285,15 @@ def steps(bench: Bench, n: int) -> dict[str, float]:
         return hold_nanos(unit_prices(snap.prices, c.target.provider, c.target.model), c.input_bound, MAX_TOKENS)
 
     now_ms = int(time.time() * 1000)
+    plans = PlanCache()
 
     def plan(i: int) -> object:
         c = calls[i % pool]
         p = build_plan(AdmitRequest(workspace_id=c.vk.workspace_id, request_id=c.ctx.request_id,
                                     limits=inputs[i % pool][1], budgets=inputs[i % pool][2], tokens=200,
-                                    hold_nanos=c.hold_nanos, now_ms=now_ms))
+                                    hold_nanos=c.hold_nanos, now_ms=now_ms), plans)
         assert isinstance(p, Plan)
-        return p.admit_keys(), p.admit_args(600_000, "lease:micro")
+        return p.admit_call(600_000, "11:lease:micro,")
 
     def new_call(i: int) -> object:
         return bench.call(bench.requests[i % pool])
