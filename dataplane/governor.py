@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import secrets
 import time
 from collections import deque
@@ -55,11 +56,9 @@ from typing import Any
 
 import structlog
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError
 
 from dataplane import governor_scripts as lua
+from dataplane.governor_conn import Endpoint, ReplyError, RespConnection, pack
 from dataplane.governor_local import Gcra, LocalState, local_share
 from dataplane.governor_plan import (
     BudgetRef,
@@ -109,23 +108,18 @@ class _Watched:
 
 
 class RedisGovernor:
-    """`dataplane.ports.Governor` over Redis. Start `run()` as a task; `close()` flushes and gives
-    the leases back. `redis` is a client or a URL (then the governor owns the client, built with
-    `timeout_s` socket timeouts and no retries)."""
+    """`dataplane.ports.Governor` over Redis. Start `run()` as a task; `close()` flushes, gives
+    the leases back and closes the connection. `redis` is a redis-py client or a URL: the governor
+    takes its connection settings and talks to Redis over its own pipelined connection
+    (`governor_conn`: every call shares it, no retries, `timeout_s` per reply and per connect)."""
 
     def __init__(self, redis: Redis | str, fleet_size: Callable[[], int], *, worker_id: str | None = None,
                  hold_ttl_s: float = 120.0, settle_flush_interval_s: float = 0.05, timeout_s: float = 1.0,
                  batch_timeout_s: float = 2.0, lease_ttl_s: float = 60.0, refresh_interval_s: float = 5.0,
-                 lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0, max_inflight: int = 16,
+                 lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0,
                  batch_max: int = 256, queue_max: int = 100_000, max_hold_s: float = 900.0,
                  clock_ms: Callable[[], int] | None = None) -> None:
-        if isinstance(redis, str):
-            redis = Redis.from_url(redis, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                   retry=Retry(NoBackoff(), 0), max_connections=max_inflight + 8)
-            self._owns_redis = True
-        else:
-            self._owns_redis = False
-        self._redis = redis
+        self._conn = RespConnection(Endpoint.of(redis), connect_timeout_s=timeout_s)
         self._fleet_size = fleet_size
         self.worker_id = worker_id or secrets.token_hex(6)
         self._lease_id = lease_hold_id(self.worker_id)
@@ -141,11 +135,13 @@ class RedisGovernor:
         self._probe_interval_s, self._down_after_s = probe_interval_s, down_after_s
         self._batch_max, self._queue_max = batch_max, queue_max
         self._clock_ms = clock_ms or (lambda: int(time.time() * 1000))
-        self._gate = asyncio.Semaphore(max_inflight)
         self._flush_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._scripts = {name: redis.register_script(getattr(lua, name))
-                         for name in ("ADMIT", "SETTLE", "DEBIT", "VOID", "LEASE", "EXTEND")}
+        sources: dict[str, str] = {name: getattr(lua, name) for name in ("ADMIT", "SETTLE", "DEBIT", "VOID", "LEASE",
+                                                                         "EXTEND")}
+        self._scripts = {  # name -> (source, its SHA1: the name EVALSHA runs it by)
+            name: (source, hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest())
+            for name, source in sources.items()}
         self._queue: deque[_Op] = deque()
         self._unrecorded = 0  # queued debit/void ops: Redis admits wait until they are applied
         self._watched: dict[str, _Watched] = {}
@@ -184,33 +180,39 @@ class RedisGovernor:
             else:
                 watched.last_used_ms = req.now_ms
         attempted = False
-        async with self._gate:
-            if self._usable() and (not self._unrecorded or await self._flush_within(self._timeout_s)):
-                attempted = True
+        if self._usable() and (not self._unrecorded or await self._flush_within(self._timeout_s)):
+            attempted = True
+            try:
+                command = pack("EVALSHA", self._scripts["ADMIT"][1], 1,
+                               *plan.admit_call(self._hold_ttl_ms, self._lease_field))
+                reply = await self._conn.call(command, self._timeout_s)
+                if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
+                    await self._load_scripts(self._timeout_s)
+                    reply = await self._conn.call(command, self._timeout_s)
+                if isinstance(reply, ReplyError):  # a script error: the store is not fit to decide
+                    raise reply
+            except Exception as exc:  # any fault of the store: decide locally, never raise
+                self._failed("admit", exc)
+            else:
+                self._succeeded()
                 try:
-                    async with asyncio.timeout(self._timeout_s):
-                        tag, fields, hold_id = plan.admit_call(self._hold_ttl_ms, self._lease_field)
-                        reply = await self._scripts["ADMIT"](keys=[tag], args=[fields, hold_id])
-                except Exception as exc:  # any fault of the store: decide locally, never raise
-                    self._failed("admit", exc)
-                else:
-                    self._succeeded()
-                    try:
-                        return self._from_reply(plan, reply)
-                    except Exception as exc:  # an unreadable reply is a lost one (voided below)
-                        log.error("governor_bad_reply", error=type(exc).__name__, detail=str(exc)[:200])
+                    return self._from_reply(plan, reply)
+                except Exception as exc:  # an unreadable reply is a lost one (voided below)
+                    log.error("governor_bad_reply", error=type(exc).__name__, detail=str(exc)[:200])
         return self._admit_local(plan, req.now_ms, attempted=attempted)
 
     def _from_reply(self, plan: Plan, reply: list[int]) -> Admission:
         """Read ADMIT's flat reply (layout: `governor_scripts.ADMIT`)."""
         ok, fail_kind, fail_idx, fail_spent, fail_held = reply[:5]
         end = 5 + 4 * len(plan.rates)
-        decisions = [Gcra(bool(reply[i]), 0.0, reply[i + 1], reply[i + 2], reply[i + 3]) for i in range(5, end, 4)]
-        headers = rate_headers(plan.rates, decisions, [r.value for r in plan.rates]) if plan.rates else {}
+        headers = rate_headers(plan.rates, reply[6:end:4], reply[7:end:4], [r.value for r in plan.rates]) \
+            if plan.rates else {}
         if not ok:
             idx = fail_idx - 1
             if fail_kind == lua.FAIL_RATE:
-                return rate_refusal(plan.rates[idx], plan.quantities[idx], decisions[idx], headers, local=False)
+                i = 5 + 4 * idx
+                decision = Gcra(False, 0.0, reply[i + 1], reply[i + 2], reply[i + 3])
+                return rate_refusal(plan.rates[idx], plan.quantities[idx], decision, headers, local=False)
             if fail_kind == lua.FAIL_CONC:
                 return conc_refusal(plan.concs[idx], headers, local=False)
             return budget_refusal(plan.budgets[idx], fail_spent, fail_held, plan.hold, headers)
@@ -238,7 +240,7 @@ class RedisGovernor:
         shares = [local_share(r.value, fleet) for r in plan.rates]
         decisions = [self._local.rate(r.key, now_ms, r.period_ms, s, q)
                      for r, s, q in zip(plan.rates, shares, plan.quantities, strict=True)]
-        headers = rate_headers(plan.rates, decisions, shares)
+        headers = rate_headers(plan.rates, [d.remaining for d in decisions], [d.reset_ms for d in decisions], shares)
         for r, q, d in zip(plan.rates, plan.quantities, decisions, strict=True):
             if not d.ok:
                 return rate_refusal(r, q, d, headers, local=True)
@@ -309,16 +311,20 @@ class RedisGovernor:
         if len(self._queue) >= self._batch_max:
             self._wake.set()
 
-    async def flush(self) -> bool:
-        """Send every queued settlement now (batches of `batch_max`, one pipeline each, in order).
-        True when the queue is empty afterwards; False if Redis failed (the rest stays queued: a
-        batch is applied once however often it is sent, see `governor_scripts`)."""
+    async def flush(self, *, only_queued: bool = False) -> bool:
+        """Send every queued settlement now (batches of `batch_max`, one pipeline each, in order),
+        also those queued meanwhile, or with `only_queued` just those queued when it starts.
+        True when those are applied; False if Redis failed (the rest stays queued: a batch is
+        applied once however often it is sent, see `governor_scripts`)."""
         async with self._flush_lock:
-            while self._queue:
-                batch = [self._queue[i] for i in range(min(self._batch_max, len(self._queue)))]
+            left = len(self._queue) if only_queued else -1  # ops still to send; -1: all there are
+            while self._queue and left != 0:
+                size = min(self._batch_max, len(self._queue), left if left > 0 else self._batch_max)
+                batch = [self._queue[i] for i in range(size)]
+                left -= size if left > 0 else 0
                 try:
-                    async with asyncio.timeout(self._batch_timeout_s):
-                        results = await self._pipeline([(op.kind.upper(), op.call) for op in batch])
+                    results = await self._run_scripts([(op.kind.upper(), op.call) for op in batch],
+                                                      self._batch_timeout_s)
                 except Exception as exc:
                     self._failed("flush", exc)
                     return False
@@ -339,19 +345,23 @@ class RedisGovernor:
             self._failed("flush", exc)
             return False
 
-    async def _pipeline(self, calls: list[tuple[str, Call]]) -> list[Any]:
-        """One round trip of EVALSHAs (SCRIPT LOAD and once more after a NOSCRIPT: the
-        settlement scripts are idempotent, the lease script is a refresh)."""
-        for _attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for name, (tag, fields, hold_id) in calls:
-                pipe.evalsha(self._scripts[name].sha, 1, tag, fields, hold_id)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if not any(isinstance(r, NoScriptError) for r in results):
-                return results
-            for script in self._scripts.values():
-                script.sha = await self._redis.script_load(script.script)
-        raise NoScriptError("scripts could not be loaded")
+    async def _run_scripts(self, calls: list[tuple[str, Call]], timeout_s: float) -> list[Any]:
+        """One round trip of EVALSHAs; their replies in order (a script error as a `ReplyError`
+        value). After a NOSCRIPT (Redis restarted or flushed its scripts) the scripts are loaded
+        and the whole batch sent once more: ADMIT did not run, the settlement scripts are
+        idempotent, LEASE is a refresh, EXTEND touches only what exists."""
+        commands = [pack("EVALSHA", self._scripts[name][1], 1, *call) for name, call in calls]
+        results = await self._conn.pipeline(commands, timeout_s)
+        if any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in results):
+            await self._load_scripts(timeout_s)
+            results = await self._conn.pipeline(commands, timeout_s)
+        return results
+
+    async def _load_scripts(self, timeout_s: float) -> None:
+        loaded = await self._conn.pipeline([pack("SCRIPT", "LOAD", source) for source, _ in self._scripts.values()],
+                                           timeout_s)
+        if errors := [r for r in loaded if isinstance(r, ReplyError)]:
+            raise errors[0]
 
     # -- leases, sweeps, health ------------------------------------------------------------------
 
@@ -380,8 +390,7 @@ class RedisGovernor:
         if not calls:
             return
         try:
-            async with asyncio.timeout(self._batch_timeout_s):
-                results = await self._pipeline(calls)
+            results = await self._run_scripts(calls, self._batch_timeout_s)
         except Exception as exc:
             self._failed("lease_refresh", exc)
             return
@@ -408,7 +417,11 @@ class RedisGovernor:
             if not self._healthy and not await self._probe():
                 continue
             if self._queue:
-                await self.flush()
+                # What is queued now, not what arrives meanwhile: under steady traffic that would
+                # be one round trip per settlement. A full batch waiting wakes the loop again.
+                await self.flush(only_queued=True)
+                if len(self._queue) >= self._batch_max:
+                    self._wake.set()
             if self._refresh_requested or time.monotonic() >= next_refresh:
                 self._refresh_requested = False
                 next_refresh = time.monotonic() + self._refresh_interval_s
@@ -425,16 +438,15 @@ class RedisGovernor:
             await self.refresh_leases(release=True)
         if self._queue:
             log.warning("governor_settlements_not_flushed", pending=len(self._queue))
-        if self._owns_redis:
-            await self._redis.aclose()
+        await self._conn.close()
 
     async def _probe(self) -> bool:
         if time.monotonic() < self._probe_at:
             return False
         self._probe_at = time.monotonic() + self._probe_interval_s
         try:
-            async with asyncio.timeout(self._timeout_s):
-                await self._redis.ping()
+            if isinstance(pong := await self._conn.call(pack("PING"), self._timeout_s), ReplyError):
+                raise pong  # e.g. LOADING: not ready to decide
         except Exception as exc:
             self._failed("probe", exc)
             return False
@@ -476,11 +488,12 @@ class RedisGovernor:
         if not self._usable():
             return False
         try:
-            async with asyncio.timeout(self._timeout_s):
-                first = await self._redis.set(escalation_key(workspace_id, escalation_id), "1", nx=True,
-                                              ex=max(1, int(ttl_s)))
+            first = await self._conn.call(pack("SET", escalation_key(workspace_id, escalation_id), "1", "NX", "EX",
+                                               max(1, int(ttl_s))), self._timeout_s)
+            if isinstance(first, ReplyError):
+                raise first
         except Exception as exc:
             self._failed("use_escalation", exc)
             return False
         self._succeeded()
-        return bool(first)
+        return first is not None

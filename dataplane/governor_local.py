@@ -84,6 +84,8 @@ class LocalState:
     def set_lease(self, prefix: str, nanos: int, expires_ms: int) -> None:
         if nanos <= 0:
             self.leases.pop(prefix, None)
+        elif (lease := self.leases.get(prefix)) is not None:
+            lease.nanos, lease.expires_ms = nanos, expires_ms
         else:
             self.leases[prefix] = Lease(nanos, expires_ms)
 

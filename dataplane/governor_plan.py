@@ -94,42 +94,80 @@ class ConcRef:
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
-    workspace_id: str
+class PathRefs:
+    """What `build_plan` derives from one request path (a workspace, its limits and budgets, as
+    the tuples the governance stage keeps per path), valid while those tuples and every budget's
+    window stay the same (`start_ms <= now < end_ms`)."""
+
     tag: str
+    limits: tuple[Limit, ...]
+    budgets: tuple[Budget, ...]
+    budget_refs: tuple[BudgetRef, ...]
+    rates: tuple[RateRef, ...]
+    concs: tuple[ConcRef, ...]
+    refusal: tuple[str, str] | None  # (code, message) of a limit that admits nothing
+    start_ms: int
+    end_ms: int
+    counts: str  # ADMIT's "n_budgets,n_rates,n_conc,"
+    budget_fields: str  # the budgets' part of ADMIT's fields, joined
+    conc_fields: str
+    ones: tuple[int, ...]  # the quantities when no rate limiter counts tokens
+    per_token: bool  # some rate limiter counts tokens
+
+
+@dataclass(slots=True)
+class Plan:
+    """One admission's plan. Not frozen only because it is built on every request (a frozen
+    dataclass sets each field through `object.__setattr__`); nothing changes it."""
+
+    workspace_id: str
     hold_id: str
     hold: int
     tokens: int
     now_ms: int
-    budgets: tuple[BudgetRef, ...]
-    rates: tuple[RateRef, ...]
     quantities: tuple[int, ...]  # what each rate limiter is charged
-    concs: tuple[ConcRef, ...]
+    path: PathRefs
+
+    @property
+    def tag(self) -> str:
+        return self.path.tag
+
+    @property
+    def budgets(self) -> tuple[BudgetRef, ...]:
+        return self.path.budget_refs
+
+    @property
+    def rates(self) -> tuple[RateRef, ...]:
+        return self.path.rates
+
+    @property
+    def concs(self) -> tuple[ConcRef, ...]:
+        return self.path.concs
 
     def admit_call(self, hold_ttl_ms: int, lease_field: str) -> Call:
         """`ADMIT`; `lease_field` is this worker's lease hold id as a `netstring`."""
-        parts = [f"{self.now_ms},{self.hold},{hold_ttl_ms},{len(self.budgets)},{len(self.rates)},{len(self.concs)},",
-                 lease_field]
-        parts += [b.admit_fields for b in self.budgets]
-        for r, q in zip(self.rates, self.quantities, strict=True):
+        path = self.path
+        parts = [f"{self.now_ms},{self.hold},{hold_ttl_ms},", path.counts, lease_field, path.budget_fields]
+        for r, q in zip(path.rates, self.quantities, strict=True):
             parts += (r.admit_fields, f"{q},")
-        parts += [c.admit_fields for c in self.concs]
-        return self.tag, "".join(parts), self.hold_id
+        parts.append(path.conc_fields)
+        return path.tag, "".join(parts), self.hold_id
 
     def settle_call(self, cost_nanos: int, tokens: int, marker_ttl_ms: int, *, redis_charged: bool) -> Call | None:
         """`SETTLE`, or None when there is nothing in Redis to settle. Rate and concurrency
         entries exist in Redis only if the admission was made there (`redis_charged`)."""
+        path = self.path
         delta = tokens - self.tokens
-        token_rates = [r for r in self.rates if r.per_token] if redis_charged and delta else []
-        concs = self.concs if redis_charged else ()
-        if not (self.budgets or token_rates or concs):
+        token_rates = [r for r in path.rates if r.per_token] if redis_charged and delta else []
+        concs = path.concs if redis_charged else ()
+        if not (path.budget_refs or token_rates or concs):
             return None
-        parts = [f"{cost_nanos},{marker_ttl_ms},{len(self.budgets)},{len(token_rates)},{len(concs)},"]
-        parts += [b.settle_fields for b in self.budgets]
+        parts = [f"{cost_nanos},{marker_ttl_ms},{len(path.budget_refs)},{len(token_rates)},{len(concs)},"]
+        parts += [b.settle_fields for b in path.budget_refs]
         for r in token_rates:
             parts += (r.suffix_field, f"{delta * r.period_ms / r.value!r},")
         parts += [c.suffix_field for c in concs]
-        return self.tag, "".join(parts), self.hold_id
+        return path.tag, "".join(parts), self.hold_id
 
     def debit_call(self, now_ms: int, hold_ttl_ms: int, lease_field: str, marker_ttl_ms: int) -> Call:
         return self.tag, "".join([f"{now_ms},{self.hold},{hold_ttl_ms},{marker_ttl_ms},{len(self.budgets)},",
@@ -197,17 +235,47 @@ def _limit_refs(tag: str, limit: Limit) -> _LimitRefs:
 
 
 class PlanCache:
-    """What `build_plan` derives from one entity (and, for a budget, its current window), kept
-    while the entity object and the window stay the same. Entities are frozen: a changed one is a
-    new object, so entries are keyed by object identity (the entry holds the object, so its id is
-    not reused while cached). Bounded: cleared whole when it reaches `max_entries`."""
+    """What `build_plan` derives from a request path and from each entity on it (for a budget,
+    in its current window), kept while they stay the same. Entities and the governance stage's
+    per-path tuples are immutable: a change is a new object, so entries are keyed by object
+    identity (each entry holds its objects, so their ids are not reused while cached). Bounded:
+    each map is cleared whole when it reaches `max_entries`."""
 
     def __init__(self, max_entries: int = 20_000) -> None:
         self._max = max_entries
+        self._paths: dict[tuple[int, int, str], PathRefs] = {}
         self._budgets: dict[tuple[int, str], BudgetRef] = {}
         self._limits: dict[tuple[int, str], tuple[Limit, _LimitRefs]] = {}
 
-    def budget(self, tag: str, b: Budget, now_ms: int) -> BudgetRef:
+    def path(self, workspace_id: str, limits: tuple[Limit, ...], budgets: tuple[Budget, ...], now_ms: int) -> PathRefs:
+        key = (id(limits), id(budgets), workspace_id)
+        path = self._paths.get(key)
+        if (path is None or path.limits is not limits or path.budgets is not budgets
+                or not path.start_ms <= now_ms < path.end_ms):
+            if len(self._paths) >= self._max:
+                self._paths.clear()
+            path = self._paths[key] = self._build_path(workspace_id, limits, budgets, now_ms)
+        return path
+
+    def _build_path(self, workspace_id: str, limits: tuple[Limit, ...], budgets: tuple[Budget, ...],
+                    now_ms: int) -> PathRefs:
+        tag = workspace_tag(workspace_id)
+        refs = tuple(self._budget(tag, b, now_ms) for b in budgets)
+        rates: list[RateRef] = []
+        concs: list[ConcRef] = []
+        refusal: tuple[str, str] | None = None
+        for limit in limits:
+            limit_rates, limit_concs, refusal = self._limit(tag, limit)
+            if refusal is not None:
+                break
+            rates += limit_rates
+            concs += limit_concs
+        return PathRefs(tag, limits, budgets, refs, tuple(rates), tuple(concs), refusal,
+                        max((b.start_ms for b in refs), default=0), min((b.end_ms for b in refs), default=_NO_END_MS),
+                        f"{len(refs)},{len(rates)},{len(concs)},", "".join(b.admit_fields for b in refs),
+                        "".join(c.admit_fields for c in concs), (1,) * len(rates), any(r.per_token for r in rates))
+
+    def _budget(self, tag: str, b: Budget, now_ms: int) -> BudgetRef:
         key = (id(b), tag)
         ref = self._budgets.get(key)
         if ref is None or ref.budget is not b or not ref.start_ms <= now_ms < ref.end_ms:
@@ -216,7 +284,7 @@ class PlanCache:
             ref = self._budgets[key] = _budget_ref(tag, b, now_ms)
         return ref
 
-    def limit(self, tag: str, limit: Limit) -> _LimitRefs:
+    def _limit(self, tag: str, limit: Limit) -> _LimitRefs:
         key = (id(limit), tag)
         entry = self._limits.get(key)
         if entry is None or entry[0] is not limit:
@@ -228,21 +296,14 @@ class PlanCache:
 
 def build_plan(req: AdmitRequest, cache: PlanCache | None = None) -> Plan | Admission:
     """The plan of `req`, or a refusal that needs no IO (a limit of 0 admits nothing). Without a
-    `cache`, everything is derived afresh (same result)."""
-    cache = cache or PlanCache()
-    tag = workspace_tag(req.workspace_id)
-    budgets = tuple(cache.budget(tag, b, req.now_ms) for b in req.budgets)
-    rates: list[RateRef] = []
-    concs: list[ConcRef] = []
-    for limit in req.limits:
-        limit_rates, limit_concs, refusal = cache.limit(tag, limit)
-        if refusal is not None:
-            return Admission(ok=False, code=refusal[0], mode="none", message=refusal[1])
-        rates += limit_rates
-        concs += limit_concs
+    `cache`, everything is derived afresh (same result). Raises ValueError for a workspace id that
+    cannot be a Redis hash tag."""
+    path = (cache or PlanCache()).path(req.workspace_id, req.limits, req.budgets, req.now_ms)
+    if path.refusal is not None:
+        return Admission(ok=False, code=path.refusal[0], mode="none", message=path.refusal[1])
     tokens = max(0, req.tokens)
-    return Plan(req.workspace_id, tag, req.request_id, max(0, req.hold_nanos), tokens, req.now_ms, budgets,
-                tuple(rates), tuple(tokens if r.per_token else 1 for r in rates), tuple(concs))
+    quantities = tuple([tokens if r.per_token else 1 for r in path.rates]) if path.per_token else path.ones
+    return Plan(req.workspace_id, req.request_id, max(0, req.hold_nanos), tokens, req.now_ms, quantities, path)
 
 
 # -- rendering -------------------------------------------------------------------------------------
@@ -268,22 +329,27 @@ def format_reset(ms: int) -> str:
     return (f"{hours}h" if hours else "") + f"{minutes}m{secs}s"
 
 
-def rate_headers(rates: Sequence[RateRef], decisions: Sequence[Gcra], limits: Sequence[int]) -> dict[str, str]:
+_HEADER_NAMES = tuple((f"x-ratelimit-limit-{family}", f"x-ratelimit-remaining-{family}", f"x-ratelimit-reset-{family}")
+                      for family in ("requests", "tokens"))
+
+
+def rate_headers(rates: Sequence[RateRef], remaining: Sequence[int], reset_ms: Sequence[int],
+                 limits: Sequence[int]) -> dict[str, str]:
     """x-ratelimit-{limit,remaining,reset}-{requests,tokens} of the tightest request limiter
     (rpm/rpd) and token limiter (tpm/tpd): the fewest remaining, then the smallest limit.
-    `limits` are the enforced values (the local shares in local mode)."""
-    tightest: list[tuple[int, int, int] | None] = [None, None]  # requests, tokens: (remaining, limit, reset)
-    for r, d, lim in zip(rates, decisions, limits, strict=True):
-        best = tightest[r.per_token]
-        if best is None or (d.remaining, lim) < best[:2]:
-            tightest[r.per_token] = (d.remaining, lim, d.reset_ms)
+    `remaining` and `reset_ms` are each limiter's decision (`Gcra`), `limits` the enforced values
+    (the local shares in local mode)."""
+    tightest = [-1, -1]  # index of the tightest request limiter, token limiter
+    for i, r in enumerate(rates):
+        j = tightest[r.per_token]
+        if j < 0 or (remaining[i], limits[i]) < (remaining[j], limits[j]):
+            tightest[r.per_token] = i
     headers: dict[str, str] = {}
-    for family, best in zip(("requests", "tokens"), tightest, strict=True):
-        if best is not None:
-            remaining, lim, reset_ms = best
-            headers[f"x-ratelimit-limit-{family}"] = str(lim)
-            headers[f"x-ratelimit-remaining-{family}"] = str(max(0, remaining))
-            headers[f"x-ratelimit-reset-{family}"] = format_reset(reset_ms)
+    for j, (limit_name, remaining_name, reset_name) in zip(tightest, _HEADER_NAMES, strict=True):
+        if j >= 0:
+            headers[limit_name] = str(limits[j])
+            headers[remaining_name] = str(max(0, remaining[j]))
+            headers[reset_name] = format_reset(reset_ms[j])
     return headers
 
 

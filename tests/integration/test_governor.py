@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_asyncio
 from redis.asyncio import Redis
 from structlog.testing import capture_logs
 
@@ -24,7 +25,7 @@ from dataplane.governor_local import LocalState, local_share
 from dataplane.governor_plan import format_reset, usd
 from dataplane.ports import Admission, AdmitRequest
 from deploy.services import Service, start_redis
-from schemas.budget_keys import budget_keys, period_window
+from schemas.budget_keys import budget_keys, op_marker_key, period_window
 from schemas.entities import Budget, Limit
 from tests.conftest import wait_until_true
 
@@ -40,6 +41,16 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
     finally:
         svc.resume()
         svc.stop()
+
+
+@pytest_asyncio.fixture
+async def store(redis_service: Service) -> AsyncIterator[Redis]:
+    """A plain client, to read what the governors wrote."""
+    client = Redis.from_url(redis_service.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(autouse=True)
@@ -126,13 +137,13 @@ async def test_nothing_on_the_path_needs_no_io(redis_service: Service) -> None:
         await gov.close()
 
 
-async def test_admission_is_all_or_nothing(redis_service: Service) -> None:
+async def test_admission_is_all_or_nothing(redis_service: Service, store: Redis) -> None:
     w = ws()
     lim = Limit(id="lim_c", workspace_id=w, scope="key", scope_id="k1", concurrency=1, rpm=100)
     small = budget(w, limit=CENT)
     async with governors(redis_service) as (gov,):
-        client = gov._redis
-        first = await gov.admit(request(w, limits=(lim,), budgets=(small,), hold=CENT))
+        client = store
+        first = await gov.admit(request(w, limits=(lim,), budgets=(small,), hold=CENT, rid="req_first"))
         assert first.ok and first.mode == "redis" and first.remaining_nanos == 0
         # The budget refuses the second call: its concurrency slot and its request are not charged.
         big = Budget(id="bud_big", workspace_id=w, scope="workspace", scope_id=w, period="day", limit_nanos=DOLLAR)
@@ -148,18 +159,19 @@ async def test_admission_is_all_or_nothing(redis_service: Service) -> None:
         assert await gov.flush()
         spent, holds = await raw_budget(client, small)
         assert spent == CENT // 2 and holds == {}
+        assert await client.exists(op_marker_key(w, "s:req_first"))  # the scripts name keys as budget_keys do
         third = await gov.admit(request(w, limits=(lim,), budgets=(small,), hold=CENT // 2))
         assert third.ok  # the slot and the hold were released by the settlement
 
 
-async def test_zero_overspend_1000_concurrent_calls_over_two_workers(redis_service: Service) -> None:
+async def test_zero_overspend_1000_concurrent_calls_over_two_workers(redis_service: Service, store: Redis) -> None:
     w = ws()
     b = budget(w, alert_at=(50, 100))
     async with governors(redis_service, 2) as govs:
         for gov in govs:  # each worker sees the budget and takes a lease, as in steady state
             gov.settle(await gov.admit(request(w, budgets=(b,), hold=0)), 0, 0)
             await gov.refresh_leases()
-        spent, holds = await raw_budget(govs[0]._redis, b)
+        spent, holds = await raw_budget(store, b)
         assert holds == {"lease:w0": 5 * CENT, "lease:w1": 5 * CENT}
         admissions = await asyncio.gather(*(govs[i % 2].admit(request(w, budgets=(b,))) for i in range(1000)))
         admitted = [a for a in admissions if a.ok]
@@ -173,32 +185,31 @@ async def test_zero_overspend_1000_concurrent_calls_over_two_workers(redis_servi
                 govs[i % 2].settle(a, CENT, 10)
         for gov in govs:
             assert await gov.flush()
-        spent, holds = await raw_budget(govs[0]._redis, b)
+        spent, holds = await raw_budget(store, b)
         assert spent == DOLLAR
         assert sum(v for k, v in holds.items() if not k.startswith("lease:")) == 0
-        state = await budget_state(govs[0]._redis, b, utc(now_ms()))
+        state = await budget_state(store, b, utc(now_ms()))
         assert (state.spent_nanos, state.held_nanos, state.remaining_nanos) == (DOLLAR, 0, 0)
 
 
-async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service) -> None:
+async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service, store: Redis) -> None:
     w = ws()
     b = budget(w, limit=10 * CENT)
     async with governors(redis_service, 1, hold_ttl_s=0.5, refresh_interval_s=0.1) as (live,):
-        dead_client = Redis.from_url(redis_service.url)
-        dead = RedisGovernor(dead_client, lambda: 2, worker_id="dead", hold_ttl_s=0.5)
+        dead = RedisGovernor(redis_service.url, lambda: 2, worker_id="dead", hold_ttl_s=0.5)
         try:
             for _ in range(10):
                 assert (await dead.admit(request(w, budgets=(b,)))).ok
         finally:
-            await dead_client.aclose()  # the worker dies: nothing settled, nothing released
+            await dead._conn.close()  # the worker dies: its connection drops, nothing settled or released
         assert not (await live.admit(request(w, budgets=(b,)))).ok
         runner = asyncio.create_task(live.run())
         try:
             async def swept() -> bool:
-                _, holds = await raw_budget(live._redis, b)
+                _, holds = await raw_budget(store, b)
                 return not [k for k in holds if not k.startswith("lease:")]
             await wait_until_true(swept, timeout=10)
-            state = await budget_state(live._redis, b, utc(now_ms()))
+            state = await budget_state(store, b, utc(now_ms()))
             assert state.held_nanos == 0 and state.spent_nanos == 0
             assert (await live.admit(request(w, budgets=(b,)))).ok
         finally:
@@ -207,7 +218,7 @@ async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service)
 
 
 async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease_back(
-        redis_service: Service) -> None:
+        redis_service: Service, store: Redis) -> None:
     w = ws()
     b = budget(w, limit=20 * CENT)
     lim = Limit(id="lim_l", workspace_id=w, scope="key", scope_id="k1", concurrency=1)
@@ -216,7 +227,7 @@ async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease
         long_call = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=10 * CENT))
         assert long_call.ok
         await asyncio.sleep(1.0)  # well past the hold TTL: the live worker kept extending it
-        _, holds = await raw_budget(gov._redis, b)
+        _, holds = await raw_budget(store, b)
         assert holds[long_call.token.plan.hold_id] == 10 * CENT  # type: ignore[attr-defined]
         assert holds["lease:w0"] > 0
         second = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=CENT))
@@ -224,7 +235,7 @@ async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease
         gov.settle(long_call, 10 * CENT, 10)
         await gov.close()
         await runner
-        spent, holds = await raw_budget(gov._redis, b)
+        spent, holds = await raw_budget(store, b)
         assert spent == 10 * CENT and holds == {}  # settled, and the lease given back on close
 
 
@@ -296,7 +307,7 @@ async def test_escalation_is_single_use(redis_service: Service) -> None:
         assert sorted(results) == [False] * 9 + [True]
 
 
-async def test_redis_paused_falls_back_to_local_limits_and_leases(redis_service: Service) -> None:
+async def test_redis_paused_falls_back_to_local_limits_and_leases(redis_service: Service, store: Redis) -> None:
     w = ws()
     lim = Limit(id="lim_p", workspace_id=w, scope="key", scope_id="k1", rpm=10, concurrency=100)
     b = budget(w)  # $1: the lease is min(5% of $1, $1 / (2 * 2 workers)) = $0.05
@@ -321,12 +332,12 @@ async def test_redis_paused_falls_back_to_local_limits_and_leases(redis_service:
         await asyncio.sleep(0.1)  # past the breaker's probe interval: the next call tries Redis
         after = await gov.admit(request(w, budgets=(b,)))
         assert after.ok and after.mode == "redis"
-        spent, holds = await raw_budget(gov._redis, b)
+        spent, holds = await raw_budget(store, b)
         assert sum(v for k, v in holds.items() if not k.startswith("lease:")) == 6 * CENT
         for a in [a for a in paid if a.ok] + [after]:
             gov.settle(a, CENT, 10)
         assert await gov.flush()
-        spent, holds = await raw_budget(gov._redis, b)
+        spent, holds = await raw_budget(store, b)
         assert spent == 6 * CENT and sum(v for k, v in holds.items() if not k.startswith("lease:")) == 0
 
 
