@@ -92,9 +92,10 @@ class _Ticket:
     settled: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Op:
-    """A queued script call (settle, debit or void), applied in order by `flush`."""
+    """A queued script call (settle, debit or void), applied in order by `flush`. (Not frozen:
+    one is built per request, and nothing changes it.)"""
 
     kind: str
     call: Call
@@ -203,33 +204,38 @@ class RedisGovernor:
 
     def _from_reply(self, plan: Plan, reply: list[int]) -> Admission:
         """Read ADMIT's flat reply (layout: `governor_scripts.ADMIT`)."""
-        ok, fail_kind, fail_idx, fail_spent, fail_held = reply[:5]
-        end = 5 + 4 * len(plan.rates)
-        headers = rate_headers(plan.rates, reply[6:end:4], reply[7:end:4], [r.value for r in plan.rates]) \
-            if plan.rates else {}
-        if not ok:
+        path = plan.path
+        rates = path.rates
+        end = 5 + 4 * len(rates)
+        headers = rate_headers(rates, reply[6:end:4], reply[7:end:4], path.rate_values) if rates else {}
+        if not reply[0]:
+            _, fail_kind, fail_idx, fail_spent, fail_held = reply[:5]
             idx = fail_idx - 1
             if fail_kind == lua.FAIL_RATE:
                 i = 5 + 4 * idx
                 decision = Gcra(False, 0.0, reply[i + 1], reply[i + 2], reply[i + 3])
-                return rate_refusal(plan.rates[idx], plan.quantities[idx], decision, headers, local=False)
+                return rate_refusal(rates[idx], plan.quantities[idx], decision, headers, local=False)
             if fail_kind == lua.FAIL_CONC:
-                return conc_refusal(plan.concs[idx], headers, local=False)
-            return budget_refusal(plan.budgets[idx], fail_spent, fail_held, plan.hold, headers)
-        alerts: list[BudgetCrossing] = []
+                return conc_refusal(path.concs[idx], headers, local=False)
+            return budget_refusal(path.budget_refs[idx], fail_spent, fail_held, plan.hold, headers)
+        alerts: tuple[BudgetCrossing, ...] = ()
         remaining: int | None = None
         i = end
-        for b in plan.budgets:
+        set_lease = self._local.set_lease
+        for b in path.budget_refs:
             left, lease_left, lease_exp, committed, n_crossed = reply[i:i + 5]
-            self._local.set_lease(b.prefix, lease_left, lease_exp)
-            remaining = left if remaining is None else min(remaining, left)
-            alerts += [BudgetCrossing(b.budget, t, b.period_start, committed) for t in reply[i + 5:i + 5 + n_crossed]]
-            i += 5 + n_crossed
+            set_lease(b.prefix, lease_left, lease_exp)
+            if remaining is None or left < remaining:
+                remaining = left
+            i += 5
+            if n_crossed:
+                alerts += tuple(BudgetCrossing(b.budget, t, b.period_start, committed) for t in reply[i:i + n_crossed])
+                i += n_crossed
         if i != len(reply):
             raise ValueError(f"ADMIT replied {len(reply)} values, expected {i}")
         ticket = self._track(_Ticket(plan, local=False))
-        return Admission(ok=True, mode="redis", headers=headers, hold_nanos=plan.hold if plan.budgets else 0,
-                         remaining_nanos=remaining, alerts=tuple(alerts), token=ticket)
+        return Admission(ok=True, mode="redis", headers=headers, hold_nanos=plan.hold if path.budget_refs else 0,
+                         remaining_nanos=remaining, alerts=alerts, token=ticket)
 
     def _admit_local(self, plan: Plan, now_ms: int, *, attempted: bool) -> Admission:
         if attempted and (plan.budgets or plan.concs):

@@ -113,6 +113,8 @@ class PathRefs:
     conc_fields: str
     ones: tuple[int, ...]  # the quantities when no rate limiter counts tokens
     per_token: bool  # some rate limiter counts tokens
+    rate_values: tuple[int, ...]
+    token_rates: tuple[RateRef, ...]  # the rate limiters that count tokens
 
 
 @dataclass(slots=True)
@@ -158,7 +160,7 @@ class Plan:
         entries exist in Redis only if the admission was made there (`redis_charged`)."""
         path = self.path
         delta = tokens - self.tokens
-        token_rates = [r for r in path.rates if r.per_token] if redis_charged and delta else []
+        token_rates = path.token_rates if redis_charged and delta else ()
         concs = path.concs if redis_charged else ()
         if not (path.budget_refs or token_rates or concs):
             return None
@@ -273,7 +275,8 @@ class PlanCache:
         return PathRefs(tag, limits, budgets, refs, tuple(rates), tuple(concs), refusal,
                         max((b.start_ms for b in refs), default=0), min((b.end_ms for b in refs), default=_NO_END_MS),
                         f"{len(refs)},{len(rates)},{len(concs)},", "".join(b.admit_fields for b in refs),
-                        "".join(c.admit_fields for c in concs), (1,) * len(rates), any(r.per_token for r in rates))
+                        "".join(c.admit_fields for c in concs), (1,) * len(rates), any(r.per_token for r in rates),
+                        tuple(r.value for r in rates), tuple(r for r in rates if r.per_token))
 
     def _budget(self, tag: str, b: Budget, now_ms: int) -> BudgetRef:
         key = (id(b), tag)

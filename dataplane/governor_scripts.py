@@ -108,9 +108,10 @@ local function extend_ttl(key, ms)
   if pttl >= 0 and pttl < ms then redis.call('PEXPIRE', key, fmt(ms)) end
 end
 
+-- `at`: epoch ms as the caller's digits, '0' = never.
 local function expire_at(keys, at)
-  if at > 0 then
-    for _, k in ipairs(keys) do redis.call('PEXPIREAT', k, fmt(at)) end
+  if at ~= '0' then
+    for _, k in ipairs(keys) do redis.call('PEXPIREAT', k, at) end
   end
 end
 
@@ -138,7 +139,8 @@ local lease_id, hold_id = str(), ARGV[2]
 local bud = {}
 for j = 1, nb do
   local b = {bkeys(str())}
-  b.limit, b.exp_at = ints(2)
+  b.limit = int()
+  b.exp_at = field()
   b.th = {}
   for a = 1, int() do b.th[a] = int() end
   bud[j] = b
@@ -208,12 +210,13 @@ if r[2] ~= 0 then return r end
 
 -- 4. all passed: charge everything
 r[1] = 1
+local h_s, until_s = fmt(h), fmt(now + ttl)
 for i = 1, nr do
   local new = new_tats[i]
   redis.call('SET', rkeys[i], fmt17(new), 'PX', math.ceil(new - now) + 1000)
 end
 for i = 1, nc do
-  redis.call('ZADD', ckeys[i], fmt(now + ttl), hold_id)
+  redis.call('ZADD', ckeys[i], until_s, hold_id)
   extend_ttl(ckeys[i], ttl + 1000)
 end
 for j = 1, nb do
@@ -221,8 +224,8 @@ for j = 1, nb do
   local holds, hexp, held_key, leases, alerts = b[2], b[3], b[4], b[5], b[6]
   if b.use > 0 then redis.call('HINCRBY', holds, lease_id, fmt(-b.use)) end
   if h > 0 then
-    redis.call('HSET', holds, hold_id, fmt(h))
-    redis.call('ZADD', hexp, fmt(now + ttl), hold_id)
+    redis.call('HSET', holds, hold_id, h_s)
+    redis.call('ZADD', hexp, until_s, hold_id)
   end
   local held = b.held + h - b.use
   redis.call('SET', held_key, fmt(held))
@@ -231,7 +234,8 @@ for j = 1, nb do
   for _, t in ipairs(b.th) do
     if committed * 100 >= t * b.limit and redis.call('SADD', alerts, t) == 1 then crossed[#crossed + 1] = t end
   end
-  expire_at({holds, hexp, held_key, alerts}, b.exp_at)
+  -- (the alerts set gets its expiry when a threshold is first added to it)
+  expire_at(#crossed > 0 and {holds, hexp, held_key, alerts} or {holds, hexp, held_key}, b.exp_at)
   local n = #r
   r[n + 1], r[n + 2], r[n + 3], r[n + 4], r[n + 5] = b.limit - committed, b.mine - b.use,
     num(redis.call('ZSCORE', hexp, lease_id)), committed, #crossed
@@ -252,7 +256,7 @@ local hold_id = ARGV[2]
 if not redis.call('SET', T .. 'op:s:' .. hold_id, '1', 'NX', 'PX', marker_ttl) then return 0 end
 for _ = 1, nb do
   local spent, holds, hexp, held_key = bkeys(str())
-  local exp_at = int()
+  local exp_at = field()
   drop_hold(holds, hexp, held_key, hold_id)
   -- spend is spend, whether or not the hold was still there
   redis.call('INCRBY', spent, cost)
@@ -280,7 +284,7 @@ local lease_id, hold_id = str(), ARGV[2]
 if not redis.call('SET', T .. 'op:d:' .. hold_id, '1', 'NX', 'PX', marker_ttl) then return 0 end
 for _ = 1, nb do
   local _spent, holds, hexp, held_key, leases = bkeys(str())
-  local exp_at = int()
+  local exp_at = field()
   local held = sweep(holds, hexp, held_key, leases, now)
   -- (a hold already there was recorded by an earlier send of this debit: the counter has it)
   if h > 0 and redis.call('HEXISTS', holds, hold_id) == 0 then
@@ -331,7 +335,8 @@ return 1
 # cap_nanos, fleet_size, expire_at_ms, suffix$, lease_id$.
 # Returns {lease_nanos, lease_expires_ms, held_after}.
 LEASE = _COMMON + r"""
-local now, ttl, limit, cap, fleet, exp_at = ints(6)
+local now, ttl, limit, cap, fleet = ints(5)
+local exp_at = field()
 local spent_key, holds, hexp, held_key, leases = bkeys(str())
 local lease_id = str()
 local held = sweep(holds, hexp, held_key, leases, now)

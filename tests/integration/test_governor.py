@@ -190,6 +190,10 @@ async def test_zero_overspend_1000_concurrent_calls_over_two_workers(redis_servi
         assert sum(v for k, v in holds.items() if not k.startswith("lease:")) == 0
         state = await budget_state(store, b, utc(now_ms()))
         assert (state.spent_nanos, state.held_nanos, state.remaining_nanos) == (DOLLAR, 0, 0)
+        # Every key of the window that exists expires (its end plus the grace period).
+        keys = budget_keys(w, b.id, period_window(b, utc(now_ms()))[0])
+        ttls = {name: await store.pttl(key) for name, key in keys._asdict().items() if await store.exists(key)}
+        assert {"spent", "held", "alerts"} <= ttls.keys() and all(t > 0 for t in ttls.values()), ttls
 
 
 async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service, store: Redis) -> None:
@@ -229,6 +233,8 @@ async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease
         await asyncio.sleep(1.0)  # well past the hold TTL: the live worker kept extending it
         _, holds = await raw_budget(store, b)
         assert holds[long_call.token.plan.hold_id] == 10 * CENT  # type: ignore[attr-defined]
+        keys = budget_keys(w, b.id, period_window(b, utc(now_ms()))[0])
+        assert min([await store.pttl(k) for k in (keys.holds, keys.hexp, keys.held, keys.leases)]) > 0
         assert holds["lease:w0"] > 0
         second = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=CENT))
         assert not second.ok and second.code == "concurrency_limit_exceeded"
