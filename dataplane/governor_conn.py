@@ -123,6 +123,11 @@ class RespConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
+    @property
+    def connected(self) -> bool:
+        """A connection is open (the next call does not connect first)."""
+        return self._proto is not None
+
     async def call(self, command: bytes, timeout_s: float) -> Any:
         """Send one packed command; its reply."""
         proto = self._proto if self._proto is not None else await self._connect()
