@@ -5,7 +5,15 @@ Normal operation (Redis reachable): `admit` is one EVALSHA of `governor_scripts.
 sweeps expired holds, checks every GCRA rate limit, concurrency limit and budget
 (`spent + held + hold <= limit`) and, only if all pass, charges them all. Budgets are exact:
 **zero overspend** whenever each hold is a true upper bound of its call's cost (otherwise at most
-the sum of `actual - hold` over the calls in flight).
+the sum of `actual - hold` over the calls in flight). Settlements are queued and sent every
+`settle_flush_interval_s` (sooner when `batch_max` are waiting), one pipeline per batch.
+
+Transport: two pipelined connections of the governor's own (`governor_conn`; redis-py's
+per-command overhead was most of a governed request's CPU): one for admissions, escalations and
+probes, one for settlement batches and lease refreshes, so a batch never queues in front of an
+admission. Each waits at most `timeout_s` (batches `batch_timeout_s`) for a reply; a reply overdue
+closes its connection and fails every call waiting on it (replies come in order: the store has
+been silent that long), and the next call reconnects.
 
 Leases. While Redis is healthy the worker keeps, per active budget, a lease: a hold with id
 `lease:<worker_id>` of min(`lease_pct`% of the limit, free / (2 * fleet_size)), refreshed every
@@ -120,7 +128,9 @@ class RedisGovernor:
                  lease_pct: int = 5, probe_interval_s: float = 0.5, down_after_s: float = 1.0,
                  batch_max: int = 256, queue_max: int = 100_000, max_hold_s: float = 900.0,
                  clock_ms: Callable[[], int] | None = None) -> None:
-        self._conn = RespConnection(Endpoint.of(redis), connect_timeout_s=timeout_s)
+        endpoint = Endpoint.of(redis)
+        self._conn = RespConnection(endpoint, connect_timeout_s=timeout_s)  # admissions, escalations, probes
+        self._batches = RespConnection(endpoint, connect_timeout_s=timeout_s)  # settlements, lease refreshes
         self._fleet_size = fleet_size
         self.worker_id = worker_id or secrets.token_hex(6)
         self._lease_id = lease_hold_id(self.worker_id)
@@ -188,7 +198,7 @@ class RedisGovernor:
                                *plan.admit_call(self._hold_ttl_ms, self._lease_field))
                 reply = await self._conn.call(command, self._timeout_s)
                 if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
-                    await self._load_scripts(self._timeout_s)
+                    await self._load_scripts(self._conn, self._timeout_s)
                     reply = await self._conn.call(command, self._timeout_s)
                 if isinstance(reply, ReplyError):  # a script error: the store is not fit to decide
                     raise reply
@@ -357,15 +367,15 @@ class RedisGovernor:
         and the whole batch sent once more: ADMIT did not run, the settlement scripts are
         idempotent, LEASE is a refresh, EXTEND touches only what exists."""
         commands = [pack("EVALSHA", self._scripts[name][1], 1, *call) for name, call in calls]
-        results = await self._conn.pipeline(commands, timeout_s)
+        results = await self._batches.pipeline(commands, timeout_s)
         if any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in results):
-            await self._load_scripts(timeout_s)
-            results = await self._conn.pipeline(commands, timeout_s)
+            await self._load_scripts(self._batches, timeout_s)
+            results = await self._batches.pipeline(commands, timeout_s)
         return results
 
-    async def _load_scripts(self, timeout_s: float) -> None:
-        loaded = await self._conn.pipeline([pack("SCRIPT", "LOAD", source) for source, _ in self._scripts.values()],
-                                           timeout_s)
+    async def _load_scripts(self, conn: RespConnection, timeout_s: float) -> None:
+        loaded = await conn.pipeline([pack("SCRIPT", "LOAD", source) for source, _ in self._scripts.values()],
+                                     timeout_s)
         if errors := [r for r in loaded if isinstance(r, ReplyError)]:
             raise errors[0]
 
@@ -445,6 +455,7 @@ class RedisGovernor:
         if self._queue:
             log.warning("governor_settlements_not_flushed", pending=len(self._queue))
         await self._conn.close()
+        await self._batches.close()
 
     async def _probe(self) -> bool:
         if time.monotonic() < self._probe_at:

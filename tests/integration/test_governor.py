@@ -205,7 +205,9 @@ async def test_a_dead_workers_holds_expire_and_are_swept(redis_service: Service,
             for _ in range(10):
                 assert (await dead.admit(request(w, budgets=(b,)))).ok
         finally:
-            await dead._conn.close()  # the worker dies: its connection drops, nothing settled or released
+            # The worker dies: its connections drop, nothing settled or released.
+            await dead._conn.close()
+            await dead._batches.close()
         assert not (await live.admit(request(w, budgets=(b,)))).ok
         runner = asyncio.create_task(live.run())
         try:
