@@ -30,7 +30,7 @@ import contextlib
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 from redis.asyncio import ConnectionPool, Redis
@@ -90,8 +90,8 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[_Waiter] = deque()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports have the interface without subclassing asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)

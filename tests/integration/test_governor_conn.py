@@ -81,6 +81,24 @@ async def test_pipelined_replies_come_back_in_order_from_the_selected_db(redis_s
         await conn.close()
 
 
+def test_works_on_uvloop(redis_service: Service) -> None:
+    """The workers run on uvloop, whose transports are not `asyncio.Transport` subclasses."""
+    uvloop = pytest.importorskip("uvloop")
+    b = Budget(id="bud_uv", workspace_id="ws_uvloop", scope="workspace", scope_id="ws_uvloop", period="total",
+               limit_nanos=10**9)
+
+    async def admit_and_settle() -> tuple[bool, str, bool]:
+        gov = RedisGovernor(redis_service.url, lambda: 1, worker_id="w_uv")
+        try:
+            admission = await gov.admit(AdmitRequest(workspace_id="ws_uvloop", request_id="r1", limits=(), budgets=(b,),
+                                                     tokens=1, hold_nanos=10**7, now_ms=int(time.time() * 1000)))
+            gov.settle(admission, 10**7, 1)
+            return admission.ok, admission.mode, await gov.flush() and await gov.use_escalation("ws_uvloop", "e", 60)
+        finally:
+            await gov.close()
+    assert uvloop.run(admit_and_settle()) == (True, "redis", True)
+
+
 async def test_a_wrong_password_is_a_connection_error(redis_service: Service, store: Redis) -> None:
     conn = RespConnection(Endpoint.of(f"redis://{USER}:wrong@{address(redis_service)}/0"), connect_timeout_s=1.0)
     try:
