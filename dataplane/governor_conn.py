@@ -136,6 +136,8 @@ class RespConnection:
     async def pipeline(self, commands: list[bytes], timeout_s: float) -> list[Any]:
         """Send packed commands in one write; their replies, in order. `timeout_s` bounds the
         wait for the last reply (the connect, when one is needed, has its own bound)."""
+        if not commands:
+            return []
         proto = self._proto if self._proto is not None else await self._connect()
         return await self._send(proto, commands, timeout_s)
 

@@ -3,9 +3,10 @@
 `build_plan` turns an `AdmitRequest` into a `Plan`: the Redis keys of each budget window, rate
 limiter and concurrency limiter on the path, and the arguments of each governor script in their
 packed form (`governor_scripts`: one workspace tag, one field string, the hold id). What depends
-only on an entity and its current window (keys, window, expiry, packed fields) is memoised in a
-`PlanCache`. The refusal and header helpers render outcomes for clients: amounts in dollars from
-integer nano-USD, reset times the way OpenAI writes them ("20ms", "1.5s", "6m0s").
+only on the request's path and its entities (keys, each budget's current window and expiry, the
+packed fields) is memoised in a `PlanCache`, so a request builds only its own numbers. The
+refusal and header helpers render outcomes for clients: amounts in dollars from integer nano-USD,
+reset times the way OpenAI writes them ("20ms", "1.5s", "6m0s").
 """
 
 from __future__ import annotations

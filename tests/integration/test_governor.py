@@ -25,7 +25,7 @@ from dataplane.governor_local import LocalState, local_share
 from dataplane.governor_plan import format_reset, usd
 from dataplane.ports import Admission, AdmitRequest
 from deploy.services import Service, start_redis
-from schemas.budget_keys import budget_keys, op_marker_key, period_window
+from schemas.budget_keys import budget_keys, concurrency_key, op_marker_key, period_window
 from schemas.entities import Budget, Limit
 from tests.conftest import wait_until_true
 
@@ -162,6 +162,24 @@ async def test_admission_is_all_or_nothing(redis_service: Service, store: Redis)
         assert await client.exists(op_marker_key(w, "s:req_first"))  # the scripts name keys as budget_keys do
         third = await gov.admit(request(w, limits=(lim,), budgets=(small,), hold=CENT // 2))
         assert third.ok  # the slot and the hold were released by the settlement
+
+
+async def test_ids_with_separators_and_non_ascii_reach_the_keys_intact(redis_service: Service, store: Redis) -> None:
+    w = ws()
+    odd = Budget(id="bud,1:é|x", workspace_id=w, scope="agent", scope_id="agent_1", period="day", limit_nanos=DOLLAR)
+    lim = Limit(id="lim,2:ü", workspace_id=w, scope="key", scope_id="k1", tpm=1000, concurrency=1)
+    async with governors(redis_service) as (gov,):
+        first = await gov.admit(request(w, limits=(lim,), budgets=(odd,), tokens=400, rid="req,1:ö"))
+        assert first.ok and first.mode == "redis"
+        _, holds = await raw_budget(store, odd)
+        assert holds == {"req,1:ö": CENT}
+        assert await store.zscore(concurrency_key(w, "lim,2:ü"), "req,1:ö")
+        gov.settle(first, CENT, 100)
+        assert await gov.flush()
+        spent, holds = await raw_budget(store, odd)
+        assert (spent, holds) == (CENT, {})
+        assert await store.zcard(concurrency_key(w, "lim,2:ü")) == 0
+        assert await store.exists(op_marker_key(w, "s:req,1:ö"))
 
 
 async def test_zero_overspend_1000_concurrent_calls_over_two_workers(redis_service: Service, store: Redis) -> None:
