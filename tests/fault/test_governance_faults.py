@@ -267,11 +267,13 @@ async def test_redis_paused_no_5xx_local_rate_limits_and_budgets_only_on_leases(
 
     await wait_until_true(leased, timeout=REFRESH_S + 5)
 
-    # Paced load for a few seconds: a worker trusts its lease only once Redis has failed for a
-    # while (down_after_s, 1 s); calls before that are refused (budgets) or limited locally (rates).
+    # Paced load for 5 s: a worker trusts its lease only once Redis has failed for a while (the
+    # first reply it waits for times out after ALEPHANT_REDIS_TIMEOUT_S, 1 s, and the breaker opens
+    # after down_after_s, 1 s, more); calls before that are refused (budgets) or limited locally
+    # (rates). On a busy machine that is well into the load, so the load lasts long enough.
     stack.services["redis"].pause()
     try:
-        loads = await asyncio.gather(*(paced(spread, gw, key, org.model, per_tick, max_tokens=tokens)
+        loads = await asyncio.gather(*(paced(spread, gw, key, org.model, per_tick, max_tokens=tokens, ticks=25)
                                        for key, per_tick, tokens in ((org.key, 2, 10), (rated_key, 3, 1),
                                                                      (plain_key, 1, 1))))
         status_view = await budget_view(gw, budget["id"])
@@ -300,6 +302,14 @@ async def test_redis_paused_no_5xx_local_rate_limits_and_budgets_only_on_leases(
     assert usd(view["spent_usd"]) <= 1
     rows = await ledger(gw, org, served + len(budgeted))
     assert sum(r["cost_nanos"] for r in rows) == total
+
+    # Each worker's breaker closes at its next probe (every 0.5 s): until then budgeted calls are
+    # still refused as "store unreachable". Leave the stack with both back on Redis.
+    async def both_back() -> bool:
+        calls = answers(await burst(spread, gw, org.key, org.model, 6, max_tokens=1))
+        return all(a.status == 200 for a in calls)
+
+    await wait_until_true(both_back, timeout=10)
 
 
 # -- holds of a dead worker ------------------------------------------------------------------------
