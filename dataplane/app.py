@@ -59,6 +59,7 @@ async def healthz(request: web.Request) -> web.Response:
     # Admissions decided by this worker alone while Redis was unreachable (rates on local buckets,
     # budgets on leases): RELIABILITY's limiter_failure_mode_allowed.
     status["limiter_failure_mode_allowed"] = worker.governor.local_admissions
+    status["budget_store"] = "ok" if worker.governor.store_healthy else "down (rates local, budgets on leases)"
     return web.json_response(status)
 
 

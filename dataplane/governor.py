@@ -130,7 +130,7 @@ class RedisGovernor:
                  clock_ms: Callable[[], int] | None = None) -> None:
         endpoint = Endpoint.of(redis)
         self._conn = RespConnection(endpoint, connect_timeout_s=timeout_s)  # admissions, escalations, probes
-        self._batches = RespConnection(endpoint, connect_timeout_s=timeout_s)  # settlements, lease refreshes
+        self._batches = RespConnection(endpoint, connect_timeout_s=timeout_s)  # settlements (leases: on _conn)
         self._fleet_size = fleet_size
         self.worker_id = worker_id or secrets.token_hex(6)
         self._lease_id = lease_hold_id(self.worker_id)
@@ -361,16 +361,19 @@ class RedisGovernor:
             self._failed("flush", exc)
             return False
 
-    async def _run_scripts(self, calls: list[tuple[str, Call]], timeout_s: float) -> list[Any]:
-        """One round trip of EVALSHAs; their replies in order (a script error as a `ReplyError`
-        value). After a NOSCRIPT (Redis restarted or flushed its scripts) the scripts are loaded
-        and the whole batch sent once more: ADMIT did not run, the settlement scripts are
-        idempotent, LEASE is a refresh, EXTEND touches only what exists."""
+    async def _run_scripts(self, calls: list[tuple[str, Call]], timeout_s: float,
+                           conn: RespConnection | None = None) -> list[Any]:
+        """One round trip of EVALSHAs on `conn` (default: the batch connection); their replies in
+        order (a script error as a `ReplyError` value). After a NOSCRIPT (Redis restarted or
+        flushed its scripts) the scripts are loaded and the whole batch sent once more: ADMIT did
+        not run, the settlement scripts are idempotent, LEASE is a refresh, EXTEND touches only
+        what exists."""
+        conn = conn or self._batches
         commands = [pack("EVALSHA", self._scripts[name][1], 1, *call) for name, call in calls]
-        results = await self._batches.pipeline(commands, timeout_s)
+        results = await conn.pipeline(commands, timeout_s)
         if any(isinstance(r, ReplyError) and str(r).startswith("NOSCRIPT") for r in results):
-            await self._load_scripts(self._batches, timeout_s)
-            results = await self._batches.pipeline(commands, timeout_s)
+            await self._load_scripts(conn, timeout_s)
+            results = await conn.pipeline(commands, timeout_s)
         return results
 
     async def _load_scripts(self, conn: RespConnection, timeout_s: float) -> None:
@@ -406,7 +409,10 @@ class RedisGovernor:
         if not calls:
             return
         try:
-            results = await self._run_scripts(calls, self._batch_timeout_s)
+            # On the admissions' connection: admission replies also report this worker's lease, and
+            # one connection delivers replies in the order Redis ran the scripts, so an admission
+            # that ran before a refresh can never overwrite the refreshed lease with its older view.
+            results = await self._run_scripts(calls, self._batch_timeout_s, self._conn)
         except Exception as exc:
             self._failed("lease_refresh", exc)
             return
@@ -469,6 +475,11 @@ class RedisGovernor:
             return False
         self._succeeded()
         return True
+
+    @property
+    def store_healthy(self) -> bool:
+        """False while the breaker is open (local mode); see `dataplane.ports.Governor`."""
+        return self._healthy
 
     def _usable(self) -> bool:
         """Healthy, or down long enough that one request may try again (half-open breaker)."""

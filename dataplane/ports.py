@@ -74,6 +74,11 @@ class Governor(Protocol):
     # Admissions this worker decided alone while the store was unreachable (a metric).
     local_admissions: int
 
+    @property
+    def store_healthy(self) -> bool:
+        """False while the store is considered down (local mode: rates local, budgets on leases)."""
+        ...
+
     async def admit(self, req: AdmitRequest) -> Admission:
         """One atomic check of every limit and budget in `req` (one Redis round trip): either all
         are charged (a request counted, a concurrency slot taken, a hold added to each budget) or
@@ -97,6 +102,7 @@ class NoGovernor:
     may be admitted, so a budget or limit can never be silently ignored (it fails closed)."""
 
     local_admissions = 0
+    store_healthy = False
 
     async def admit(self, req: AdmitRequest) -> Admission:
         return Admission(ok=False, code="budget_exceeded", message="This gateway has no budget store configured.")

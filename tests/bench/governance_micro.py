@@ -97,6 +97,7 @@ class PlanOnlyGovernor:
     admission adds is the round trip and reading its reply."""
 
     local_admissions = 0
+    store_healthy = True
 
     def __init__(self) -> None:
         self.build_plan = True
