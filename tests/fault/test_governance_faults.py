@@ -287,7 +287,8 @@ async def test_redis_paused_no_5xx_local_rate_limits_and_budgets_only_on_leases(
     # Budgets: only the leases the workers held when Redis stopped are spent. A lease is at most 5%
     # of the limit (refreshed every few seconds, so its exact size at the pause is not observable).
     outage_spend = sum(a.status == 200 for a in budgeted) * CENT
-    assert 0 < outage_spend <= 2 * DOLLAR * 5 // 100, (outage_spend, Counter((a.status, a.body.get("error", {}).get("message", "")[:160]) for a in budgeted))
+    outcomes = Counter((a.status, a.body.get("error", {}).get("message", "")[:160]) for a in budgeted)
+    assert 0 < outage_spend <= 2 * DOLLAR * 5 // 100, (outage_spend, outcomes)
     assert {a.error["code"] for a in budgeted if a.status != 200} <= {"budget_exceeded"}
     # Rate limits fail open onto each worker's share (20 / 2 per minute, burst included): about 20.
     ok_rated = [a for a in rated if a.status == 200]
