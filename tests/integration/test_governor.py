@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,23 +23,13 @@ from dataplane.governor import RedisGovernor
 from dataplane.governor_local import LocalState, local_share
 from dataplane.governor_plan import format_reset, usd
 from dataplane.ports import Admission, AdmitRequest
-from deploy.services import Service, start_redis
+from deploy.services import Service
 from schemas.budget_keys import budget_keys, concurrency_key, op_marker_key, period_window
 from schemas.entities import Budget, Limit
 from tests.conftest import wait_until_true
 
 CENT = 10_000_000  # $0.01 in nano-USD
 DOLLAR = 1_000_000_000
-
-
-@pytest.fixture(scope="module")
-def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_redis(Path(tmp_path_factory.mktemp("governor")))
-    try:
-        yield svc
-    finally:
-        svc.resume()
-        svc.stop()
 
 
 @pytest_asyncio.fixture

@@ -8,8 +8,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -18,22 +17,12 @@ from redis.asyncio import Redis
 from dataplane.governor import RedisGovernor
 from dataplane.governor_conn import Endpoint, ReplyError, RespConnection, pack
 from dataplane.ports import AdmitRequest
-from deploy.services import Service, start_redis
+from deploy.services import Service
 from schemas.budget_keys import budget_keys, period_window
 from schemas.entities import Budget
 from tests.conftest import wait_until_true
 
 USER, PASSWORD = "gov_test", "s3cret"
-
-
-@pytest.fixture(scope="module")
-def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_redis(Path(tmp_path_factory.mktemp("governor_conn")))
-    try:
-        yield svc
-    finally:
-        svc.resume()
-        svc.stop()
 
 
 @pytest_asyncio.fixture

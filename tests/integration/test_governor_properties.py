@@ -8,10 +8,7 @@ import asyncio
 import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -19,19 +16,10 @@ from redis.asyncio import Redis
 from controlplane.budget_state import budget_state
 from dataplane.governor import RedisGovernor
 from dataplane.ports import AdmitRequest
-from deploy.services import Service, start_redis
+from deploy.services import Service
 from schemas.entities import Budget
 
 CENT = 10_000_000
-
-
-@pytest.fixture(scope="module")
-def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_redis(Path(tmp_path_factory.mktemp("governor-properties")))
-    try:
-        yield svc
-    finally:
-        svc.stop()
 
 
 # One step: a call holding `hold` cents that settles at `actual` cents (at most its hold: a
