@@ -48,7 +48,7 @@ fmt: install ## Format and autofix
 	@$(VENV)/bin/ruff check --fix .
 	@$(VENV)/bin/ruff format .
 
-bench: install ## Gateway vs. the fake upstream called directly, same run; prints ratios
+bench: install ## Gateway (plain and fully governed) vs. the fake upstream called directly, same run; prints ratios
 	@$(VENV)/bin/python -m tests.bench.run $(BENCH_ARGS)
 
 clean: ## Remove the venv, tools and local state
