@@ -41,7 +41,7 @@ Contract:
   policy admits, checked at connect time (`dataplane.outbound`): else 502 `upstream_address_refused`.
 * **Accounting**: exactly one `llm.call` (ingress `passthrough`, `stream` = relayed as a stream,
   status = the upstream status, 499 when the client went away) with usage sniffed from the native
-  body or stream (`passthrough_usage`) and priced with `CallRecord.price()`. The model is the JSON
+  body or stream (`passthrough_usage`) and priced with `Call.price()`. The model is the JSON
   body's `model`, else taken from the path (`models/{m}:...`, `model/{id}/...`, `deployments/{id}`).
   A client disconnect stops the upstream read and records the usage seen so far (`partial`).
 

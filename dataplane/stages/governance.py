@@ -240,8 +240,11 @@ async def admit(call: Call) -> None:
         now_ms=int(time.time() * 1000)))
     call.extra_headers.update(admission.headers)
     if admission.remaining_nanos is not None:
+        hints = call.worker.budget_remaining
+        if len(hints) >= ON_PATH_MEMO_MAX:  # deleted budgets' hints: start over rather than grow
+            hints.clear()
         for b in budgets:
-            call.worker.budget_remaining[b.id] = admission.remaining_nanos
+            hints[b.id] = admission.remaining_nanos
     for crossing in admission.alerts:
         _alert(call, crossing.budget, crossing.threshold_pct, crossing.period_start, crossing.spent_nanos)
     if not admission.ok:
