@@ -74,10 +74,8 @@ INDEXES: tuple[Index, ...] = (
     Index(PriceOverride, "prices", attrgetter("provider", "model")),
     Index(EscalationGrant, "escalations", _by_id),
     Index(Budget, "budgets_by_id", _by_id),
-    Index(Budget, "budgets", _by_scope, grouped=True),
-    Index(Limit, "limits", _by_scope, grouped=True),
-    Index(Policy, "policies", _by_scope, grouped=True),
-    # Everything that governs a scope, in one index: a request's path costs one lookup per scope.
+    # Everything that governs a scope (policies, limits, budgets), in one index: a request's path
+    # costs one lookup per scope.
     Index(Policy, "governance", _by_scope, grouped=True),
     Index(Limit, "governance", _by_scope, grouped=True),
     Index(Budget, "governance", _by_scope, grouped=True),
@@ -110,9 +108,6 @@ class Snapshot:
     prices: Mapping[tuple[str, str], PriceOverride]
     escalations: Mapping[str, EscalationGrant]
     budgets_by_id: Mapping[str, Budget]
-    budgets: Mapping[ScopeKey, tuple[Budget, ...]]
-    limits: Mapping[ScopeKey, tuple[Limit, ...]]
-    policies: Mapping[ScopeKey, tuple[Policy, ...]]
     governance: Mapping[ScopeKey, tuple[Policy | Limit | Budget, ...]]
     heartbeat_ms: int | None = None
 

@@ -209,16 +209,22 @@ def loadgen(
         argv.append("--stream")
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
+    return run_json(argv, duration_s + warmup_s + 60, log_dir / "loadgen-error.log", f"loadgen {label}")
+
+
+def run_json(argv: list[str], timeout_s: float, error_log: Path, what: str) -> dict[str, Any]:
+    """Run a measuring child process in its own session; its JSON result from stdout. On failure
+    its stderr goes to `error_log` and BenchError names `what`."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        out, err = proc.communicate(timeout=duration_s + warmup_s + 60)
+        out, err = proc.communicate(timeout=timeout_s)
     except BaseException:
         proc.kill()
         proc.wait(5)
         raise
     if proc.returncode != 0:
-        (log_dir / "loadgen-error.log").write_bytes(err)
-        raise BenchError(f"loadgen {label} exited with {proc.returncode}:\n{err.decode(errors='replace')[-2000:]}")
+        error_log.write_bytes(err)
+        raise BenchError(f"{what} exited with {proc.returncode}:\n{err.decode(errors='replace')[-2000:]}")
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -426,18 +432,7 @@ def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:
     the CPU to itself as far as this run goes) and return its JSON result."""
     say(f"==> governance micro-benchmark ({iterations:,} requests over a 100k-key snapshot)")
     argv = [sys.executable, "-m", "tests.bench.governance_micro", "--json", "--iterations", str(iterations)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    except BaseException:
-        proc.kill()
-        proc.wait(5)
-        raise
-    if proc.returncode != 0:
-        (log_dir / "micro-error.log").write_bytes(err)
-        raise BenchError(f"governance_micro exited with {proc.returncode}:\n{err.decode(errors='replace')[-2000:]}")
-    result: dict[str, Any] = json.loads(out)
-    return result
+    return run_json(argv, 600, log_dir / "micro-error.log", "governance_micro")
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

@@ -78,9 +78,9 @@ def test_build_indexes_every_kind() -> None:
     assert snap.members == {"mem_1": MEMBER}
     assert snap.escalations == {"esc_1": GRANT}
     assert snap.budgets_by_id == {"bud_1": BUDGET, "bud_0": BUDGET_DAY}
-    assert snap.budgets == {("ws_1", "agent", "agent_1"): (BUDGET_DAY, BUDGET)}  # grouped, by id
-    assert snap.limits == {("ws_1", "workspace", "ws_1"): (LIMIT,)}
-    assert snap.policies == {("ws_1", "department", "dept_1"): (POLICY,)}
+    assert snap.governance == {("ws_1", "agent", "agent_1"): (BUDGET_DAY, BUDGET),  # grouped, by id
+                               ("ws_1", "workspace", "ws_1"): (LIMIT,),
+                               ("ws_1", "department", "dept_1"): (POLICY,)}
     assert len(snap.entities) == len(ALL)
 
 
@@ -96,8 +96,8 @@ def test_grouped_indexes_keep_scopes_and_workspaces_apart() -> None:
     other_ws = Limit(id="lim_2", workspace_id="ws_2", scope="workspace", scope_id="ws_1", rpm=1)
     agent_scope = Limit(id="lim_3", workspace_id="ws_1", scope="agent", scope_id="ws_1", rpm=2)
     snap = Snapshot.build(entities(LIMIT, other_ws, agent_scope), 1)
-    assert snap.limits == {("ws_1", "workspace", "ws_1"): (LIMIT,), ("ws_2", "workspace", "ws_1"): (other_ws,),
-                           ("ws_1", "agent", "ws_1"): (agent_scope,)}
+    assert snap.governance == {("ws_1", "workspace", "ws_1"): (LIMIT,), ("ws_2", "workspace", "ws_1"): (other_ws,),
+                               ("ws_1", "agent", "ws_1"): (agent_scope,)}
 
 
 def test_providers_are_indexed_per_workspace() -> None:
@@ -138,9 +138,9 @@ def test_with_changes_copies_only_the_indexes_of_changed_kinds() -> None:
     after = snap.with_changes({kv_key(raised): raised}, 2)
     assert after.revision == 2
     assert after.budgets_by_id["bud_1"] is raised
-    assert after.budgets[("ws_1", "agent", "agent_1")] == (BUDGET_DAY, raised)
+    assert after.governance[("ws_1", "agent", "agent_1")] == (BUDGET_DAY, raised)
     assert snap.budgets_by_id["bud_1"] is BUDGET  # the old snapshot is untouched
-    for name in ("keys_by_hash", "providers", "aliases", "prices", "limits", "policies", "members"):
+    for name in ("keys_by_hash", "providers", "aliases", "prices", "members"):
         assert getattr(after, name) is getattr(snap, name), name
 
 
@@ -154,7 +154,7 @@ def test_a_heartbeat_change_shares_every_index() -> None:
 def test_deleting_the_last_entity_of_a_group_drops_the_key() -> None:
     snap = Snapshot.build(entities(WS, POLICY), 1)
     after = snap.with_changes({kv_key(POLICY): None, "never.there": None}, 2)
-    assert after.policies == {}
+    assert after.governance == {}
     assert after.entities == entities(WS)
 
 
