@@ -9,8 +9,9 @@ redis-py itself uses; connection settings are redis-py's (`Endpoint.of` reads th
 or a URL), so `redis://`, `rediss://` and `unix://` URLs mean what they mean there.
 
 Contract:
-* `call` / `pipeline` send pre-packed commands (`pack`) at once, whatever else is in flight, and
-  return their replies in order: hiredis values (bytes, int, list, None), with an error reply as
+* `call` / `pipeline` send pre-packed commands (`pack`) whatever else is in flight (everything
+  sent in one event-loop pass goes out in one write at the end of the pass), and return their
+  replies in order: hiredis values (bytes, int, list, None), with an error reply as
   a `hiredis.ReplyError` value, never raised.
 * A transport fault raises `ConnectionError` (or the `OSError` of a failed connect) to every
   caller waiting on the connection; the next call reconnects (connect, AUTH, SELECT: bounded by
@@ -88,6 +89,12 @@ class _Protocol(asyncio.Protocol):
         self._reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.waiting: deque[_Waiter] = deque()
+        self.unsent: list[bytes] = []
+
+    def write_unsent(self) -> None:
+        unsent, self.unsent = self.unsent, []
+        if self.transport is not None and not self.transport.is_closing() and unsent:
+            self.transport.writelines(unsent)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports have the interface without subclassing asyncio.Transport)
@@ -151,7 +158,11 @@ class RespConnection:
         future: asyncio.Future[list[Any]] = loop.create_future()
         deadline = loop.time() + timeout_s
         proto.waiting.append(_Waiter(future, len(commands), deadline, []))
-        transport.write(commands[0] if len(commands) == 1 else b"".join(commands))
+        # Coalesced: what is sent during one event-loop pass goes out in one write (one syscall
+        # here, one read for Redis) at the end of the pass; the order is the waiters' order.
+        if not proto.unsent:
+            loop.call_soon(proto.write_unsent)
+        proto.unsent.extend(commands)
         if self._timer is None or deadline < self._timer_at:
             self._arm(loop, deadline)
         return future

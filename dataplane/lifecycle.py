@@ -268,14 +268,13 @@ async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[byte
                 raise BudgetExceeded(f"The stream passed its budget hold ({call.max_tokens} output tokens) and was "
                                      "cut off; what was relayed is billed.")
         call.settle_usage(stats.usage, sent_body, tap)
-        await resp.write(ingress.stream_end(nanos_to_decimal_str(call.cost_nanos)))
+        end = ingress.stream_end(nanos_to_decimal_str(call.cost_nanos))
     except GatewayError as err:
         call.status, call.error_code, call.partial = err.status, err.code, True
         if isinstance(err, BudgetExceeded):
             await chunks.aclose()  # stop the upstream generating what nobody pays for
         call.settle_usage(stats.usage, sent_body, tap)
-        with contextlib.suppress(OSError):  # the client may be gone too: nothing left to tell it
-            await resp.write(ingress.stream_error(err))
+        end = ingress.stream_error(err)
     except OSError:  # ConnectionResetError included
         # The client went away: stop reading upstream and record what was consumed.
         mark_disconnected(call)
@@ -287,6 +286,8 @@ async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[byte
         call.settle_usage(stats.usage, sent_body, tap)
         raise
     emit_once(call)
+    # The stream's last event and its end in one write. Everything is settled: a client that left
+    # now has received everything it paid for but the closing marker.
     with contextlib.suppress(OSError):
-        await resp.write_eof()
+        await resp.write_eof(end)
     return resp

@@ -159,7 +159,7 @@ _USAGE_MARKS = (b'"usage":{', b'"usage": {')
 def _relay_events(complete: bytes, call: UpstreamCall, stats: CallStats) -> tuple[bytes, bool]:
     """`(bytes to relay, saw [DONE])` for a run of complete SSE events. Usage is recorded in
     `stats`; the usage-only chunk is dropped when the client did not ask for it."""
-    if b"[DONE]" not in complete and not any(m in complete for m in _USAGE_MARKS):
+    if b"[DONE]" not in complete and b'"usage":' not in complete:  # (a superset of _USAGE_MARKS: cheap)
         return complete, False  # the common case: plain content deltas, relayed untouched
     kept: list[bytes] = []
     for event in complete.split(b"\n\n"):

@@ -127,6 +127,7 @@ def governance(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "governed_evalsha_per_req": governed.get("redis_evalsha_per_req"),
             "gateway_redis_reads_per_req": gateway.get("redis_reads_per_req"),
             "governed_redis_reads_per_req": governed.get("redis_reads_per_req"),
+            "governed_redis_cpu_ms_per_req": governed.get("redis_cpu_ms_per_req"),
         })
     return out
 
@@ -136,22 +137,31 @@ def _num(value: Any, fmt: str) -> str:
 
 
 def results_table(results: list[dict[str, Any]]) -> str:
-    """The per-run table: scenario, target, req/s, p50, p99, TTFB p50 (streams), errors, and the
-    worker CPU ms and Redis EVALSHA calls per request (gateway-served targets)."""
+    """The per-run table: scenario, target, req/s, p50, p99, TTFB p50 (streams), errors, the
+    worker CPU ms and Redis EVALSHA calls per request (gateway-served targets), and the req/s
+    spread over the rounds (the row is the median round)."""
     header = (f"{'scenario':<16} {'target':<8} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'ttfb p50':>9} "
-              f"{'errors':>7} {'cpu ms/req':>10} {'evalsha/req':>11}")
+              f"{'errors':>7} {'cpu ms/req':>10} {'evalsha/req':>11} {'rounds req/s':>16}")
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
             f"{r['scenario']:<16} {r['target']:<8} {r['rps']:>9.1f} {_num(r['p50_ms'], '.3f'):>8} "
             f"{_num(r['p99_ms'], '.3f'):>8} {_num(r['ttfb_p50_ms'], '.3f'):>9} {r['errors']:>7} "
-            f"{_num(r.get('cpu_ms_per_req'), '.3f'):>10} {_num(r.get('redis_evalsha_per_req'), '.2f'):>11}"
+            f"{_num(r.get('cpu_ms_per_req'), '.3f'):>10} {_num(r.get('redis_evalsha_per_req'), '.2f'):>11} "
+            f"{_spread(r.get('rounds_rps')):>16}"
         )
     for r in results:
         if r["error_kinds"]:
             kinds = ", ".join(f"{kind} x{count}" for kind, count in sorted(r["error_kinds"].items()))
             lines.append(f"  errors in {r['scenario']} {r['target']}: {kinds}")
     return "\n".join(lines)
+
+
+def _spread(rounds: list[float] | None) -> str:
+    """``min-max`` req/s over the rounds, or ``-`` for a single run."""
+    if not rounds or len(rounds) < 2:
+        return "-"
+    return f"{min(rounds):.0f}-{max(rounds):.0f}"
 
 
 def _pct(value: Any) -> str:
@@ -189,7 +199,7 @@ def governance_table(rows: list[dict[str, Any]]) -> str:
     and Redis calls per request, with issue 8's bars alongside."""
     g = GOVERNANCE_TARGETS
     header = (f"{'scenario':<16} {'gov/gw req/s':>12} {'gw cpu ms':>10} {'gov cpu ms':>11} {'+cpu ms':>8} "
-              f"{'gov evalsha':>12} {'gov reads':>10} {'gw reads':>9}")
+              f"{'gov evalsha':>12} {'gov reads':>10} {'gw reads':>9} {'redis cpu ms':>13}")
     lines = [header, "-" * len(header)]
     for row in rows:
         ratio = row["governed_vs_gateway"]
@@ -198,7 +208,8 @@ def governance_table(rows: list[dict[str, Any]]) -> str:
             f"{_num(row['gateway_cpu_ms_per_req'], '.3f'):>10} {_num(row['governed_cpu_ms_per_req'], '.3f'):>11} "
             f"{_num(row['added_cpu_ms_per_req'], '+.3f'):>8} {_num(row['governed_evalsha_per_req'], '.2f'):>12} "
             f"{_num(row['governed_redis_reads_per_req'], '.2f'):>10} "
-            f"{_num(row['gateway_redis_reads_per_req'], '.2f'):>9}"
+            f"{_num(row['gateway_redis_reads_per_req'], '.2f'):>9} "
+            f"{_num(row.get('governed_redis_cpu_ms_per_req'), '.3f'):>13}"
         )
     lines.append(
         f"{'targets (#8)':<16} {'>= ' + format(g['governed_vs_gateway_32c'], '.1f') + 'x':>12} {'':>10} "
@@ -209,6 +220,7 @@ def governance_table(rows: list[dict[str, Any]]) -> str:
         "  per request, all server-side: cpu = the data-plane workers' user+system CPU (/proc) over every request "
         "they answered in the run (warm-up included); evalsha = Redis EVALSHA calls (the admission, plus its "
         "settlement sent later in batches off the request path); reads = Redis client reads, about one per round "
-        "trip (a batch of settlements is one). The ratio bar applies at 32 connections; for reference only."
+        "trip (a batch of settlements is one); redis cpu = the Redis server's CPU per governed request (INFO). The "
+        "ratio bar applies at 32 connections; for reference only."
     )
     return "\n".join(lines)

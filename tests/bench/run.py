@@ -239,6 +239,13 @@ def _parse_connections(raw: str) -> list[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench.run",
@@ -253,6 +260,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=_parse_connections,
         default=[1, 32],
         help="comma-separated concurrency levels (default 1,32)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=3,
+        help="runs per scenario and target, interleaved; the run with the median req/s is reported (default 3)",
     )
     parser.add_argument("--only", choices=list(TARGET_NAMES), help="measure one target (direct skips the stack)")
     parser.add_argument("--mode", choices=["both", "non-stream", "stream"], default="both")
@@ -342,8 +355,10 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         for connections in args.connections:
             for stream in modes:
                 scenario = scenario_name(connections, stream)
-                for target in targets:
-                    say(f"==> scenario {scenario} {target} ({args.warmup:g}s warm-up + {args.duration:g}s)")
+                runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
+                for round_no, target in ((n, t) for n in range(1, args.rounds + 1) for t in targets):
+                    of = f", round {round_no}/{args.rounds}" if args.rounds > 1 else ""
+                    say(f"==> scenario {scenario} {target} ({args.warmup:g}s warm-up + {args.duration:g}s{of})")
                     if target == "direct":
                         url, key, model, headers = fake_url, "sk-bench-direct", DIRECT_MODEL, {}
                     elif target == "gateway":
@@ -375,15 +390,18 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         cpu_ms_per_req=per_request(cpu0, cpu1, done, 1000.0),
                         redis_evalsha_per_req=per_request(redis0 and redis0[0], redis1 and redis1[0], done),
                         redis_reads_per_req=per_request(redis0 and redis0[1], redis1 and redis1[1], done),
+                        redis_cpu_ms_per_req=per_request(redis0 and redis0[2], redis1 and redis1[2], done, 1000.0),
                     )
-                    results.append(result)
+                    runs[target].append(result)
                     errors = f", {result['errors']} errors" if result["errors"] else ""
                     server = ""
                     if result["cpu_ms_per_req"] is not None:
                         server = f", worker CPU {result['cpu_ms_per_req']:.3f} ms/req"
                     if result["redis_evalsha_per_req"] is not None:
-                        server += f", {result['redis_evalsha_per_req']:.2f} EVALSHA/req"
+                        server += (f", {result['redis_evalsha_per_req']:.2f} EVALSHA/req, "
+                                   f"Redis CPU {result['redis_cpu_ms_per_req']:.3f} ms/req")
                     say(f"  {result['rps']:.1f} req/s, p50 {result['p50_ms'] or 0:.3f} ms{errors}{server}")
+                results.extend(median_run(runs[t]) for t in targets)
         if gov is not None:
             gov_budgets = [budget_state(env, budget_id) for budget_id in gov.budget_ids]
     finally:
@@ -408,6 +426,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "settings": {
             "duration_s": args.duration,
             "warmup_s": args.warmup,
+            "rounds": args.rounds,
             "workers": args.workers,
             "connections": args.connections,
             "words": args.words,
@@ -425,6 +444,15 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         },
         "micro": micro,
     }
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median req/s (the lower middle one for an even count), with every run's
+    req/s as ``rounds_rps``: one run's figures, all from the same run, and the spread beside them.
+    Targets are measured in turns (round 1 of each, then round 2, ...) so a noisy neighbour on a
+    shared machine hits them alike."""
+    ordered = sorted(runs, key=lambda r: r["rps"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_rps": [r["rps"] for r in runs]}
 
 
 def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:

@@ -59,13 +59,13 @@ def redis_url(state_dir: Path) -> str | None:
 
 
 class RedisCounters:
-    """``(EVALSHA calls, client reads)`` from Redis ``INFO``, over one kept connection; ``None``
-    when Redis cannot be read (the columns then stay empty)."""
+    """``(EVALSHA calls, client reads, CPU seconds)`` from Redis ``INFO``, over one kept
+    connection; ``None`` when Redis cannot be read (the columns then stay empty)."""
 
     def __init__(self, url: str | None) -> None:
         self._client = redis.Redis.from_url(url, socket_timeout=2) if url else None
 
-    def read(self) -> tuple[int, int] | None:
+    def read(self) -> tuple[int, int, float] | None:
         if self._client is None:
             return None
         try:
@@ -73,7 +73,8 @@ class RedisCounters:
         except redis.RedisError:
             return None
         calls = info.get("cmdstat_evalsha", {}).get("calls", 0) + info.get("cmdstat_eval", {}).get("calls", 0)
-        return int(calls), int(info.get("total_reads_processed", 0))
+        cpu = float(info.get("used_cpu_user", 0.0)) + float(info.get("used_cpu_sys", 0.0))
+        return int(calls), int(info.get("total_reads_processed", 0)), cpu
 
     def close(self) -> None:
         if self._client is not None:

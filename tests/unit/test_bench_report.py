@@ -51,3 +51,15 @@ def test_tables_render_missing_measurements_as_dashes() -> None:
     table = governance_table(governance(RESULTS))
     assert "0.85x" in table and "+0.100" in table
     assert governance([_result("1c stream", "governed", 1.0, 1.0)]) == []
+
+
+def test_median_run_reports_the_middle_round_whole_with_every_rounds_throughput() -> None:
+    from tests.bench.run import median_run
+
+    runs = [_result("32c stream", "governed", rps, p50) for rps, p50 in ((900.0, 9.0), (700.0, 7.0), (800.0, 8.0))]
+    median = median_run(runs)
+    assert (median["rps"], median["p50_ms"]) == (800.0, 8.0)  # one run's figures, not a mix
+    assert median["rounds_rps"] == [900.0, 700.0, 800.0]
+    assert median_run(runs[:2])["rps"] == 700.0  # an even count takes the lower middle
+    table = results_table([median])
+    assert "700-900" in table
