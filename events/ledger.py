@@ -8,14 +8,18 @@ are derived from `(event_id, leg)`, so re-deriving them is idempotent.
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 
 import msgspec
 
-from schemas.events import Event, LlmCall
+from schemas.events import Event, LlmCall, LlmRepriced, PaymentInbound, PaymentOutbound, ToolSpend, Usage
 
 UNATTRIBUTED_AGENT = "unattributed"
+# The unit of an unpriced call's suspense postings: its tokens, kept apart from money by currency
+# (per currency, debits equal credits).
+TOKENS = "TOKENS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,32 +33,104 @@ class Transfer:
     code: str
 
 
+MAX_PART_BYTES = 200
+
+
+def bounded(value: str) -> str:
+    """`value`, or when longer than MAX_PART_BYTES of UTF-8 its first 100 characters, `~` and 16
+    hex digits of its SHA-256: distinct values stay distinct, and an id or key column built from
+    it stays far under Postgres's index-row limit (a model name is whatever the client sent)."""
+    if len(value) * 4 <= MAX_PART_BYTES or len(value.encode()) <= MAX_PART_BYTES:
+        return value
+    return f"{value[:100]}~{hashlib.sha256(value.encode()).hexdigest()[:16]}"
+
+
+# Accounts are `<owner kind>:<workspace>:<owner id>:<purpose>`. The agent is the cost centre (its
+# run, workflow, session, department and member are on every transfer row); the counterparty is
+# the provider, tool vendor, payment rail or paid endpoint.
+def agent_account(workspace_id: str, agent_id: str | None, purpose: str) -> str:
+    return f"agent:{workspace_id}:{agent_id or UNATTRIBUTED_AGENT}:{purpose}"
+
+
 def agent_cost_account(workspace_id: str, agent_id: str | None) -> str:
-    return f"agent:{workspace_id}:{agent_id or UNATTRIBUTED_AGENT}:llm_cost"
+    return agent_account(workspace_id, agent_id, "llm_cost")
 
 
 def provider_payable_account(workspace_id: str, provider: str) -> str:
     return f"provider:{workspace_id}:{provider}:payable"
 
 
+def vendor_payable_account(workspace_id: str, vendor: str) -> str:
+    return f"vendor:{workspace_id}:{bounded(vendor)}:payable"
+
+
+def rail_account(workspace_id: str, rail: str, purpose: str) -> str:
+    return f"rail:{workspace_id}:{bounded(rail)}:{purpose}"
+
+
+def endpoint_revenue_account(workspace_id: str, endpoint_id: str) -> str:
+    return f"endpoint:{workspace_id}:{bounded(endpoint_id)}:revenue"
+
+
+def unpriced_suspense_account(workspace_id: str, provider: str, model: str) -> str:
+    return f"suspense:{workspace_id}:unpriced:{bounded(provider)}/{bounded(model)}"
+
+
 def transfer_id(event_id: uuid.UUID, leg: int) -> uuid.UUID:
     return uuid.uuid5(event_id, f"leg:{leg}")
 
 
+def call_tokens(usage: Usage) -> int:
+    """The tokens an unpriced call parks in suspense: input plus output (cache and reasoning
+    tokens are already inside those two)."""
+    return max(0, usage.input_tokens) + max(0, usage.output_tokens)
+
+
+def _one(event_id: uuid.UUID, debit: str, credit: str, amount: int, currency: str, code: str,
+         leg: int = 0) -> Transfer:
+    return Transfer(transfer_id(event_id, leg), leg, debit, credit, amount, currency, code)
+
+
 def transfers_for(event: Event) -> list[Transfer]:
-    """The transfers an event posts. Zero-cost calls post nothing (amounts must be positive)."""
-    if isinstance(event, LlmCall) and event.cost_nanos > 0:
-        return [
-            Transfer(
-                id=transfer_id(event.event_id, 0),
-                leg=0,
-                debit=agent_cost_account(event.workspace_id, event.agent_id),
-                credit=provider_payable_account(event.workspace_id, event.provider),
-                amount=event.cost_nanos,
-                currency=event.currency,
-                code="llm_cost",
-            )
-        ]
+    """The transfers an event posts (amounts are positive: a zero amount posts nothing).
+
+    * `llm.call` priced: agent `llm_cost` <- provider `payable`, the cost. Unpriced (no known
+      price) and with tokens: the tokens (currency TOKENS) from the agent's `unpriced_usage` to the
+      suspense account of its provider and model, so its usage shows in a balance.
+    * `llm.repriced`: that suspense posting reversed (leg 0) and the cost posted (leg 1).
+    * `tool.spend`: agent `tool_cost` <- vendor `payable`. `payment.outbound`: agent
+      `payments_out` <- rail `payable`. `payment.inbound`: rail `receivable` <- endpoint `revenue`.
+    * `cache.hit` is a memo (the finance projection records it), not a money movement.
+    """
+    ws, eid = event.workspace_id, event.event_id
+    if isinstance(event, LlmCall):
+        if event.cost_nanos > 0:
+            return [_one(eid, agent_cost_account(ws, event.agent_id), provider_payable_account(ws, event.provider),
+                         event.cost_nanos, event.currency, "llm_cost")]
+        tokens = call_tokens(event.usage)
+        if not event.priced and tokens > 0:
+            return [_one(eid, unpriced_suspense_account(ws, event.provider, event.model),
+                         agent_account(ws, event.agent_id, "unpriced_usage"), tokens, TOKENS, "llm_unpriced")]
+        return []
+    if isinstance(event, LlmRepriced):
+        out = []
+        if event.tokens > 0:
+            out.append(_one(eid, agent_account(ws, event.agent_id, "unpriced_usage"),
+                            unpriced_suspense_account(ws, event.provider, event.model), event.tokens, TOKENS,
+                            "llm_unpriced_reversal", 0))
+        if event.cost_nanos > 0:
+            out.append(_one(eid, agent_cost_account(ws, event.agent_id), provider_payable_account(ws, event.provider),
+                            event.cost_nanos, event.currency, "llm_cost_repriced", 1))
+        return out
+    if isinstance(event, ToolSpend) and event.amount_nanos > 0:
+        return [_one(eid, agent_account(ws, event.agent_id, "tool_cost"), vendor_payable_account(ws, event.vendor),
+                     event.amount_nanos, event.currency, "tool_spend")]
+    if isinstance(event, PaymentOutbound) and event.amount_nanos > 0:
+        return [_one(eid, agent_account(ws, event.agent_id, "payments_out"), rail_account(ws, event.rail, "payable"),
+                     event.amount_nanos, event.currency, "payment_outbound")]
+    if isinstance(event, PaymentInbound) and event.amount_nanos > 0:
+        return [_one(eid, rail_account(ws, event.rail, "receivable"), endpoint_revenue_account(ws, event.endpoint_id),
+                     event.amount_nanos, event.currency, "payment_inbound")]
     return []
 
 
@@ -107,6 +183,12 @@ def journal_rejection(event: Event, raw: bytes) -> str | None:
         value = getattr(event, name, None)
         if isinstance(value, str) and len(value) * 4 > MAX_KEY_BYTES and len(value.encode()) > MAX_KEY_BYTES:
             return f"key_too_long: {name}"
+    for name in ("amount_nanos", "saved_nanos", "tokens"):
+        value = getattr(event, name, None)
+        if isinstance(value, int) and not 0 <= value < NUMERIC_38_LIMIT:
+            return f"out_of_range: {name}"
+    if isinstance(event, LlmRepriced) and not 0 <= event.cost_nanos < NUMERIC_38_LIMIT:
+        return "out_of_range: cost_nanos"
     if isinstance(event, LlmCall):
         for name in _USAGE_FIELDS:
             if not BIGINT_MIN <= getattr(event.usage, name) <= BIGINT_MAX:

@@ -73,6 +73,16 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     # where it came from: key | workspace | operator | none. Never the secret.
     provider_key_id: str | None = None
     provider_key_source: str = "none"
+    # `Alephant-Property-<name>` headers (names lower-cased), for finance group-bys.
+    properties: dict[str, str] = msgspec.field(default_factory=dict)
+    # The price that priced the call, so it can be re-priced: `price_source` is override |
+    # builtin | catalog | unpriced; `price_id` the PriceOverride id (override, builtin);
+    # `price_scope` platform | workspace | provider_key (override); `catalog_version` the
+    # genai-prices version (catalog).
+    price_source: str = ""
+    price_id: str | None = None
+    price_scope: str = ""
+    catalog_version: str = ""
 
 
 class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):
@@ -116,6 +126,89 @@ class AuthRefusals(_Envelope, frozen=True, kw_only=True, tag="auth.refusals"):
     endpoints: dict[str, int] = msgspec.field(default_factory=dict)
 
 
+class _Money(_Envelope, frozen=True, kw_only=True):
+    """Who an amount is attributed to, beyond the envelope's agent, run and workflow."""
+
+    key_id: str | None = None
+    department_id: str | None = None
+    member_id: str | None = None
+    properties: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class ToolSpend(_Money, frozen=True, kw_only=True, tag="tool.spend"):
+    """Tool or external API spend an agent reported (`POST /v1/alephant/spend`), admitted against
+    the budgets on its key's path. `spend_id` is the answer's `id`; the event id is derived from
+    the workspace and the Idempotency-Key, so a replay is the same event."""
+
+    spend_id: str
+    amount_nanos: int
+    currency: str = "USD"
+    vendor: str
+    tool: str = ""
+    description: str = ""
+
+
+class PaymentOutbound(_Money, frozen=True, kw_only=True, tag="payment.outbound"):
+    """A payment made on an agent's behalf (x402, MPP, ...) to `payee`."""
+
+    payment_id: str
+    amount_nanos: int
+    currency: str = "USD"
+    rail: str
+    payee: str = ""
+    resource: str = ""
+
+
+class PaymentInbound(_Money, frozen=True, kw_only=True, tag="payment.inbound"):
+    """Revenue: a paid endpoint was paid by `payer`; attributed to the agent/run that served it."""
+
+    payment_id: str
+    amount_nanos: int
+    currency: str = "USD"
+    rail: str
+    endpoint_id: str
+    payer: str = ""
+
+
+class CacheHit(_Money, frozen=True, kw_only=True, tag="cache.hit"):
+    """A call answered from the cache: `saved_nanos` is what it would have cost (a memo for
+    finance, not a money movement)."""
+
+    provider: str
+    model: str
+    saved_nanos: int
+    currency: str = "USD"
+    cache: str = "exact"
+    usage: Usage = msgspec.field(default_factory=Usage)
+
+
+class RunCompleted(_Envelope, frozen=True, kw_only=True, tag="run.completed"):
+    """`POST /v1/alephant/runs/{id}/complete`: the run's outcome, for outcome analytics."""
+
+    key_id: str | None = None
+    outcome: str  # succeeded | failed
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class LlmRepriced(_Envelope, frozen=True, kw_only=True, tag="llm.repriced"):
+    """An unpriced `llm.call` (`original_event_id`) priced later, when a price was added: moves
+    its `tokens` out of the unpriced suspense account and posts `cost_nanos`. The event id is
+    derived from the original event and the price, so re-pricing twice books once. Carries the
+    original call's attribution (envelope, provider, model)."""
+
+    original_event_id: uuid.UUID
+    provider: str
+    model: str
+    tokens: int
+    cost_nanos: int
+    currency: str = "USD"
+    price_id: str
+    price_scope: str = ""
+    department_id: str | None = None
+    member_id: str | None = None
+    original_occurred_at: dt.datetime | None = None
+
+
 class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
     """An admin command changed config state. `data` never contains secrets."""
 
@@ -126,7 +219,8 @@ class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
     data: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-Event = LlmCall | ConfigChanged | PolicyDecision | BudgetAlert | AuthRefusals
+Event = (LlmCall | ConfigChanged | PolicyDecision | BudgetAlert | AuthRefusals | ToolSpend | PaymentOutbound
+         | PaymentInbound | CacheHit | RunCompleted | LlmRepriced)
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(Event)
