@@ -80,16 +80,17 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
 
 async def _run_projector(settings: Settings) -> None:
     from events.jetstream import bus_auth, connect, ensure_stream
-    from events.projector import Projector
+    from events.projector import PROJECTIONS, Projector
 
     nc = await connect(settings.nats_url, "alephant-projector", bus_auth(settings, "projector"))
     try:
         js = nc.jetstream()
         await ensure_stream(js, settings.stream, settings.subject_prefix, settings.stream_replicas)
-        projector = Projector(js, settings.database_url, stream=settings.stream,
-                              subject_prefix=settings.subject_prefix, batch=settings.projector_batch,
-                              ack_wait_s=settings.projector_ack_wait_s)
-        task = asyncio.ensure_future(projector.run())
+        projectors = [Projector(js, settings.database_url, stream=settings.stream,
+                                subject_prefix=settings.subject_prefix, batch=settings.projector_batch,
+                                ack_wait_s=settings.projector_ack_wait_s, projection=projection)
+                      for projection in PROJECTIONS]
+        task = asyncio.ensure_future(asyncio.gather(*(p.run() for p in projectors)))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

@@ -25,7 +25,9 @@ log = structlog.get_logger(__name__)
 DUPLICATE_WINDOW_S = 600.0
 KV_HISTORY = 5
 # The projector's durable consumer on the event stream (events/projector.py names it too).
-PROJECTOR_CONSUMER = "ledger"
+# The projector's durable consumers: one per projection (events/projector.py PROJECTIONS) and the
+# S3 archiver's.
+PROJECTOR_CONSUMERS = ("ledger", "finance", "archive")
 
 BusRole = Literal["controlplane", "dataplane", "projector", "admin"]
 BUS_ROLES: tuple[BusRole, ...] = ("controlplane", "dataplane", "projector", "admin")
@@ -92,7 +94,7 @@ async def connect(url: str, name: str, auth: BusAuth | None = None) -> NATS:
 
 
 def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_prefix: str,
-                     consumer: str = PROJECTOR_CONSUMER) -> dict[str, list[str]]:
+                     consumers: tuple[str, ...] = PROJECTOR_CONSUMERS) -> dict[str, list[str]]:
     """The NATS subjects a role may publish to and subscribe to (`{"publish": [...], "subscribe": [...]}`),
     for a server `authorization { users }` entry. Everything not listed is refused by the server.
 
@@ -100,7 +102,7 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
     `$KV.<bucket>.<key>`, acks go to `$JS.ACK.<stream>.<consumer>.>` and push-consumer flow control
     replies to `$JS.FC.<stream>.>`. Only the control plane writes the bucket or changes streams;
     the data plane reads the bucket, publishes events and beats on the fleet subject (and hears
-    its peers' beats there, as the control plane does); the projector reads its consumer.
+    its peers' beats there, as the control plane does); the projector reads its consumers.
     `admin` (operators' `nats` CLI, tests) may do anything.
     """
     if role == "admin":
@@ -128,14 +130,15 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
         publish = [*kv_read, events, fleet]
         subscribe = [fleet]
     elif role == "projector":
-        publish = [
-            f"{api}.STREAM.INFO.{stream}",
-            f"{api}.CONSUMER.INFO.{stream}.{consumer}",
-            f"{api}.CONSUMER.CREATE.{stream}.{consumer}", f"{api}.CONSUMER.CREATE.{stream}.{consumer}.>",
-            f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
-            f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
-            f"$JS.ACK.{stream}.{consumer}.>",
-        ]
+        publish = [f"{api}.STREAM.INFO.{stream}"]
+        for consumer in consumers:
+            publish += [
+                f"{api}.CONSUMER.INFO.{stream}.{consumer}",
+                f"{api}.CONSUMER.CREATE.{stream}.{consumer}", f"{api}.CONSUMER.CREATE.{stream}.{consumer}.>",
+                f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{consumer}",
+                f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
+                f"$JS.ACK.{stream}.{consumer}.>",
+            ]
     else:
         raise ValueError(f"unknown bus role {role!r}")
     return {"publish": publish, "subscribe": [f"{role_inbox(role)}.>", *subscribe]}

@@ -1,13 +1,21 @@
-"""The ledger projector: a durable JetStream pull consumer folding events into Postgres.
+"""The projectors: durable JetStream pull consumers folding events into Postgres.
+
+Several named projections read the same stream, each through its own durable consumer and with
+its own checkpoint row, so a new read model can be added and backfilled from sequence 1 without
+touching the others (`PROJECTIONS`):
+* `ledger`: the event journal, double-entry transfers (`events.ledger`), run usage, escalations;
+* `finance`: `finance_fact` (one row per money-relevant event, the source of the finance
+  queries) and `run_outcome`.
 
 Each fetched batch is one Postgres transaction:
-  1. lock this projector's checkpoint row (serializes concurrent projector instances);
+  1. lock this projection's checkpoint row (serializes concurrent instances of it);
   2. dead-letter the messages that cannot be decoded or stored (`journal_rejection`: a NUL in a
      string, an integer beyond its column, an oversized key), with their reason;
-  3. insert every other event into `event_journal ... ON CONFLICT (event_id) DO NOTHING RETURNING`;
-  4. for the newly journalled events only, post ledger transfers and update read models;
-  5. advance the checkpoint to the batch's highest stream sequence;
-  6. commit, then ack every message of the batch.
+  3. fold the others, idempotently by event id: the ledger inserts into `event_journal ... ON
+     CONFLICT (event_id) DO NOTHING RETURNING` and posts transfers for the new events only; the
+     finance projection does the same with `finance_fact`;
+  4. advance the checkpoint to the batch's highest stream sequence;
+  5. commit, then ack every message of the batch.
 If the database still refuses the batch because of its data, the batch is redone event by event
 (one SAVEPOINT each) and the events it refuses are dead-lettered, so one poison message never
 holds back the others. Only an unreachable or busy database makes a batch nak and retry.
@@ -15,6 +23,9 @@ A crash before commit rolls back; a crash after commit but before ack causes a r
 step 3 turns into a no-op. Dedup is by event id rather than by sequence, so it also covers an
 event published twice outside the stream's dedup window (a spool replay) and several
 projector instances sharing the consumer.
+
+Statements are set-based (`unnest` arrays: one statement per table per batch), so a batch costs
+a handful of round trips whatever its size.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +44,12 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from events.finance import FACT_COLUMNS, finance_rows, outcome_rows
 from events.ledger import Transfer, journal_rejection, transfers_for
 from schemas.events import Event, LlmCall, PolicyDecision, event_decoder, event_encoder, event_type
 
 log = structlog.get_logger(__name__)
 
-PROJECTOR_NAME = "ledger"
 # SQLSTATE classes caused by the data itself: 22 data exception (NUL, out of range), 23 integrity
 # constraint, 54 program limit (index row too large). P0001 is our immutability trigger.
 _POISON_SQLSTATE_CLASSES = frozenset({"22", "23", "54"})
@@ -82,7 +94,7 @@ def _run_deltas(events: list[LlmCall]) -> dict[tuple[str, str], _RunDelta]:
     return deltas
 
 
-async def _post_transfers(cur: psycopg.AsyncCursor[Any], ws_run: dict[uuid.UUID, tuple[str, str | None, Any]],
+async def _post_transfers(cur: psycopg.AsyncCursor[Any], by_id: dict[uuid.UUID, Event],
                           transfers: list[tuple[uuid.UUID, Transfer]]) -> None:
     accounts: dict[str, list[int]] = {}
     currency: dict[str, str] = {}
@@ -97,18 +109,27 @@ async def _post_transfers(cur: psycopg.AsyncCursor[Any], ws_run: dict[uuid.UUID,
         (ids, [currency[i] for i in ids]),
     )
     await cur.execute("SELECT id FROM ledger_account WHERE id = ANY(%s) ORDER BY id FOR UPDATE", (ids,))
-    await cur.executemany(
-        "UPDATE ledger_account SET debits_posted = debits_posted + %s, credits_posted = credits_posted + %s "
-        "WHERE id = %s",
-        [(accounts[i][0], accounts[i][1], i) for i in ids],
+    await cur.execute(
+        "UPDATE ledger_account a SET debits_posted = a.debits_posted + d.debits, "
+        "credits_posted = a.credits_posted + d.credits "
+        "FROM unnest(%s::text[], %s::numeric[], %s::numeric[]) AS d (id, debits, credits) WHERE a.id = d.id",
+        (ids, [accounts[i][0] for i in ids], [accounts[i][1] for i in ids]),
     )
-    await cur.executemany(
+    events = [by_id[eid] for eid, _ in transfers]
+    await cur.execute(
         "INSERT INTO ledger_transfer (id, event_id, leg, debit_account_id, credit_account_id, amount, currency, "
-        "code, workspace_id, run_id, created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-        [
-            (t.id, eid, t.leg, t.debit, t.credit, t.amount, t.currency, t.code, *ws_run[eid])
-            for eid, t in transfers
-        ],
+        "code, workspace_id, run_id, created_at, agent_id, workflow_id, session_id, snapshot_revision) "
+        "SELECT * FROM unnest(%s::uuid[], %s::uuid[], %s::smallint[], %s::text[], %s::text[], %s::numeric[], "
+        "%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[], "
+        "%s::bigint[])",
+        (
+            [t.id for _, t in transfers], [eid for eid, _ in transfers], [t.leg for _, t in transfers],
+            [t.debit for _, t in transfers], [t.credit for _, t in transfers], [t.amount for _, t in transfers],
+            [t.currency for _, t in transfers], [t.code for _, t in transfers],
+            [e.workspace_id for e in events], [e.run_id for e in events], [e.occurred_at for e in events],
+            [e.agent_id for e in events], [e.workflow_id for e in events], [e.session_id for e in events],
+            [e.snapshot_revision for e in events],
+        ),
     )
 
 
@@ -164,21 +185,20 @@ class _Dead:
     event_id: uuid.UUID | None = None
 
 
-async def _lock_checkpoint(cur: psycopg.AsyncCursor[Any], stream: str) -> None:
+async def _lock_checkpoint(cur: psycopg.AsyncCursor[Any], stream: str, name: str) -> None:
     await cur.execute(
         "INSERT INTO projector_checkpoint (projector, stream, last_seq) VALUES (%s, %s, 0) "
         "ON CONFLICT (projector) DO NOTHING",
-        (PROJECTOR_NAME, stream),
+        (name, stream),
     )
-    await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE",
-                      (PROJECTOR_NAME,))
+    await cur.execute("SELECT last_seq FROM projector_checkpoint WHERE projector = %s FOR UPDATE", (name,))
 
 
-async def _advance_checkpoint(cur: psycopg.AsyncCursor[Any], last_seq: int) -> None:
+async def _advance_checkpoint(cur: psycopg.AsyncCursor[Any], last_seq: int, name: str) -> None:
     await cur.execute(
         "UPDATE projector_checkpoint SET last_seq = GREATEST(last_seq, %s), updated_at = now() "
         "WHERE projector = %s",
-        (last_seq, PROJECTOR_NAME),
+        (last_seq, name),
     )
 
 
@@ -190,7 +210,7 @@ async def _dead_letter(cur: psycopg.AsyncCursor[Any], stream: str, dead: list[_D
     )
 
 
-async def _fold(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]]) -> tuple[int, int]:
+async def _fold_ledger(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]]) -> tuple[int, int]:
     """Journal `decoded` and post what is new; returns (journalled, transfers)."""
     await cur.execute(
         """
@@ -213,14 +233,58 @@ async def _fold(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]])
     )
     new_ids = {row[0] for row in await cur.fetchall()}
     # A batch can hold the same event twice (a replay); fold each id once.
-    unique = list({e.event_id: e for _, e in decoded if e.event_id in new_ids}.values())
-    transfers = [(e.event_id, t) for e in unique for t in transfers_for(e)]
+    by_id = {e.event_id: e for _, e in decoded if e.event_id in new_ids}
+    transfers = [(eid, t) for eid, e in by_id.items() for t in transfers_for(e)]
     if transfers:
-        ws_run = {e.event_id: (e.workspace_id, e.run_id, e.occurred_at) for e in unique}
-        await _post_transfers(cur, ws_run, transfers)
+        await _post_transfers(cur, by_id, transfers)
+    unique = list(by_id.values())
     await _update_runs(cur, [e for e in unique if isinstance(e, LlmCall)])
     await _record_escalations(cur, [e for e in unique if isinstance(e, PolicyDecision)])
     return len(unique), len(transfers)
+
+
+# (column names and types from the constant FACT_COLUMNS; values are parameters)
+_INSERT_FACTS = (
+    f"INSERT INTO finance_fact ({', '.join(c for c, _ in FACT_COLUMNS)}) "  # noqa: S608
+    f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for _, t in FACT_COLUMNS)}) "
+    "ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
+
+
+async def _fold_finance(cur: psycopg.AsyncCursor[Any], decoded: list[tuple[int, Event]]) -> tuple[int, int]:
+    """`finance_fact` rows for the money-relevant events (new ones only) and run outcomes;
+    returns (facts inserted, 0)."""
+    events = list({e.event_id: e for _, e in decoded}.values())
+    rows = finance_rows(events)
+    inserted = 0
+    if rows:
+        await cur.execute(_INSERT_FACTS, [list(col) for col in zip(*rows, strict=True)])
+        inserted = len(await cur.fetchall())
+    outcomes = outcome_rows(events)
+    if outcomes:
+        await cur.execute(
+            "INSERT INTO run_outcome AS o (workspace_id, run_id, outcome, metadata, event_id, completed_at) "
+            "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::jsonb[], %s::uuid[], %s::timestamptz[]) "
+            "ON CONFLICT (workspace_id, run_id) DO UPDATE SET outcome = EXCLUDED.outcome, "
+            "metadata = EXCLUDED.metadata, event_id = EXCLUDED.event_id, completed_at = EXCLUDED.completed_at "
+            "WHERE (EXCLUDED.completed_at, EXCLUDED.event_id) > (o.completed_at, o.event_id)",
+            [list(col) for col in zip(*outcomes, strict=True)],
+        )
+    return inserted, 0
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """A named read model: its durable consumer and checkpoint are called `name`; `fold` applies
+    decoded events idempotently inside the batch's transaction and returns (folded, transfers)."""
+
+    name: str
+    fold: Callable[[psycopg.AsyncCursor[Any], list[tuple[int, Event]]], Awaitable[tuple[int, int]]]
+
+
+LEDGER = Projection("ledger", _fold_ledger)
+FINANCE = Projection("finance", _fold_finance)
+PROJECTIONS = (LEDGER, FINANCE)
 
 
 def is_poison_error(exc: BaseException) -> bool:
@@ -234,9 +298,9 @@ def is_poison_error(exc: BaseException) -> bool:
     return state[:2] in _POISON_SQLSTATE_CLASSES or state == "P0001"
 
 
-async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str,
-                      msgs: list[tuple[int, str, bytes]]) -> BatchResult:
-    """Fold `(stream_seq, subject, data)` messages into Postgres. Idempotent.
+async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str, msgs: list[tuple[int, str, bytes]],
+                      projection: Projection = LEDGER) -> BatchResult:
+    """Fold `(stream_seq, subject, data)` messages into `projection`. Idempotent.
 
     Messages that cannot be decoded or stored (`journal_rejection`) are dead-lettered with their
     reason; the rest commit in one transaction with the checkpoint. If that transaction still
@@ -262,25 +326,26 @@ async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str,
             subjects[seq] = (subject, data)
     try:
         async with conn.transaction(), conn.cursor() as cur:
-            await _lock_checkpoint(cur, stream)
+            await _lock_checkpoint(cur, stream, projection.name)
             if dead:
                 await _dead_letter(cur, stream, dead)
             if good:
-                result.journalled, result.transfers = await _fold(cur, good)
-            await _advance_checkpoint(cur, result.last_seq)
+                result.journalled, result.transfers = await projection.fold(cur, good)
+            await _advance_checkpoint(cur, result.last_seq, projection.name)
         result.dead = len(dead)
         return result
     except Exception as exc:
         if not is_poison_error(exc):
             raise
-        log.warning("projector_batch_poison_retry_per_event", error=type(exc).__name__, detail=str(exc)[:200])
+        log.warning("projector_batch_poison_retry_per_event", projection=projection.name, error=type(exc).__name__,
+                    detail=str(exc)[:200])
     result.journalled = result.transfers = 0
     async with conn.transaction(), conn.cursor() as cur:
-        await _lock_checkpoint(cur, stream)
+        await _lock_checkpoint(cur, stream, projection.name)
         for seq, event in good:
             try:
                 async with conn.transaction():
-                    journalled, transfers = await _fold(cur, [(seq, event)])
+                    journalled, transfers = await projection.fold(cur, [(seq, event)])
             except Exception as exc:
                 if not is_poison_error(exc):
                     raise
@@ -292,17 +357,18 @@ async def apply_batch(conn: psycopg.AsyncConnection[Any], stream: str,
             result.transfers += transfers
         if dead:
             await _dead_letter(cur, stream, dead)
-        await _advance_checkpoint(cur, result.last_seq)
+        await _advance_checkpoint(cur, result.last_seq, projection.name)
     result.dead = len(dead)
     return result
 
 
 class Projector:
-    """Runs `apply_batch` over a durable pull consumer until cancelled."""
+    """Runs `apply_batch` for one projection over its durable pull consumer until cancelled."""
 
     def __init__(self, js: JetStreamContext, database_url: str, *, stream: str, subject_prefix: str,
-                 batch: int = 512, ack_wait_s: float = 30.0) -> None:
+                 batch: int = 512, ack_wait_s: float = 30.0, projection: Projection = LEDGER) -> None:
         self._js = js
+        self.projection = projection
         self._database_url = database_url
         self._stream = stream
         self._subject = f"{subject_prefix}.>"
@@ -314,7 +380,7 @@ class Projector:
     async def run(self) -> None:
         psub = await self._js.pull_subscribe(
             self._subject,
-            durable=PROJECTOR_NAME,
+            durable=self.projection.name,
             stream=self._stream,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT,
@@ -333,10 +399,11 @@ class Projector:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self._database_url)
                 rows = [(m.metadata.sequence.stream, m.subject, m.data) for m in msgs]
-                result = await apply_batch(conn, self._stream, rows)
+                result = await apply_batch(conn, self._stream, rows, self.projection)
             except (psycopg.Error, OSError) as exc:
                 # Not the data (apply_batch dead-letters that): the database is unreachable or busy.
-                log.warning("projector_batch_failed", error=type(exc).__name__, detail=str(exc)[:200])
+                log.warning("projector_batch_failed", projection=self.projection.name, error=type(exc).__name__,
+                            detail=str(exc)[:200])
                 await _settle(msgs, ack=False)
                 if conn is not None:
                     await conn.close()
@@ -347,9 +414,10 @@ class Projector:
             self.applied += result.journalled
             self.dead += result.dead
             if result.dead:
-                log.error("projector_dead_lettered", dead=result.dead, total_dead=self.dead, last_seq=result.last_seq)
-            log.debug("projector_batch", received=result.received, journalled=result.journalled,
-                      transfers=result.transfers, last_seq=result.last_seq)
+                log.error("projector_dead_lettered", projection=self.projection.name, dead=result.dead,
+                          total_dead=self.dead, last_seq=result.last_seq)
+            log.debug("projector_batch", projection=self.projection.name, received=result.received,
+                      journalled=result.journalled, transfers=result.transfers, last_seq=result.last_seq)
 
 
 async def _settle(msgs: list[Msg], *, ack: bool) -> None:

@@ -1,0 +1,113 @@
+"""Pure rules of the finance projection: the `finance_fact` row each money-relevant event
+becomes (`finance_rows`) and the run outcomes (`outcome_rows`). Rows follow `FACT_COLUMNS`.
+
+Amount columns (nano-units of the event's currency) are separate, so any grouping is one SUM:
+* `llm.call`: one request (an error when its status is >= 400), its tokens, `llm_cost_nanos`;
+  `estimated_cost_nanos` too when the gateway estimated its usage; `unpriced_tokens` when no
+  price was known (cost 0 and `priced` false);
+* `llm.repriced`: the cost of an unpriced call priced later, dated at the original call, and its
+  tokens taken back out of `unpriced_tokens`;
+* `tool.spend`: `tool_cost_nanos`; `payment.outbound`: `payments_out_nanos`;
+  `payment.inbound`: `revenue_nanos`; `cache.hit`: `cache_savings_nanos` (a memo).
+Total cost = llm + tool + payments out; margin = revenue - total cost.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from events.ledger import bounded, call_tokens
+from schemas.events import (
+    CacheHit,
+    Event,
+    LlmCall,
+    LlmRepriced,
+    PaymentInbound,
+    PaymentOutbound,
+    RunCompleted,
+    ToolSpend,
+)
+
+FACT_COLUMNS = (
+    ("event_id", "uuid"), ("workspace_id", "text"), ("occurred_at", "timestamptz"), ("kind", "text"),
+    ("currency", "text"), ("agent_id", "text"), ("run_id", "text"), ("workflow_id", "text"), ("session_id", "text"),
+    ("member_id", "text"), ("department_id", "text"), ("key_id", "text"), ("provider", "text"), ("model", "text"),
+    ("vendor", "text"), ("tool", "text"), ("rail", "text"), ("endpoint_id", "text"), ("requests", "integer"),
+    ("errors", "integer"), ("input_tokens", "bigint"), ("output_tokens", "bigint"), ("llm_cost_nanos", "numeric"),
+    ("tool_cost_nanos", "numeric"), ("payments_out_nanos", "numeric"), ("revenue_nanos", "numeric"),
+    ("cache_savings_nanos", "numeric"), ("estimated_cost_nanos", "numeric"), ("unpriced_tokens", "bigint"),
+    ("price_source", "text"), ("price_id", "text"), ("properties", "jsonb"),
+)
+_INDEX = {name: i for i, (name, _) in enumerate(FACT_COLUMNS)}
+
+
+def _dim(value: str | None) -> str | None:
+    return None if value is None else bounded(value)
+
+
+def _row(event: Event, kind: str, currency: str, **values: Any) -> tuple[Any, ...]:
+    row: list[Any] = [None] * len(FACT_COLUMNS)
+    for name in ("requests", "errors", "input_tokens", "output_tokens", "llm_cost_nanos", "tool_cost_nanos",
+                 "payments_out_nanos", "revenue_nanos", "cache_savings_nanos", "estimated_cost_nanos",
+                 "unpriced_tokens"):
+        row[_INDEX[name]] = 0
+    row[_INDEX["event_id"]] = event.event_id
+    row[_INDEX["workspace_id"]] = event.workspace_id
+    row[_INDEX["occurred_at"]] = event.occurred_at
+    row[_INDEX["kind"]] = kind
+    row[_INDEX["currency"]] = currency
+    for name in ("agent_id", "run_id", "workflow_id", "session_id"):
+        row[_INDEX[name]] = _dim(getattr(event, name))
+    for name in ("member_id", "department_id", "key_id"):
+        row[_INDEX[name]] = _dim(getattr(event, name, None))
+    props = getattr(event, "properties", None) or {}
+    row[_INDEX["properties"]] = msgspec.json.encode(props).decode()
+    for name, value in values.items():
+        row[_INDEX[name]] = _dim(value) if isinstance(value, str) else value
+    return tuple(row)
+
+
+def finance_row(event: Event) -> tuple[Any, ...] | None:
+    """The `finance_fact` row of `event`, or None for an event with no money in it."""
+    if isinstance(event, LlmCall):
+        unpriced = call_tokens(event.usage) if not event.priced and event.cost_nanos <= 0 else 0
+        return _row(event, "llm", event.currency, provider=event.provider, model=event.model, requests=1,
+                    errors=1 if event.status >= 400 else 0, input_tokens=event.usage.input_tokens,
+                    output_tokens=event.usage.output_tokens, llm_cost_nanos=max(0, event.cost_nanos),
+                    estimated_cost_nanos=max(0, event.cost_nanos) if event.usage_estimated else 0,
+                    unpriced_tokens=unpriced, price_source=event.price_source or None, price_id=event.price_id)
+    if isinstance(event, LlmRepriced):
+        row = _row(event, "repriced", event.currency, provider=event.provider, model=event.model,
+                   llm_cost_nanos=event.cost_nanos, unpriced_tokens=-event.tokens, price_source="override",
+                   price_id=event.price_id)
+        if event.original_occurred_at is not None:  # the cost belongs to when the call was made
+            row = (*row[:2], event.original_occurred_at, *row[3:])
+        return row
+    if isinstance(event, ToolSpend):
+        return _row(event, "tool", event.currency, vendor=event.vendor, tool=event.tool or None,
+                    tool_cost_nanos=event.amount_nanos)
+    if isinstance(event, PaymentOutbound):
+        return _row(event, "payment_out", event.currency, rail=event.rail, vendor=event.payee or None,
+                    payments_out_nanos=event.amount_nanos)
+    if isinstance(event, PaymentInbound):
+        return _row(event, "revenue", event.currency, rail=event.rail, endpoint_id=event.endpoint_id,
+                    revenue_nanos=event.amount_nanos)
+    if isinstance(event, CacheHit):
+        return _row(event, "cache_hit", event.currency, provider=event.provider, model=event.model,
+                    cache_savings_nanos=event.saved_nanos)
+    return None
+
+
+def finance_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    return [row for e in events if (row := finance_row(e)) is not None]
+
+
+def outcome_rows(events: list[Event]) -> list[tuple[Any, ...]]:
+    """`run_outcome` rows (workspace, run, outcome, metadata json, event id, completed at)."""
+    return [
+        (e.workspace_id, bounded(e.run_id), e.outcome, msgspec.json.encode(e.metadata).decode(), e.event_id,
+         e.occurred_at)
+        for e in events if isinstance(e, RunCompleted) and e.run_id
+    ]
