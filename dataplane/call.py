@@ -20,7 +20,7 @@ from dataplane.decisions import NO_KEY, AgentContext, KeyChoice, Target
 from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import VirtualKey
-from schemas.events import LlmCall, Usage
+from schemas.events import Event, LlmCall, Usage
 from schemas.ids import uuid7
 from schemas.snapshot import Snapshot
 
@@ -73,6 +73,9 @@ class Call:
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None
     hold_nanos: int = 0
+    # A cost known before dispatch (the spend API's amount): the budget hold and the policy's cost
+    # estimate are exactly this, with no tokens, instead of the token-price bound.
+    fixed_cost_nanos: int | None = None
     admission: Admission | None = None
     decision: str = "allow"
     extra_headers: dict[str, str] = field(default_factory=dict)  # x-ratelimit-*, on every answer
@@ -87,6 +90,9 @@ class Call:
     anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
     usage_estimated: bool = False
     emitted: bool = False
+    # What a successful call records instead of its `llm.call` (e.g. the spend API's `tool.spend`),
+    # set by dispatch once the outcome is final; refusals are still `llm.call`s (`pipeline.emit_once`).
+    success_event: Event | None = None
     bounded_to: Usage | None = None  # the usage `_bound_usage` last checked (see there)
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # slots released in `finish`
     response: web.StreamResponse | None = None  # set by the stage that answers (dispatch, later a cache hit)

@@ -118,15 +118,18 @@ def finish(call: Call) -> Iterator[None]:
 
 
 def emit_once(call: Call) -> None:
-    """Emit the call's event unless it already was. Streams call it before their last write
-    (`write_eof`), so the event is spooled before the client can see the answer complete: a
-    worker killed right after a client got its answer never loses the call."""
+    """Emit the call's event unless it already was: its `success_event` when dispatch set one,
+    else its `llm.call`. Streams call it before their last write (`write_eof`), so the event is
+    spooled before the client can see the answer complete: a worker killed right after a client
+    got its answer never loses the call."""
     if call.emitted:
         return
     call.emitted = True
     worker = call.worker
     if not call.authenticated:
         worker.refusals.count(call.error_code or "invalid_api_key", call.request.path)
+    elif call.success_event is not None:
+        worker.events.emit(call.success_event)
     elif call.status >= 400 or call.endpoint.records_success:
         worker.events.emit(call.event())
 

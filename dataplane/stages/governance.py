@@ -8,7 +8,9 @@ settlement `finish` runs after the call.
   counted (`WorkerState.policy_allows`).
 * `admit`: every limit and budget on the path in ONE governor call (one Redis round trip; none
   when nothing is on the path). The hold is the call's worst case: an upper bound on its input
-  tokens times the input price plus `max_tokens` times the output price. A request without
+  tokens times the input price plus `max_tokens` times the output price; a call whose cost is
+  known up front (`Call.fixed_cost_nanos`: the spend API) holds exactly that, with no tokens, and
+  the policy stage sees it as the cost estimate. A request without
   `max_tokens` under a budget gets one injected: what the remaining budget can pay for, bounded by
   the model's output limit. Over a limit: 429 `rate_limit_exceeded` (with `Retry-After`) or
   `concurrency_limit_exceeded`; over a budget: 429 `insufficient_quota` / `budget_exceeded`.
@@ -125,6 +127,8 @@ def _unit(call: Call) -> tuple[int, int] | None:
 
 
 def _estimate(call: Call, unit: tuple[int, int] | None) -> int:
+    if call.fixed_cost_nanos is not None:
+        return call.fixed_cost_nanos
     output = call.max_tokens if call.max_tokens is not None else max_output_tokens(call)
     return hold_nanos(unit, call.input_bound, output)
 
@@ -233,7 +237,8 @@ async def admit(call: Call) -> None:
         if call.endpoint.set_max_tokens(call, injected):
             call.max_tokens = injected
     call.hold_nanos = _estimate(call, unit) if budgets else 0
-    tokens = call.input_bound + (call.max_tokens if call.max_tokens is not None else max_output_tokens(call))
+    tokens = 0 if call.fixed_cost_nanos is not None else \
+        call.input_bound + (call.max_tokens if call.max_tokens is not None else max_output_tokens(call))
     admission = await call.worker.governor.admit(AdmitRequest(
         workspace_id=vk.workspace_id, request_id=call.ctx.request_id, limits=limits, budgets=budgets,
         tokens=tokens, hold_nanos=call.hold_nanos,
