@@ -19,6 +19,8 @@ from aiohttp import web
 
 from dataplane.fleet import FleetView, run_fleet
 from dataplane.governor import RedisGovernor
+from dataplane.idempotency import RedisIdempotencyStore
+from dataplane.ingress.alephant import RunCompleteEndpoint, SpendEndpoint
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.embeddings import Embeddings
 from dataplane.ingress.messages import CountTokens, MessagesIngress
@@ -102,9 +104,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         fleet = FleetView()
         governor = RedisGovernor(settings.redis_url, fleet.size, hold_ttl_s=settings.hold_ttl_s,
                                  timeout_s=settings.redis_timeout_s)
+        idempotency = RedisIdempotencyStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
         app[PUBLISHER] = publisher
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
-                                           session=session, governor=governor, fleet=fleet)
+                                           session=session, governor=governor, idempotency=idempotency, fleet=fleet)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
@@ -117,6 +120,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         yield
         worker.refusals.flush(publisher)
         await governor.close()  # settles what is queued, gives the leases back
+        await idempotency.close()
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()
@@ -156,6 +160,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/responses", _route(ModelCall(ResponsesIngress())))
     app.router.add_post("/v1/messages/count_tokens", _route(CountTokens()))
     app.router.add_post("/v1/embeddings", _route(Embeddings()))
+    app.router.add_post("/v1/alephant/spend", _route(SpendEndpoint()))
+    app.router.add_post("/v1/alephant/runs/{run_id}/complete", _route(RunCompleteEndpoint()))
     models = _route(ModelCatalog())
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model:.+}", models)

@@ -4,12 +4,14 @@ client library, so tests substitute them with plain objects (no `type: ignore`).
 - `EventSink`: where events go (the spooled NATS publisher in production).
 - `Governor`: limits and budgets, one atomic admission per request (Redis in production, with a
   local fallback), settlements off the request path.
+- `IdempotencyStore`: fleet-wide `Idempotency-Key` records of the money-moving data-plane routes
+  (`POST /v1/alephant/spend`; Redis in production, `dataplane.idempotency`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from schemas.entities import Budget, Limit
 from schemas.events import Event
@@ -112,3 +114,58 @@ class NoGovernor:
 
     async def use_escalation(self, workspace_id: str, escalation_id: str, ttl_s: int) -> bool:
         return False
+
+
+ClaimOutcome = Literal["claimed", "replay", "mismatch", "in_flight", "unavailable"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """What `IdempotencyStore.claim` found for a key.
+
+    * `claimed`: no record; this request now owns it (in flight, `token`) until it completes or
+      releases it, or the in-flight lease lapses.
+    * `replay`: a finished request with the same fingerprint; its answer is `status` and `body`.
+    * `mismatch`: a finished request with another fingerprint.
+    * `in_flight`: a request with this key has not finished (whatever its fingerprint).
+    * `unavailable`: the store could not be reached; nothing is recorded."""
+
+    outcome: ClaimOutcome
+    token: str = ""
+    status: int = 0
+    body: bytes = b""
+
+
+class IdempotencyStore(Protocol):
+    """Records per `(workspace, key id, Idempotency-Key)`: a request fingerprint, in flight or done,
+    and the done request's answer. No method raises; an unreachable store is `unavailable` (or
+    False), and the caller decides what that means."""
+
+    async def claim(self, workspace_id: str, key_id: str, idempotency_key: str, fingerprint: str) -> IdempotencyClaim:
+        """Atomically: claim the key for this request, or report the record already there."""
+        ...
+
+    async def complete(self, workspace_id: str, key_id: str, idempotency_key: str, token: str, status: int,
+                       body: bytes) -> bool:
+        """Record the claimed request's answer for the records' lifetime. False when the claim is
+        no longer this request's (its lease lapsed) or the store is unreachable."""
+        ...
+
+    def release(self, workspace_id: str, key_id: str, idempotency_key: str, token: str) -> None:
+        """Off the request path: forget a claim still in flight (the request failed before its
+        effect), so a retry runs again. Never waits; a claim completed meanwhile is kept."""
+        ...
+
+
+class NoIdempotencyStore:
+    """The store of a worker built without Redis (unit-test apps): every claim is `unavailable`."""
+
+    async def claim(self, workspace_id: str, key_id: str, idempotency_key: str, fingerprint: str) -> IdempotencyClaim:
+        return IdempotencyClaim(outcome="unavailable")
+
+    async def complete(self, workspace_id: str, key_id: str, idempotency_key: str, token: str, status: int,
+                       body: bytes) -> bool:
+        return False
+
+    def release(self, workspace_id: str, key_id: str, idempotency_key: str, token: str) -> None:
+        return None

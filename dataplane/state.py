@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from dataplane.fleet import FleetView
-from dataplane.ports import EventSink, Governor, NoGovernor
+from dataplane.ports import EventSink, Governor, IdempotencyStore, NoGovernor, NoIdempotencyStore
 from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
 from schemas.keys import KeyRing
@@ -24,6 +24,8 @@ class WorkerState:
     events: EventSink
     session: aiohttp.ClientSession
     governor: Governor = field(default_factory=NoGovernor)
+    # Idempotency-Key records of the money-moving routes (POST /v1/alephant/spend).
+    idempotency: IdempotencyStore = field(default_factory=NoIdempotencyStore)
     fleet: FleetView = field(default_factory=FleetView)  # the live workers this one hears
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
