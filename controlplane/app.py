@@ -41,6 +41,7 @@ from controlplane.idempotency import IdempotencyStore, Replay, check_key
 from controlplane.provider_keys import PROVIDER_KEY
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
+from controlplane.repricing import Reprice, Repricer
 from controlplane.ssrf import parse_allow_list
 from events.db import open_pool
 from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
@@ -305,6 +306,14 @@ async def get_balance(request: web.Request) -> web.StreamResponse:
     return _json(await ledger_balance(request.app[ADMIN].pool))
 
 
+async def reprice(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    raw = await _body(request)
+    cmd = c.parse_command(raw, Reprice)
+    repricer = Repricer(st.pool, st.relay, st.settings.subject_prefix, st.settings.admin_propagation_wait_s)
+    return await _command(request, raw, lambda hook: repricer.reprice(cmd, hook), 200)
+
+
 async def healthz(request: web.Request) -> web.StreamResponse:
     return _json({"ok": True, "snapshot_revision": request.app[ADMIN].relay.last_revision})
 
@@ -333,7 +342,8 @@ ROUTES: tuple[Route, ...] = (
           "`key` returned only here); the old key keeps working for `overlap_s` (default 3600)",
           c.RotateVirtualKey, rotate_key, 201),
     *_crud("model-aliases", c.ALIAS, "model alias"),
-    *_crud("prices", c.PRICE, "price override (nano-USD per million tokens)"),
+    *_crud("prices", c.PRICE, "price override (nano-USD per million tokens; `scope` platform, workspace "
+           "(`workspace_id`) or provider_key (`provider_key_id`); `discount_pct`; `per_request_usd`)"),
     *_crud("budgets", g.BUDGET, "budget (`limit_usd` a decimal string)", get=False),
     Route("GET", "/admin/v1/budgets/{id}", "Get a budget with its current period's `spent_usd`, `held_usd` and "
           "`remaining_usd` from Redis (null, with `budget_store: unavailable`, when Redis is unreachable)",
@@ -356,6 +366,10 @@ ROUTES: tuple[Route, ...] = (
           None, get_catalog),
     Route("GET", "/admin/v1/runs/{run_id}", "Cost and usage of one agent run (?workspace_id=)", None, get_run),
     Route("GET", "/admin/v1/ledger/balance", "Debits and credits per currency", None, get_balance),
+    Route("POST", "/admin/v1/finance/reprice", "Price the calls recorded as unpriced for `provider`/`model` (`*`: "
+          "every model; optionally one `workspace_id`) with today's prices: one `llm.repriced` event per call "
+          "(idempotent; a call is re-priced once). Answers `repriced`, `cost_usd`, `still_unpriced` and `more` "
+          "(true: call again)", Reprice, reprice),
     Route("GET", "/admin/v1/fleet", "Data-plane workers heard in the last 30 s and the config revision each applied",
           None, get_fleet),
     Route("GET", "/admin/v1/healthz", "Liveness of the admin API", None, healthz),

@@ -18,7 +18,7 @@ import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import msgspec
 import psycopg
@@ -52,6 +52,7 @@ from controlplane.references import Ref, check_ref, references, referrers, slug
 from controlplane.relay import OutboxRelay
 from controlplane.ssrf import check_base_url_resolving
 from schemas.entities import (
+    OPERATOR,
     RESERVED_PROVIDER_NAMES,
     Agent,
     Budget,
@@ -60,6 +61,7 @@ from schemas.entities import (
     ModelAlias,
     Policy,
     PriceOverride,
+    PriceScope,
     Provider,
     ProviderKind,
     VirtualKey,
@@ -72,6 +74,7 @@ from schemas.events import ConfigChanged, event_encoder, subject_for
 from schemas.ids import new_id, uuid7
 from schemas.keys import KeyRing, display_prefix, generate_virtual_key
 from schemas.money import nanos_to_decimal_str
+from schemas.pricing import discount_fraction
 
 # $1,000,000 per million tokens. With usage clamped at the edge, a call's cost stays far below
 # the ledger's bigint columns (2**80 as a price overflowed them and froze the projector).
@@ -204,23 +207,97 @@ class PatchAlias(Command):
     target: ModelRef | msgspec.UnsetType = msgspec.UNSET
 
 
+PRICE_SCOPES: tuple[PriceScope, ...] = ("platform", "workspace", "provider_key")
+DiscountPct = Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+UsdText = Annotated[str, msgspec.Meta(min_length=1, max_length=32)]
+
+
 class UpsertPrice(Command):
     """Prices in integer nano-USD per million tokens ($2.50/MTok = 2_500_000_000), each at most
-    10**15 ($1,000,000/MTok)."""
+    10**15 ($1,000,000/MTok); `model` "*" prices every model of the provider.
+
+    `scope`: platform (default: every workspace), workspace (`workspace_id`) or provider_key
+    (`provider_key_id`: calls made with that upstream credential). Token prices (input and
+    output, both or neither), `discount_pct` (a decimal string, 0 < pct < 100: off the price found
+    below this one when it has no token prices) and `per_request_usd` (a decimal string, added to
+    each successful call): at least one of the three. One price per provider, model and scope:
+    setting it again replaces it."""
 
     provider: Ident
     model: ModelId
-    input_per_mtok_nanos: Price
-    output_per_mtok_nanos: Price
+    # Omitted (not null) when the price has no token prices of its own.
+    input_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
+    output_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
     cache_read_per_mtok_nanos: Price | None = None
     cache_write_per_mtok_nanos: Price | None = None
+    scope: Annotated[str, msgspec.Meta(max_length=32)] = "platform"
+    workspace_id: Ident | None = None
+    provider_key_id: Ident | None = None
+    discount_pct: DiscountPct | None = None
+    per_request_usd: UsdText | None = None
+
+    def check(self) -> None:
+        if self.scope not in PRICE_SCOPES:
+            raise InvalidRequest(f"'scope' must be one of {', '.join(PRICE_SCOPES)}; got {self.scope[:32]!r}.",
+                                 param="scope", code="invalid_scope")
+        needs = {"workspace": "workspace_id", "provider_key": "provider_key_id"}.get(self.scope)
+        for field in ("workspace_id", "provider_key_id"):
+            given = getattr(self, field) is not None
+            if field == needs and not given:
+                raise InvalidRequest(f"A {self.scope}-scoped price needs '{field}'.", param=field,
+                                     code="missing_scope_id")
+            if field != needs and given:
+                raise InvalidRequest(f"'{field}' is only for a {field.removesuffix('_id')}-scoped price; this one's "
+                                     f"scope is {self.scope}.", param=field, code="unexpected_scope_id")
+        if (self.input_per_mtok_nanos is msgspec.UNSET) != (self.output_per_mtok_nanos is msgspec.UNSET):
+            missing = ("output_per_mtok_nanos" if self.output_per_mtok_nanos is msgspec.UNSET
+                       else "input_per_mtok_nanos")
+            raise InvalidRequest("Give both 'input_per_mtok_nanos' and 'output_per_mtok_nanos', or neither (a "
+                                 "discount or per-request price only).", param=missing, code="incomplete_price")
+        tokens = self.input_per_mtok_nanos is not msgspec.UNSET
+        for field in ("cache_read_per_mtok_nanos", "cache_write_per_mtok_nanos"):
+            if getattr(self, field) is not None and not tokens:
+                raise InvalidRequest(f"'{field}' needs the token prices 'input_per_mtok_nanos' and "
+                                     "'output_per_mtok_nanos'.", param=field, code="incomplete_price")
+        if not tokens and self.discount_pct is None and self.per_request_usd is None:
+            raise InvalidRequest("A price needs token prices ('input_per_mtok_nanos' and 'output_per_mtok_nanos'), "
+                                 "'discount_pct' or 'per_request_usd'.", param="input_per_mtok_nanos",
+                                 code="incomplete_price")
+        if self.discount_pct is not None:
+            try:
+                discount_fraction(self.discount_pct)
+            except ValueError as exc:
+                raise InvalidRequest(f"'discount_pct': {exc}; got {self.discount_pct!r}.", param="discount_pct",
+                                     code="invalid_discount") from None
+        if self.per_request_usd is not None:
+            _per_request_nanos(self.per_request_usd)
 
 
 class PatchPrice(Command):
+    """The provider, model and scope are fixed (they name the price); null removes an optional
+    field. To drop a price's token prices, set it again (POST) without them."""
+
     input_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
     output_per_mtok_nanos: Price | msgspec.UnsetType = msgspec.UNSET
     cache_read_per_mtok_nanos: Price | msgspec.UnsetType | None = msgspec.UNSET
     cache_write_per_mtok_nanos: Price | msgspec.UnsetType | None = msgspec.UNSET
+    discount_pct: DiscountPct | msgspec.UnsetType | None = msgspec.UNSET
+    per_request_usd: UsdText | msgspec.UnsetType | None = msgspec.UNSET
+
+
+def _per_request_nanos(text: str) -> int:
+    # Imported here: controlplane.governance imports this module.
+    from controlplane.governance import usd_to_nanos
+
+    return usd_to_nanos(text, "per_request_usd")
+
+
+def price_id(provider: str, model: str, scope: str = "platform", scope_id: str | None = None) -> str:
+    """The id of the price of `provider/model` at a scope: the same for the same natural key, so
+    setting it again replaces it (a platform price keeps the id it had before scopes existed)."""
+    if scope == "platform":
+        return _stable_id(provider, model)
+    return _stable_id(provider, model, scope, scope_id or "")
 
 
 def _stable_id(*parts: str) -> str:
@@ -244,6 +321,9 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
                 data[usd] = None if nanos is None else nanos_to_decimal_str(nanos)
         case VirtualKey() | EscalationGrant():
             data["expires_at"] = None if entity.expires_at_ms is None else iso_ms(entity.expires_at_ms)
+        case PriceOverride():
+            data["per_request_usd"] = (None if entity.per_request_nanos is None
+                                       else nanos_to_decimal_str(entity.per_request_nanos))
     return data
 
 
@@ -546,8 +626,38 @@ async def _build_alias(_: ConfigCommands, cmd: UpsertAlias, ent_id: str, prior: 
     return ModelAlias(id=ent_id, workspace_id=cmd.workspace_id, alias=cmd.alias, target=cmd.target)
 
 
-async def _build_price(_: ConfigCommands, cmd: UpsertPrice, ent_id: str, prior: Prior | None) -> PriceOverride:
-    return PriceOverride(id=ent_id, **msgspec.structs.asdict(cmd))
+async def _build_price(cc: ConfigCommands, cmd: UpsertPrice, ent_id: str, prior: Prior | None) -> PriceOverride:
+    # The workspace is checked in the write's transaction (`references`); a provider key here.
+    workspace_id = cmd.workspace_id
+    if cmd.scope == "provider_key":
+        assert cmd.provider_key_id is not None  # UpsertPrice.check
+        pk = await cc.load("pkey", cmd.provider_key_id)
+        if pk is None:
+            raise NotFound(f"Provider key '{cmd.provider_key_id}' does not exist.", param="provider_key_id",
+                           code="provider_key_not_found")
+        if pk.provider_name and pk.provider_name != cmd.provider:
+            raise InvalidRequest(f"Provider key '{pk.id}' is a key of provider '{pk.provider_name}', not "
+                                 f"'{cmd.provider}'.", param="provider", code="provider_mismatch")
+        workspace_id = None if pk.workspace_id == OPERATOR else pk.workspace_id
+    per_in = None if isinstance(cmd.input_per_mtok_nanos, msgspec.UnsetType) else cmd.input_per_mtok_nanos
+    per_out = None if isinstance(cmd.output_per_mtok_nanos, msgspec.UnsetType) else cmd.output_per_mtok_nanos
+    tokens = per_in is not None  # UpsertPrice.check: both or neither
+    return PriceOverride(
+        id=ent_id, provider=cmd.provider, model=cmd.model, input_per_mtok_nanos=per_in,
+        output_per_mtok_nanos=per_out,
+        cache_read_per_mtok_nanos=cmd.cache_read_per_mtok_nanos if tokens else None,
+        cache_write_per_mtok_nanos=cmd.cache_write_per_mtok_nanos if tokens else None,
+        scope=cast(PriceScope, cmd.scope), workspace_id=workspace_id, provider_key_id=cmd.provider_key_id,
+        discount_pct=cmd.discount_pct,
+        per_request_nanos=None if cmd.per_request_usd is None else _per_request_nanos(cmd.per_request_usd))
+
+
+def _price_fields(p: PriceOverride) -> dict[str, Any]:
+    tokens = ("input_per_mtok_nanos", "output_per_mtok_nanos") if p.has_token_prices else ()
+    return _builtins(p, "provider", "model", *tokens, "cache_read_per_mtok_nanos", "cache_write_per_mtok_nanos",
+                     "scope", "provider_key_id", "discount_pct") | {
+        "workspace_id": p.workspace_id if p.scope == "workspace" else None,
+        "per_request_usd": None if p.per_request_nanos is None else nanos_to_decimal_str(p.per_request_nanos)}
 
 
 WORKSPACE = KindSpec("ws", "Workspace", CreateWorkspace, PatchWorkspace, lambda c: c.id or new_id("ws"),
@@ -562,7 +672,6 @@ VIRTUAL_KEY = KindSpec("vk", "Virtual key", CreateVirtualKey, PatchVirtualKey, l
                                            "models_allow", "providers_allow", "provider_keys"), _build_vk)
 ALIAS = KindSpec("alias", "Model alias", UpsertAlias, PatchAlias, lambda c: _stable_id(c.workspace_id, c.alias),
                  lambda e: _builtins(e, "workspace_id", "alias", "target"), _build_alias, upsert=True)
-PRICE = KindSpec("price", "Price", UpsertPrice, PatchPrice, lambda c: _stable_id(c.provider, c.model),
-                 lambda e: _builtins(e, "provider", "model", "input_per_mtok_nanos", "output_per_mtok_nanos",
-                                     "cache_read_per_mtok_nanos", "cache_write_per_mtok_nanos"),
-                 _build_price, upsert=True)
+PRICE = KindSpec("price", "Price", UpsertPrice, PatchPrice,
+                 lambda c: price_id(c.provider, c.model, c.scope, c.workspace_id or c.provider_key_id),
+                 _price_fields, _build_price, upsert=True)

@@ -3,8 +3,10 @@
 Commands write state and an outbox row in one Postgres transaction. This relay then, in outbox
 order, publishes the `config.*` event (`Nats-Msg-Id` = event id, so a retry is deduplicated)
 and applies the KV put/delete, and marks the row published. A crash between those steps
-replays the row: both effects are idempotent. `resync()` makes the bucket equal Postgres state
-at start-up, so a lost KV write is repaired by a restart.
+replays the row: both effects are idempotent. A row with an empty `kv_key` is an event alone,
+with no KV effect: how the control plane publishes events that are not config changes (e.g.
+`llm.repriced`) transactionally. `resync()` makes the bucket equal Postgres state at start-up,
+so a lost KV write is repaired by a restart.
 
 A command waits for its row at most a bounded time (`flush_within`); when NATS is slow or down,
 the row stays pending and `run()` retries it on every heartbeat until it is published.
@@ -48,7 +50,9 @@ class OutboxRelay:
             )
             for event_id, subject, event, kv_key, kv_value in await cur.fetchall():
                 await self._js.publish(subject, bytes(event), stream=self._stream, headers={MSG_ID: str(event_id)})
-                if kv_value is None:
+                if not kv_key:
+                    pass  # an event alone (see the module docstring)
+                elif kv_value is None:
                     with contextlib.suppress(KeyNotFoundError):
                         await self._kv.delete(kv_key)
                     # nats-py's delete() drops the PubAck; the bucket's last sequence is at least

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from dataplane.decisions import NO_KEY, AgentContext, KeyChoice, Target
-from dataplane.pricing import MAX_CALL_COST_NANOS, bounded_usage, call_cost_nanos
+from dataplane.pricing import CallPrice, bounded_usage, price_call
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import VirtualKey
 from schemas.events import Event, LlmCall, Usage
@@ -85,6 +85,7 @@ class Call:
     usage: Usage | None = None
     cost_nanos: int = 0
     priced: bool = True
+    pricing: CallPrice | None = None  # what priced it (price()); None: never priced (no usage)
     ttfb_ms: float | None = None
     partial: bool = False
     anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
@@ -135,17 +136,26 @@ class Call:
         self.price()
 
     def price(self) -> None:
+        """Price the usage (`schemas.pricing.price_call`: this call's provider key, then its
+        workspace, then platform overrides, built-in, catalog); the per-request fee only if the
+        call succeeded so far (status < 400)."""
         self._bound_usage()
         if self.usage is not None and self.target is not None:
-            self.cost_nanos, self.priced = call_cost_nanos(self.snap.prices, self.target.provider,
-                                                          self.target.model, self.usage)
-            if self.cost_nanos >= MAX_CALL_COST_NANOS:
+            provider = self.target.provider
+            self.pricing = p = price_call(self.snap, provider.name, provider.type, self.target.model, self.usage,
+                                          workspace_id=self.vk.workspace_id,
+                                          provider_key_id=self.provider_key.key_id, success=self.status < 400)
+            self.cost_nanos, self.priced = p.cost_nanos, p.priced
+            if p.clamped:
                 self.flag("cost_clamped")
 
     def event(self) -> LlmCall:
         self._bound_usage()
         provider = self.target.provider.name if self.target else self.requested_model.partition("/")[0]
         model = self.target.model if self.target else self.requested_model
+        pricing = self.pricing
+        # Client labels, already bounded by the edge checks (count, name and value sizes).
+        props = self.ctx.properties
         return LlmCall(
             event_id=uuid7(),
             occurred_at=dt.datetime.now(dt.UTC),
@@ -178,6 +188,11 @@ class Call:
             endpoint=self.request.path,
             provider_key_id=self.provider_key.key_id,
             provider_key_source=self.provider_key.source,
+            properties={name.lower(): value for name, value in props} if props else {},
+            price_source=pricing.source if pricing is not None else "",
+            price_id=pricing.price_id if pricing is not None else None,
+            price_scope=pricing.scope if pricing is not None else "",
+            catalog_version=pricing.catalog_version if pricing is not None else "",
         )
 
     def headers(self) -> dict[str, str]:

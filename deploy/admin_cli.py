@@ -269,16 +269,27 @@ def add_admin_commands(sub: Any) -> None:
     p.add_argument("target", help="provider/model_id")
     cmds.crud_tail(g, "model-aliases", "alias")
 
-    g = cmds.group("prices", "Operator price overrides (integer nano-USD per million tokens)")
-    p = leaf(g, "set", "Set the price of provider/model", "POST", lambda a: "/admin/v1/prices",
-             lambda a: drop_none({"provider": a.provider, "model": a.model, "input_per_mtok_nanos": a.input,
-                                  "output_per_mtok_nanos": a.output, "cache_read_per_mtok_nanos": a.cache_read}),
-             ws=False)
-    p.add_argument("provider")
-    p.add_argument("model")
-    p.add_argument("--input", type=int, required=True, help="nano-USD per million input tokens ($2.50 = 2500000000)")
-    p.add_argument("--output", type=int, required=True, help="nano-USD per million output tokens")
-    p.add_argument("--cache-read", type=int)
+    g = cmds.group("prices", "Operator price overrides (integer nano-USD per million tokens), for every workspace, "
+                   "one workspace or one provider key; negotiated discounts; per-request fees")
+    p = leaf(g, "set", "Set the price of provider/model (model '*': every model of the provider). Most specific "
+             "wins: provider key, workspace, platform, built-in, catalog", "POST", lambda a: "/admin/v1/prices",
+             _price_body, ws=False)
+    p.add_argument("provider", help="the provider name, as in provider/model")
+    p.add_argument("model", help="the model id, or '*' for every model of the provider (with a discount or fee)")
+    p.add_argument("--input", type=int, help="nano-USD per million input tokens ($2.50 = 2500000000); "
+                   "with --output, or neither")
+    p.add_argument("--output", type=int, help="nano-USD per million output tokens")
+    p.add_argument("--cache-read", type=int, help="nano-USD per million cached input tokens (default: --input)")
+    p.add_argument("--scope", choices=["platform", "workspace", "provider_key"],
+                   help="where it applies (default: provider_key with --provider-key, workspace with --workspace, "
+                        "else platform)")
+    p.add_argument("--workspace", "-w", help="the workspace of a workspace-scoped price (default with "
+                   "--scope workspace: $ALEPHANT_WORKSPACE or 'demo')")
+    p.add_argument("--provider-key", metavar="ID", help="the provider key of a provider_key-scoped price")
+    p.add_argument("--discount-pct", metavar="PCT",
+                   help="percent off, a decimal string such as 12.5 (without --input/--output: off the price "
+                        "found below this one, e.g. the catalog's)")
+    p.add_argument("--per-request-usd", metavar="USD", help="a fee added to each successful call, e.g. 0.002")
     cmds.crud_tail(g, "prices", "price override", ws_list=False)
 
     _governance(cmds)
@@ -295,6 +306,15 @@ def add_admin_commands(sub: Any) -> None:
 
     g = cmds.group("ledger", "The double-entry ledger")
     leaf(g, "balance", "Debits and credits per currency", "GET", lambda a: "/admin/v1/ledger/balance", ws=False)
+    p = leaf(g, "reprice", "Price calls recorded as unpriced (their tokens wait in a suspense account) with "
+             "today's prices, after setting one with `alephant prices set`. Idempotent: a call is re-priced once. "
+             "Prints repriced, cost_usd, still_unpriced and more (true: run it again)", "POST",
+             lambda a: "/admin/v1/finance/reprice",
+             lambda a: drop_none({"provider": a.provider, "model": a.model, "workspace_id": a.workspace}),
+             ws=False, change=False)
+    p.add_argument("--provider", required=True, help="the provider name the calls were made to")
+    p.add_argument("--model", required=True, help="the model id, or '*' for every model of the provider")
+    p.add_argument("--workspace", "-w", help="only this workspace's calls (default: every workspace's)")
 
     help_text = "Data-plane workers heard in the last 30 s and the config revision each has applied"
     sub.add_parser("fleet", help=help_text, description=help_text).set_defaults(
@@ -386,6 +406,18 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--header", action="append", default=[], metavar="NAME=VALUE",
                    help="an Alephant-* header of the request (repeatable)")
     p.add_argument("--est-cost-usd", metavar="USD", help="the cost estimate to decide with (default 0)")
+
+
+def _price_body(a: Args) -> dict[str, Any]:
+    # An id that does not fit the scope is sent anyway: the API refuses it (400 naming the field)
+    # rather than the CLI dropping it silently.
+    scope = a.scope or ("provider_key" if a.provider_key else "workspace" if a.workspace else "platform")
+    return drop_none({
+        "provider": a.provider, "model": a.model, "input_per_mtok_nanos": a.input, "output_per_mtok_nanos": a.output,
+        "cache_read_per_mtok_nanos": a.cache_read, "scope": scope,
+        "workspace_id": default_ws(a) if scope == "workspace" else a.workspace,
+        "provider_key_id": a.provider_key, "discount_pct": a.discount_pct, "per_request_usd": a.per_request_usd,
+    })
 
 
 def _policy_body(a: Args) -> dict[str, Any]:

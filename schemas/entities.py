@@ -205,19 +205,39 @@ class ModelAlias(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     target: str
 
 
-class PriceOverride(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="price"):
-    """Operator price for `provider/model`, in integer nano-USD per million tokens.
+# Where a price override applies: every workspace (platform), one workspace, or the calls made
+# with one upstream credential (a ProviderKey: a negotiated contract).
+PriceScope = Literal["platform", "workspace", "provider_key"]
 
-    It wins over the bundled genai-prices catalog.
+
+class PriceOverride(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="price"):
+    """Operator price for `provider/model` (`model` "*": every model of the provider), in integer
+    nano-USD per million tokens. It wins over the bundled genai-prices catalog; the resolution
+    order and arithmetic are in `schemas.pricing`.
+
+    `scope` platform applies everywhere; workspace to `workspace_id`'s calls; provider_key to
+    calls made with the ProviderKey `provider_key_id` (`workspace_id` is then that key's
+    workspace, None for an operator key). Token prices None (both): no prices of its own, only
+    `discount_pct` (a decimal string, 0 < pct < 100, taken off the price found below it) and/or
+    `per_request_nanos` (added to each successful call's cost).
     """
 
     id: str
     provider: str
     model: str
-    input_per_mtok_nanos: int = 0
-    output_per_mtok_nanos: int = 0
+    input_per_mtok_nanos: int | None = 0
+    output_per_mtok_nanos: int | None = 0
     cache_read_per_mtok_nanos: int | None = None
     cache_write_per_mtok_nanos: int | None = None
+    scope: PriceScope = "platform"
+    workspace_id: str | None = None
+    provider_key_id: str | None = None
+    discount_pct: str | None = None
+    per_request_nanos: int | None = None
+
+    @property
+    def has_token_prices(self) -> bool:
+        return self.input_per_mtok_nanos is not None or self.output_per_mtok_nanos is not None
 
 
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):

@@ -43,12 +43,35 @@ from schemas.entities import (
 )
 
 ScopeKey = tuple[str, str, str]  # (workspace_id, scope, scope_id)
+# (scope, scope id, provider name, model): workspace and provider-key price overrides, and the
+# platform's "*" ones (scope id ""). Platform overrides of one model are in `prices`.
+ScopedPriceKey = tuple[str, str, str, str]
+ANY_MODEL = "*"  # a price override's `model` that matches every model of its provider
+
+
+def platform_price_key(price: PriceOverride) -> tuple[str, str] | None:
+    """The `prices` key of a platform override of one model (as before scopes existed), else None."""
+    if price.scope == "platform" and price.model != ANY_MODEL:
+        return (price.provider, price.model)
+    return None
+
+
+def scoped_price_key(price: PriceOverride) -> ScopedPriceKey | None:
+    """The `scoped_prices` key of any other override, else None."""
+    if price.scope == "workspace":
+        return ("workspace", price.workspace_id or "", price.provider, price.model)
+    if price.scope == "provider_key":
+        return ("provider_key", price.provider_key_id or "", price.provider, price.model)
+    if price.model == ANY_MODEL:
+        return ("platform", "", price.provider, price.model)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class Index:
     """One row of the index table: entities of `kind` go into the snapshot field `name` under
-    `key(entity)`; `grouped` indexes hold a tuple of every entity with that key (by id)."""
+    `key(entity)` (an entity whose key is None is not in that index); `grouped` indexes hold a
+    tuple of every entity with that key (by id)."""
 
     kind: type[Any]
     name: str
@@ -71,7 +94,10 @@ INDEXES: tuple[Index, ...] = (
     Index(ProviderKey, "provider_keys_for", attrgetter("workspace_id", "provider_name"), grouped=True),
     Index(ProviderKey, "master_keys", attrgetter("workspace_id", "provider_type"), grouped=True),
     Index(ModelAlias, "aliases", attrgetter("workspace_id", "alias")),
-    Index(PriceOverride, "prices", attrgetter("provider", "model")),
+    # Platform prices of one model by (provider, model); every other override (a workspace's, a
+    # provider key's, a provider's "*") by (scope, scope id, provider, model); see schemas.pricing.
+    Index(PriceOverride, "prices", platform_price_key),
+    Index(PriceOverride, "scoped_prices", scoped_price_key),
     Index(EscalationGrant, "escalations", _by_id),
     Index(Budget, "budgets_by_id", _by_id),
     # Everything that governs a scope (policies, limits, budgets), in one index: a request's path
@@ -106,6 +132,7 @@ class Snapshot:
     master_keys: Mapping[tuple[str, str], tuple[ProviderKey, ...]]
     aliases: Mapping[tuple[str, str], ModelAlias]
     prices: Mapping[tuple[str, str], PriceOverride]
+    scoped_prices: Mapping[ScopedPriceKey, PriceOverride]
     escalations: Mapping[str, EscalationGrant]
     budgets_by_id: Mapping[str, Budget]
     governance: Mapping[ScopeKey, tuple[Policy | Limit | Budget, ...]]
@@ -118,10 +145,13 @@ class Snapshot:
         grouped: dict[str, dict[Hashable, list[Any]]] = {row.name: {} for row in INDEXES if row.grouped}
         for ent in entities.values():
             for row in _ROWS_BY_KIND.get(type(ent), ()):
+                key = row.key(ent)
+                if key is None:
+                    continue
                 if row.grouped:
-                    grouped[row.name].setdefault(row.key(ent), []).append(ent)
+                    grouped[row.name].setdefault(key, []).append(ent)
                 else:
-                    single[row.name][row.key(ent)] = ent
+                    single[row.name][key] = ent
         indexes: dict[str, Any] = {name: MappingProxyType(idx) for name, idx in single.items()}
         for name, groups in grouped.items():
             indexes[name] = MappingProxyType({k: _ordered(v) for k, v in groups.items()})
@@ -174,6 +204,8 @@ def _ordered(group: Iterable[Any]) -> tuple[Any, ...]:
 
 def _add(idx: dict[Hashable, Any], row: Index, ent: Any) -> None:
     key = row.key(ent)
+    if key is None:
+        return
     if row.grouped:
         idx[key] = _ordered((*idx.get(key, ()), ent))
     else:
@@ -182,6 +214,8 @@ def _add(idx: dict[Hashable, Any], row: Index, ent: Any) -> None:
 
 def _remove(idx: dict[Hashable, Any], row: Index, ent: Any) -> None:
     key = row.key(ent)
+    if key is None:
+        return
     if row.grouped:
         rest = tuple(e for e in idx.get(key, ()) if e is not ent)
         if rest:

@@ -48,6 +48,7 @@ from schemas.openai import (
     CompletionUsage,
     PromptTokensDetails,
 )
+from schemas.pricing import MOCK_INPUT_PER_MTOK_NANOS, MOCK_OUTPUT_PER_MTOK_NANOS
 
 # The model ids GET /v1/models lists for the mock are catalog data: schemas.catalog.MOCK_MODELS.
 EMBEDDING_DIMENSIONS = 64
@@ -55,10 +56,10 @@ MAX_EMBEDDING_DIMENSIONS = 4096
 MAX_EMBEDDING_VALUES = 256 * 1024  # inputs x dimensions per call: ~0.1 s of CPU at most
 MAX_ANSWER_CHARS = 2048  # about 500 tokens: a 195 KB prompt no longer echoes as 24 MB of stream
 
-# The mock is priced like a small hosted model ($0.15 / $0.60 per million tokens), so the demo's
-# ledger shows real, non-zero integer costs. Nano-USD per million tokens.
-INPUT_PER_MTOK_NANOS = 150_000_000
-OUTPUT_PER_MTOK_NANOS = 600_000_000
+# The mock's prices (nano-USD per million tokens) are pricing data both planes read:
+# schemas.pricing.MOCK_INPUT_PER_MTOK_NANOS and MOCK_OUTPUT_PER_MTOK_NANOS.
+INPUT_PER_MTOK_NANOS = MOCK_INPUT_PER_MTOK_NANOS
+OUTPUT_PER_MTOK_NANOS = MOCK_OUTPUT_PER_MTOK_NANOS
 _encoder = msgspec.json.Encoder()
 
 
