@@ -90,7 +90,12 @@ async def _run_projector(settings: Settings) -> None:
                                 subject_prefix=settings.subject_prefix, batch=settings.projector_batch,
                                 ack_wait_s=settings.projector_ack_wait_s, projection=projection)
                       for projection in PROJECTIONS]
-        task = asyncio.ensure_future(asyncio.gather(*(p.run() for p in projectors)))
+        runs = [p.run() for p in projectors]
+        if settings.s3_url:  # the raw stream to S3, next to the projections (events/archive.py)
+            from events.archive import run_archiver
+
+            runs.append(run_archiver(js, settings))
+        task = asyncio.ensure_future(asyncio.gather(*runs))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)

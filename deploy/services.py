@@ -1,10 +1,11 @@
 """Embedded backing services for the local stack and the tests: real NATS (JetStream),
-Postgres and Redis, launched from pip wheels as child processes on free loopback ports.
+Postgres, Redis and an S3-compatible server (moto), launched from pip wheels as child processes
+on free loopback ports.
 
 Each service keeps its data under `<state_dir>/<service>/`, so a second start reuses it, and
 `Service.restart()` brings a crashed one back on the same port and data (the supervisor's job).
-`ALEPHANT_NATS_URL`, `ALEPHANT_DATABASE_URL` and `ALEPHANT_REDIS_URL` replace the embedded
-service of the same kind; the launcher then starts nothing for it.
+`ALEPHANT_NATS_URL`, `ALEPHANT_DATABASE_URL`, `ALEPHANT_REDIS_URL` and `ALEPHANT_S3_URL` replace
+the embedded service of the same kind; the launcher then starts nothing for it.
 
 The embedded NATS runs with a generated config (`<state_dir>/nats/server.conf`, mode 0600): one
 user per gateway role with that role's permissions (`render_nats_authorization`).
@@ -23,6 +24,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +78,8 @@ class Service:
     run_as: str | None = None
     ready: Callable[[Service], bool] | None = None
     before_start: Callable[[], None] | None = None
+    # Variables added to the child's environment.
+    env: dict[str, str] = field(default_factory=dict)
 
     def exited(self) -> bool:
         """True if this is a child we started and it is no longer running."""
@@ -94,7 +99,7 @@ class Service:
         while True:
             if self.before_start is not None:
                 self.before_start()
-            self.proc = _spawn(self.argv, self.log, self.run_as)
+            self.proc = _spawn(self.argv, self.log, self.run_as, self.env)
             try:
                 wait_until(self._ready_or_exited, max(0.1, deadline - time.monotonic()), self.name, self.log)
             except ServiceStartError:
@@ -163,13 +168,15 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _spawn(args: list[str], log: Path, user: str | None = None) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, user: str | None = None,
+           env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         # A new session keeps Ctrl-C in the terminal from reaching services before their clients.
         uid, gid, groups = _as_user(user)
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                user=uid, group=gid, extra_groups=groups, preexec_fn=die_with_parent)
+                                user=uid, group=gid, extra_groups=groups, preexec_fn=die_with_parent,
+                                env={**os.environ, **env} if env else None)
 
 
 def render_nats_authorization(users: Mapping[str, tuple[str, Mapping[str, list[str]]]]) -> str:
@@ -296,10 +303,45 @@ def start_redis(state_dir: Path) -> Service:
     return svc
 
 
+def _moto_replayed(port: int) -> bool:
+    """Port open, then the recorded requests replayed into the fresh (empty) server."""
+    if not port_open(port):
+        return False
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/recorder/replay-recording", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:  # noqa: S310 - our own loopback server
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_s3(state_dir: Path) -> Service:
+    """An S3-compatible server from the `moto[server]` wheel (`moto_server`), on a free port.
+
+    Moto keeps buckets in memory. So that the archive outlives a restart, the server records every
+    request it serves to `<state_dir>/s3/requests.jsonl` (moto's recorder: bodies base64) and, once
+    its port is open, replays that file into itself before it counts as ready. Any credentials
+    sign requests to it (`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` are not checked).
+    """
+    port = free_port()
+    store = state_dir / "s3"
+    store.mkdir(parents=True, exist_ok=True)
+    recording = (store / "requests.jsonl").resolve()
+    svc = Service(
+        "s3", f"http://127.0.0.1:{port}", log=state_dir / "logs" / "s3.log",
+        argv=[_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env={"MOTO_ENABLE_RECORDING": "true", "MOTO_RECORDER_FILEPATH": str(recording)},
+        ready=lambda _svc: _moto_replayed(port), before_start=recording.touch,
+    )
+    svc.launch(60)
+    return svc
+
+
 SERVICE_URL_VARS: dict[str, str] = {
     "nats": "ALEPHANT_NATS_URL",
     "postgres": "ALEPHANT_DATABASE_URL",
     "redis": "ALEPHANT_REDIS_URL",
+    "s3": "ALEPHANT_S3_URL",
 }
 
 
@@ -312,7 +354,8 @@ def start_services(state_dir: Path, env: Mapping[str, str], log: Callable[[str],
     On failure, everything already started is stopped before the error propagates.
     """
     starters: dict[str, Callable[[Path], Service]] = {
-        "nats": lambda d: start_nats(d, nats_authorization), "postgres": start_postgres, "redis": start_redis}
+        "nats": lambda d: start_nats(d, nats_authorization), "postgres": start_postgres, "redis": start_redis,
+        "s3": start_s3}
     started: dict[str, Service] = {}
     try:
         for name, var in SERVICE_URL_VARS.items():

@@ -5,8 +5,10 @@ migrations, JetStream stream, KV bucket) -> control plane -> data-plane worker(s
 -> demo seed -> `<state_dir>/demo.env`. Every gateway process is a child running the same
 `alephant <role>` command an operator would run, so the stack exercises the real entry points.
 
-State lives under `state_dir`: service data, logs, generated secrets (`secrets.env`) and the
-demo credentials (`demo.env`), so a second start reuses all of it.
+State lives under `state_dir`: service data, logs, generated secrets (`secrets.env`), the
+demo credentials (`demo.env`) and the operator's direct-access settings (`ops.env`: database,
+NATS as the admin user, S3, for `alephant ledger rebuild|reconcile`), so a second start reuses
+all of it.
 
 The embedded NATS requires credentials: one user per role (`events.jetstream.role_permissions`),
 with passwords generated once into `secrets.env`; each child gets only its own role's
@@ -51,6 +53,10 @@ if TYPE_CHECKING:
 DEMO_WORKSPACE = "demo"
 DEMO_AGENT = "demo-agent"
 DEMO_MODEL = "mock/echo"
+
+# The embedded S3 server (moto) checks no credentials; these keep a developer's real AWS keys away from it.
+EMBEDDED_S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "alephant-dev", "AWS_SECRET_ACCESS_KEY": "alephant-dev",
+                           "AWS_DEFAULT_REGION": "us-east-1"}
 
 # Contract: the variables `.alephant/demo.env` carries.
 DEMO_ENV_KEYS = ("ALEPHANT_BASE_URL", "ALEPHANT_API_KEY", "ALEPHANT_ADMIN_URL", "ALEPHANT_ADMIN_TOKEN",
@@ -223,8 +229,30 @@ class Stack:
             "ALEPHANT_SSRF_ALLOW": self.env.get("ALEPHANT_SSRF_ALLOW", "127.0.0.1,::1,localhost"),
             "PYTHONUNBUFFERED": "1",
         })
+        env.update(self._s3_env())
         env.update(self.extra_env)
         return env
+
+    def _s3_env(self) -> dict[str, str]:
+        """`ALEPHANT_S3_URL`, and for the embedded server its placeholder AWS credentials."""
+        s3 = self.services.get("s3")
+        if s3 is None:
+            return {}
+        return {"ALEPHANT_S3_URL": s3.url, **(EMBEDDED_S3_CREDENTIALS if s3.argv else {})}
+
+    def write_ops_env(self) -> Path:
+        """`<state_dir>/ops.env` (mode 0600): what a direct-access operator command needs against this
+        stack: the database, NATS as the `admin` user (embedded NATS), the stream names and S3."""
+        names = {k: v for k, v in self.child_env().items()
+                 if k in ("ALEPHANT_STREAM", "ALEPHANT_SUBJECT_PREFIX", "ALEPHANT_KV_BUCKET", "ALEPHANT_S3_BUCKET")}
+        values = {"ALEPHANT_DATABASE_URL": self.services["postgres"].url,
+                  "ALEPHANT_NATS_URL": self.services["nats"].url, **names, **self._s3_env()}
+        if self.nats_embedded:
+            values.update(ALEPHANT_NATS_USER="admin",
+                          ALEPHANT_NATS_PASSWORD=self._secrets()[BUS_PASSWORD_VARS["admin"]])
+        path = self.state_dir / "ops.env"
+        write_env_file(path, values, "Written by `alephant dev`: direct access for operator commands; keep private.")
+        return path
 
     @property
     def origin(self) -> str:
@@ -296,6 +324,7 @@ class Stack:
             self.services = start_services(self.state_dir, self.env, self.log,
                                            nats_authorization=self._nats_authorization())
             self._pick_ports()
+            self.write_ops_env()
             self.log("==> migrations, event stream and config bucket")
             subprocess.run([sys.executable, "-m", "deploy.cli", "migrate"], env=self.child_env("controlplane"),
                            check=True, stdout=subprocess.DEVNULL)

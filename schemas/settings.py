@@ -125,6 +125,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_user: str = ""
     nats_password: Secret = msgspec.field(default_factory=lambda: Secret(""))
     nats_creds: str = ""
+    # -- event archive (S3) ----------------------------------------------------------------------
+    # An S3-compatible endpoint (AWS S3, MinIO, the local stack's moto server) the projector
+    # archives the raw event stream to; empty: no archive. Credentials come from the usual AWS
+    # variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...).
+    s3_url: str = ""
+    s3_bucket: str = "alephant-events"
+    # Empty: the AWS variables' region (AWS_REGION, AWS_DEFAULT_REGION), else us-east-1.
+    s3_region: str = ""
+    # An archive object is written when this many seconds passed since its first event arrived,
+    # or when it holds archive_max_events events, whichever comes first.
+    archive_flush_s: float = 10.0
+    archive_max_events: int = 10_000
 
 
 _ENV_PREFIX = "ALEPHANT_"
