@@ -13,6 +13,7 @@ The admin API is ALEPHANT_ADMIN_URL with ALEPHANT_ADMIN_TOKEN; when those are un
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -306,6 +307,7 @@ def add_admin_commands(sub: Any) -> None:
 
     g = cmds.group("ledger", "The double-entry ledger")
     leaf(g, "balance", "Debits and credits per currency", "GET", lambda a: "/admin/v1/ledger/balance", ws=False)
+    _ledger_ops(g)
     p = leaf(g, "reprice", "Price calls recorded as unpriced (their tokens wait in a suspense account) with "
              "today's prices, after setting one with `alephant prices set`. Idempotent: a call is re-priced once. "
              "Prints repriced, cost_usd, still_unpriced and more (true: run it again)", "POST",
@@ -428,3 +430,73 @@ def _policy_body(a: Args) -> dict[str, Any]:
         "windows": a.window, "max_tokens_cap": a.max_tokens_cap, "max_tokens_action": a.max_tokens_action,
         "max_cost_usd": a.max_cost_usd, "escalate_over_usd": a.escalate_over_usd, "id": a.id,
     })
+
+
+# ---- ledger operations: direct database, NATS and S3 access (not the admin API) -----------------
+
+def _ledger_ops(g: Any) -> None:
+    """`ledger rebuild` and `ledger reconcile` (events/rebuild.py, events/reconcile.py). Exit status
+    0: equal / consistent, 1: differences or problems found, 2: could not run."""
+    text = ("Replay the event stream (or the S3 archive) into a new schema with the projector's own code and "
+            "compare it with the live ledger and finance tables, up to the live checkpoints")
+    p = g.add_parser("rebuild", help=text, description=text + ". Exit 0 when equal, 1 with differences.")
+    p.add_argument("--from", dest="source", choices=["stream", "archive"], default="stream",
+                   help="stream: the JetStream stream from its first sequence; archive: the S3 archive (what it "
+                        "does not hold yet comes from the stream). Default: stream")
+    p.add_argument("--keep", action="store_true", help="keep the rebuild_<timestamp> schema (default: drop it)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=_ledger_rebuild)
+    text = ("Check the stream, journal, ledger, finance facts and S3 archive against each other: projection lag, "
+            "sequence gaps, debits = credits, every money event's transfers, finance vs ledger totals, archive "
+            "coverage")
+    p = g.add_parser("reconcile", help=text, description=text + ". Exit 0 when consistent, 1 with problems.")
+    p.add_argument("--max-lag", type=int, default=10_000, metavar="N",
+                   help="a consumer more than N messages behind the stream is a problem (default 10000)")
+    p.add_argument("--no-archive", action="store_true", help="skip the archive check even with S3 configured")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=_ledger_reconcile)
+
+
+def ops_settings(args: Args) -> Any:
+    """Settings for a direct-access command: `ALEPHANT_*` (and `AWS_*`) from the environment, the
+    rest from the `<state-dir>/ops.env` that `alephant dev` writes."""
+    from schemas.settings import SettingsError, load_settings
+
+    for key, value in read_env_file(Path(args.state_dir) / "ops.env").items():
+        os.environ.setdefault(key, value)  # the environment wins; boto reads the AWS_* from here too
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        print(f"alephant: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _ledger_rebuild(args: Args) -> None:
+    from events.rebuild import Progress, rebuild, render
+
+    def progress(p: Progress) -> None:
+        print(f"alephant: replayed {p.replayed} messages (sequence {p.last_seq} of {p.upto}), {p.rate:.0f}/s",
+              file=sys.stderr, flush=True)
+
+    settings = ops_settings(args)
+    try:
+        report = asyncio.run(rebuild(settings, source=args.source, keep=args.keep,
+                                     progress=None if args.json else progress))
+    except Exception as exc:  # unreachable NATS, Postgres or S3: say what, exit 2
+        print(f"alephant: ledger rebuild failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    sys.exit(0 if report.equal else 1)
+
+
+def _ledger_reconcile(args: Args) -> None:
+    from events.reconcile import reconcile, render
+
+    settings = ops_settings(args)
+    try:
+        report = asyncio.run(reconcile(settings, max_lag=args.max_lag, archive=False if args.no_archive else None))
+    except Exception as exc:  # unreachable NATS, Postgres or S3: say what, exit 2
+        print(f"alephant: ledger reconcile failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(report.as_dict(), indent=2) if args.json else render(report))
+    sys.exit(0 if report.ok else 1)
