@@ -95,8 +95,12 @@ def key_range(key: str) -> tuple[int, int] | None:
     return None if m is None else (int(m.group(3)), int(m.group(4)))
 
 
+_JSON_SPACE = frozenset(b" \t\r\n")
+
+
 def _is_json_line(data: bytes) -> bool:
-    if b"\n" in data or b"\r" in data:
+    """One JSON value on one line, with nothing around it that a JSON reader would drop."""
+    if not data or b"\n" in data or b"\r" in data or data[0] in _JSON_SPACE or data[-1] in _JSON_SPACE:
         return False
     try:
         _any_decoder.decode(data)

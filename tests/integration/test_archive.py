@@ -1,7 +1,8 @@
 """The S3 archive of the raw stream, against the moto server the stack launches and the real
 stream: the projector process's archiver writes gzip JSON-lines objects under the documented
 layout, byte for byte what was published (poison included), and a SIGKILLed projector leaves
-no hole in the archive once it is back.
+no hole in the archive once it is back. First, the pure object format: any bytes round-trip, and
+objects are runs of consecutive sequences within one hour.
 """
 
 from __future__ import annotations
@@ -17,11 +18,24 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from hypothesis import given
+from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.js.errors import NotFoundError
 
 from deploy.stack import Stack
-from events.archive import ARCHIVE_CONSUMER, ArchiveStore, decode_object, merge_ranges, open_store
+from events.archive import (
+    ARCHIVE_CONSUMER,
+    ArchiveStore,
+    Record,
+    decode_object,
+    encode_object,
+    key_range,
+    merge_ranges,
+    object_key,
+    open_store,
+    plan_objects,
+)
 from events.jetstream import connect
 from events.publisher import EventPublisher
 from schemas.events import LlmCall, Usage
@@ -32,6 +46,38 @@ from tests.conftest import dedicated_stack, wait_until_true
 STREAM, PREFIX = "ALEPHANT_EVENTS", "events"
 MAX_EVENTS = 40
 KEY = re.compile(rf"^events/{STREAM}/dt=(\d{{4}}-\d{{2}}-\d{{2}})/hour=(\d{{2}})/(\d{{20}})-(\d{{20}})\.jsonl\.gz$")
+
+
+T0 = dt.datetime(2026, 5, 1, 9, 59, 58, tzinfo=dt.UTC)
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=20), st.one_of(
+    st.binary(max_size=64),
+    st.builds(lambda before, v, after: before + json.dumps(v).encode() + after,
+              st.sampled_from([b"", b" ", b"\t"]), st.recursive(
+                  st.none() | st.booleans() | st.integers() | st.text(),
+                  lambda inner: st.lists(inner) | st.dictionaries(st.text(), inner), max_leaves=8),
+              st.sampled_from([b"", b"", b" ", b"\r\n"])),
+)), max_size=20))
+def test_any_message_round_trips_through_an_object(messages: list[tuple[str, bytes]]) -> None:
+    records = [Record(seq, subject, data, T0) for seq, (subject, data) in enumerate(messages, start=1)]
+    assert decode_object(encode_object(records)) == [(r.seq, r.subject, r.data) for r in records]
+
+
+def test_objects_are_consecutive_runs_within_one_hour() -> None:
+    def rec(seq: int, seconds: int) -> Record:
+        return Record(seq, "events.ws.llm.call", b"{}", T0 + dt.timedelta(seconds=seconds))
+
+    # 1-3 before 10:00, 4-5 after; 6 missing (a redelivery pending); 7 twice; at most 3 per object
+    records = [rec(2, 0), rec(1, 0), rec(3, 1), rec(4, 2), rec(5, 3), rec(7, 4), rec(8, 4), rec(7, 4), rec(9, 5),
+               rec(10, 5), rec(11, 6)]
+    objects = plan_objects(records, max_events=3)
+    assert [[r.seq for r in o] for o in objects] == [[1, 2, 3], [4, 5], [7, 8, 9], [10, 11]]
+    keys = [object_key("S", o[0].stored_at, o[0].seq, o[-1].seq) for o in objects]
+    assert keys[0] == "events/S/dt=2026-05-01/hour=09/00000000000000000001-00000000000000000003.jsonl.gz"
+    assert keys[1].startswith("events/S/dt=2026-05-01/hour=10/")
+    assert [key_range(k) for k in keys] == [(1, 3), (4, 5), (7, 9), (10, 11)]
+    assert merge_ranges([(7, 9), (1, 3), (4, 5), (10, 11), (2, 3)]) == [(1, 5), (7, 11)]
 
 
 @pytest.fixture(scope="module")
