@@ -45,6 +45,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from events.pull import BatchPuller
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -244,7 +245,9 @@ class Archiver:
     Messages are buffered until `flush_s` seconds after the first one arrived or `max_events` are
     buffered, then written as objects (`plan_objects`) and acked. If an upload fails, the whole
     buffer is nak'ed (redelivered after a backoff) and nothing is acked: a message is acked only
-    once an object holding it is stored. Runs until cancelled; S3 or NATS errors are retried.
+    once an object holding it is stored. Runs until cancelled. S3 errors are retried with a
+    backoff; any other error ends it, as it ends the projections (the process is restarted). Pulls
+    with the projections' `BatchPuller`.
     """
 
     def __init__(self, js: JetStreamContext, store: ArchiveStore, *, stream: str, subject_prefix: str,
@@ -273,11 +276,16 @@ class Archiver:
                             detail=str(exc)[:200])
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_S)
-        psub = await self._js.pull_subscribe(
-            self._subject, durable=ARCHIVE_CONSUMER, stream=self._stream,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-                                  ack_wait=self._ack_wait_s, max_ack_pending=self._max_events * 2),
-        )
+        puller = BatchPuller(self._js._nc, self._js, self._stream, ConsumerConfig(
+            durable_name=ARCHIVE_CONSUMER, filter_subject=self._subject, ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL, ack_wait=self._ack_wait_s, max_ack_pending=self._max_events * 2))
+        await puller.start()
+        try:
+            await self._archive_forever(puller)
+        finally:
+            await puller.close()
+
+    async def _archive_forever(self, puller: BatchPuller) -> None:
         buffer: list[Msg] = []
         first_at = 0.0
         delay = _RETRY_FIRST_S
@@ -294,7 +302,7 @@ class Archiver:
                 continue
             timeout = min(1.0, max(0.05, self._flush_s - age)) if buffer else 1.0
             try:
-                got = await psub.fetch(min(512, self._max_events - len(buffer)), timeout=timeout)
+                got = await puller.fetch(min(512, self._max_events - len(buffer)), timeout=timeout)
             except TimeoutError:
                 continue
             if not buffer:
