@@ -11,6 +11,8 @@ INCLUDING ALL`; the session's `search_path` is that schema alone, so nothing liv
 No false differences on a busy system: the live side is read in one REPEATABLE READ snapshot
 taken first, and each projection is folded exactly up to its own checkpoint in that snapshot
 (the checkpoint commits with the rows), so both sides describe the same prefix of the stream.
+That read-only transaction stays open for the whole replay: on a big database, vacuum cannot
+remove rows that died meanwhile until the rebuild ends.
 
 Then, per comparison (`COMPARISONS`), rows are merged in key order from both sides (server-side
 cursors: memory stays flat whatever the size) and every difference counted, with samples.
