@@ -105,9 +105,14 @@ def finance_rows(events: list[Event]) -> list[tuple[Any, ...]]:
 
 
 def outcome_rows(events: list[Event]) -> list[tuple[Any, ...]]:
-    """`run_outcome` rows (workspace, run, outcome, metadata json, event id, completed at)."""
-    return [
-        (e.workspace_id, bounded(e.run_id), e.outcome, msgspec.json.encode(e.metadata).decode(), e.event_id,
-         e.occurred_at)
-        for e in events if isinstance(e, RunCompleted) and e.run_id
-    ]
+    """`run_outcome` rows (workspace, run, outcome, metadata json, event id, completed at): per
+    run the latest report (by time, then event id), so one statement touches each row once."""
+    latest: dict[tuple[str, str], RunCompleted] = {}
+    for e in events:
+        if isinstance(e, RunCompleted) and e.run_id:
+            key = (e.workspace_id, bounded(e.run_id))
+            seen = latest.get(key)
+            if seen is None or (e.occurred_at, e.event_id) > (seen.occurred_at, seen.event_id):
+                latest[key] = e
+    return [(ws, run, e.outcome, msgspec.json.encode(e.metadata).decode(), e.event_id, e.occurred_at)
+            for (ws, run), e in sorted(latest.items())]
