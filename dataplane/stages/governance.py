@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from dataplane.call import Call
 from dataplane.ports import AdmitRequest
-from dataplane.pricing import hold_nanos, unit_prices
+from dataplane.pricing import call_unit_prices, hold_nanos
 from schemas.entities import Budget, EscalationGrant, Limit, Policy
 from schemas.errors import BudgetExceeded, PermissionDenied, RateLimited
 from schemas.events import BudgetAlert, PolicyDecision
@@ -121,9 +121,13 @@ def max_output_tokens(call: Call) -> int:
 
 
 def _unit(call: Call) -> tuple[int, int] | None:
+    """Unit prices for the hold: the workspace's and platform prices, discounts included (the
+    provider key is chosen after admission, so a price scoped to one key is not seen here)."""
     if call.target is None:
         return None
-    return unit_prices(call.snap.prices, call.target.provider, call.target.model)
+    provider = call.target.provider
+    return call_unit_prices(call.snap, provider.name, provider.type, call.target.model,
+                            workspace_id=call.vk.workspace_id)
 
 
 def _estimate(call: Call, unit: tuple[int, int] | None) -> int:
