@@ -14,14 +14,15 @@ start until every projection's checkpoint reaches the stream's last sequence.
 
 Printed: events per second through all projections together (each event folded by each of
 them), per projection, and each projection on its own (a fresh stream each time; what one
-`alephant projector` process per projection would do, given the cores). Issue 9's bar: at least 10,000 events/s here; printed
-for reference, nothing is enforced.
+`alephant projector` process per projection would do, given the cores). Issue 9's bar: at least
+10,000 events/s here; printed for reference, nothing is enforced.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -146,10 +147,8 @@ async def measure(nats_url: str, database_url: str, n: int, batch: int,
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for name in names:
-            try:
+            with contextlib.suppress(Exception):  # cleanup of a scratch stream, deleted next
                 await js.delete_consumer(stream, name)
-            except Exception:  # noqa: S110  (cleanup of a scratch stream, deleted next)
-                pass
         await js.delete_stream(stream)
         await nc.close()
     total_s = max(done_at.values())

@@ -282,6 +282,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for the stack")
     parser.add_argument(
+        "--projector-events",
+        type=int,
+        default=50_000,
+        help="events folded by the projector benchmark after the load runs (default 50000; 0 skips it)",
+    )
+    parser.add_argument(
         "--micro-iterations",
         type=int,
         default=100_000,
@@ -419,6 +425,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         signal.signal(signal.SIGTERM, _raise_interrupt)
 
     micro = governance_micro(args.micro_iterations, state_dir) if args.micro_iterations > 0 else None
+    projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
 
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -443,6 +450,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
             "key_id": gov.key_id, "policies": gov.policy_ids, "limits": gov.limit_ids, "budgets": gov_budgets,
         },
         "micro": micro,
+        "projector": projector,
     }
 
 
@@ -453,6 +461,14 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     shared machine hits them alike."""
     ordered = sorted(runs, key=lambda r: r["rps"])
     return {**ordered[(len(ordered) - 1) // 2], "rounds_rps": [r["rps"] for r in runs]}
+
+
+def projector_bench(events: int, log_dir: Path) -> dict[str, Any]:
+    """Run :mod:`tests.bench.projector` (its own NATS and Postgres, or the ``ALEPHANT_*_URL``
+    ones) in a child process and return its JSON result."""
+    say(f"==> projector: {events:,} events published, then folded into Postgres by every projection")
+    argv = [sys.executable, "-m", "tests.bench.projector", "--json", "--events", str(events)]
+    return run_json(argv, 900, log_dir / "projector-error.log", "projector bench")
 
 
 def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:
@@ -507,6 +523,15 @@ def main(argv: list[str] | None = None) -> int:
         say("")
         say("In-memory governance steps before Redis (tests.bench.governance_micro):")
         say(micro_table(doc["micro"]))
+    if doc["projector"]:
+        p = doc["projector"]
+        say("")
+        say(f"Projector (tests.bench.projector): {p['events']:,} events, batch {p['batch']} "
+            f"(issue 9 bar: >= {p['bar_events_per_s']:,} events/s; reference only)")
+        say(f"  all {p['projections']} projections concurrently in one process: {p['events_per_s']:,.0f} events/s "
+            f"({p['seconds']}s)")
+        for name, rate in p["alone"].items():
+            say(f"  {name:<8} alone: {rate:>9,.0f} events/s")
     say(f"\nresults written to {out}")
     return 0
 
