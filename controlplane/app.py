@@ -31,6 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from controlplane import commands as c
+from controlplane import finance
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
@@ -291,6 +292,28 @@ async def get_run(request: web.Request) -> web.StreamResponse:
                                    _query(request, "workspace_id")))
 
 
+def _finance(name: str) -> Handler_:
+    """A finance read (`controlplane.finance.QUERIES`): JSON, or CSV with `?format=csv`."""
+    query = finance.QUERIES[name]
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        st = request.app[ADMIN]
+        params = {k: _param(v, k) for k, v in request.query.items()}
+        as_csv = finance.output_format(params) == "csv"
+        table = await query(st.pool, st.redis, params, dt.datetime.now(dt.UTC))
+        if as_csv:
+            return web.Response(text=table.to_csv(), content_type="text/csv",
+                                headers={"Content-Disposition": f'attachment; filename="finance-{name}.csv"'})
+        return _json(table.to_json())
+
+    return handler
+
+
+_FINANCE_WINDOW = ("?workspace_id=&from=&to= (ISO-8601, `to` exclusive; no offset = UTC); `format=csv` for CSV. "
+                   "Money as `*_usd` decimal strings and `*_nanos` integers; cost = llm + tool + payments out, "
+                   "margin = revenue - cost")
+
+
 async def get_models(request: web.Request) -> web.StreamResponse:
     workspace = _query(request, "workspace_id")
     if not workspace:
@@ -364,7 +387,22 @@ ROUTES: tuple[Route, ...] = (
           None, get_models),
     Route("GET", "/admin/v1/catalog", "Provider types this gateway supports and the models it knows for each",
           None, get_catalog),
-    Route("GET", "/admin/v1/runs/{run_id}", "Cost and usage of one agent run (?workspace_id=)", None, get_run),
+    Route("GET", "/admin/v1/runs/{run_id}", "Cost, revenue, margin and usage of one agent run (?workspace_id=): "
+          "`cost_usd` is the total (llm + tool + payments out), with each part, `revenue_usd`, `margin_usd`, "
+          "`cache_savings_usd`, `estimated_cost_usd`, `agents` and `outcome`", None, get_run),
+    Route("GET", "/admin/v1/finance/summary", "Totals grouped by `group_by` (agent | run | workflow | member | "
+          "department | workspace | provider | model | property:<name>), per `interval` (hour | day | month) if "
+          f"given, at most `limit` rows (default 1000; `has_more`). {_FINANCE_WINDOW}", None, _finance("summary")),
+    Route("GET", "/admin/v1/finance/top", "The top `limit` (default 10) of `by` (run | agent | workflow) by "
+          f"`metric` (cost | revenue | margin), `order=desc` (default) or asc. {_FINANCE_WINDOW}", None,
+          _finance("top")),
+    Route("GET", "/admin/v1/finance/spikes", "Runs costing more than `factor` (default 3) times their agent's "
+          "baseline: the median cost of the agent's other runs in the window, given at least `min_runs` (default "
+          f"5) of them. {_FINANCE_WINDOW}", None, _finance("spikes")),
+    Route("GET", "/admin/v1/finance/unpriced", "Tokens and calls no price covered (not re-priced since), per "
+          f"provider and model. {_FINANCE_WINDOW}", None, _finance("unpriced")),
+    Route("GET", "/admin/v1/finance/budgets", "Each budget (?workspace_id=) with its current period's spent, held, "
+          "remaining and `used_pct` from the budget store; `format=csv` for CSV", None, _finance("budgets")),
     Route("GET", "/admin/v1/ledger/balance", "Debits and credits per currency", None, get_balance),
     Route("POST", "/admin/v1/finance/reprice", "Price the calls recorded as unpriced for `provider`/`model` (`*`: "
           "every model; optionally one `workspace_id`) with today's prices: one `llm.repriced` event per call "

@@ -5,47 +5,19 @@ from __future__ import annotations
 from typing import Any, get_args
 
 import msgspec
-from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from controlplane.finance import run_detail
 from schemas.catalog import catalog_entries, type_catalog
 from schemas.entities import ConfigEntity, ProviderKind
-from schemas.errors import NotFound
-from schemas.money import nanos_to_decimal_str
 from schemas.snapshot import Snapshot
 
 
 async def run_summary(pool: AsyncConnectionPool[Any], run_id: str, workspace_id: str | None) -> dict[str, Any]:
-    """Totals for one run across workspaces (or one workspace): requests, tokens, cost."""
-    async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(
-            """
-            SELECT count(*) AS workspaces, coalesce(sum(requests), 0) AS requests, coalesce(sum(errors), 0) AS errors,
-                   coalesce(sum(input_tokens), 0) AS input_tokens, coalesce(sum(output_tokens), 0) AS output_tokens,
-                   coalesce(sum(cost_nanos), 0) AS cost_nanos, min(first_at) AS first_at, max(last_at) AS last_at,
-                   array(SELECT DISTINCT a FROM run_usage r2, unnest(r2.agents) a
-                         WHERE r2.run_id = %(run)s AND (%(ws)s::text IS NULL OR r2.workspace_id = %(ws)s)
-                         ORDER BY a) AS agents
-            FROM run_usage WHERE run_id = %(run)s AND (%(ws)s::text IS NULL OR workspace_id = %(ws)s)
-            """,
-            {"run": run_id, "ws": workspace_id},
-        )
-        row = await cur.fetchone()
-    if row is None or row["workspaces"] == 0:
-        raise NotFound(f"No calls recorded for run '{run_id}' yet.", code="run_not_found")
-    cost = int(row["cost_nanos"])
-    return {
-        "run_id": run_id,
-        "requests": int(row["requests"]),
-        "errors": int(row["errors"]),
-        "input_tokens": int(row["input_tokens"]),
-        "output_tokens": int(row["output_tokens"]),
-        "cost_nanos": cost,
-        "cost_usd": nanos_to_decimal_str(cost),
-        "agents": list(row["agents"]),
-        "first_at": row["first_at"].isoformat() if row["first_at"] else None,
-        "last_at": row["last_at"].isoformat() if row["last_at"] else None,
-    }
+    """One run's counts and money from the finance projection (`controlplane.finance.run_detail`):
+    `cost_*` is the total (llm + tool + payments out), with each part, revenue, margin, cache
+    savings, estimated cost, agents and outcome. 404 `run_not_found` until its first event."""
+    return await run_detail(pool, run_id, workspace_id)
 
 
 async def ledger_balance(pool: AsyncConnectionPool[Any]) -> dict[str, Any]:

@@ -19,8 +19,10 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TextIO, get_args
+from urllib.parse import urlencode
 
 from deploy.stack import AdminClient, AdminError, read_env_file
 from schemas.entities import SCOPES, BudgetPeriod, ProviderKind
@@ -294,6 +296,7 @@ def add_admin_commands(sub: Any) -> None:
     cmds.crud_tail(g, "prices", "price override", ws_list=False)
 
     _governance(cmds)
+    _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
     leaf(g, "list", "Models the workspace's keys may call, with context windows", "GET",
@@ -321,6 +324,148 @@ def add_admin_commands(sub: Any) -> None:
     help_text = "Data-plane workers heard in the last 30 s and the config revision each has applied"
     sub.add_parser("fleet", help=help_text, description=help_text).set_defaults(
         fn=admin_call("GET", lambda a: "/admin/v1/fleet"))
+
+
+# ---- finance reads: tables in decimal USD, or the API's JSON, or CSV ---------------------------
+
+_MONEY = (("model cost", "llm_cost_usd"), ("tool cost", "tool_cost_usd"), ("payments", "payments_out_usd"),
+          ("total cost", "cost_usd"), ("revenue", "revenue_usd"), ("margin", "margin_usd"),
+          ("cache savings", "cache_savings_usd"))
+_PERIOD_CHARS = {"hour": 13, "day": 10, "month": 7}
+Columns = list[tuple[str, str]]
+
+
+def show_usd(value: str) -> str:
+    """A decimal USD string for a table: thousands separators, at least 2 decimals, never rounded."""
+    amount = Decimal(value)
+    return f"{amount:,.2f}" if amount == amount.quantize(Decimal("0.01")) else f"{amount:,f}"
+
+
+def print_table(rows: list[dict[str, Any]], columns: Columns, out: TextIO, period: str | None = None) -> None:
+    """`rows` as aligned text columns (`(header, key)`): money keys (`*_usd`) via `show_usd`,
+    numbers right-aligned, null as `-`."""
+    def cell(row: dict[str, Any], key: str) -> str:
+        value = row.get(key)
+        if value is None:
+            return "-"
+        if key.endswith("_usd"):
+            return show_usd(value)
+        if key == "period_start" and period is not None:
+            return str(value)[:_PERIOD_CHARS[period]].replace("T", " ") + (":00" if period == "hour" else "")
+        return str(value)
+
+    body = [[cell(r, key) for _, key in columns] for r in rows]
+    header = [h for h, _ in columns]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    right = [key.endswith(("_usd", "_tokens", "_runs", "_calls")) or key in ("requests", "errors", "rank", "ratio",
+                                                                             "workspaces", "used_pct")
+             for _, key in columns]
+    for line in [header, *body]:
+        print("  ".join(x.rjust(w) if r else x.ljust(w) for x, w, r in zip(line, widths, right, strict=True)).rstrip(),
+              file=out)
+    if not rows:
+        print("(no rows)", file=out)
+
+
+def finance_call(path: str, query: Callable[[Args], dict[str, Any]],
+                 columns: Callable[[Args], Columns]) -> Callable[[Args], None]:
+    """GET /admin/v1/finance/<path> with the window and workspace options and `query(args)`; print
+    a table (`columns(args)`), the JSON answer, or CSV."""
+    def run(args: Args) -> None:
+        from controlplane.finance import Table
+
+        params = drop_none({"workspace_id": None if args.all_workspaces else default_ws(args), "from": args.from_,
+                            "to": args.to, **query(args)})
+        client = admin_client(args)
+        try:
+            result = client.call("GET", f"/admin/v1/finance/{path}?{urlencode(params)}")
+        except AdminError as exc:
+            sys.exit(f"alephant: {exc}")
+        except OSError as exc:
+            sys.exit(f"alephant: cannot reach the admin API: {exc}")
+        if args.format == "json":
+            print(json.dumps(result, indent=2))
+        elif args.format == "csv":
+            sys.stdout.write(Table(tuple(result["columns"]), result["data"]).to_csv())
+        else:
+            print_table(result["data"], columns(args), sys.stdout, getattr(args, "interval", None))
+        if result.get("has_more"):
+            print("alephant: more rows than --limit; narrow the window or raise --limit", file=sys.stderr)
+
+    return run
+
+
+def _finance_leaf(g: Any, name: str, help_text: str, example: str, window: bool = True) -> argparse.ArgumentParser:
+    p: argparse.ArgumentParser = g.add_parser(name, help=help_text, description=help_text,
+                                              epilog=f"example: {example}")
+    p.add_argument("--workspace", "-w", help="workspace id (default: $ALEPHANT_WORKSPACE or 'demo')")
+    p.add_argument("--all-workspaces", action="store_true", help="every workspace (rows say which)")
+    if window:
+        p.add_argument("--from", dest="from_", metavar="WHEN",
+                       help="start of the window, ISO-8601 (2026-01-01 or 2026-01-01T09:00:00Z; no offset = UTC)")
+        p.add_argument("--to", metavar="WHEN", help="end of the window, exclusive (same format)")
+    else:
+        p.set_defaults(from_=None, to=None)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table",
+                   help="table (decimal USD, the default), json (the API's answer: *_usd strings and *_nanos "
+                        "integers) or csv (a header row, for spreadsheets)")
+    return p
+
+
+def _who(args: Args, key: str, header: str) -> Columns:
+    return ([("workspace", "workspace_id")] if args.all_workspaces else []) + [(header, key)]
+
+
+def _finance_commands(cmds: Commands) -> None:
+    """`alephant finance summary|top|spikes|unpriced|budgets`."""
+    g = cmds.group("finance", "Spend, revenue and margin by agent, run, workflow, model and period (cost = model "
+                   "+ tool + payments; margin = revenue - cost)")
+    groups = "agent, run, workflow, member, department, workspace, provider, model or property:<name>"
+    p = _finance_leaf(g, "summary", "Totals grouped by a dimension, optionally per hour, day or month",
+                      "alephant finance summary --group-by agent --interval day --from 2026-01-01 --to 2026-02-01")
+    p.add_argument("--group-by", default="agent", metavar="DIMENSION", help=f"{groups} (default agent)")
+    p.add_argument("--interval", choices=["hour", "day", "month"], help="one row per group and period (UTC)")
+    p.add_argument("--limit", type=int, help="at most this many rows (default 1000)")
+    p.set_defaults(fn=finance_call(
+        "summary", lambda a: {"group_by": a.group_by, "interval": a.interval, "limit": a.limit},
+        lambda a: ([("workspace", "workspace_id")] if a.all_workspaces and a.group_by not in (
+            "provider", "model", "workspace") and not a.group_by.startswith("property:") else [])
+        + [(a.group_by, "group")] + ([("period", "period_start")] if a.interval else [])
+        + [("requests", "requests"), *_MONEY, ("unpriced tokens", "unpriced_tokens")]))
+
+    p = _finance_leaf(g, "top", "The runs, agents or workflows with the highest cost, revenue or margin",
+                      "alephant finance top --by run --metric cost --limit 10")
+    p.add_argument("--by", choices=["run", "agent", "workflow"], default="run", help="default run")
+    p.add_argument("--metric", choices=["cost", "revenue", "margin"], default="cost", help="default cost")
+    p.add_argument("--limit", type=int, default=10, help="how many (default 10)")
+    p.add_argument("--lowest", action="store_true", help="the lowest first (e.g. the worst margins)")
+    p.set_defaults(fn=finance_call(
+        "top", lambda a: {"by": a.by, "metric": a.metric, "limit": a.limit, "order": "asc" if a.lowest else None},
+        lambda a: [("#", "rank"), *_who(a, f"{a.by}_id", a.by), ("requests", "requests"), *_MONEY]))
+
+    p = _finance_leaf(g, "spikes", "Runs costing far more than their agent's baseline (the median cost of the "
+                      "agent's other runs in the window)", "alephant finance spikes --from 2026-01-01 --factor 5")
+    p.add_argument("--factor", help="how many times the baseline counts as a spike (default 3)")
+    p.add_argument("--min-runs", type=int, help="other runs an agent needs for a baseline (default 5)")
+    p.set_defaults(fn=finance_call(
+        "spikes", lambda a: {"factor": a.factor, "min_runs": a.min_runs},
+        lambda a: [*_who(a, "agent_id", "agent"), ("run", "run_id"), ("cost", "cost_usd"),
+                   ("baseline", "baseline_usd"), ("ratio", "ratio"), ("baseline runs", "baseline_runs")]))
+
+    p = _finance_leaf(g, "unpriced", "Tokens and calls no price covered, per provider and model (set a price with "
+                      "`alephant prices set`, then `alephant ledger reprice`)", "alephant finance unpriced")
+    p.set_defaults(fn=finance_call(
+        "unpriced", lambda a: {},
+        lambda a: [("provider", "provider"), ("model", "model"), ("unpriced tokens", "unpriced_tokens"),
+                   ("calls", "unpriced_calls"), ("workspaces", "workspaces"), ("last call", "last_at")]))
+
+    p = _finance_leaf(g, "budgets", "Each budget's consumption in its current period", "alephant finance budgets",
+                      window=False)
+    p.set_defaults(fn=finance_call(
+        "budgets", lambda a: {},
+        lambda a: [("budget", "id"), ("scope", "scope"), ("scope id", "scope_id"), ("period", "period"),
+                   ("limit", "limit_usd"), ("spent", "spent_usd"), ("held", "held_usd"),
+                   ("remaining", "remaining_usd"), ("used %", "used_pct")]))
 
 
 def _governance(cmds: Commands) -> None:
@@ -410,6 +555,16 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--est-cost-usd", metavar="USD", help="the cost estimate to decide with (default 0)")
 
 
+def _policy_body(a: Args) -> dict[str, Any]:
+    return drop_none({
+        "workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
+        "models_allow": a.models_allow, "models_deny": a.models_deny, "tools_allow": a.tools_allow,
+        "tools_deny": a.tools_deny, "tool_action": a.tool_action, "endpoints_allow": a.endpoints_allow,
+        "windows": a.window, "max_tokens_cap": a.max_tokens_cap, "max_tokens_action": a.max_tokens_action,
+        "max_cost_usd": a.max_cost_usd, "escalate_over_usd": a.escalate_over_usd, "id": a.id,
+    })
+
+
 def _price_body(a: Args) -> dict[str, Any]:
     # An id that does not fit the scope is sent anyway: the API refuses it (400 naming the field)
     # rather than the CLI dropping it silently.
@@ -419,16 +574,6 @@ def _price_body(a: Args) -> dict[str, Any]:
         "cache_read_per_mtok_nanos": a.cache_read, "scope": scope,
         "workspace_id": default_ws(a) if scope == "workspace" else a.workspace,
         "provider_key_id": a.provider_key, "discount_pct": a.discount_pct, "per_request_usd": a.per_request_usd,
-    })
-
-
-def _policy_body(a: Args) -> dict[str, Any]:
-    return drop_none({
-        "workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
-        "models_allow": a.models_allow, "models_deny": a.models_deny, "tools_allow": a.tools_allow,
-        "tools_deny": a.tools_deny, "tool_action": a.tool_action, "endpoints_allow": a.endpoints_allow,
-        "windows": a.window, "max_tokens_cap": a.max_tokens_cap, "max_tokens_action": a.max_tokens_action,
-        "max_cost_usd": a.max_cost_usd, "escalate_over_usd": a.escalate_over_usd, "id": a.id,
     })
 
 
