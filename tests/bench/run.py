@@ -288,6 +288,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="events folded by the projector benchmark after the load runs (default 50000; 0 skips it)",
     )
     parser.add_argument(
+        "--finance-rows",
+        type=int,
+        default=1_000_000,
+        help="finance facts the finance-query benchmark loads and queries (default 1000000; 0 skips it)",
+    )
+    parser.add_argument(
         "--micro-iterations",
         type=int,
         default=100_000,
@@ -426,6 +432,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
 
     micro = governance_micro(args.micro_iterations, state_dir) if args.micro_iterations > 0 else None
     projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
+    finance = finance_bench(args.finance_rows, state_dir) if args.finance_rows > 0 else None
 
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -451,6 +458,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         },
         "micro": micro,
         "projector": projector,
+        "finance_queries": finance,
     }
 
 
@@ -469,6 +477,14 @@ def projector_bench(events: int, log_dir: Path) -> dict[str, Any]:
     say(f"==> projector: {events:,} events published, then folded into Postgres by every projection")
     argv = [sys.executable, "-m", "tests.bench.projector", "--json", "--events", str(events)]
     return run_json(argv, 900, log_dir / "projector-error.log", "projector bench")
+
+
+def finance_bench(rows: int, log_dir: Path) -> dict[str, Any]:
+    """Run :mod:`tests.bench.finance_queries` (a scratch database on its own Postgres) in a child
+    process and return its JSON result."""
+    say(f"==> finance queries over {rows:,} finance facts (loaded with COPY first)")
+    argv = [sys.executable, "-m", "tests.bench.finance_queries", "--json", "--rows", str(rows)]
+    return run_json(argv, 1800, log_dir / "finance-error.log", "finance queries bench")
 
 
 def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:
@@ -532,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({p['seconds']}s)")
         for name, rate in p["alone"].items():
             say(f"  {name:<8} alone: {rate:>9,.0f} events/s")
+    if doc["finance_queries"]:
+        f = doc["finance_queries"]
+        say("")
+        say(f"Finance queries (tests.bench.finance_queries) over {f['rows']:,} facts (loaded in {f['load_s']}s):")
+        for q in f["queries"]:
+            say(f"  {q['query']:<40} {q['median_ms']:>9.1f} ms median ({q['rows']:,} rows)")
     say(f"\nresults written to {out}")
     return 0
 
