@@ -14,7 +14,6 @@ events/finance.py and of the code under test.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime as dt
 import io
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -34,7 +32,6 @@ import pytest_asyncio
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane import finance
-from events.db import migrate
 from events.projector import PROJECTIONS, apply_batch
 from schemas.errors import NotFound
 from schemas.events import (
@@ -52,6 +49,7 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from tests.conftest import Gateway
+from tests.integration.conftest import scratch_database
 
 T0 = dt.datetime(2026, 1, 30, 18, 0, tzinfo=dt.UTC)  # 72 h from here: 4 days, 2 months, many hours
 SPAN_S = 72 * 3600
@@ -313,14 +311,8 @@ def row_key(q: finance.SummaryQuery, row: dict[str, Any]) -> tuple[Any, ...]:
 @pytest.fixture(scope="module")
 def database(gateway: Gateway) -> Iterator[str]:
     """A database of its own on the stack's Postgres server, migrated (0006 included)."""
-    name = f"finance_{secrets.token_hex(4)}"
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(gateway.database_url)._replace(path=f"/{name}"))
-    asyncio.run(migrate(url))
-    yield url
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(gateway.database_url, "finance") as url:
+        yield url
 
 
 async def fold(url: str, events: list[Event], stream: str, batch: int = 97) -> None:

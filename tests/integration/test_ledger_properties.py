@@ -24,14 +24,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.db import migrate
 from events.projector import PROJECTIONS, apply_batch
 from schemas.events import (
     CacheHit,
@@ -47,6 +45,7 @@ from schemas.events import (
 )
 from schemas.ids import uuid7
 from tests.conftest import Gateway
+from tests.integration.conftest import scratch_database
 
 STREAM = "LEDGER_PROPS"
 T0 = dt.datetime(2026, 3, 1, tzinfo=dt.UTC)
@@ -140,14 +139,9 @@ def build(steps: list[tuple[str, int, int, int, int, bool]]) -> Workload:
 
 @pytest.fixture(scope="module")
 def fresh_db(gateway: Gateway) -> Iterator[str]:
-    name = f"ledger_props_{secrets.token_hex(4)}"
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(gateway.database_url)._replace(path=f"/{name}"))
-    asyncio.run(migrate(url))
-    yield url
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """A database of its own on the stack's Postgres server, migrated."""
+    with scratch_database(gateway.database_url, "ledger_props") as url:
+        yield url
 
 
 _seq = itertools.count(1)

@@ -14,24 +14,22 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import itertools
-import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from events.db import migrate
 from events.jetstream import connect
 from events.projector import apply_batch
 from schemas.events import ConfigChanged, Event, LlmCall, Usage, event_encoder
 from schemas.ids import uuid7
 from tests.conftest import Gateway, wait_until_true
+from tests.integration.conftest import scratch_database
 
 STREAM = "POISON_TEST"
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
@@ -102,14 +100,8 @@ item = st.one_of(
 @pytest.fixture(scope="module")
 def fresh_db(gateway: Gateway) -> Iterator[str]:
     """A database of its own on the stack's Postgres server, migrated."""
-    name = f"poison_{secrets.token_hex(4)}"
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = urlunsplit(urlsplit(gateway.database_url)._replace(path=f"/{name}"))
-    asyncio.run(migrate(url))
-    yield url
-    with psycopg.connect(gateway.database_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database(gateway.database_url, "poison") as url:
+        yield url
 
 
 _seq = itertools.count(1)
