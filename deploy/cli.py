@@ -78,7 +78,7 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
     run_app(app, host=args.host or settings.admin_host, port=args.port or settings.admin_port, loop=loop)
 
 
-async def _run_projector(settings: Settings) -> None:
+async def _run_projector(settings: Settings, only: list[str] | None = None) -> None:
     from events.jetstream import bus_auth, connect, ensure_stream
     from events.projector import PROJECTIONS, Projector
 
@@ -89,9 +89,9 @@ async def _run_projector(settings: Settings) -> None:
         projectors = [Projector(js, settings.database_url, stream=settings.stream,
                                 subject_prefix=settings.subject_prefix, batch=settings.projector_batch,
                                 ack_wait_s=settings.projector_ack_wait_s, projection=projection)
-                      for projection in PROJECTIONS]
+                      for projection in PROJECTIONS if not only or projection.name in only]
         runs = [p.run() for p in projectors]
-        if settings.s3_url:  # the raw stream to S3, next to the projections (events/archive.py)
+        if settings.s3_url and (not only or "archive" in only):  # the raw stream to S3 (events/archive.py)
             from events.archive import run_archiver
 
             runs.append(run_archiver(js, settings))
@@ -110,7 +110,7 @@ def cmd_projector(args: argparse.Namespace) -> None:
 
     settings = _settings()
     configure_logging(settings.log_level, service="projector")
-    _uvloop_loop().run_until_complete(_run_projector(settings))
+    _uvloop_loop().run_until_complete(_run_projector(settings, args.only))
 
 
 async def _migrate(settings: Settings) -> list[str]:
@@ -209,9 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host")
         p.add_argument("--port", type=int)
         p.set_defaults(fn=fn)
-    sub.add_parser("projector", help="fold the event stream into the Postgres ledgers",
-                   description="A durable JetStream consumer; safe to restart or run twice.").set_defaults(
-        fn=cmd_projector)
+    proj = sub.add_parser(
+        "projector", help="fold the event stream into the Postgres ledgers (and archive it to S3)",
+        description="Runs every projection (ledger, finance), each on its own durable JetStream consumer, and the "
+        "S3 archiver when ALEPHANT_S3_URL is set. Safe to restart or to run twice. To use more cores, run one "
+        "process per projection: `alephant projector --only ledger` and `alephant projector --only finance "
+        "--only archive`.")
+    proj.add_argument("--only", action="append", choices=["ledger", "finance", "archive"],
+                      help="run only this projection or the archiver (repeatable; default: all)")
+    proj.set_defaults(fn=cmd_projector)
     sub.add_parser("migrate", help="apply Postgres migrations and create the stream and config bucket",
                    description="Idempotent; safe to run on every deploy.").set_defaults(fn=cmd_migrate)
     add_admin_commands(sub)

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import os
 import random
 import shutil
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 
 from events.db import migrate
 from events.jetstream import connect, ensure_stream
@@ -190,6 +192,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The projectors' logs go to stderr, warnings and up: stdout is the result (JSON with --json).
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     parser = argparse.ArgumentParser(prog="python -m tests.bench.projector", description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=50_000, help="events published and folded (default 50000)")
     parser.add_argument("--batch", type=int, default=512, help="projector fetch batch (default 512, as deployed)")
