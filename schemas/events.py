@@ -148,24 +148,25 @@ class ToolSpend(_Money, frozen=True, kw_only=True, tag="tool.spend"):
     description: str = ""
 
 
-class PaymentOutbound(_Money, frozen=True, kw_only=True, tag="payment.outbound"):
-    """A payment made on an agent's behalf (x402, MPP, ...) to `payee`."""
+class _Payment(_Money, frozen=True, kw_only=True):
+    """A payment over a rail (x402, MPP, ...): its id on the rail and its amount."""
 
     payment_id: str
     amount_nanos: int
     currency: str = "USD"
     rail: str
+
+
+class PaymentOutbound(_Payment, frozen=True, kw_only=True, tag="payment.outbound"):
+    """A payment made on an agent's behalf to `payee`."""
+
     payee: str = ""
     resource: str = ""
 
 
-class PaymentInbound(_Money, frozen=True, kw_only=True, tag="payment.inbound"):
+class PaymentInbound(_Payment, frozen=True, kw_only=True, tag="payment.inbound"):
     """Revenue: a paid endpoint was paid by `payer`; attributed to the agent/run that served it."""
 
-    payment_id: str
-    amount_nanos: int
-    currency: str = "USD"
-    rail: str
     endpoint_id: str
     payer: str = ""
 
