@@ -31,7 +31,7 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from controlplane import commands as c
-from controlplane import finance
+from controlplane import finance, prompts
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
@@ -224,6 +224,19 @@ async def rotate_key(request: web.Request) -> web.StreamResponse:
     return await _command(request, raw, lambda hook: commands.rotate_virtual_key(key_id, cmd, hook), 201)
 
 
+async def create_prompt(request: web.Request) -> web.StreamResponse:
+    raw = await _body(request)
+    cmd = c.parse_command(raw, prompts.CreatePrompt)
+    commands = request.app[ADMIN].commands
+    return await _command(request, raw, lambda hook: prompts.create_prompt(commands, cmd, hook), 201)
+
+
+async def get_prompt_versions(request: web.Request) -> web.StreamResponse:
+    name = _param(request.match_info["name"], "name")
+    items = await prompts.prompt_versions(request.app[ADMIN].commands, name, _query(request, "workspace_id"))
+    return _json({"object": "list", "data": items})
+
+
 async def get_budget(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
     budget_id = _param(request.match_info["id"], "id")
@@ -373,6 +386,12 @@ ROUTES: tuple[Route, ...] = (
           None, get_budget),
     *_crud("limits", g.LIMIT, "limit"),
     *_crud("policies", g.POLICY, "policy"),
+    Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
+          "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
+          prompts.CreatePrompt, create_prompt, 201),
+    Route("GET", "/admin/v1/prompts", "List prompt template versions (?workspace_id=)", None, _lister("prompt")),
+    Route("GET", "/admin/v1/prompts/{name}", "Every version of the prompt template `name` (?workspace_id=), "
+          "oldest first", None, get_prompt_versions),
     Route("GET", "/admin/v1/escalations", "Escalations, newest first, at most 500 (?workspace_id=&status="
           "pending|approved|rejected); `used` tells whether an approved one's retry happened", None, list_escalations),
     Route("GET", "/admin/v1/escalations/{id}", "Get an escalation", None, get_escalation),

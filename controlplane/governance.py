@@ -185,6 +185,7 @@ class CreatePolicy(Command):
     tools_deny: Tools = ()
     tool_action: Literal["deny", "strip"] = "deny"
     endpoints_allow: Globs = ()
+    prompts_allow: Globs = ()
     windows: Windows = ()
     max_tokens_cap: TokensCap | None = None
     max_tokens_action: Literal["clamp", "reject"] = "clamp"
@@ -212,6 +213,7 @@ class PatchPolicy(Command):
     tools_deny: Tools | msgspec.UnsetType = msgspec.UNSET
     tool_action: Literal["deny", "strip"] | msgspec.UnsetType = msgspec.UNSET
     endpoints_allow: Globs | msgspec.UnsetType = msgspec.UNSET
+    prompts_allow: Globs | msgspec.UnsetType = msgspec.UNSET
     windows: Windows | msgspec.UnsetType = msgspec.UNSET
     max_tokens_cap: TokensCap | msgspec.UnsetType | None = msgspec.UNSET
     max_tokens_action: Literal["clamp", "reject"] | msgspec.UnsetType = msgspec.UNSET
@@ -256,6 +258,7 @@ async def _build_policy(_: ConfigCommands, cmd: CreatePolicy, ent_id: str, prior
         id=ent_id, workspace_id=cmd.workspace_id, scope=cmd.scope, scope_id=cmd.scope_id,
         models_allow=cmd.models_allow, models_deny=cmd.models_deny, tools_allow=cmd.tools_allow,
         tools_deny=cmd.tools_deny, tool_action=cmd.tool_action, endpoints_allow=cmd.endpoints_allow,
+        prompts_allow=cmd.prompts_allow,
         windows=tuple(_window(w) for w in cmd.windows), max_tokens_cap=cmd.max_tokens_cap,
         max_tokens_action=cmd.max_tokens_action, max_cost_nanos=_opt_nanos(cmd.max_cost_usd, "max_cost_usd"),
         escalate_over_nanos=_opt_nanos(cmd.escalate_over_usd, "escalate_over_usd"))
@@ -268,7 +271,7 @@ def _budget_fields(b: Budget) -> dict[str, Any]:
 
 def _policy_fields(p: Policy) -> dict[str, Any]:
     plain = _builtins(p, "id", "workspace_id", "scope", "scope_id", "models_allow", "models_deny", "tools_allow",
-                      "tools_deny", "tool_action", "endpoints_allow", "windows", "max_tokens_cap",
+                      "tools_deny", "tool_action", "endpoints_allow", "prompts_allow", "windows", "max_tokens_cap",
                       "max_tokens_action")
     return plain | {"max_cost_usd": _usd(p.max_cost_nanos), "escalate_over_usd": _usd(p.escalate_over_nanos)}
 

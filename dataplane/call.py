@@ -68,6 +68,9 @@ class Call:
     tools: tuple[str, ...] = ()
     max_tokens: int | None = None  # what the upstream will be told (after clamp or injection)
     input_bound: int = 0  # an upper bound on input tokens, for holds and token limits
+    # The prompt template the request rendered (schemas.prompts): its name and version.
+    prompt_id: str | None = None
+    prompt_version: int | None = None
     provider_key: KeyChoice = NO_KEY  # the upstream credential (route stage)
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
@@ -188,6 +191,8 @@ class Call:
             endpoint=self.request.path,
             provider_key_id=self.provider_key.key_id,
             provider_key_source=self.provider_key.source,
+            prompt_id=self.prompt_id,
+            prompt_version=self.prompt_version,
             properties={name.lower(): value for name, value in props} if props else {},
             price_source=pricing.source if pricing is not None else "",
             price_id=pricing.price_id if pricing is not None else None,

@@ -33,6 +33,7 @@ from schemas.entities import Provider
 from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest
 from schemas.http import decode_json, read_body
 from schemas.money import nanos_to_decimal_str
+from schemas.prompts import PROMPT_APIS, apply_prompt
 
 log = structlog.get_logger(__name__)
 
@@ -112,6 +113,12 @@ class ModelCall:
         await read_object(call)
 
     def plan(self, call: Call) -> None:
+        added = 0
+        if self.name in PROMPT_APIS and isinstance(call.raw.get("prompt"), dict):
+            # Rendered before validation, so policy, limits and budget holds see the whole request.
+            applied = apply_prompt(call.snap, call.vk.workspace_id, call.raw, self.name)
+            call.raw, added = applied.body, applied.added_bytes
+            call.prompt_id, call.prompt_version = applied.template.name, applied.template.version
         plan = call.plan = self.ingress.plan(call.raw, call.request.headers)
         call.requested_model, call.stream = check_model(plan.model), plan.stream
         call.target = resolve_model(call.snap, call.vk.workspace_id, plan.model)
@@ -119,7 +126,7 @@ class ModelCall:
         body, native = plan.body, plan.native_body or {}
         call.max_tokens = (_int_or_none(body.get("max_completion_tokens")) or _int_or_none(body.get("max_tokens"))
                            or _int_or_none(native.get("max_tokens")) or _int_or_none(native.get("max_output_tokens")))
-        call.input_bound = input_bound(len(call.body_bytes))
+        call.input_bound = input_bound(len(call.body_bytes) + added)
 
     def set_max_tokens(self, call: Call, value: int) -> bool:
         plan = call.plan

@@ -183,6 +183,43 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="p
     max_tokens_action: Literal["clamp", "reject"] = "clamp"
     max_cost_nanos: int | None = None
     escalate_over_nanos: int | None = None
+    # Globs over the names of the prompt templates a request may render (empty = any).
+    prompts_allow: tuple[str, ...] = ()
+
+
+PromptRole = Literal["system", "developer", "user", "assistant"]
+
+
+class PromptMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One chat message of a prompt template; `content` may hold `{{variable}}` placeholders."""
+
+    role: PromptRole
+    content: str
+
+
+class PromptParams(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A template's default sampling parameters (None = not set); a request's own win."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+
+class PromptTemplate(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="prompt"):
+    """One version of a named prompt template of a workspace (each version its own entity; the
+    name is the stable handle, `version` counts from 1). Rendering is in `schemas.prompts`."""
+
+    id: str
+    workspace_id: str
+    name: str
+    version: int
+    messages: tuple[PromptMessage, ...]
+    model: str | None = None
+    params: PromptParams = msgspec.field(default_factory=PromptParams)
 
 
 class EscalationGrant(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="escalation"):
@@ -247,7 +284,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
-                | PriceOverride | Budget | Limit | Policy | EscalationGrant | Heartbeat)
+                | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
+                | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -83,6 +83,10 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     price_id: str | None = None
     price_scope: str = ""
     catalog_version: str = ""
+    # The prompt template the request rendered: its name (stable across versions, unique in the
+    # workspace) and version; None without one.
+    prompt_id: str | None = None
+    prompt_version: int | None = None
 
 
 class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):

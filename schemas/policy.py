@@ -15,7 +15,8 @@ on the same level are ordered by id (the smaller id wins), so the input order ne
 * Deny lists are unioned: `models_deny` anywhere on the path matching the model, or a tool in
   any `tools_deny`, refuses (or strips) it, whatever any allow list says. When several match, the
   most specific one is named.
-* Allow lists (`models_allow`, `tools_allow`, `endpoints_allow`) and settings (`windows`,
+* Allow lists (`models_allow`, `tools_allow`, `endpoints_allow`, `prompts_allow`: globs over the
+  name of the prompt template a request renders; a request without one passes) and settings (`windows`,
   `max_tokens_cap` with its `max_tokens_action`, `max_cost_nanos`, `escalate_over_nanos`) are
   decided by the MOST SPECIFIC policy that sets them (a non-empty list, a non-None value); less
   specific ones are overridden, not intersected. `tool_action` comes from the most specific
@@ -28,7 +29,7 @@ on the same level are ordered by id (the smaller id wins), so the input order ne
   `provider_type == ""` skips the workspace's provider list.
 
 Order of checks, the first refusal decides: endpoint -> models (deny, policy allow, key allow) ->
-providers (workspace, key) -> time window -> tools -> max_tokens -> max cost -> escalation.
+prompt template -> providers (workspace, key) -> time window -> tools -> max_tokens -> max cost -> escalation.
 
 * Time windows: allowed when `now` falls in ANY window of the deciding policy: the local weekday
   (0 = Monday) is in `days` and the local time is in [start, end) in the window's timezone. An
@@ -98,6 +99,7 @@ class PolicyInput:
     max_tokens: int | None
     est_cost_nanos: int
     escalation: EscalationGrant | None = None
+    prompt: str = ""  # the name of the prompt template the request renders ("" for none)
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,10 +258,12 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
         return ALLOW
     ordered = sorted(policies, key=_order) if len(policies) > 1 else policies
     # The deciding policy of each setting: the first (most specific) that sets it.
-    ep = ma = tw = mt = mc = es = None
+    ep = ma = pa = tw = mt = mc = es = None
     for p in ordered:
         if ep is None and p.endpoints_allow:
             ep = p
+        if pa is None and p.prompts_allow:
+            pa = p
         if ma is None and p.models_allow:
             ma = p
         if tw is None and p.windows:
@@ -287,6 +291,10 @@ def decide(policies: Sequence[Policy], key: VirtualKey | None, workspace: Worksp
         if key is not None and key_models and not _globs(key_models)(model):
             return _refuse("policy_denied", "key.models_allow", "key", key.id,
                            f"Model {_q(model)} is not allowed for key {key.id}: models_allow {_list(key_models)}.")
+
+    if req.prompt and pa is not None and not _globs(pa.prompts_allow)(req.prompt):
+        return _deny(pa, "prompts_allow", f"Prompt template {_q(req.prompt)} is not allowed by {_where(pa)}: "
+                                          f"prompts_allow {_list(pa.prompts_allow)}.")
 
     if workspace is not None and ws_providers and req.provider_type and not _globs(ws_providers)(req.provider_type):
         return _refuse("policy_denied", "workspace.providers_allow", "workspace", workspace.id,

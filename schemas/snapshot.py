@@ -36,6 +36,7 @@ from schemas.entities import (
     ModelAlias,
     Policy,
     PriceOverride,
+    PromptTemplate,
     Provider,
     ProviderKey,
     VirtualKey,
@@ -105,6 +106,8 @@ INDEXES: tuple[Index, ...] = (
     Index(Policy, "governance", _by_scope, grouped=True),
     Index(Limit, "governance", _by_scope, grouped=True),
     Index(Budget, "governance", _by_scope, grouped=True),
+    # Every version of a prompt template by (workspace, name); see schemas.prompts.
+    Index(PromptTemplate, "prompts", attrgetter("workspace_id", "name"), grouped=True),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -136,6 +139,7 @@ class Snapshot:
     escalations: Mapping[str, EscalationGrant]
     budgets_by_id: Mapping[str, Budget]
     governance: Mapping[ScopeKey, tuple[Policy | Limit | Budget, ...]]
+    prompts: Mapping[tuple[str, str], tuple[PromptTemplate, ...]]
     heartbeat_ms: int | None = None
 
     @classmethod

@@ -185,7 +185,7 @@ async def policy(call: Call) -> None:
     unit = _unit(call)
     req = PolicyInput(endpoint=call.request.path, model=call.model_ref,
                       provider_type=call.target.provider.type if call.target else "", tools=call.tools,
-                      max_tokens=call.max_tokens, est_cost_nanos=_estimate(call, unit))
+                      max_tokens=call.max_tokens, est_cost_nanos=_estimate(call, unit), prompt=call.prompt_id or "")
     now = dt.datetime.now(dt.UTC)
     verdict = decide(policies, vk, ws, req, now)
     if verdict.outcome == "escalate":
@@ -195,7 +195,8 @@ async def policy(call: Call) -> None:
                                                          max(1, int(grant.expires_at_ms / 1000 - time.time()))):
                 verdict = decide(policies, vk, ws, PolicyInput(
                     endpoint=req.endpoint, model=req.model, provider_type=req.provider_type, tools=req.tools,
-                    max_tokens=req.max_tokens, est_cost_nanos=req.est_cost_nanos, escalation=grant), now)
+                    max_tokens=req.max_tokens, est_cost_nanos=req.est_cost_nanos, escalation=grant,
+                    prompt=req.prompt), now)
             else:
                 verdict = Verdict(allowed=False, code="escalation_required", outcome="escalate", rule=verdict.rule,
                                   scope=verdict.scope, scope_id=verdict.scope_id,

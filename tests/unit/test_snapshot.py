@@ -23,6 +23,8 @@ from schemas.entities import (
     ModelAlias,
     Policy,
     PriceOverride,
+    PromptMessage,
+    PromptTemplate,
     Provider,
     ProviderKey,
     VirtualKey,
@@ -50,8 +52,10 @@ LIMIT = Limit(id="lim_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1
 POLICY = Policy(id="pol_1", workspace_id="ws_1", scope="department", scope_id="dept_1", models_deny=("*gpt*",))
 BYO_KEY = ProviderKey(id="pk_1", workspace_id="ws_1", provider_type="mock", provider_name="mock", api_key_enc="c1")
 MASTER_KEY = ProviderKey(id="pk_0", workspace_id=OPERATOR, provider_type="openai", api_key_enc="c0")
+PROMPT = PromptTemplate(id="prompt_1", workspace_id="ws_1", name="greet", version=1,
+                        messages=(PromptMessage(role="user", content="Hi {{name}}"),))
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
-                           LIMIT, POLICY, BYO_KEY, MASTER_KEY]
+                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
@@ -81,6 +85,7 @@ def test_build_indexes_every_kind() -> None:
     assert snap.governance == {("ws_1", "agent", "agent_1"): (BUDGET_DAY, BUDGET),  # grouped, by id
                                ("ws_1", "workspace", "ws_1"): (LIMIT,),
                                ("ws_1", "department", "dept_1"): (POLICY,)}
+    assert snap.prompts == {("ws_1", "greet"): (PROMPT,)}
     assert len(snap.entities) == len(ALL)
 
 
