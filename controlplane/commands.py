@@ -88,16 +88,19 @@ CommitHook = Callable[[psycopg.AsyncConnection[Any], dict[str, Any]], Awaitable[
 
 
 class CreateWorkspace(Command):
-    """`providers_allow`: provider TYPES this workspace may call (empty = any)."""
+    """`providers_allow`: provider TYPES this workspace may call (empty = any). `default_provider`:
+    the provider name a bare model name (no `provider/`) goes to."""
 
     name: Name
     id: Ident | None = None
     providers_allow: ProviderKinds = ()
+    default_provider: Ident | None = None
 
 
 class PatchWorkspace(Command):
     name: Name | msgspec.UnsetType = msgspec.UNSET
     providers_allow: ProviderKinds | msgspec.UnsetType = msgspec.UNSET
+    default_provider: Ident | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class CreateAgent(Command):
@@ -598,7 +601,8 @@ def _virtual_key(cmd: CreateVirtualKey, key_id: str, key_hash: str, prefix: str,
 
 
 async def _build_workspace(_: ConfigCommands, cmd: CreateWorkspace, ent_id: str, prior: Prior | None) -> Workspace:
-    return Workspace(id=ent_id, name=cmd.name, providers_allow=tuple(cmd.providers_allow))
+    return Workspace(id=ent_id, name=cmd.name, providers_allow=tuple(cmd.providers_allow),
+                     default_provider=cmd.default_provider)
 
 
 async def _build_agent(_: ConfigCommands, cmd: CreateAgent, ent_id: str, prior: Prior | None) -> Agent:
@@ -661,7 +665,8 @@ def _price_fields(p: PriceOverride) -> dict[str, Any]:
 
 
 WORKSPACE = KindSpec("ws", "Workspace", CreateWorkspace, PatchWorkspace, lambda c: c.id or new_id("ws"),
-                     lambda e: _builtins(e, "id", "name", "providers_allow"), _build_workspace)
+                     lambda e: _builtins(e, "id", "name", "providers_allow", "default_provider"),
+                     _build_workspace)
 AGENT = KindSpec("agent", "Agent", CreateAgent, PatchAgent, lambda c: c.id or new_id("agent"),
                  lambda e: _builtins(e, "id", "workspace_id", "name", "department_id", "member_id"), _build_agent)
 PROVIDER = KindSpec("provider", "Provider", UpsertProvider, PatchProvider, lambda c: f"{c.workspace_id}.{c.name}",

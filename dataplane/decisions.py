@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 
 from dataplane.edge import check_properties, check_text
+from schemas.catalog import offers
 from schemas.entities import OPERATOR, Provider, ProviderKey, VirtualKey
 from schemas.errors import AuthenticationFailed, NotFound, PermissionDenied
 from schemas.snapshot import Snapshot
@@ -96,11 +98,18 @@ def agent_context(headers: Mapping[str, str], vk: VirtualKey, new_request_id: Ca
 
 
 def resolve_model(snap: Snapshot, workspace_id: str, model: str) -> Target:
-    """`provider/model_id` or a workspace alias, to the provider entity and upstream model id."""
+    """`provider/model_id` or a workspace alias, to the provider entity and upstream model id.
+
+    A bare name (no `/`; the OpenAI Agents SDK, litellm and llama-index send `gpt-4o`) that is no
+    alias goes to the workspace's `default_provider`, else to the one configured provider whose
+    catalog (or operator prices) offers it (`bare_model_candidates`). Raises NotFound (404
+    `model_not_found`) naming the candidates when several match, or saying none did."""
     alias = snap.aliases.get((workspace_id, model))
     name = alias.target if alias is not None else model
     provider_name, sep, model_id = name.partition("/")
-    if not sep or not provider_name or not model_id:
+    if not sep:
+        return _resolve_bare(snap, workspace_id, name)
+    if not provider_name or not model_id:
         raise NotFound(
             f"The model '{model}' does not exist. Name models as 'provider/model_id' (for example 'mock/echo').",
             param="model",
@@ -110,6 +119,32 @@ def resolve_model(snap: Snapshot, workspace_id: str, model: str) -> Target:
         raise NotFound(f"The model '{model}' does not exist: provider '{provider_name}' is not configured "
                        "for this workspace.", param="model")
     return Target(provider=provider, model=model_id)
+
+
+def bare_model_candidates(snap: Snapshot, workspace_id: str, model: str) -> list[Provider]:
+    """The workspace's providers that offer `model` by name: in their type's bundled catalog
+    (`schemas.catalog.offers`) or priced by the operator for that provider. Sorted by name."""
+    found = [p for (ws, name), p in snap.providers.items()
+             if ws == workspace_id and (offers(p.type, model) or (name, model) in snap.prices)]
+    return sorted(found, key=attrgetter("name"))
+
+
+def _resolve_bare(snap: Snapshot, workspace_id: str, model: str) -> Target:
+    ws = snap.workspaces.get(workspace_id)
+    if ws is not None and ws.default_provider:
+        provider = snap.providers.get((workspace_id, ws.default_provider))
+        if provider is not None:
+            return Target(provider=provider, model=model)
+    found = bare_model_candidates(snap, workspace_id, model)
+    if len(found) == 1:
+        return Target(provider=found[0], model=model)
+    if found:
+        names = ", ".join(f"'{p.name}/{model}'" for p in found[:10])
+        raise NotFound(f"The model '{model}' is ambiguous: several configured providers offer it. Name one of "
+                       f"{names}, or set the workspace's default_provider.", param="model")
+    raise NotFound(f"The model '{model}' does not exist: it is not an alias and no configured provider of this "
+                   "workspace offers it. Name models as 'provider/model_id' (for example 'mock/echo').",
+                   param="model")
 
 
 @dataclass(frozen=True, slots=True)

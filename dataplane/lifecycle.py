@@ -24,6 +24,7 @@ from dataplane.edge import check_model
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, secrets_of
 from dataplane.limits import STREAM_SLOTS, body_within
+from dataplane.output_fit import fit_call_output
 from dataplane.pipeline import emit_once
 from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
 from dataplane.providers.registry import adapter_for
@@ -154,6 +155,8 @@ class ModelCall:
         native = _native_route(adapter, plan, target.provider)
         body = plan.native_body if native and plan.native_body is not None else plan.body
         body["model"] = target.model
+        if native is None:  # a translated (or plain Chat) body: fit its output bound to the model
+            fit_call_output(call, body)
         # Client API headers (anthropic-version/-beta) only mean something to that API itself.
         upstream = upstream_call(call, body, include_usage=plan.include_usage,
                                  headers=plan.forward_headers if native else None)

@@ -72,6 +72,48 @@ def _context_windows(provider_type: str) -> Mapping[str, int]:
     return {model: ctx for model, ctx in _catalog(provider_type) if ctx}
 
 
+@functools.lru_cache(maxsize=64)
+def _model_ids(provider_type: str) -> frozenset[str]:
+    return frozenset(model for model, _ctx in _catalog(provider_type))
+
+
+def offers(provider_type: str, model: str) -> bool:
+    """Whether the bundled catalog (or a built-in provider's list) has `model` for the type."""
+    return model in _model_ids(provider_type)
+
+
+# Published output-token caps of OpenAI chat models (genai-prices carries context windows, not
+# output limits), longest matching prefix wins. A model not listed is not clamped.
+OPENAI_MAX_OUTPUT_TOKENS: tuple[tuple[str, int], ...] = (
+    ("gpt-3.5-turbo", 4_096), ("gpt-4-turbo", 4_096), ("gpt-4", 8_192), ("gpt-4o", 16_384),
+    ("gpt-4o-mini", 16_384), ("chatgpt-4o", 16_384), ("gpt-4.1", 32_768), ("gpt-5", 128_000),
+    ("o1", 100_000), ("o1-mini", 65_536), ("o1-preview", 32_768), ("o3", 100_000), ("o3-mini", 100_000),
+    ("o4-mini", 100_000),
+)
+# Families that take `max_completion_tokens` and refuse `max_tokens` (OpenAI's reasoning models).
+REASONING_FAMILIES = ("o1", "o3", "o4", "gpt-5")
+
+
+def _family_match(model: str, prefix: str) -> bool:
+    return model == prefix or model.startswith((prefix + "-", prefix + "."))
+
+
+def max_output_tokens(provider_type: str, model: str) -> int | None:
+    """The output-token cap the catalog knows for an OpenAI(-hosted) model, or None (unknown)."""
+    if provider_type not in ("openai", "azure"):
+        return None
+    best: tuple[int, int] | None = None  # (prefix length, cap)
+    for prefix, cap in OPENAI_MAX_OUTPUT_TOKENS:
+        if _family_match(model, prefix) and (best is None or len(prefix) > best[0]):
+            best = (len(prefix), cap)
+    return best[1] if best is not None else None
+
+
+def is_reasoning_model(model: str) -> bool:
+    """OpenAI's reasoning families (o1, o3, o4, gpt-5 and their dated or sized variants)."""
+    return any(_family_match(model, family) for family in REASONING_FAMILIES)
+
+
 def catalog_entries(snap: Snapshot, workspace_id: str) -> list[ModelEntry]:
     """Aliases, operator-priced models and catalog models of the workspace's providers, first
     occurrence of each id wins. Pure: a function of the snapshot and the bundled catalog."""

@@ -39,6 +39,9 @@ class Workspace(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     name: str
     # Provider *types* (e.g. "openai") this workspace may call; empty = any.
     providers_allow: tuple[str, ...] = ()
+    # The provider (by name) a bare model name (`gpt-4o`, no `provider/`) goes to; None: a bare
+    # name resolves by a unique catalog match (`dataplane.decisions.resolve_model`).
+    default_provider: str | None = None
 
 
 class Department(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="dept"):

@@ -14,7 +14,8 @@
     ├── UnsupportedMediaType  415 invalid_request_error / unsupported_media_type
     ├── RateLimited           429 rate_limit_error / rate_limit_exceeded (carries Retry-After)
     ├── BudgetExceeded        429 insufficient_quota / budget_exceeded (OpenAI's own quota error)
-    └── UpstreamError         502/503/504 upstream_error (the provider's reason, never its secrets)
+    └── UpstreamError         502/503/504 upstream_error (the provider's reason, never its secrets;
+                              an upstream 529 is 529 overloaded_error to Anthropic clients)
 
 Handlers raise; one middleware renders. Messages are written for the caller and never contain
 parser exception text, stack traces or secrets.
@@ -144,8 +145,11 @@ class UpstreamError(GatewayError, ConnectionError):
     default_code = "upstream_error"
 
     def __init__(self, message: str, *, status: int = 502, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, upstream_status: int | None = None) -> None:
         super().__init__(message, code=code, headers=headers, status=status)
+        # The provider's own status when it differs in meaning from ours (529 overloaded, which
+        # only Anthropic's clients know; everyone else gets `status`).
+        self.upstream_status = upstream_status
 
 
 class InternalError(GatewayError):
@@ -180,6 +184,14 @@ _openai_encoder = msgspec.json.Encoder()
 def render_openai(err: GatewayError) -> bytes:
     """The `{"error": {message, type, param, code}}` body the OpenAI SDKs parse."""
     return _openai_encoder.encode(OpenAIErrorBody(error=err.detail()))
+
+
+def anthropic_status(err: GatewayError) -> int:
+    """The HTTP status for an Anthropic-API client: an upstream 529 stays 529 (Anthropic's SDKs
+    read it as overloaded and back off); every other error keeps its status."""
+    if isinstance(err, UpstreamError) and err.upstream_status == 529:
+        return 529
+    return err.status
 
 
 def render_anthropic(err: GatewayError) -> bytes:

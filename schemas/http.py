@@ -31,6 +31,7 @@ from schemas.errors import (
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    anthropic_status,
     render_anthropic,
     render_openai,
 )
@@ -174,11 +175,13 @@ def is_anthropic_path(path: str) -> bool:
 
 
 def error_response(request: web.Request, err: GatewayError) -> web.Response:
-    body = render_anthropic(err) if is_anthropic_path(request.path) else render_openai(err)
+    anthropic = is_anthropic_path(request.path)
+    body = render_anthropic(err) if anthropic else render_openai(err)
     headers = dict(err.headers)
     if REQUEST_ID in request:
         headers["Alephant-Request-Id"] = request[REQUEST_ID]
-    resp = web.Response(status=err.status, body=body, content_type="application/json", headers=headers)
+    status = anthropic_status(err) if anthropic else err.status
+    resp = web.Response(status=status, body=body, content_type="application/json", headers=headers)
     if err.code == BAD_BODY_ENCODING:
         # The rest of a body we could not decode cannot be skipped reliably: end the connection,
         # and say so, so the client does not send its next request down it.

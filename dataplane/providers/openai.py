@@ -154,11 +154,16 @@ class OpenAIProvider:
 
 
 _USAGE_MARKS = (b'"usage":{', b'"usage": {')
+_NULL_USAGE = b',"usage":null'
 
 
 def _relay_events(complete: bytes, call: UpstreamCall, stats: CallStats) -> tuple[bytes, bool]:
     """`(bytes to relay, saw [DONE])` for a run of complete SSE events. Usage is recorded in
-    `stats`; the usage-only chunk is dropped when the client did not ask for it."""
+    `stats`; when the client did not ask for usage, the usage-only chunk is dropped and the
+    `"usage":null` OpenAI adds to every other chunk (we asked for usage, not the client) is cut.
+    That key can only be structural: inside a JSON string its quotes would be escaped."""
+    if not call.client_wants_usage and _NULL_USAGE in complete:
+        complete = complete.replace(_NULL_USAGE, b"")
     if b"[DONE]" not in complete and b'"usage":' not in complete:  # (a superset of _USAGE_MARKS: cheap)
         return complete, False  # the common case: plain content deltas, relayed untouched
     kept: list[bytes] = []

@@ -323,6 +323,9 @@ def fix_chunk(profile: CompatProfile, provider: str, data: bytes, stats: CallSta
     choices_changed, finished = _check_choices(profile, provider, payload, secret)
     if usage is not None and not client_wants_usage and payload.get("choices") == [] and "usage" in payload:
         return None, finished
+    if not client_wants_usage and "usage" in payload:  # usage (or null) on a content chunk: ours, not theirs
+        del payload["usage"]
+        changed = True
     if changed or choices_changed or b"\n" in data:  # multi-line data cannot be relayed as one line
         return format_sse(_encoder.encode(payload)), finished
     return format_sse(data), finished

@@ -86,7 +86,7 @@ def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[
     if status in (408, 504):
         return UpstreamError(text, status=504, code="upstream_timeout")
     if status in (503, 529):
-        return UpstreamError(text, status=503, code="upstream_overloaded")
+        return UpstreamError(text, status=503, code="upstream_overloaded", upstream_status=status)
     return UpstreamError(text, status=502)
 
 

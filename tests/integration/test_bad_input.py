@@ -33,7 +33,7 @@ CASES: list[tuple[str, bytes, str | None, bool, int, str, str | None]] = [
      "application/json", True, 400, "invalid_request_error", None),
     ("unknown model", b'{"model":"nosuch/model","messages":[{"role":"user","content":"hi"}]}', "application/json",
      True, 404, "not_found_error", "model_not_found"),
-    ("model without provider", b'{"model":"gpt-4o","messages":[{"role":"user","content":"hi"}]}',
+    ("bare model no provider offers", b'{"model":"no-such-model","messages":[{"role":"user","content":"hi"}]}',
      "application/json", True, 404, "not_found_error", "model_not_found"),
     ("wrong content type", GOOD, "text/plain", True, 415, "invalid_request_error", "unsupported_media_type"),
     ("missing key", GOOD, "application/json", False, 401, "authentication_error", "invalid_api_key"),
