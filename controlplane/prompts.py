@@ -68,7 +68,7 @@ async def create_prompt(cc: ConfigCommands, cmd: CreatePrompt, on_commit: Commit
     `revision`."""
     async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                           (f"prompt\x00{cmd.workspace_id}\x00{cmd.name}",))
+                           (f"prompt/{cmd.workspace_id}/{cmd.name}",))
         cur = await conn.execute("SELECT coalesce(max((body->>'version')::int), 0) FROM config_entity "
                                  "WHERE kind = 'prompt' AND workspace_id = %s AND body->>'name' = %s",
                                  (cmd.workspace_id, cmd.name))

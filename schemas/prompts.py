@@ -34,7 +34,7 @@ _PLACEHOLDER = re.compile(r"\{\{\s*(" + _NAME + r")\s*\}\}")
 _OPEN = "{{"
 _MAX_VERSION = 10**9
 # The ingress APIs a template applies to (`Ingress.name`).
-CHAT, RESPONSES = "chat.completions", "responses"
+CHAT, RESPONSES = "chat.completions", "openai.responses"
 PROMPT_APIS = frozenset({CHAT, RESPONSES})
 
 

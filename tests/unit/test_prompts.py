@@ -11,7 +11,7 @@ import pytest
 from schemas.entities import Policy, PromptMessage, PromptParams, PromptTemplate, kv_key
 from schemas.errors import InvalidRequest, NotFound
 from schemas.policy import PolicyInput, decide
-from schemas.prompts import apply_prompt, find_template, placeholders, render, template_variables
+from schemas.prompts import CHAT, RESPONSES, apply_prompt, find_template, placeholders, render, template_variables
 from schemas.snapshot import Snapshot
 
 
@@ -125,7 +125,7 @@ def body(**fields: Any) -> dict[str, Any]:
 def test_apply_to_chat_prepends_and_fills_model_and_params() -> None:
     snap = snap_of(tpl(1, "Hello {{name}}", model="mock/echo", params=PromptParams(temperature=0.2, max_tokens=50)))
     raw = body(messages=[{"role": "user", "content": "and you?"}], temperature=0.9)
-    applied = apply_prompt(snap, "ws_1", raw, "chat.completions")
+    applied = apply_prompt(snap, "ws_1", raw, CHAT)
     assert applied.body == {"model": "mock/echo", "temperature": 0.9, "max_tokens": 50,
                             "messages": [{"role": "system", "content": "Hello Ada"},
                                          {"role": "user", "content": "and you?"}]}
@@ -135,7 +135,7 @@ def test_apply_to_chat_prepends_and_fills_model_and_params() -> None:
 
 def test_apply_to_chat_keeps_the_requests_model_and_max_completion_tokens() -> None:
     snap = snap_of(tpl(1, "Hi {{name}}", model="mock/echo", params=PromptParams(max_tokens=50)))
-    applied = apply_prompt(snap, "ws_1", body(model="mock/fixed", max_completion_tokens=9), "chat.completions")
+    applied = apply_prompt(snap, "ws_1", body(model="mock/fixed", max_completion_tokens=9), CHAT)
     assert applied.body["model"] == "mock/fixed" and "max_tokens" not in applied.body
     assert applied.body["messages"] == [{"role": "system", "content": "Hi Ada"}]
 
@@ -143,14 +143,14 @@ def test_apply_to_chat_keeps_the_requests_model_and_max_completion_tokens() -> N
 def test_apply_to_responses_prepends_to_input_and_maps_params() -> None:
     snap = snap_of(tpl(1, "Hi {{name}}", model="mock/echo",
                        params=PromptParams(max_tokens=50, top_p=0.5, seed=3)))
-    applied = apply_prompt(snap, "ws_1", body(input="question"), "responses")
+    applied = apply_prompt(snap, "ws_1", body(input="question"), RESPONSES)
     assert applied.body == {"model": "mock/echo", "max_output_tokens": 50, "top_p": 0.5,
                             "input": [{"role": "system", "content": "Hi Ada"},
                                       {"role": "user", "content": "question"}]}
     items = [{"type": "message", "role": "user", "content": "x"}]
-    assert apply_prompt(snap, "ws_1", body(input=items), "responses").body["input"][1:] == items
+    assert apply_prompt(snap, "ws_1", body(input=items), RESPONSES).body["input"][1:] == items
     # A Responses-shaped body posted to Chat (Cursor) is applied in its own shape.
-    assert "input" in apply_prompt(snap, "ws_1", body(input="q"), "chat.completions").body
+    assert "input" in apply_prompt(snap, "ws_1", body(input="q"), CHAT).body
 
 
 @pytest.mark.parametrize(("prompt", "param"), [
@@ -161,7 +161,7 @@ def test_apply_to_responses_prepends_to_input_and_maps_params() -> None:
 ])
 def test_malformed_prompt_objects_are_400_naming_the_field(prompt: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as exc:
-        apply_prompt(snap_of(tpl(1)), "ws_1", {"prompt": prompt}, "responses")
+        apply_prompt(snap_of(tpl(1)), "ws_1", {"prompt": prompt}, RESPONSES)
     assert exc.value.param == param
 
 
@@ -169,7 +169,13 @@ def test_version_as_string_or_int_pins() -> None:
     snap = snap_of(tpl(1, "one {{name}}"), tpl(2, "two {{name}}"))
     for version in ("1", 1):
         raw = {"prompt": {"id": "greet", "version": version, "variables": {"name": "A"}}, "input": "q"}
-        assert apply_prompt(snap, "ws_1", raw, "responses").body["input"][0]["content"] == "one A"
+        assert apply_prompt(snap, "ws_1", raw, RESPONSES).body["input"][0]["content"] == "one A"
+
+
+def test_the_apis_are_the_chat_and_responses_ingresses() -> None:
+    from dataplane.ingress.chat import ChatIngress
+    from dataplane.ingress.responses import ResponsesIngress
+    assert (ChatIngress.name, ResponsesIngress.name) == (CHAT, RESPONSES)
 
 
 # --- policy: prompts_allow ---------------------------------------------------------------------
