@@ -512,7 +512,8 @@ def _governance(cmds: Commands) -> None:
     add_scope(p)
     for flag, what in (("models-allow", "models allowed"), ("models-deny", "models denied"),
                        ("tools-allow", "tool names allowed"), ("tools-deny", "tool names denied"),
-                       ("endpoints-allow", "endpoints allowed, e.g. /v1/chat/*")):
+                       ("endpoints-allow", "endpoints allowed, e.g. /v1/chat/*"),
+                       ("prompts-allow", "prompt template names allowed")):
         p.add_argument(f"--{flag}", action="append", metavar="GLOB", help=f"{what} (repeatable)")
     p.add_argument("--tool-action", choices=["deny", "strip"], help="a denied tool refuses the call or is removed")
     p.add_argument("--window", action="append", type=read_json_arg, metavar="JSON",
@@ -524,6 +525,21 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--escalate-over-usd", metavar="USD", help="hold a call estimated to cost more for approval")
     p.add_argument("--id")
     cmds.crud_tail(g, "policies", "policy", plural="policies")
+
+    g = cmds.group("prompts", "Versioned prompt templates: messages with {{variable}} placeholders that requests "
+                   "name with `prompt: {id, version?, variables}`")
+    p = leaf(g, "create", "Create the next version of a template (version 1 of a new name)", "POST",
+             lambda a: "/admin/v1/prompts", _prompt_body)
+    p.add_argument("name")
+    p.add_argument("--messages", required=True, type=read_json_arg, metavar="JSON|@FILE",
+                   help='the chat messages, e.g. \'[{"role": "system", "content": "You help {{customer}}."}]\'')
+    p.add_argument("--model", help="default model (provider/model or an alias) when a request names none")
+    p.add_argument("--params", type=read_json_arg, metavar="JSON",
+                   help='default parameters, e.g. \'{"temperature": 0.2, "max_tokens": 500}\'')
+    p = leaf(g, "list", "Every version of one template (NAME), or every template version of the workspace", "GET",
+             lambda a: f"/admin/v1/prompts/{a.name}?workspace_id={default_ws(a)}" if a.name
+             else f"/admin/v1/prompts?workspace_id={default_ws(a)}")
+    p.add_argument("name", nargs="?")
 
     g = cmds.group("escalations", "Calls held for approval by a policy")
     p = leaf(g, "list", "Escalations, newest first", "GET",
@@ -555,12 +571,18 @@ def _governance(cmds: Commands) -> None:
     p.add_argument("--est-cost-usd", metavar="USD", help="the cost estimate to decide with (default 0)")
 
 
+def _prompt_body(a: Args) -> dict[str, Any]:
+    return drop_none({"workspace_id": default_ws(a), "name": a.name, "messages": a.messages, "model": a.model,
+                      "params": a.params})
+
+
 def _policy_body(a: Args) -> dict[str, Any]:
     return drop_none({
         "workspace_id": default_ws(a), "scope": a.scope, "scope_id": a.scope_id,
         "models_allow": a.models_allow, "models_deny": a.models_deny, "tools_allow": a.tools_allow,
         "tools_deny": a.tools_deny, "tool_action": a.tool_action, "endpoints_allow": a.endpoints_allow,
-        "windows": a.window, "max_tokens_cap": a.max_tokens_cap, "max_tokens_action": a.max_tokens_action,
+        "prompts_allow": a.prompts_allow, "windows": a.window, "max_tokens_cap": a.max_tokens_cap,
+        "max_tokens_action": a.max_tokens_action,
         "max_cost_usd": a.max_cost_usd, "escalate_over_usd": a.escalate_over_usd, "id": a.id,
     })
 
