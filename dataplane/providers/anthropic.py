@@ -14,7 +14,8 @@ when forwarded in `call.extra_headers`, else 2023-06-01) and every forwarded hea
 omits them.
 
 Errors: non-2xx answers go through the shared table (`upstream.map_upstream_error`; Anthropic's
-`{"type":"error","error":{...}}` body is read there, 529 overloaded -> 503, retryable), with 413
+`{"type":"error","error":{...}}` body is read there, 529 overloaded -> 503, or 529 again for
+Anthropic-API clients (`errors.anthropic_status`), retryable), with 413
 kept as 413. An `event: error` in a stream raises UpstreamError: before the first yielded event
 it fails the request as a whole, later it ends the client's stream with an error event.
 """
