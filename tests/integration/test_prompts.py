@@ -191,3 +191,21 @@ async def test_cli_creates_and_lists_versions(gateway: Gateway, http: aiohttp.Cl
     status, out, _ = await call(gateway, http, "/chat/completions",
                                 {"prompt": {"id": name, "version": 1, "variables": {"who": "CLI"}}})
     assert status == 200 and out["choices"][0]["message"]["content"] == "Ping CLI", out
+
+
+async def test_a_streamed_call_renders_and_records_the_template(gateway: Gateway, http: aiohttp.ClientSession,
+                                                                name: str) -> None:
+    await create(gateway, http, name, "Stream {{what}}", model="mock/echo")
+    headers = {"Authorization": f"Bearer {gateway.demo_key}"}
+    body = {"prompt": {"id": name, "variables": {"what": "this"}}, "stream": True}
+    async with http.post(gateway.base_url + "/chat/completions", json=body, headers=headers) as resp:
+        assert resp.status == 200, await resp.text()
+        request_id = resp.headers["alephant-request-id"]
+        text = ""
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    text += choice.get("delta", {}).get("content") or ""
+    assert text == "Stream this"
+    event = await eventually(lambda: journal_event(gateway.database_url, request_id))
+    assert event["stream"] is True and event["prompt_id"] == name and event["prompt_version"] == 1
