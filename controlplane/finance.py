@@ -55,7 +55,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "department": ("workspace_id", "department_id"),
     "provider": ("provider",),
     "model": ("provider", "model"),
+    "prompt": ("workspace_id", "prompt_id", "prompt_version"),
 }
+_NUMERIC_KEYS = frozenset({"prompt_version"})  # key columns that sort as numbers (no collation)
 PROPERTY_PREFIX = "property:"
 INTERVALS = ("hour", "day", "month")
 TOP_BY = ("run", "agent", "workflow")
@@ -308,7 +310,8 @@ async def _fetch(pool: AsyncConnectionPool[Any], query: sql.Composable,
 
 
 def _collated(names: tuple[str, ...]) -> sql.Composable:
-    return sql.SQL(", ").join(sql.SQL('{} COLLATE "C"').format(sql.Identifier(n)) for n in names)
+    return sql.SQL(", ").join(sql.SQL('{} COLLATE "C"' if n not in _NUMERIC_KEYS else "{}").format(sql.Identifier(n))
+                              for n in names)
 
 
 # -- summary ---------------------------------------------------------------------------------------
@@ -360,6 +363,8 @@ def _group_value(q: SummaryQuery, r: Mapping[str, Any]) -> str | None:
         return r["group_value"]  # type: ignore[no-any-return]
     if q.group_by == "model":
         return None if r["model"] is None else f"{r['provider']}/{r['model']}"
+    if q.group_by == "prompt":
+        return None if r["prompt_id"] is None else f"{r['prompt_id']}@v{r['prompt_version']}"
     return r[q.keys[-1]]  # type: ignore[no-any-return]
 
 

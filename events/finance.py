@@ -2,7 +2,8 @@
 becomes (`finance_rows`) and the run outcomes (`outcome_rows`). Rows follow `FACT_COLUMNS`.
 
 Amount columns (nano-units of the event's currency) are separate, so any grouping is one SUM:
-* `llm.call`: one request (an error when its status is >= 400), its tokens, `llm_cost_nanos`;
+* `llm.call`: one request (an error when its status is >= 400), its tokens, `llm_cost_nanos`, the
+  prompt template and version that built it (if any);
   `estimated_cost_nanos` too when the gateway estimated its usage; `unpriced_tokens` when no
   price was known (cost 0 and `priced` false);
 * `llm.repriced`: the cost of an unpriced call priced later, dated at the original call, and its
@@ -38,7 +39,8 @@ FACT_COLUMNS = (
     ("errors", "integer"), ("input_tokens", "bigint"), ("output_tokens", "bigint"), ("llm_cost_nanos", "numeric"),
     ("tool_cost_nanos", "numeric"), ("payments_out_nanos", "numeric"), ("revenue_nanos", "numeric"),
     ("cache_savings_nanos", "numeric"), ("estimated_cost_nanos", "numeric"), ("unpriced_tokens", "bigint"),
-    ("price_source", "text"), ("price_id", "text"), ("properties", "jsonb"),
+    ("price_source", "text"), ("price_id", "text"), ("properties", "jsonb"), ("prompt_id", "text"),
+    ("prompt_version", "integer"),
 )
 _INDEX = {name: i for i, (name, _) in enumerate(FACT_COLUMNS)}
 
@@ -77,7 +79,8 @@ def finance_row(event: Event) -> tuple[Any, ...] | None:
                     errors=1 if event.status >= 400 else 0, input_tokens=event.usage.input_tokens,
                     output_tokens=event.usage.output_tokens, llm_cost_nanos=max(0, event.cost_nanos),
                     estimated_cost_nanos=max(0, event.cost_nanos) if event.usage_estimated else 0,
-                    unpriced_tokens=unpriced, price_source=event.price_source or None, price_id=event.price_id)
+                    unpriced_tokens=unpriced, price_source=event.price_source or None, price_id=event.price_id,
+                    prompt_id=event.prompt_id, prompt_version=event.prompt_version)
     if isinstance(event, LlmRepriced):
         row = _row(event, "repriced", event.currency, provider=event.provider, model=event.model,
                    llm_cost_nanos=event.cost_nanos, unpriced_tokens=-event.tokens, price_source="override",

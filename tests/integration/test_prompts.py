@@ -209,3 +209,32 @@ async def test_a_streamed_call_renders_and_records_the_template(gateway: Gateway
     assert text == "Stream this"
     event = await eventually(lambda: journal_event(gateway.database_url, request_id))
     assert event["stream"] is True and event["prompt_id"] == name and event["prompt_version"] == 1
+
+
+async def test_cost_is_grouped_by_prompt_version(gateway: Gateway, http: aiohttp.ClientSession, name: str) -> None:
+    """The finance projection keeps each call's template and version: `group_by=prompt` gives one
+    row per version, with the calls and the cost their answers reported."""
+    await create(gateway, http, name, "first {{x}}", model="mock/echo")
+    await create(gateway, http, name, "second {{x}} is longer than the first", model="mock/echo")
+    costs: dict[int, list[str]] = {1: [], 2: []}
+    for version, n in ((1, 2), (2, 3)):
+        for i in range(n):
+            body = {"prompt": {"id": name, "version": str(version), "variables": {"x": f"v{version}-{i}"}}}
+            async with http.post(gateway.base_url + "/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {gateway.demo_key}"}) as resp:
+                assert resp.status == 200, await resp.text()
+                costs[version].append(resp.headers["Alephant-Cost-Usd"])
+    from decimal import Decimal
+
+    expected = {f"{name}@v{v}": (len(c), sum((Decimal(x) for x in c), Decimal(0))) for v, c in costs.items()}
+
+    async def grouped() -> dict[str, tuple[int, Decimal]] | None:
+        status, out = await admin(gateway, http, "GET",
+                                  f"{A}/finance/summary?group_by=prompt&workspace_id={WS}&limit=1000")
+        assert status == 200, out
+        rows = {r["group"]: (r["requests"], Decimal(r["llm_cost_usd"])) for r in out["data"] if r["group"]
+                and r["group"].startswith(f"{name}@")}
+        return rows if rows == expected else None
+
+    assert await eventually(grouped, timeout=30) == expected
+    assert all(cost > 0 for _, cost in expected.values())
