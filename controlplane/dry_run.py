@@ -16,7 +16,7 @@ Not modelled: the cost estimate. It is `est_cost_usd` from the dry-run body, or 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any
 
 import msgspec
@@ -32,6 +32,7 @@ from schemas.entities import (
     Member,
     ModelAlias,
     Policy,
+    PromptTemplate,
     Provider,
     VirtualKey,
     Workspace,
@@ -70,6 +71,17 @@ def parse_dry_run(raw: Any) -> DryRun:
     cmd = validate(raw, DryRun)
     cmd.check()
     return cmd
+
+
+def _prompt_name(body: Mapping[str, Any], workspace_id: str, entities: Iterable[ConfigEntity]) -> str:
+    """The template a body's `prompt.id` names (a name, or one version's entity id), as the data
+    plane's policy sees it: its name; "" without one."""
+    prompt = body.get("prompt")
+    ref = prompt.get("id") if isinstance(prompt, dict) else None
+    if not isinstance(ref, str):
+        return ""
+    return next((e.name for e in entities if isinstance(e, PromptTemplate) and e.workspace_id == workspace_id
+                 and e.id == ref), ref)
 
 
 def _tool_names(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -163,7 +175,7 @@ class DecisionDryRun:
                       and e.key_id == vk.id and e.expires_at_ms > now), None)
         req = PolicyInput(endpoint=cmd.endpoint, model=resolved, provider_type=provider.type if provider else "",
                           tools=_tool_names(cmd.body), max_tokens=_max_tokens(cmd.body), est_cost_nanos=cost,
-                          escalation=grant)
+                          escalation=grant, prompt=_prompt_name(cmd.body, ws_id, entities))
         verdict = decide(policies, vk, workspace, req, dt.datetime.fromtimestamp(now / 1000, dt.UTC))
         return base | {
             "decision": "allow" if verdict.allowed else verdict.outcome, "code": verdict.code, "rule": verdict.rule,

@@ -146,7 +146,7 @@ async def test_idempotent_create_makes_one_version(gateway: Gateway, http: aioht
 async def test_policy_prompts_allow_restricts_a_key(gateway: Gateway, http: aiohttp.ClientSession,
                                                     name: str) -> None:
     await create(gateway, http, f"{name}-ok", "allowed {{x}}", model="mock/echo")
-    await create(gateway, http, f"{name}-other", "other {{x}}", model="mock/echo")
+    other = await create(gateway, http, f"{name}-other", "other {{x}}", model="mock/echo")
     status, key = await admin(gateway, http, "POST", f"{A}/virtual-keys", {"workspace_id": WS})
     assert status == 201, key
     status, policy = await admin(gateway, http, "POST", f"{A}/policies", {
@@ -163,6 +163,15 @@ async def test_policy_prompts_allow_restricts_a_key(gateway: Gateway, http: aioh
     assert f"'{name}-other'" in out["error"]["message"] and "prompts_allow" in out["error"]["message"], out
     event = await eventually(lambda: journal_event(gateway.database_url, request_id))
     assert event["decision"] == "policy_denied" and event["prompt_id"] == f"{name}-other"
+    # The dry run answers the same, naming the template by name or by one version's id.
+    for ref in (f"{name}-other", other["id"]):
+        status, dry = await admin(gateway, http, "POST", f"{A}/decisions/dry-run", {
+            "key": key["key"], "body": {"prompt": {"id": ref, "variables": {"x": "1"}}, "model": "mock/echo"}})
+        assert status == 200 and (dry["decision"], dry["code"]) == ("deny", "policy_denied"), dry
+        assert dry["rule"] == f"policy:{policy['id']}.prompts_allow", dry
+    status, dry = await admin(gateway, http, "POST", f"{A}/decisions/dry-run", {
+        "key": key["key"], "body": {"prompt": {"id": f"{name}-ok", "variables": {"x": "1"}}, "model": "mock/echo"}})
+    assert status == 200 and dry["decision"] == "allow", dry
     # Plain calls without a template are not restricted by prompts_allow.
     status, out, _ = await call(gateway, http, "/chat/completions",
                                 {"model": "mock/echo", "messages": [{"role": "user", "content": "hi"}]}, key["key"])
