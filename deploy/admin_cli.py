@@ -190,9 +190,10 @@ def add_admin_commands(sub: Any) -> None:
 
     g = cmds.group("workspaces", "Create and list workspaces")
     p = leaf(g, "create", "Create a workspace", "POST", lambda a: "/admin/v1/workspaces",
-             lambda a: drop_none({"name": a.name, "id": a.id}), ws=False)
+             lambda a: drop_none({"name": a.name, "id": a.id, "default_provider": a.default_provider}), ws=False)
     p.add_argument("name")
     p.add_argument("--id")
+    p.add_argument("--default-provider", help="the provider (by name) a bare model name such as gpt-4o goes to")
     cmds.crud_tail(g, "workspaces", "workspace", ws_list=False)
 
     g = cmds.group("departments", "Departments: groups of members, agents and keys that budgets and policies "

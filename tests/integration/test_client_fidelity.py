@@ -9,7 +9,10 @@ bare-name resolution never sees another suite's providers.
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
+import sys
 from typing import Any
 
 import aiohttp
@@ -96,6 +99,18 @@ async def test_ambiguous_bare_name_is_404_naming_candidates_until_a_default_is_s
         # provider/model is unchanged by the default.
         raw = await sdk.chat.completions.with_raw_response.create(model="east/gpt-4o-mini", messages=HELLO)
         assert raw.headers["alephant-provider"] == "east"
+
+
+def test_cli_creates_a_workspace_with_a_default_provider(gateway: Gateway) -> None:
+    ws = f"fidcli{secrets.token_hex(4)}"
+    env = {**os.environ, "ALEPHANT_ADMIN_URL": gateway.stack.demo["ALEPHANT_ADMIN_URL"],
+           "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]}
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "workspaces", "create", "CLI default", "--id", ws,
+                           "--default-provider", "oai"], env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["default_provider"] == "oai"
+    assert gateway.admin.call("GET", f"{A}/workspaces/{ws}")["default_provider"] == "oai"
 
 
 # --- Claude Code's max_tokens to OpenAI models --------------------------------------------------------
