@@ -15,6 +15,7 @@ Total cost = llm + tool + payments out; margin = revenue - total cost.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 import msgspec
@@ -49,7 +50,8 @@ def _dim(value: str | None) -> str | None:
     return None if value is None else bounded(value)
 
 
-def _row(event: Event, kind: str, currency: str, **values: Any) -> tuple[Any, ...]:
+def _row(event: Event, kind: str, currency: str, occurred_at: dt.datetime | None = None,
+         **values: Any) -> tuple[Any, ...]:
     row: list[Any] = [None] * len(FACT_COLUMNS)
     for name in ("requests", "errors", "input_tokens", "output_tokens", "llm_cost_nanos", "tool_cost_nanos",
                  "payments_out_nanos", "revenue_nanos", "cache_savings_nanos", "estimated_cost_nanos",
@@ -57,7 +59,7 @@ def _row(event: Event, kind: str, currency: str, **values: Any) -> tuple[Any, ..
         row[_INDEX[name]] = 0
     row[_INDEX["event_id"]] = event.event_id
     row[_INDEX["workspace_id"]] = event.workspace_id
-    row[_INDEX["occurred_at"]] = event.occurred_at
+    row[_INDEX["occurred_at"]] = occurred_at or event.occurred_at
     row[_INDEX["kind"]] = kind
     row[_INDEX["currency"]] = currency
     for name in ("agent_id", "run_id", "workflow_id", "session_id"):
@@ -82,12 +84,10 @@ def finance_row(event: Event) -> tuple[Any, ...] | None:
                     unpriced_tokens=unpriced, price_source=event.price_source or None, price_id=event.price_id,
                     prompt_id=event.prompt_id, prompt_version=event.prompt_version)
     if isinstance(event, LlmRepriced):
-        row = _row(event, "repriced", event.currency, provider=event.provider, model=event.model,
-                   llm_cost_nanos=event.cost_nanos, unpriced_tokens=-event.tokens, price_source="override",
-                   price_id=event.price_id)
-        if event.original_occurred_at is not None:  # the cost belongs to when the call was made
-            row = (*row[:2], event.original_occurred_at, *row[3:])
-        return row
+        # The cost belongs to when the call was made.
+        return _row(event, "repriced", event.currency, event.original_occurred_at, provider=event.provider,
+                    model=event.model, llm_cost_nanos=event.cost_nanos, unpriced_tokens=-event.tokens,
+                    price_source="override", price_id=event.price_id)
     if isinstance(event, ToolSpend):
         return _row(event, "tool", event.currency, vendor=event.vendor, tool=event.tool or None,
                     tool_cost_nanos=event.amount_nanos)

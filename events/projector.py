@@ -408,7 +408,7 @@ class Projector:
                 msgs: list[Msg] = await puller.fetch(self._batch, timeout=1.0)
             except TimeoutError:
                 continue
-            puller.prefetch(self._batch)
+            await puller.prefetch(self._batch)
             try:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self._database_url)

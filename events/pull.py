@@ -47,7 +47,6 @@ class BatchPuller:
         self._batch: list[Msg] = []
         self._wanted = 0
         self._done: asyncio.Future[None] | None = None  # the request in flight, if any
-        self._sending: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         try:
@@ -76,7 +75,7 @@ class BatchPuller:
         if self._done is not None and not self._done.done():
             self._done.set_result(None)
 
-    def _send(self, batch: int, timeout: float, *, no_wait: bool) -> asyncio.Future[None]:
+    async def _send(self, batch: int, timeout: float, *, no_wait: bool) -> asyncio.Future[None]:
         """Ask for up to `batch` more messages; the future resolves when the buffer holds them
         or the server ended the request."""
         self._wanted = len(self._batch) + batch
@@ -86,12 +85,11 @@ class BatchPuller:
             body["no_wait"] = True
         else:
             body["expires"] = int(timeout * 1e9)
-        self._sending = asyncio.ensure_future(
-            self._nc.publish(self._next_subject, json.dumps(body).encode(), reply=self._inbox))
+        await self._nc.publish(self._next_subject, json.dumps(body).encode(), reply=self._inbox)
         return done
 
     async def _request(self, batch: int, timeout: float, *, no_wait: bool) -> None:
-        await self._wait(self._send(batch, timeout, no_wait=no_wait), timeout)
+        await self._wait(await self._send(batch, timeout, no_wait=no_wait), timeout)
 
     async def _wait(self, done: asyncio.Future[None], timeout: float) -> None:
         try:
@@ -103,11 +101,11 @@ class BatchPuller:
             if self._done is done:
                 self._done = None
 
-    def prefetch(self, batch: int) -> None:
+    async def prefetch(self, batch: int) -> None:
         """Ask for the next batch now (no wait), so it arrives while the caller folds this one;
         the next `fetch` collects it."""
         if self._done is None and len(self._batch) < batch:
-            self._send(batch - len(self._batch), 1.0, no_wait=True)
+            await self._send(batch - len(self._batch), 1.0, no_wait=True)
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         if self._sub is None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -52,6 +55,24 @@ class Gateway:
         created: dict[str, Any] = self.admin.call(
             "POST", "/admin/v1/virtual-keys", {"workspace_id": workspace, **extra})
         return created
+
+
+def run_cli(gateway: Gateway, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`alephant <args>` as an operator runs it: the admin URL and token from the environment, no
+    other ALEPHANT_* setting inherited. With `check`, a non-zero exit fails the test with stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEPHANT_")}
+    env.update({"ALEPHANT_ADMIN_URL": gateway.stack.admin_url,
+                "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]})
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)
+    if check:
+        assert done.returncode == 0, f"alephant {' '.join(args)}: {done.stderr}"
+    return done
+
+
+def cli_json(gateway: Gateway, *args: str) -> Any:
+    """`run_cli`'s JSON answer."""
+    return json.loads(run_cli(gateway, *args).stdout)
 
 
 def _with_database(url: str, name: str) -> str:

@@ -41,7 +41,7 @@ import structlog
 
 from events.db import migrate
 from events.jetstream import connect, ensure_stream
-from events.projector import PROJECTIONS, Projector
+from events.projector import PROJECTIONS, Projection, Projector
 from schemas.events import (
     CacheHit,
     Event,
@@ -128,7 +128,7 @@ async def measure(nats_url: str, database_url: str, n: int, batch: int,
     nc = await connect(nats_url, "alephant-bench-projector")
     js = nc.jetstream()
     # Fresh durable names and checkpoints: a bench run never touches a live projector's state.
-    projections = [type(p)(f"{p.name}-bench-{tag}", p.fold) for p in PROJECTIONS if not only or p.name in only]
+    projections = [Projection(f"{p.name}-bench-{tag}", p.fold) for p in PROJECTIONS if not only or p.name in only]
     projectors = [Projector(js, database_url, stream=stream, subject_prefix=prefix, batch=batch, projection=p)
                   for p in projections]
     names = [p.name for p in projections]

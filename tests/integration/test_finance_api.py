@@ -12,10 +12,7 @@ import csv
 import datetime as dt
 import io
 import json
-import os
 import secrets
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +34,7 @@ from schemas.events import (
     Usage,
 )
 from schemas.ids import uuid7
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, run_cli
 
 T = dt.datetime(2026, 1, 15, 10, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -270,17 +267,9 @@ async def test_routes_are_in_the_openapi_document(admin: Admin) -> None:
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
-def cli(gateway: Gateway, *argv: str) -> str:
-    env = {**os.environ, "ALEPHANT_ADMIN_URL": gateway.stack.demo["ALEPHANT_ADMIN_URL"],
-           "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, (argv, done.stderr)
-    return done.stdout
-
 
 async def test_cli_finance(gateway: Gateway, admin: Admin, seeded: Seeded) -> None:
-    run = lambda *argv: asyncio.to_thread(cli, gateway, *argv)  # noqa: E731
+    run = lambda *argv: asyncio.to_thread(lambda: run_cli(gateway, *argv).stdout)  # noqa: E731
     ws = ("-w", seeded.ws)
     table = await run("finance", "summary", "--group-by", "agent", "--interval", "day", *ws)
     lines = table.splitlines()

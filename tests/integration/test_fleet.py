@@ -7,14 +7,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
-import subprocess
-import sys
 import uuid
 from typing import Any
 
 from deploy.admin_cli import wait_for_fleet
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, eventually, run_cli
 
 
 def _fleet(gateway: Gateway) -> dict[str, Any]:
@@ -42,16 +39,10 @@ async def test_fleet_lists_the_workers_with_the_revision_of_a_change_just_made(g
         assert isinstance(worker["pid"], int) and worker["age_s"] < 30
 
 
-def _cli(gateway: Gateway, *argv: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "ALEPHANT_ADMIN_URL": gateway.stack.demo["ALEPHANT_ADMIN_URL"],
-           "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-
 
 async def test_cli_wait_returns_once_every_worker_applied_the_change(gateway: Gateway) -> None:
     name = f"fleet-cli-{uuid.uuid4().hex[:8]}"
-    done = await asyncio.to_thread(_cli, gateway, "agents", "create", name, "--wait", "--wait-timeout", "30")
+    done = await asyncio.to_thread(run_cli, gateway, "agents", "create", name, "--wait", "--wait-timeout", "30")
     assert done.returncode == 0, done.stderr
     revision = json.loads(done.stdout)["snapshot_revision"]
     assert f"alephant: snapshot revision {revision}" in done.stderr
@@ -63,7 +54,7 @@ async def test_cli_wait_returns_once_every_worker_applied_the_change(gateway: Ga
 
 
 async def test_cli_fleet_prints_the_fleet(gateway: Gateway) -> None:
-    done = await asyncio.to_thread(_cli, gateway, "fleet")
+    done = await asyncio.to_thread(run_cli, gateway, "fleet")
     assert done.returncode == 0, done.stderr
     assert {"revision", "workers"} <= set(json.loads(done.stdout))
 

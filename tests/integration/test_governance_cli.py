@@ -6,35 +6,23 @@ remaining, and the refusals are on record."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import secrets
-import subprocess
-import sys
 from decimal import Decimal
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import Gateway, eventually, journal_event
+from tests.conftest import Gateway, cli_json, eventually, journal_event
 
 # 10 output tokens at $1000/MTok: every call costs exactly $0.01 more than its input (free here).
 PRICE_OUT_PER_MTOK_NANOS = 10**12
 MAX_TOKENS = 10
 
 
-def _cli(gateway: Gateway, *argv: str) -> Any:
-    env = {**os.environ, "ALEPHANT_ADMIN_URL": gateway.stack.demo["ALEPHANT_ADMIN_URL"],
-           "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, (argv, done.stderr)
-    return json.loads(done.stdout)
-
 
 async def test_done_when_from_the_cli(gateway: Gateway, http: aiohttp.ClientSession) -> None:
     ws = f"cli{secrets.token_hex(4)}"
-    run = lambda *argv: asyncio.to_thread(_cli, gateway, *argv)  # noqa: E731
+    run = lambda *argv: asyncio.to_thread(cli_json, gateway, *argv)  # noqa: E731
     await run("workspaces", "create", "CLI governance", "--id", ws)
     await run("providers", "set", "mock", "--type", "mock", "-w", ws, "--option", "enabled=true")
     await run("prices", "set", "mock", "echo", "--input", "0", "--output", str(PRICE_OUT_PER_MTOK_NANOS))
@@ -66,7 +54,7 @@ async def test_done_when_from_the_cli(gateway: Gateway, http: aiohttp.ClientSess
     assert budget in refusal["error"]["message"]
 
     async def settled() -> dict[str, Any] | None:
-        state: dict[str, Any] = await asyncio.to_thread(_cli, gateway, "budgets", "get", budget)
+        state: dict[str, Any] = await asyncio.to_thread(cli_json, gateway, "budgets", "get", budget)
         return state if state["held_usd"] == "0" else None
 
     state = await eventually(settled)

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -29,7 +25,7 @@ import aiohttp
 import psycopg
 from multidict import CIMultiDictProxy
 
-from tests.conftest import Gateway, eventually, journal_event, wait_until_true
+from tests.conftest import Gateway, cli_json, eventually, journal_event, wait_until_true
 from tests.fakes.upstream import FakeUpstream
 
 MILL = 1_000_000  # $0.001 in nano-USD: one output token at the test price
@@ -216,17 +212,6 @@ async def settled_budget(gateway: Gateway, budget_id: str, spent: Decimal) -> di
 # -- the "done when" scenario -----------------------------------------------------------------------
 
 
-def cli(gateway: Gateway, *args: str) -> Any:
-    """`alephant <args>` as an operator runs it (the admin URL and token from the environment);
-    its JSON answer."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEPHANT_")}
-    env.update({"ALEPHANT_ADMIN_URL": gateway.stack.admin_url,
-                "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]})
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, f"alephant {' '.join(args)}: {done.stderr}"
-    return json.loads(done.stdout)
-
 
 def cli_org(gateway: Gateway) -> tuple[Org, dict[str, Any]]:
     """The "done when" organisation, built with the CLI only: a workspace, its priced mock provider,
@@ -234,19 +219,19 @@ def cli_org(gateway: Gateway) -> tuple[Org, dict[str, Any]]:
     on the department (the last change waits until every worker applied it). (org, budget)."""
     tag = uid()
     ws, provider = f"cli-{tag}", f"gm{tag}"
-    cli(gateway, "workspaces", "create", f"CLI org {tag}", "--id", ws)
-    cli(gateway, "providers", "set", provider, "-w", ws, "--type", "mock", "--option", "enabled=true")
-    cli(gateway, "prices", "set", provider, "echo", "--input", "0", "--output", str(OUTPUT_PER_MTOK))
-    dept = cli(gateway, "departments", "create", "Research", "-w", ws)["id"]
-    member = cli(gateway, "members", "create", "Ada", "-w", ws, "--department", dept,
-                 "--email", "ada@example.com")["id"]
-    agent = cli(gateway, "agents", "create", "Researcher", "-w", ws, "--id", f"agent-{tag}")["id"]
-    key = cli(gateway, "keys", "create", "-w", ws, "--name", "agent key", "--agent", agent, "--department", dept,
-              "--member", member)
-    budget = cli(gateway, "budgets", "create", "-w", ws, "--scope", "agent", "--scope-id", agent, "--period", "month",
-                 "--limit-usd", "1.00", "--timezone", "UTC")
-    cli(gateway, "policies", "create", "-w", ws, "--scope", "department", "--scope-id", dept, "--models-allow",
-        f"{provider}/*", "--max-tokens-cap", "1000", "--wait")
+    cli_json(gateway, "workspaces", "create", f"CLI org {tag}", "--id", ws)
+    cli_json(gateway, "providers", "set", provider, "-w", ws, "--type", "mock", "--option", "enabled=true")
+    cli_json(gateway, "prices", "set", provider, "echo", "--input", "0", "--output", str(OUTPUT_PER_MTOK))
+    dept = cli_json(gateway, "departments", "create", "Research", "-w", ws)["id"]
+    member = cli_json(gateway, "members", "create", "Ada", "-w", ws, "--department", dept,
+                      "--email", "ada@example.com")["id"]
+    agent = cli_json(gateway, "agents", "create", "Researcher", "-w", ws, "--id", f"agent-{tag}")["id"]
+    key = cli_json(gateway, "keys", "create", "-w", ws, "--name", "agent key", "--agent", agent, "--department", dept,
+                   "--member", member)
+    budget = cli_json(gateway, "budgets", "create", "-w", ws, "--scope", "agent", "--scope-id", agent,
+                      "--period", "month", "--limit-usd", "1.00", "--timezone", "UTC")
+    cli_json(gateway, "policies", "create", "-w", ws, "--scope", "department", "--scope-id", dept, "--models-allow",
+             f"{provider}/*", "--max-tokens-cap", "1000", "--wait")
     return Org(gateway, ws, provider, dept, member, agent, key["key"], key["id"]), budget
 
 
@@ -257,7 +242,7 @@ async def test_a_dollar_budget_refuses_exactly_when_the_next_hold_would_exceed_i
     assert usd(budget["limit_usd"]) == 1 and budget["id"]
 
     # `alephant budgets get` shows the same figures as the API.
-    assert usd(cli(gateway, "budgets", "get", budget["id"])["remaining_usd"]) == 1
+    assert usd(cli_json(gateway, "budgets", "get", budget["id"])["remaining_usd"]) == 1
 
     # 33 calls of 30 mills: $0.99 spent, $0.01 left.
     for _ in range(33):

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import secrets
-import subprocess
-import sys
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import Gateway, eventually, journal_event
+from tests.conftest import Gateway, cli_json, eventually, journal_event
 from tests.integration.test_governance_e2e import applied
 
 A = "/admin/v1"
@@ -178,24 +175,16 @@ async def test_policy_prompts_allow_restricts_a_key(gateway: Gateway, http: aioh
     assert status == 200, out
 
 
-def _cli(gateway: Gateway, *argv: str) -> Any:
-    env = {**os.environ, "ALEPHANT_ADMIN_URL": gateway.stack.demo["ALEPHANT_ADMIN_URL"],
-           "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", *argv], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, (argv, done.stderr)
-    return json.loads(done.stdout)
-
 
 async def test_cli_creates_and_lists_versions(gateway: Gateway, http: aiohttp.ClientSession, name: str) -> None:
     messages = json.dumps([{"role": "user", "content": "Ping {{who}}"}])
-    first = await asyncio.to_thread(_cli, gateway, "prompts", "create", name, "-w", WS, "--messages", messages,
+    first = await asyncio.to_thread(cli_json, gateway, "prompts", "create", name, "-w", WS, "--messages", messages,
                                     "--model", "mock/echo", "--params", '{"max_tokens": 20}', "--wait")
-    second = await asyncio.to_thread(_cli, gateway, "prompts", "create", name, "-w", WS, "--messages", messages)
+    second = await asyncio.to_thread(cli_json, gateway, "prompts", "create", name, "-w", WS, "--messages", messages)
     assert (first["version"], second["version"]) == (1, 2) and first["params"] == {"max_tokens": 20}
-    listed = await asyncio.to_thread(_cli, gateway, "prompts", "list", name, "-w", WS)
+    listed = await asyncio.to_thread(cli_json, gateway, "prompts", "list", name, "-w", WS)
     assert [p["version"] for p in listed["data"]] == [1, 2]
-    everything = await asyncio.to_thread(_cli, gateway, "prompts", "list", "-w", WS)
+    everything = await asyncio.to_thread(cli_json, gateway, "prompts", "list", "-w", WS)
     assert {p["id"] for p in everything["data"]} >= {first["id"], second["id"]}
     status, out, _ = await call(gateway, http, "/chat/completions",
                                 {"prompt": {"id": name, "version": 1, "variables": {"who": "CLI"}}})

@@ -33,7 +33,7 @@ async def test_batches_arrive_in_order_once_each_with_prefetch_and_long_poll(gat
         sizes: list[int] = []
         while len(seen) < 1000:
             batch = await puller.fetch(128, timeout=2.0)
-            puller.prefetch(128)
+            await puller.prefetch(128)
             sizes.append(len(batch))
             seen += [int(m.data) for m in batch]
             for m in batch:

@@ -13,10 +13,6 @@ the code under test.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import uuid
 from fractions import Fraction
 from typing import Any
@@ -28,7 +24,7 @@ from genai_prices import Usage as GPUsage
 from genai_prices import calc_price
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.conftest import Gateway, eventually, journal_event
+from tests.conftest import Gateway, cli_json, eventually, journal_event
 from tests.fakes.upstream import FakeUpstream
 
 MODEL = "acme-llm-7b"  # no catalog knows it
@@ -42,16 +38,6 @@ def expected_cost(prompt: int, completion: int) -> int:
     exact = Fraction(prompt * PER_IN + completion * PER_OUT, 1_000_000) * DISCOUNT
     return int(exact + Fraction(1, 2)) + FEE
 
-
-def cli(gateway: Gateway, *args: str) -> Any:
-    """`alephant <args>` as an operator runs it; its JSON answer."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ALEPHANT_")}
-    env.update({"ALEPHANT_ADMIN_URL": gateway.stack.admin_url,
-                "ALEPHANT_ADMIN_TOKEN": gateway.stack.demo["ALEPHANT_ADMIN_TOKEN"]})
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=60, check=False)
-    assert done.returncode == 0, f"alephant {' '.join(args)}: {done.stderr}"
-    return json.loads(done.stdout)
 
 
 async def rows(gateway: Gateway, sql: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -138,8 +124,8 @@ async def test_unpriced_calls_are_repriced_once_when_a_price_is_added(
 
     # 3. A workspace-scoped price with a negotiated discount and a per-request fee (the CLI waits
     #    until every worker applied it).
-    price = cli(gateway, "prices", "set", provider, MODEL, "-w", ws, "--input", str(PER_IN), "--output", str(PER_OUT),
-                "--discount-pct", "12.5", "--per-request-usd", "0.00015", "--wait")
+    price = cli_json(gateway, "prices", "set", provider, MODEL, "-w", ws, "--input", str(PER_IN),
+                     "--output", str(PER_OUT), "--discount-pct", "12.5", "--per-request-usd", "0.00015", "--wait")
     assert (price["scope"], price["workspace_id"], price["discount_pct"], price["per_request_usd"]) == (
         "workspace", ws, "12.5", "0.00015")
 
@@ -186,7 +172,7 @@ async def test_unpriced_calls_are_repriced_once_when_a_price_is_added(
     assert (again["repriced"], again["cost_usd"]) == (0, "0")
     platform = admin.call("POST", "/admin/v1/prices", {"provider": provider, "model": MODEL,
                                                        "input_per_mtok_nanos": 1, "output_per_mtok_nanos": 1})
-    assert cli(gateway, "ledger", "reprice", "--provider", provider, "--model", "*")["repriced"] == 0
+    assert cli_json(gateway, "ledger", "reprice", "--provider", provider, "--model", "*")["repriced"] == 0
     admin.call("DELETE", f"/admin/v1/prices/{platform['id']}")
     await asyncio.sleep(1.0)  # anything wrongly published would be projected by now
     assert await account(gateway, suspense) == (tokens, tokens)
