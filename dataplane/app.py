@@ -115,7 +115,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("event-publisher", publisher.run()),
             ("refusal-counts", _flush_refusals(worker)),
             ("governor", governor.run()),
-            ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet)),
+            ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet, targets=worker.health.states)),
         )]
         yield
         worker.refusals.flush(publisher)
@@ -150,21 +150,28 @@ def _route(endpoint: Endpoint) -> Callable[[web.Request], Awaitable[web.StreamRe
     return handler
 
 
+API_PREFIXES = ("/v1", "/ai", "/router/{router_id}/v1")
+
+
 def build_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
     app.cleanup_ctx.append(_resources(settings))
     app[STREAM_SLOTS] = StreamSlots(settings.max_streams, settings.max_streams_per_key)
-    app.router.add_post("/v1/chat/completions", _route(ModelCall(ChatIngress())))
-    app.router.add_post("/v1/messages", _route(ModelCall(MessagesIngress())))
-    # Claude Code adds ?beta=true to /v1/responses and /v1/messages: only a query.
-    app.router.add_post("/v1/responses", _route(ModelCall(ResponsesIngress())))
-    app.router.add_post("/v1/messages/count_tokens", _route(CountTokens()))
-    app.router.add_post("/v1/embeddings", _route(Embeddings()))
+    # The same API under `/v1`, `/ai` (the spec's surface; some clients are configured with it) and
+    # `/router/{router_id}/v1` (through that router); one endpoint object per API serves all three.
+    chat, messages, responses = ModelCall(ChatIngress()), ModelCall(MessagesIngress()), ModelCall(ResponsesIngress())
+    count_tokens, embeddings, catalog = CountTokens(), Embeddings(), ModelCatalog()
+    for prefix in API_PREFIXES:
+        app.router.add_post(f"{prefix}/chat/completions", _route(chat))
+        app.router.add_post(f"{prefix}/messages", _route(messages))
+        # Claude Code adds ?beta=true to /v1/responses and /v1/messages: only a query.
+        app.router.add_post(f"{prefix}/responses", _route(responses))
+        app.router.add_post(f"{prefix}/messages/count_tokens", _route(count_tokens))
+        app.router.add_post(f"{prefix}/embeddings", _route(embeddings))
+        app.router.add_get(f"{prefix}/models", _route(catalog))
+        app.router.add_get(f"{prefix}/models/{{model:.+}}", _route(catalog))
     app.router.add_post("/v1/alephant/spend", _route(SpendEndpoint()))
     app.router.add_post("/v1/alephant/runs/{run_id}/complete", _route(RunCompleteEndpoint()))
-    models = _route(ModelCatalog())
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/v1/models/{model:.+}", models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).

@@ -20,14 +20,16 @@ from dataplane.decisions import NO_KEY, AgentContext, KeyChoice, Target
 from dataplane.pricing import CallPrice, bounded_usage, price_call
 from dataplane.usage_estimate import RelayTap, estimate
 from schemas.entities import VirtualKey
-from schemas.events import Event, LlmCall, Usage
+from schemas.events import Attempt, Event, LlmCall, Usage
 from schemas.ids import uuid7
 from schemas.snapshot import Snapshot
 
 if TYPE_CHECKING:
+    from dataplane.health import TargetKey
     from dataplane.ingress.base import ChatPlan
     from dataplane.pipeline import Endpoint
     from dataplane.ports import Admission
+    from dataplane.routing import RoutePlan
     from dataplane.stages.governance import OnPath
     from dataplane.state import WorkerState
     from schemas.policy import Verdict
@@ -72,6 +74,12 @@ class Call:
     prompt_id: str | None = None
     prompt_version: int | None = None
     provider_key: KeyChoice = NO_KEY  # the upstream credential (route stage)
+    # routing: the plan (plan stage), the targets in the order to try them with their credential
+    # and health key (route stage), the deadline (perf_counter; None: none), every attempt made
+    route: RoutePlan | None = None
+    order: list[tuple[Target, KeyChoice, TargetKey]] = field(default_factory=list)
+    deadline: float | None = None
+    attempts: list[Attempt] = field(default_factory=list)
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None
@@ -198,12 +206,17 @@ class Call:
             price_id=pricing.price_id if pricing is not None else None,
             price_scope=pricing.scope if pricing is not None else "",
             catalog_version=pricing.catalog_version if pricing is not None else "",
+            router_id=self.route.router.id if self.route is not None and self.route.router is not None else None,
+            router_rule=self.route.rule if self.route is not None else "",
+            attempts=tuple(self.attempts),
         )
 
     def headers(self) -> dict[str, str]:
         h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": "miss"}
         if self.target is not None:
             h["Alephant-Provider"] = self.target.provider.name
+        if self.attempts:
+            h["Alephant-Attempts"] = str(len(self.attempts))
         if self.extra_headers:
             h.update(self.extra_headers)
         return h

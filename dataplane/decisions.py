@@ -24,6 +24,8 @@ RUN_ID = "Alephant-Run-Id"
 SESSION_ID = "Alephant-Session-Id"
 WORKFLOW_ID = "Alephant-Workflow-Id"
 REQUEST_ID = "Alephant-Request-Id"
+# The client's own deadline for the whole call, in milliseconds (bounded by the route's total timeout).
+TIMEOUT_MS = "Alephant-Timeout-Ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +40,13 @@ class AgentContext:
 
 @dataclass(frozen=True, slots=True)
 class Target:
+    """Where a call goes: a provider entity and its upstream model id. A router's target may pin
+    its credential (`key_id`, a ProviderKey id) and carries its `weight` (`dataplane.routing`)."""
+
     provider: Provider
     model: str
+    key_id: str | None = None
+    weight: int = 1
 
 
 def bearer_token(authorization: str | None, x_api_key: str | None = None) -> str:
@@ -177,10 +184,20 @@ def _weighted(keys: tuple[ProviderKey, ...], pick: float) -> ProviderKey:
     return keys[-1]
 
 
-def choose_provider_key(snap: Snapshot, vk: VirtualKey, provider: Provider, pick: float) -> KeyChoice:
+def _usable(keys: tuple[ProviderKey, ...], usable: Callable[[str], bool] | None) -> tuple[ProviderKey, ...]:
+    """The keys `usable` accepts (not cooling down), or all of them when it accepts none."""
+    if usable is None or len(keys) < 2:
+        return keys
+    return tuple(k for k in keys if usable(k.id)) or keys
+
+
+def choose_provider_key(snap: Snapshot, vk: VirtualKey, provider: Provider, pick: float,
+                        usable: Callable[[str], bool] | None = None) -> KeyChoice:
     """Master-key resolution, most specific first: the virtual key's own choice for this provider;
     else the workspace's BYO keys for it (by weight), else the provider's inline key; else the
-    operator's master keys for its type (by weight); else no key (e.g. the built-in mock)."""
+    operator's master keys for its type (by weight); else no key (e.g. the built-in mock). Among
+    several keys that share traffic, those `usable` refuses (cooling down after a provider's
+    `Retry-After`) are passed over while another one is usable."""
     own = vk.provider_keys.get(provider.name)
     if own is not None:
         pk = snap.provider_keys.get(own)
@@ -188,12 +205,24 @@ def choose_provider_key(snap: Snapshot, vk: VirtualKey, provider: Provider, pick
             return KeyChoice(pk.id, "key", pk.api_key_enc)
     byo = snap.provider_keys_for.get((provider.workspace_id, provider.name))
     if byo:
-        pk = _weighted(byo, pick)
+        pk = _weighted(_usable(byo, usable), pick)
         return KeyChoice(pk.id, "workspace", pk.api_key_enc)
     if provider.api_key_enc is not None:
         return KeyChoice(provider.id, "workspace", provider.api_key_enc)
     master = snap.master_keys.get((OPERATOR, provider.type))
     if master:
-        pk = _weighted(master, pick)
+        pk = _weighted(_usable(master, usable), pick)
         return KeyChoice(pk.id, "operator", pk.api_key_enc)
     return NO_KEY
+
+
+def target_key(snap: Snapshot, vk: VirtualKey, target: Target, pick: float,
+               usable: Callable[[str], bool] | None = None) -> KeyChoice:
+    """The credential for a target: the one a router pinned (`Target.key_id`, if it is the
+    workspace's or the operator's key of the provider's type), else `choose_provider_key`."""
+    if target.key_id is not None:
+        pk = snap.provider_keys.get(target.key_id)
+        if (pk is not None and pk.workspace_id in (vk.workspace_id, OPERATOR)
+                and pk.provider_type == target.provider.type):
+            return KeyChoice(pk.id, "operator" if pk.workspace_id == OPERATOR else "workspace", pk.api_key_enc)
+    return choose_provider_key(snap, vk, target.provider, pick, usable)

@@ -28,6 +28,7 @@ from schemas.fleet import (
     BEAT_INTERVAL_S,
     PEER_LIVE_S,
     FleetRoster,
+    TargetState,
     WorkerBeat,
     beat_decoder,
     beat_encoder,
@@ -68,8 +69,10 @@ def _now_ms() -> int:
 class Beacon:
     """Builds this worker's beats: identity fixed at start, revision and staleness read per beat."""
 
-    def __init__(self, store: SnapshotStore, clock_ms: Callable[[], int] = _now_ms) -> None:
+    def __init__(self, store: SnapshotStore, clock_ms: Callable[[], int] = _now_ms,
+                 targets: Callable[[], tuple[TargetState, ...]] | None = None) -> None:
         self.store = store
+        self.targets = targets
         self.clock_ms = clock_ms
         self.worker_id = new_id("wrk")
         self.pid = os.getpid()
@@ -82,15 +85,17 @@ class Beacon:
         return WorkerBeat(worker_id=self.worker_id, pid=self.pid, host=self.host,
                           applied_revision=self.store.current.revision, stale=self.store.is_stale(now_ms / 1000),
                           heartbeat_age_s=None if age is None else round(age, 3),
-                          started_at_ms=self.started_at_ms, ts_ms=now_ms)
+                          started_at_ms=self.started_at_ms, ts_ms=now_ms,
+                          targets=self.targets() if self.targets is not None else ())
 
 
 async def run_fleet(nc: NATS, subject_prefix: str, store: SnapshotStore, view: FleetView,
-                    interval_s: float = BEAT_INTERVAL_S) -> None:
+                    interval_s: float = BEAT_INTERVAL_S,
+                    targets: Callable[[], tuple[TargetState, ...]] | None = None) -> None:
     """Beat and listen until cancelled. Beats start once the store's initial replay is done (a
     worker that has applied nothing has no revision to report)."""
     subject = fleet_subject(subject_prefix)
-    beacon = Beacon(store)
+    beacon = Beacon(store, targets=targets)
 
     async def heard(msg: Msg) -> None:
         try:

@@ -13,25 +13,35 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
 
+from dataplane.attempts import open_upstream
 from dataplane.call import Call
-from dataplane.decisions import bearer_token, resolve_model
+from dataplane.decisions import bearer_token
 from dataplane.edge import check_model
 from dataplane.ingress.base import ChatPlan, Ingress
 from dataplane.key_mask import mask, secrets_of
 from dataplane.limits import STREAM_SLOTS, body_within
 from dataplane.output_fit import fit_call_output
 from dataplane.pipeline import emit_once
-from dataplane.providers.base import CallStats, ChatProvider, NativeProvider, UpstreamCall
+from dataplane.providers.base import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    CallStats,
+    ChatProvider,
+    ChatResponse,
+    NativeProvider,
+    UpstreamCall,
+)
 from dataplane.providers.registry import adapter_for
 from dataplane.stages.governance import input_bound
+from dataplane.stages.route import plan_route
 from dataplane.usage_estimate import RelayTap
-from schemas.entities import Provider
-from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest
+from schemas.entities import Provider, Timeouts
+from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest, UpstreamError
 from schemas.http import decode_json, read_body
 from schemas.money import nanos_to_decimal_str
 from schemas.prompts import PROMPT_APIS, apply_prompt
@@ -41,6 +51,8 @@ log = structlog.get_logger(__name__)
 # Events beyond `max_tokens` a stream may relay before it counts as past its hold: role, finish,
 # usage and keep-alive events carry no output tokens.
 STREAM_EVENT_SLACK = 16
+
+NO_TIMEOUTS = Timeouts()
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -122,12 +134,12 @@ class ModelCall:
             call.prompt_id, call.prompt_version = applied.template.name, applied.template.version
         plan = call.plan = self.ingress.plan(call.raw, call.request.headers)
         call.requested_model, call.stream = check_model(plan.model), plan.stream
-        call.target = resolve_model(call.snap, call.vk.workspace_id, plan.model)
         call.tools = tool_names(plan.body, plan.native_body)
         body, native = plan.body, plan.native_body or {}
         call.max_tokens = (_int_or_none(body.get("max_completion_tokens")) or _int_or_none(body.get("max_tokens"))
                            or _int_or_none(native.get("max_tokens")) or _int_or_none(native.get("max_output_tokens")))
         call.input_bound = input_bound(len(call.body_bytes) + added)
+        plan_route(call, plan.model)
 
     def set_max_tokens(self, call: Call, value: int) -> bool:
         plan = call.plan
@@ -149,11 +161,38 @@ class ModelCall:
         return True
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
-        plan, target = call.plan, call.target
-        assert plan is not None and target is not None  # set by plan()
+        plan = call.plan
+        assert plan is not None  # set by plan()
+        if call.stream:
+            slots = call.request.app.get(STREAM_SLOTS)  # absent only in unit-test apps: uncapped there
+            if slots is not None:
+                call.held.enter_context(slots.hold(call.vk.id))
+        opened = await open_upstream(call, lambda: self._open(call, plan))
+        if opened.stream is not None:
+            return await _relay_stream(call, self.ingress, opened.stream, opened.body, opened.secrets)
+        result = opened.result
+        assert result is not None
+        body_out = result.body if opened.native else self.ingress.render(result.body, plan)
+        body_out = mask(body_out, opened.secrets)
+        if result.usage is None:  # a provider that reports no usage is still billed, by estimate
+            tap = RelayTap()
+            tap.feed(body_out)
+            call.settle_usage(None, opened.body, tap)
+        else:
+            call.usage = result.usage
+        note_disconnect(call.request, call)
+        return priced_json(call, body_out)
+
+    async def _open(self, call: Call, plan: ChatPlan) -> Opened:
+        """One attempt: the call's current target (`call.target`), up to its first byte: the whole
+        answer of a non-streamed call, the first event of a stream."""
+        target = call.target
+        assert target is not None  # set by the route stage
         adapter = adapter_for(target.provider.type)
         native = _native_route(adapter, plan, target.provider)
         body = plan.native_body if native and plan.native_body is not None else plan.body
+        if len(call.order) > 1:  # each target fits its own copy of the planned body
+            body = dict(body)
         body["model"] = target.model
         if native is None:  # a translated (or plain Chat) body: fit its output bound to the model
             fit_call_output(call, body)
@@ -162,33 +201,45 @@ class ModelCall:
                                  headers=plan.forward_headers if native else None)
         # Whatever a provider echoes, its key must not reach the client (native and translated alike).
         secrets = secrets_of(target.provider.type, upstream.api_key.reveal() if upstream.api_key else None)
-        request = call.request
-        if call.stream:
-            slots = request.app.get(STREAM_SLOTS)  # absent only in unit-test apps: uncapped there
-            if slots is not None:
-                call.held.enter_context(slots.hold(call.vk.id))
-            stats = CallStats()
-            if native is not None:
-                events = native[0].stream_native(native[1], upstream, stats)
-                return await _relay_stream(call, self.ingress, events, events, stats, body, secrets)
-            chunks = adapter.stream(upstream, stats)
-            return await _relay_stream(call, self.ingress, self.ingress.render_stream(chunks, plan), chunks,
-                                       stats, body, secrets)
+        if not call.stream:
+            result = await (native[0].complete_native(native[1], upstream) if native is not None
+                            else adapter.complete(upstream))
+            return Opened(body=body, secrets=secrets, native=native is not None, result=result)
+        stats = CallStats()
+        events: AsyncIterator[bytes]
         if native is not None:
-            result = await native[0].complete_native(native[1], upstream)
-            body_out = result.body
+            chunks = native[0].stream_native(native[1], upstream, stats)
+            events = chunks
         else:
-            result = await adapter.complete(upstream)
-            body_out = self.ingress.render(result.body, plan)
-        body_out = mask(body_out, secrets)
-        if result.usage is None:  # a provider that reports no usage is still billed, by estimate
-            tap = RelayTap()
-            tap.feed(body_out)
-            call.settle_usage(None, body, tap)
-        else:
-            call.usage = result.usage
-        note_disconnect(request, call)
-        return priced_json(call, body_out)
+            chunks = adapter.stream(upstream, stats)
+            events = self.ingress.render_stream(chunks, plan)
+        # Upstream errors before the first byte become ordinary JSON errors (or the next target).
+        first = mask(await anext(events), secrets)
+        call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        return Opened(body=body, secrets=secrets, native=native is not None,
+                      stream=OpenStream(first=first, events=events, chunks=chunks, stats=stats))
+
+
+@dataclass(slots=True)
+class OpenStream:
+    """A stream whose first event arrived: the rest is the relay's."""
+
+    first: bytes
+    events: AsyncIterator[bytes]  # the client's format
+    chunks: AsyncGenerator[bytes, None]  # the adapter's generator (closed to cancel the upstream)
+    stats: CallStats
+
+
+@dataclass(slots=True)
+class Opened:
+    """What one successful attempt opened: the body sent, the secrets to mask, whether the answer
+    is already in the client's API (native), and the answer or its stream."""
+
+    body: dict[str, Any]
+    secrets: tuple[bytes, ...]
+    native: bool
+    result: ChatResponse | None = None
+    stream: OpenStream | None = None
 
 
 def upstream_call(call: Call, body: dict[str, Any], *, include_usage: bool = False,
@@ -197,13 +248,15 @@ def upstream_call(call: Call, body: dict[str, Any], *, include_usage: bool = Fal
     shared session and the upstream timeout."""
     target, worker = call.target, call.worker
     assert target is not None  # set by plan()
+    timeouts = call.route.timeouts if call.route is not None else NO_TIMEOUTS
     return UpstreamCall(
         provider=target.provider,
         model=target.model,
         body=body,
         api_key=worker.provider_key(call.provider_key.ciphertext),
         session=worker.session,
-        timeout_s=worker.settings.upstream_timeout_s,
+        timeout_s=timeouts.idle_s or worker.settings.upstream_timeout_s,
+        connect_timeout_s=timeouts.connect_s or DEFAULT_CONNECT_TIMEOUT_S,
         client_wants_usage=include_usage,
         extra_headers=headers or {},
     )
@@ -248,40 +301,28 @@ def note_disconnect(request: web.Request, call: Call) -> None:
         mark_disconnected(call)
 
 
-async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[bytes],
-                        chunks: AsyncGenerator[bytes, None], stats: CallStats,
-                        sent_body: dict[str, Any], secrets: tuple[bytes, ...]) -> web.StreamResponse:
+async def _relay_stream(call: Call, ingress: Ingress, opened: OpenStream, sent_body: dict[str, Any],
+                        secrets: tuple[bytes, ...]) -> web.StreamResponse:
     """Relay `events` (the client's format, each one complete) as SSE, with `secrets` masked in
     each; `chunks` is the adapter's generator, closed on client disconnect so the upstream request
     is cancelled. Usage the provider did not report (cut, timed out, never sent) is estimated from
     `sent_body` and the bytes relayed."""
-    request = call.request
-    # Upstream errors before the first byte become ordinary JSON errors.
-    first = mask(await anext(events), secrets)
-    call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
+    request, first, events, chunks, stats = call.request, opened.first, opened.events, opened.chunks, opened.stats
     resp = web.StreamResponse(headers={**SSE_HEADERS, **call.headers()})
     tap = RelayTap()
     # A stream under a budget hold is cut once it has clearly passed `max_tokens` (a provider that
     # ignores it): counted in events, which carry at least one token each on token-per-chunk APIs.
     cutoff = call.max_tokens + STREAM_EVENT_SLACK if call.hold_nanos and call.max_tokens else None
-    relayed = 1
     try:
         await resp.prepare(request)  # raises ConnectionResetError if the client already left
         await resp.write(first)
         tap.feed(first)
-        async for event in events:
-            event = mask(event, secrets)  # inline, not a generator around `events`: a hop per event
-            await resp.write(event)
-            tap.feed(event)
-            relayed += 1
-            if cutoff is not None and relayed > cutoff:
-                raise BudgetExceeded(f"The stream passed its budget hold ({call.max_tokens} output tokens) and was "
-                                     "cut off; what was relayed is billed.")
+        await _relay_events(call, resp, events, tap, secrets, cutoff)
         call.settle_usage(stats.usage, sent_body, tap)
         end = ingress.stream_end(nanos_to_decimal_str(call.cost_nanos))
     except GatewayError as err:
         call.status, call.error_code, call.partial = err.status, err.code, True
-        if isinstance(err, BudgetExceeded):
+        if isinstance(err, BudgetExceeded) or err.code == "upstream_timeout":
             await chunks.aclose()  # stop the upstream generating what nobody pays for
         call.settle_usage(stats.usage, sent_body, tap)
         end = ingress.stream_error(err)
@@ -301,3 +342,28 @@ async def _relay_stream(call: Call, ingress: Ingress, events: AsyncIterator[byte
     with contextlib.suppress(OSError):
         await resp.write_eof(end)
     return resp
+
+
+async def _relay_events(call: Call, resp: web.StreamResponse, events: AsyncIterator[bytes], tap: RelayTap,
+                        secrets: tuple[bytes, ...], cutoff: int | None) -> None:
+    """Relay the stream's events after the first, within the call's deadline (a 504
+    `upstream_timeout` past it), cut off once past `cutoff` events (its budget hold)."""
+    relayed = 1
+    remaining = None if call.deadline is None else call.deadline - time.perf_counter()
+    try:
+        async with asyncio.timeout(remaining):
+            async for event in events:
+                event = mask(event, secrets)  # inline, not a generator around `events`: a hop per event
+                await resp.write(event)
+                tap.feed(event)
+                relayed += 1
+                if cutoff is not None and relayed > cutoff:
+                    raise BudgetExceeded(f"The stream passed its budget hold ({call.max_tokens} output tokens) and "
+                                         "was cut off; what was relayed is billed.")
+    except TimeoutError:
+        if remaining is None:
+            raise
+        total = call.deadline - call.started if call.deadline is not None else remaining
+        raise UpstreamError(f"The call passed its total timeout ({total:.3g} s); the stream was cut off and "
+                            "what was relayed is billed.", status=504,
+                            code="upstream_timeout", upstream_status=0) from None

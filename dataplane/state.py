@@ -9,6 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from dataplane.fleet import FleetView
+from dataplane.health import HealthBoard
 from dataplane.ports import EventSink, Governor, IdempotencyStore, NoGovernor, NoIdempotencyStore
 from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
@@ -28,6 +29,7 @@ class WorkerState:
     idempotency: IdempotencyStore = field(default_factory=NoIdempotencyStore)
     fleet: FleetView = field(default_factory=FleetView)  # the live workers this one hears
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
+    health: HealthBoard = field(default_factory=HealthBoard)  # upstream targets, as this worker sees them
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).

@@ -21,7 +21,7 @@ ProviderKind = Literal[
 
 # First path segments the data plane serves itself. A provider is reachable as `/{name}/...`
 # (passthrough), so these names are refused by the admin API and never match that route.
-RESERVED_PROVIDER_NAMES = frozenset({"v1", "router", "admin", "healthz", "readyz", "metrics"})
+RESERVED_PROVIDER_NAMES = frozenset({"v1", "ai", "router", "admin", "healthz", "readyz", "metrics"})
 
 
 # Where a budget, limit or policy attaches. A request's path is workspace -> department -> member
@@ -66,6 +66,8 @@ class Agent(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="ag
     name: str
     department_id: str | None = None
     member_id: str | None = None
+    # The router this agent's calls go through when they name no `provider/model` (see Router).
+    router_id: str | None = None
 
 
 class Provider(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="provider"):
@@ -127,6 +129,9 @@ class VirtualKey(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     # Provider name -> ProviderKey id: this key's own choice of upstream credential (it overrides
     # the workspace's and the operator's keys for that provider).
     provider_keys: dict[str, str] = msgspec.field(default_factory=dict)
+    # The router this key's calls go through when they name no `provider/model` (see Router); it
+    # wins over its agent's.
+    router_id: str | None = None
 
 
 class Budget(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="budget"):
@@ -280,6 +285,106 @@ class PriceOverride(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
         return self.input_per_mtok_nanos is not None or self.output_per_mtok_nanos is not None
 
 
+RouterStrategy = Literal["weighted", "latency", "least_busy", "cost", "fallback"]
+ROUTER_STRATEGIES: tuple[str, ...] = ("weighted", "latency", "least_busy", "cost", "fallback")
+ANY_REQUESTED = "*"  # a router target's model that stands for the model the request named
+
+
+class RouterTarget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One upstream a router may send a call to: `model` is `provider/model` (`provider/*`: the
+    model the request named, after `models`), with `provider_key_id` pinning its credential (else
+    the usual key resolution). `models` remaps a requested model name to this target's own, e.g.
+    `{"gpt-4o": "my-gpt4o-deployment"}` on an Azure target behind an OpenAI one."""
+
+    model: str
+    weight: int = 1
+    provider_key_id: str | None = None
+    models: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class RouteMatch(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """When a router rule applies; every condition set must hold (none set: always). Globs over
+    the requested model, the agent and workflow ids; exact `properties` (Alephant-Property-*) and
+    `headers` values; bounds on the estimated input tokens; whether the request offers tools."""
+
+    model: tuple[str, ...] = ()
+    agent: tuple[str, ...] = ()
+    workflow: tuple[str, ...] = ()
+    properties: dict[str, str] = msgspec.field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    min_input_tokens: int | None = None
+    max_input_tokens: int | None = None
+    tools: bool | None = None
+
+
+class RouterRule(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A conditional target set: the first rule whose `when` holds picks `targets` (and, if set,
+    its own `strategy`); no rule holding: the router's own targets."""
+
+    name: str = ""
+    when: RouteMatch = msgspec.field(default_factory=RouteMatch)
+    targets: tuple[RouterTarget, ...]
+    strategy: RouterStrategy | None = None
+
+
+class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Retries of one target on a retryable error (5xx, 408, 409, timeouts, connection errors),
+    with jittered exponential backoff from `backoff_ms` up to `max_backoff_ms`. Fallback to the
+    next target is separate and always on (before the first byte only). The retry budget: retries
+    in flight on a worker stay under `budget_percent` of its active requests, or `min_retries`."""
+
+    retries: int = 1
+    backoff_ms: int = 50
+    max_backoff_ms: int = 1000
+    budget_percent: int = 20
+    min_retries: int = 3
+
+
+class Timeouts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Seconds (None: the worker's default). `connect_s` to open a connection, `first_byte_s`
+    until the upstream's first byte (fallback happens within it), `total_s` for the whole call,
+    attempts included (streams too), `idle_s` between two reads of an answer (a stalled stream is
+    cut off)."""
+
+    connect_s: float | None = None
+    first_byte_s: float | None = None
+    total_s: float | None = None
+    idle_s: float | None = None
+
+
+class HealthPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Passive outlier ejection and the in-flight breaker, per target and worker.
+    `consecutive_failures` retryable failures in a row eject a target for `base_ejection_s` times
+    the number of times it was ejected (capped at `max_ejection_s`); at most `max_ejected_percent`
+    of a target set is ejected at once (always at least one may be). `max_in_flight` (None: no
+    cap) skips a target with that many calls open. `probe_interval_s` (None: off) probes an
+    ejected target's provider with a GET of `probe_path` and readmits it on a 2xx."""
+
+    consecutive_failures: int = 5
+    base_ejection_s: float = 30.0
+    max_ejection_s: float = 300.0
+    max_ejected_percent: int = 50
+    max_in_flight: int | None = None
+    probe_interval_s: float | None = None
+    probe_path: str = "/models"
+
+
+class Router(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="router"):
+    """A policy router of a workspace: addressable as `/router/{id}/v1/...` or `model:
+    "router/<name>"`, and as a key's or agent's default. Its decisions are pure over the snapshot
+    and the worker's health view (`dataplane.routing`)."""
+
+    id: str
+    workspace_id: str
+    name: str
+    strategy: RouterStrategy = "fallback"
+    targets: tuple[RouterTarget, ...]
+    rules: tuple[RouterRule, ...] = ()
+    retry: RetryPolicy = msgspec.field(default_factory=RetryPolicy)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    health: HealthPolicy = msgspec.field(default_factory=HealthPolicy)
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -288,7 +393,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Heartbeat)
+                | Router | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -53,6 +53,11 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "api_error"
     default_code: str | None = None
+    # Set on errors that came from a provider (`dataplane.providers.upstream.map_upstream_error`):
+    # its own HTTP status (0: no answer at all, e.g. unreachable or timed out), and whether another
+    # attempt may succeed (408, 409, 429, 5xx, 529, connection errors). Routing decides on these.
+    upstream_status: int | None = None
+    retryable: bool = False
 
     def __init__(
         self,
@@ -147,9 +152,11 @@ class UpstreamError(GatewayError, ConnectionError):
     def __init__(self, message: str, *, status: int = 502, code: str | None = None,
                  headers: dict[str, str] | None = None, upstream_status: int | None = None) -> None:
         super().__init__(message, code=code, headers=headers, status=status)
-        # The provider's own status when it differs in meaning from ours (529 overloaded, which
-        # only Anthropic's clients know; everyone else gets `status`).
+        # The provider's own status (529 overloaded keeps its meaning for Anthropic's clients only;
+        # everyone else gets `status`); 0 when no answer came. Every upstream error may be retried
+        # unless `map_upstream_error` says otherwise (it answered, with a terminal status).
         self.upstream_status = upstream_status
+        self.retryable = True
 
 
 class InternalError(GatewayError):

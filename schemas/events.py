@@ -37,6 +37,20 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
     reasoning_tokens: int = 0
 
 
+class Attempt(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One upstream attempt of a call: the target (`provider/model`), the credential id, the
+    status it ended with (the provider's own on an error answer; 0: no answer, e.g. a timeout or
+    refused connection; 200: it served), the time it took, and why it ended (an error code;
+    "" when it served). `retryable`: the error allowed another attempt."""
+
+    target: str
+    provider_key_id: str | None = None
+    status: int = 0
+    latency_ms: float = 0.0
+    reason: str = ""
+    retryable: bool = False
+
+
 class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     """One client request to a model, whatever its outcome. `cost_nanos` is integer nano-USD."""
 
@@ -87,6 +101,12 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     # workspace) and version; None without one.
     prompt_id: str | None = None
     prompt_version: int | None = None
+    # The router that chose the targets (its id; None: a direct `provider/model`), the rule that
+    # picked the target set ("" : the router's own targets), and every upstream attempt in order:
+    # the last one that served is the call's `provider`/`model`. Empty: no upstream was called.
+    router_id: str | None = None
+    router_rule: str = ""
+    attempts: tuple[Attempt, ...] = ()
 
 
 class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):

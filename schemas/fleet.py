@@ -29,6 +29,30 @@ def fleet_subject(subject_prefix: str) -> str:
     return f"{subject_prefix}-fleet.heartbeat"
 
 
+MAX_REPORTED_TARGETS = 500  # target states one beat carries (the most recently used), for its size
+
+
+class TargetState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One upstream target's health on one worker (`dataplane.health`): a target is (provider,
+    credential, model). Times are Unix ms by the worker's clock (None: not ejected / cooling)."""
+
+    workspace_id: str
+    provider: str
+    provider_id: str
+    model: str
+    provider_key_id: str | None = None
+    in_flight: int = 0
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until_ms: int | None = None
+    cooldown_until_ms: int | None = None
+    ewma_ttfb_ms: float | None = None
+    ewma_total_ms: float | None = None
+    successes: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
 class WorkerBeat(msgspec.Struct, frozen=True, kw_only=True):
     """One worker's heartbeat. Times are the worker's own clock, in Unix milliseconds; new fields
     get defaults so old and new workers interoperate."""
@@ -41,6 +65,8 @@ class WorkerBeat(msgspec.Struct, frozen=True, kw_only=True):
     heartbeat_age_s: float | None  # age of the control plane's config heartbeat it last saw
     started_at_ms: int
     ts_ms: int
+    # The upstream targets this worker used lately and their health (GET /admin/v1/routers/{id}/health).
+    targets: tuple[TargetState, ...] = ()
 
 
 beat_encoder = msgspec.json.Encoder()

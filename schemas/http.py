@@ -171,7 +171,11 @@ async def read_json(request: web.Request, schema: type[T], limit: int) -> tuple[
 
 
 def is_anthropic_path(path: str) -> bool:
-    return path.startswith("/v1/messages") or path.startswith("/anthropic/")
+    """Whether errors on `path` take Anthropic's shape: the Messages API under `/v1`, `/ai` or a
+    router (`/router/{id}/v1/messages`), and the Anthropic passthrough."""
+    if path.startswith("/router/"):
+        path = path[path.find("/", len("/router/")):]
+    return path.startswith(("/v1/messages", "/ai/messages", "/anthropic/"))
 
 
 def error_response(request: web.Request, err: GatewayError) -> web.Response:

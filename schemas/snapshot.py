@@ -39,6 +39,7 @@ from schemas.entities import (
     PromptTemplate,
     Provider,
     ProviderKey,
+    Router,
     VirtualKey,
     Workspace,
 )
@@ -108,6 +109,9 @@ INDEXES: tuple[Index, ...] = (
     Index(Budget, "governance", _by_scope, grouped=True),
     # Every version of a prompt template by (workspace, name); see schemas.prompts.
     Index(PromptTemplate, "prompts", attrgetter("workspace_id", "name"), grouped=True),
+    # Routers by id (`/router/{id}`, key and agent bindings) and by (workspace, name) (`router/<name>`).
+    Index(Router, "routers", _by_id),
+    Index(Router, "routers_by_name", attrgetter("workspace_id", "name")),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -140,6 +144,8 @@ class Snapshot:
     budgets_by_id: Mapping[str, Budget]
     governance: Mapping[ScopeKey, tuple[Policy | Limit | Budget, ...]]
     prompts: Mapping[tuple[str, str], tuple[PromptTemplate, ...]]
+    routers: Mapping[str, Router]
+    routers_by_name: Mapping[tuple[str, str], Router]
     heartbeat_ms: int | None = None
 
     @classmethod

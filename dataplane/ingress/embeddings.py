@@ -22,13 +22,14 @@ from typing import Annotated, Any, Literal, Protocol
 import msgspec
 from aiohttp import web
 
+from dataplane.attempts import open_upstream
 from dataplane.call import Call
-from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
 from dataplane.lifecycle import bearer, note_disconnect, priced_json, read_object, upstream_call
 from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.stages.governance import input_bound
+from dataplane.stages.route import plan_route
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.http import validate
 
@@ -185,8 +186,8 @@ class Embeddings:
     def plan(self, call: Call) -> None:
         typed = parse_request(call.raw)
         call.requested_model = check_model(typed.model)
-        call.target = resolve_model(call.snap, call.vk.workspace_id, typed.model)
         call.input_bound = input_bound(len(call.body_bytes))
+        plan_route(call, typed.model)
         call.max_tokens = 0  # an embedding has no output tokens: the hold is the input alone
 
     def set_max_tokens(self, call: Call, value: int) -> bool:
@@ -196,16 +197,25 @@ class Embeddings:
         return True  # no tools
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
-        target, raw = call.target, call.raw
-        assert target is not None and isinstance(raw, dict)
-        embed: Callable[[UpstreamCall], Awaitable[ChatResponse]] | None = getattr(
-            adapter_for(target.provider.type), "embed", None)
-        if embed is None:
-            raise InvalidRequest(f"Provider '{target.provider.name}' (type '{target.provider.type}') does "
-                                 "not serve embeddings through this gateway.", param="model",
-                                 code="embeddings_not_supported")
-        result = await embed(upstream_call(call, {**raw, "model": target.model}))
+        raw = call.raw
+        assert isinstance(raw, dict)
+        result = await open_upstream(call, lambda: _embed(call, raw))
+        target = call.target
+        assert target is not None
         call.usage = result.usage
         note_disconnect(call.request, call)
         wanted: EncodingFormat = raw.get("encoding_format") or "float"
         return priced_json(call, reformat(result.body, wanted, target.provider.name))
+
+
+async def _embed(call: Call, raw: dict[str, Any]) -> ChatResponse:
+    """One attempt at the call's current target."""
+    target = call.target
+    assert target is not None
+    embed: Callable[[UpstreamCall], Awaitable[ChatResponse]] | None = getattr(
+        adapter_for(target.provider.type), "embed", None)
+    if embed is None:
+        raise InvalidRequest(f"Provider '{target.provider.name}' (type '{target.provider.type}') does "
+                             "not serve embeddings through this gateway.", param="model",
+                             code="embeddings_not_supported")
+    return await embed(upstream_call(call, {**raw, "model": target.model}))

@@ -21,7 +21,6 @@ import structlog
 from aiohttp import web
 
 from dataplane.call import Call
-from dataplane.decisions import resolve_model
 from dataplane.edge import check_model
 from dataplane.ingress.base import ChatPlan
 from dataplane.ingress.messages_translate import (
@@ -37,6 +36,7 @@ from dataplane.providers.anthropic import NATIVE_API
 from dataplane.providers.base import UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.providers.sse import format_sse, sse_comment
+from dataplane.stages.route import plan_route
 from schemas.anthropic import CountTokensRequest, MessagesRequest
 from schemas.errors import GatewayError, NotFound, UpstreamError, render_anthropic
 from schemas.http import validate
@@ -150,8 +150,8 @@ class CountTokens:
 
     def plan(self, call: Call) -> None:
         call.requested_model = check_model(validate(call.raw, CountTokensRequest).model)
-        call.target = resolve_model(call.snap, call.vk.workspace_id, call.requested_model)
         call.tools = tool_names(call.raw)
+        plan_route(call, call.requested_model)  # a router's first target counts
 
     def set_max_tokens(self, call: Call, value: int) -> bool:
         return True  # counting produces no output

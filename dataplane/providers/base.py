@@ -31,9 +31,13 @@ class UpstreamCall:
     body: dict[str, Any]
     api_key: Secret | None
     session: aiohttp.ClientSession
-    timeout_s: float
+    timeout_s: float  # between two reads of the answer (a stalled stream is cut off after it)
     client_wants_usage: bool = False
     extra_headers: dict[str, str] = field(default_factory=dict)
+    connect_timeout_s: float = 10.0
+
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ from aiohttp.typedefs import StrOrURL
 from dataplane.key_mask import mask, secrets_of
 from dataplane.outbound import refused
 from dataplane.providers.base import UpstreamCall
-from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
+from schemas.errors import Conflict, GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
 
 T = TypeVar("T")
 
@@ -68,17 +68,25 @@ def provider_message(raw: bytes, secret: str | None = None) -> str:
 
 def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[str, str],
                        secret: str | None) -> GatewayError:
-    """Map a provider's error response to ours. Credential problems with the provider are the
-    operator's, so they surface as 502, not as the client's 401. `headers` should be the
+    """Map a provider's error response to ours, keeping its status (`upstream_status`) and whether
+    it may be retried (`retryable`, the table above). Credential problems with the provider are
+    the operator's, so they surface as 502, not as the client's 401. `headers` should be the
     case-insensitive response headers."""
-    msg = provider_message(raw, secret)
+    err = _mapped(provider, status, provider_message(raw, secret), headers)
+    err.upstream_status, err.retryable = status, is_retryable(status)
+    return err
+
+
+def _mapped(provider: str, status: int, msg: str, headers: Mapping[str, str]) -> GatewayError:
     text = f"Provider '{provider}' returned {status}: {msg}"
     if status == 429:
         retry = headers.get("retry-after") or headers.get("Retry-After")
         return RateLimited(text, code="upstream_rate_limited", headers={"Retry-After": retry} if retry else None)
     if status == 404:
         return NotFound(text, param="model")
-    if status in (400, 409, 413, 422):
+    if status == 409:  # a conflict (a lock held upstream): retryable, as the SDKs treat it
+        return Conflict(text, code="upstream_conflict")
+    if status in (400, 413, 422):
         return InvalidRequest(text, code="upstream_invalid_request")
     if status in (401, 403):
         return UpstreamError(f"Provider '{provider}' rejected the gateway's provider credentials.",
@@ -86,7 +94,9 @@ def map_upstream_error(provider: str, status: int, raw: bytes, headers: Mapping[
     if status in (408, 504):
         return UpstreamError(text, status=504, code="upstream_timeout")
     if status in (503, 529):
-        return UpstreamError(text, status=503, code="upstream_overloaded", upstream_status=status)
+        retry = headers.get("retry-after") or headers.get("Retry-After")
+        return UpstreamError(text, status=503, code="upstream_overloaded",
+                             headers={"Retry-After": retry} if retry else None)
     return UpstreamError(text, status=502)
 
 
@@ -99,7 +109,7 @@ def is_redirect(status: int) -> bool:
 
 
 async def send(session: aiohttp.ClientSession, provider: str, method: str, url: StrOrURL, body: bytes | None,
-               headers: Mapping[str, str], timeout_s: float) -> aiohttp.ClientResponse:
+               headers: Mapping[str, str], timeout_s: float, connect_timeout_s: float = 10.0) -> aiohttp.ClientResponse:
     """The one outbound request every path makes (adapters through `post`, the passthrough directly).
 
     Redirects are never followed: the provider key is in `headers`, and a 3xx must not carry it
@@ -111,10 +121,11 @@ async def send(session: aiohttp.ClientSession, provider: str, method: str, url: 
         return await session.request(
             method, url, data=body, headers=headers, allow_redirects=False,
             # A read timeout, not a total: an agent's stream may legitimately run for many minutes.
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=timeout_s),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=timeout_s),
         )
     except TimeoutError:
-        raise UpstreamError(f"Provider '{provider}' timed out.", status=504, code="upstream_timeout") from None
+        raise UpstreamError(f"Provider '{provider}' timed out.", status=504, code="upstream_timeout",
+                            upstream_status=0) from None
     except aiohttp.ClientError as exc:
         if (why := refused(exc)) is not None:
             # The address is for the operator's log; the client learns only that it was refused.
@@ -122,7 +133,7 @@ async def send(session: aiohttp.ClientSession, provider: str, method: str, url: 
             raise UpstreamError(f"Provider '{provider}' is at an address the gateway does not call "
                                 "(internal or not allow-listed).", code="upstream_address_refused") from None
         raise UpstreamError(f"Could not reach provider '{provider}': {type(exc).__name__}.",
-                            code="upstream_unreachable") from None
+                            code="upstream_unreachable", upstream_status=0) from None
 
 
 def redirect_error(provider: str, status: int) -> UpstreamError:
@@ -136,7 +147,8 @@ async def post(call: UpstreamCall, url: StrOrURL, body: bytes, headers: Mapping[
     """POST to the provider (`send`). Returns the open response on 2xx (the caller must release
     it); a 3xx is a 502 `upstream_redirect`, other statuses the mapped GatewayError. Never lets a
     secret reach an error message."""
-    resp = await send(call.session, call.provider.name, "POST", url, body, headers, call.timeout_s)
+    resp = await send(call.session, call.provider.name, "POST", url, body, headers, call.timeout_s,
+                      call.connect_timeout_s)
     if resp.status >= 300:
         if is_redirect(resp.status):
             resp.release()

@@ -25,6 +25,8 @@ from schemas.entities import (
     PriceOverride,
     PromptMessage,
     PromptTemplate,
+    Router,
+    RouterTarget,
     Provider,
     ProviderKey,
     VirtualKey,
@@ -54,8 +56,10 @@ BYO_KEY = ProviderKey(id="pk_1", workspace_id="ws_1", provider_type="mock", prov
 MASTER_KEY = ProviderKey(id="pk_0", workspace_id=OPERATOR, provider_type="openai", api_key_enc="c0")
 PROMPT = PromptTemplate(id="prompt_1", workspace_id="ws_1", name="greet", version=1,
                         messages=(PromptMessage(role="user", content="Hi {{name}}"),))
+ROUTER = Router(id="rtr_1", workspace_id="ws_1", name="main", strategy="weighted",
+                targets=(RouterTarget(model="mock/echo", weight=3), RouterTarget(model="mock/*")))
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
-                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT]
+                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:

@@ -1,0 +1,220 @@
+"""The attempt loop: open a call's upstream, target after target, until one answers.
+
+`open_upstream(call, open_)` runs `open_` (the endpoint's "open the upstream until its first
+byte": a whole answer for a non-streamed call, the first event of a stream) against `call.order`
+(the route stage's ordered targets). On a failure that came from the upstream it records an
+`Attempt`, updates the worker's health view, then retries the same target (retryable errors only,
+jittered exponential backoff, within the retry budget and the deadline) or falls back to the next
+one. Nothing has reached the client yet, so a stream fails over cleanly; once `open_` returns,
+the relay is the endpoint's and never falls back.
+
+Timeouts: a stream's first event within `first_byte_s`; every attempt, backoffs included, within
+the call's deadline (`total_s`, or the client's own `Alephant-Timeout-Ms` when shorter).
+
+A direct call (`provider/model`, no router) has one target and, unless its provider's `retries`
+option says otherwise, one attempt: its health is recorded, never used to refuse it. A router
+skips a target that cannot take a call now (ejected, cooling down after a `Retry-After`, at its
+in-flight cap); when none can, it sends one trial to an ejected target with nothing in flight, or
+answers 503 at once with `Retry-After` (no traffic reaches a provider that asked for a pause).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from dataplane.call import Call
+from dataplane.health import HealthBoard, TargetHealth
+from dataplane.routing import RoutePlan
+from schemas.errors import GatewayError, UpstreamError
+from schemas.events import Attempt
+
+T = TypeVar("T")
+
+MAX_COOL_S = 600.0  # a Retry-After beyond this is taken as this (a provider's typo must not park a key for days)
+NO_FALLBACK_CODES = frozenset({"upstream_invalid_request"})  # the request's own fault: another target refuses it too
+
+
+def retry_after_s(err: GatewayError) -> float | None:
+    """Seconds from the error's `Retry-After` (delta-seconds form), bounded; None without one."""
+    value = err.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(seconds, MAX_COOL_S) if seconds > 0 and math.isfinite(seconds) else None
+
+
+def _remaining(call: Call) -> float | None:
+    return None if call.deadline is None else call.deadline - time.perf_counter()
+
+
+def _timed_out(call: Call, first_byte: bool, seconds: float) -> UpstreamError:
+    target = call.model_ref
+    what = "its first byte" if first_byte else "an answer"
+    err = UpstreamError(f"Provider target '{target}' did not send {what} within {seconds:g} s.", status=504,
+                        code="upstream_timeout", upstream_status=0)
+    return err
+
+
+def _bound(call: Call) -> tuple[float | None, bool]:
+    """How long this attempt may take to open, and whether the first-byte timeout is the bound."""
+    remaining = _remaining(call)
+    first = call.route.timeouts.first_byte_s if call.route is not None and call.stream else None
+    if first is not None and (remaining is None or first <= remaining):
+        return first, True
+    return remaining, False
+
+
+def _backoff_s(plan: RoutePlan, retry: int) -> float:
+    """Full-jitter exponential backoff (AWS's): uniform in [0, min(max, base * 2^retry)]."""
+    cap = min(plan.retry.max_backoff_ms, plan.retry.backoff_ms * (2 ** retry)) / 1000
+    return random.uniform(0, cap)  # noqa: S311 (jitter, not security)
+
+
+def _exhausted(call: Call, last: GatewayError | None) -> GatewayError:
+    """The one error for a call whose every attempt failed (or that had none it could make)."""
+    if last is None:
+        return UpstreamError("No upstream target could take the call now.", status=503, code="upstream_unavailable")
+    attempts = call.attempts
+    if len(attempts) <= 1:
+        last.headers = {**last.headers, **_trail_headers(call)}
+        return last
+    status = 504 if last.code == "upstream_timeout" else 503 if last.upstream_status in (429, 503, 529) else 502
+    trail = ", ".join(f"{a.target} {a.status or a.reason}" for a in attempts[-5:])
+    err = UpstreamError(f"All {len(attempts)} upstream attempts failed ({trail}); the last: {last.message}",
+                        status=status, code=last.code, headers={**last.headers, **_trail_headers(call)},
+                        upstream_status=last.upstream_status)
+    return err
+
+
+def _trail_headers(call: Call) -> dict[str, str]:
+    h = {"Alephant-Attempts": str(len(call.attempts))}
+    if call.target is not None:
+        h["Alephant-Provider"] = call.target.provider.name
+    return h
+
+
+def _refuse_all(call: Call, board: HealthBoard) -> GatewayError:
+    """A router with no target that can take a call now: 503 with the soonest `Retry-After`."""
+    plan, now = call.route, board.clock()
+    assert plan is not None
+    soonest = min((board.unavailable_until(k, plan.health, now) for _, _, k in call.order), default=now)
+    wait = max(1, math.ceil(soonest - now))
+    name = plan.router.name if plan.router is not None else call.model_ref
+    return UpstreamError(f"Every target of router '{name}' is cooling down, ejected or at capacity; retry in "
+                         f"{wait} s.", status=503, code="upstream_unavailable", headers={"Retry-After": str(wait)})
+
+
+def _eligible(call: Call, board: HealthBoard, index: int, tried_any: bool) -> bool:
+    plan = call.route
+    assert plan is not None
+    if plan.router is None:
+        return True  # a direct call is never refused by health
+    _, _, key = call.order[index]
+    now = board.clock()
+    if not board.unavailable_until(key, plan.health, now):
+        return True
+    if tried_any:
+        return False
+    # Nothing available at all: one trial call to an ejected target that is neither cooling down
+    # (the provider asked for a pause) nor busy (a trial is already under way).
+    th = board.peek(key)
+    return (th is not None and th.ejected_until > now and th.in_flight == 0
+            and not board.cooling_until((key[0], key[1]), now))
+
+
+async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]]) -> T:
+    """`open_`'s result from the first target that answers (see the module docstring). Raises the
+    last upstream error (one clear 502/503/504 after several attempts), or any other error of
+    `open_` at once (the request's own fault: not an upstream's)."""
+    plan, board = call.route, call.worker.health
+    assert plan is not None and call.order  # set by the route stage
+    board.active += 1
+    call.held.callback(_leave, board)
+    peers = [k for _, _, k in call.order]
+    last: GatewayError | None = None
+    for index, (target, key, hkey) in enumerate(call.order):
+        if not _eligible(call, board, index, tried_any=last is not None):
+            continue
+        retry = 0
+        while True:
+            call.target, call.provider_key = target, key
+            th = board.get(hkey, call.vk.workspace_id, target.provider.name)
+            board.started(th)
+            retrying = retry > 0
+            t0 = time.perf_counter()
+            bound, first_byte = _bound(call)
+            try:
+                if bound is not None and bound <= 0:
+                    raise _timed_out(call, False, 0)
+                if bound is None:
+                    result = await open_()
+                else:
+                    try:
+                        async with asyncio.timeout(bound):
+                            result = await open_()
+                    except TimeoutError:
+                        raise _timed_out(call, first_byte, round(bound, 3)) from None
+            except GatewayError as err:
+                if retrying:
+                    board.retries_in_flight -= 1
+                if err.upstream_status is None:  # not the upstream's answer: the request's own error
+                    board.ended(th)
+                    raise
+                last = err
+                elapsed_ms = (time.perf_counter() - t0) * 1000
+                cool = retry_after_s(err) if err.upstream_status in (429, 503, 529) else None
+                board.failed(th, err.code or "upstream_error", plan.health, peers,
+                             counts=err.retryable and cool is None, cool_s=cool)
+                call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id,
+                                             status=err.upstream_status, latency_ms=round(elapsed_ms, 3),
+                                             reason=err.code or "upstream_error", retryable=err.retryable))
+                if err.code in NO_FALLBACK_CODES:
+                    raise _exhausted(call, err) from None
+                remaining = _remaining(call)
+                if remaining is not None and remaining <= 0:
+                    raise _exhausted(call, err) from None
+                if (err.retryable and cool is None and retry < plan.retry.retries and board.may_retry(plan.retry)
+                        and th.ejected_until <= board.clock()):
+                    pause = _backoff_s(plan, retry)
+                    if remaining is None or pause < remaining:
+                        retry += 1
+                        board.retries_in_flight += 1
+                        try:
+                            await asyncio.sleep(pause)
+                        except BaseException:
+                            board.retries_in_flight -= 1
+                            raise
+                        continue
+                break
+            except BaseException:
+                if retrying:
+                    board.retries_in_flight -= 1
+                board.ended(th)
+                raise
+            if retrying:
+                board.retries_in_flight -= 1
+            elapsed_ms = (time.perf_counter() - t0) * 1000
+            board.first_byte(th, elapsed_ms)
+            call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id, status=200,
+                                         latency_ms=round(elapsed_ms, 3)))
+            call.held.callback(_served, board, th, t0)
+            return result
+    if last is None:
+        raise _refuse_all(call, board)
+    raise _exhausted(call, last)
+
+
+def _leave(board: HealthBoard) -> None:
+    board.active -= 1
+
+
+def _served(board: HealthBoard, th: TargetHealth, t0: float) -> None:
+    board.finished(th, (time.perf_counter() - t0) * 1000)
