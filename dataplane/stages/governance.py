@@ -20,17 +20,18 @@ settlement `finish` runs after the call.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.call import Call
 from dataplane.ports import AdmitRequest
 from dataplane.pricing import call_unit_prices, hold_nanos
-from schemas.entities import Budget, EscalationGrant, Limit, Policy
+from schemas.entities import Budget, EscalationGrant, Limit, Policy, Workspace
 from schemas.errors import BudgetExceeded, PermissionDenied, RateLimited
 from schemas.events import BudgetAlert, PolicyDecision
 from schemas.ids import uuid7
@@ -122,12 +123,16 @@ def max_output_tokens(call: Call) -> int:
 
 def _unit(call: Call) -> tuple[int, int] | None:
     """Unit prices for the hold: the workspace's and platform prices, discounts included (the
-    provider key is chosen after admission, so a price scoped to one key is not seen here)."""
+    provider key is chosen after admission, so a price scoped to one key is not seen here). A
+    router's call may end at any of its targets: it is held at the dearest of them."""
     if call.target is None:
         return None
-    provider = call.target.provider
-    return call_unit_prices(call.snap, provider.name, provider.type, call.target.model,
-                            workspace_id=call.vk.workspace_id)
+    targets = call.route.targets if call.route is not None and len(call.route.targets) > 1 else (call.target,)
+    units = [u for t in targets if (u := call_unit_prices(call.snap, t.provider.name, t.provider.type, t.model,
+                                                          workspace_id=call.vk.workspace_id)) is not None]
+    if not units:
+        return None
+    return (max(u[0] for u in units), max(u[1] for u in units))
 
 
 def _estimate(call: Call, unit: tuple[int, int] | None) -> int:
@@ -173,6 +178,28 @@ def _refuse(call: Call, verdict: Verdict) -> None:
     raise PermissionDenied(message, code=code, param=verdict.rule or None)
 
 
+def _allowed_targets(call: Call, policies: Sequence[Policy], ws: Workspace | None, req: PolicyInput,
+                     now: dt.datetime) -> PolicyInput:
+    """A router's targets that the policies allow (each decided as if the call went there): the
+    others are dropped from the plan, so no fallback reaches them. The input for the first kept
+    one is returned (the call's target is now it); with none kept, the first target's, which the
+    caller refuses."""
+    assert call.route is not None
+    kept, first_req = [], None
+    for target in call.route.targets:
+        t_req = dataclasses.replace(req, model=f"{target.provider.name}/{target.model}",
+                                    provider_type=target.provider.type)
+        if decide(policies, call.vk, ws, t_req, now).outcome == "allow":
+            kept.append(target)
+            first_req = first_req or t_req
+    if not kept or len(kept) == len(call.route.targets):
+        return req
+    call.route = dataclasses.replace(call.route, targets=tuple(kept))
+    call.target = kept[0]
+    assert first_req is not None
+    return first_req
+
+
 async def policy(call: Call) -> None:
     """Decide the request against its policies (see the module docstring). No-op, with no
     allocation beyond the path, when nothing on the path constrains anything."""
@@ -187,6 +214,8 @@ async def policy(call: Call) -> None:
                       provider_type=call.target.provider.type if call.target else "", tools=call.tools,
                       max_tokens=call.max_tokens, est_cost_nanos=_estimate(call, unit), prompt=call.prompt_id or "")
     now = dt.datetime.now(dt.UTC)
+    if call.route is not None and len(call.route.targets) > 1:
+        req = _allowed_targets(call, policies, ws, req, now)
     verdict = decide(policies, vk, ws, req, now)
     if verdict.outcome == "escalate":
         grant = _grant(call)
