@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -179,3 +182,133 @@ async def test_header_knobs_and_latency(fake: FakeUpstream) -> None:
     async with aiohttp.ClientSession() as http, http.get(f"{fake.base_url}/models", headers=auth) as resp:
         assert resp.status == 200
     assert len(fake.requests) == before
+
+
+# --- fault knobs -------------------------------------------------------------------------------
+
+CHAT_BODY = {"model": "gpt-4o-mini", "messages": MESSAGES}
+AUTH = {"Authorization": "Bearer x"}
+
+
+async def _post(fake: FakeUpstream, *, stream: bool = False, headers: dict[str, str] | None = None,
+                ) -> tuple[int, dict[str, str], bytes]:
+    body = {**CHAT_BODY, "stream": True} if stream else CHAT_BODY
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{fake.base_url}/chat/completions", json=body, headers={**AUTH, **(headers or {})}) as resp,
+    ):
+        return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
+
+
+async def test_fail_status_is_an_outage_until_cleared(fake: FakeUpstream) -> None:
+    fake.fail_status, fake.fail_retry_after = 503, "3"
+    for _ in range(3):
+        status, headers, raw = await _post(fake)
+        assert (status, headers.get("retry-after")) == (503, "3")
+        assert b'"error"' in raw
+    status, _, _ = await _post(fake, stream=True)
+    assert status == 503  # streams too
+    # A queued one-shot failure comes first; the outage goes on after it.
+    fake.fail_next(429)
+    assert [(await _post(fake))[0] for _ in range(2)] == [429, 503]
+    fake.clear()
+    assert fake.fail_status is None and fake.fail_retry_after is None
+    status, _, raw = await _post(fake)
+    assert status == 200 and b"chat.completion" in raw
+    with pytest.raises(ValueError, match="fail_status"):
+        fake.fail_status = 200
+
+
+async def test_fail_ratio_fails_that_share_at_random() -> None:
+    async with FakeUpstream(seed=7, record=False) as fake:
+        fake.fail_ratio = 0.3
+        statuses = [(await _post(fake))[0] for _ in range(200)]
+        assert set(statuses) == {200, 503}
+        assert 30 <= statuses.count(503) <= 90  # 60 expected; the seed makes it repeatable
+        fake.fail_ratio, fake.fail_ratio_status = 1.0, 500
+        assert {(await _post(fake))[0] for _ in range(5)} == {500}
+        # The header overrides the attribute, both ways.
+        assert (await _post(fake, headers={"x-fake-fail-ratio": "0"}))[0] == 200
+        fake.fail_ratio = 0.0
+        status, _, _ = await _post(fake, headers={"x-fake-fail-ratio": "1", "x-fake-fail-ratio-status": "429"})
+        assert status == 429
+        status, _, raw = await _post(fake, headers={"x-fake-fail-ratio": "1.5"})
+        assert status == 400 and b"between 0 and 1" in raw
+        with pytest.raises(ValueError, match="fail_ratio"):
+            fake.fail_ratio = -0.1
+        fake.fail_ratio = 0.5
+        fake.clear()
+        assert fake.fail_ratio == 0.0
+        assert fake.chat_attempts == 0
+
+
+async def _timed_stream(fake: FakeUpstream, headers: dict[str, str] | None = None) -> list[tuple[float, bytes]]:
+    """Each SSE event of a streamed chat completion with its arrival time (seconds from sending)."""
+    body = {**CHAT_BODY, "stream": True}
+    arrivals: list[tuple[float, bytes]] = []
+    started = time.monotonic()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{fake.base_url}/chat/completions", json=body, headers={**AUTH, **(headers or {})}) as resp,
+    ):
+        assert resp.status == 200
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                arrivals.append((time.monotonic() - started, line))
+    return arrivals
+
+
+async def test_stall_after_pauses_a_stream_mid_way(fake: FakeUpstream) -> None:
+    fake.stall_after, fake.stall_s = 2, 0.5
+    events = await _timed_stream(fake)
+    # role, 8 words, finish, [DONE]: all of it arrives, with the silence after the 2nd word.
+    assert len(events) == 1 + 8 + 1 + 1 and events[-1][1].startswith(b"data: [DONE]")
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(events)]
+    assert gaps[2] >= 0.45, gaps  # between the 2nd and the 3rd content chunk
+    assert max(gaps[:2] + gaps[3:]) < 0.2, gaps
+
+    fake.stall_after = None  # the per-request header form
+    events = await _timed_stream(fake, {"x-fake-stall-after": "0", "x-fake-stall-s": "0.3"})
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(events)]
+    assert gaps[0] >= 0.25 and max(gaps[1:]) < 0.2, gaps  # silence right after the role chunk
+
+
+async def test_a_stalled_stream_ends_when_its_client_leaves(fake: FakeUpstream) -> None:
+    fake.stall_after, fake.stall_s = 1, 30.0
+    body = {**CHAT_BODY, "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{fake.base_url}/chat/completions", json=body, headers=AUTH)
+        seen = 0
+        async for line in resp.content:
+            seen += line.startswith(b"data: ")
+            if seen == 2:  # role + the one content chunk before the silence
+                break
+        resp.close()
+    # The handler notices the closed connection instead of sleeping 30 s: stopping is quick.
+    started = time.monotonic()
+    await asyncio.sleep(0.2)
+    await fake.stop()
+    assert time.monotonic() - started < 3
+
+
+async def test_latency_delays_the_first_byte(fake: FakeUpstream) -> None:
+    fake.latency_ms = 300
+    started = time.monotonic()
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{fake.base_url}/chat/completions", json={**CHAT_BODY, "stream": True}, headers=AUTH)
+        headers_at = time.monotonic() - started  # the status line and headers: the first bytes
+        await resp.read()
+        resp.release()
+    assert headers_at >= 0.29
+
+
+async def test_chat_attempts_counts_every_arrival_without_recording() -> None:
+    async with FakeUpstream(record=False) as fake:
+        assert (await _post(fake))[0] == 200
+        fake.fail_next(500)
+        assert (await _post(fake))[0] == 500
+        assert (await _post(fake, headers={"Authorization": ""}))[0] == 401
+        async with aiohttp.ClientSession() as http, http.get(f"{fake.base_url}/models", headers=AUTH) as resp:
+            assert resp.status == 200  # not a chat completion: not counted
+        assert fake.chat_attempts == 3
+        assert fake.requests == []

@@ -27,12 +27,31 @@ attribute                      header                                meaning
                                                                      after N content chunks
 ``ignore_max_tokens``          ``x-fake-ignore-max-tokens`` (1/0)    emit all words regardless
 ``cached_tokens``              ``x-fake-cached-tokens``              reported cached prompt tokens
+``stall_after``                ``x-fake-stall-after``                stream: after N content
+                                                                     chunks, silence (connection
+                                                                     open), then the rest
+``stall_s``                    ``x-fake-stall-s``                    seconds of that silence
+                                                                     (default 10)
 :meth:`FakeUpstream.fail_next` ``x-fake-fail-status`` (+               answer with an OpenAI error
                                ``x-fake-retry-after``)
+``fail_status`` (+             (the header above, per request)       EVERY chat completion fails
+``fail_retry_after``)                                                with it (an outage), until
+                                                                     reset to None or ``clear()``
+``fail_ratio`` (+              ``x-fake-fail-ratio`` (+              that share (0..1) of chat
+``fail_ratio_status``, 503)    ``x-fake-fail-ratio-status``)         completions fail, at random
 =============================  ====================================  ==========================
 
-Failures (``fail_next`` and ``x-fake-fail-status``) apply to chat completions only, after the
-auth check and the latency delay. Requests are recorded (bounded, oldest dropped) in
+``latency_ms`` is also the "slow before the first byte" knob: it runs before the status line
+and headers are written, so a client (or the gateway's first-byte timeout) sees no byte at all
+until it has passed; ``chunk_delay_ms`` and ``stall_*`` only slow a stream that has started.
+
+Failures apply to chat completions only, after the auth check and the latency delay; the first
+that applies wins: ``x-fake-fail-status``, then the ``fail_next`` queue, then ``fail_status``,
+then ``fail_ratio`` (drawn from ``FakeUpstream.rng``; seed it for a repeatable sequence).
+``chat_attempts`` counts every ``POST /v1/chat/completions`` on arrival (before the auth check,
+the latency and any failure), whether or not ``record`` is set. ``clear()`` forgets recorded
+requests, queued failures and the count, and turns ``fail_status``, ``fail_ratio`` and
+``stall_after`` off. Requests are recorded (bounded, oldest dropped) in
 ``FakeUpstream.requests`` unless ``record`` is false; the Authorization value is redacted.
 
 Run standalone for the benchmark: ``python -m tests.fakes.upstream --port 9999 --no-record``.
@@ -44,6 +63,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import time
 from collections import deque
@@ -75,6 +95,7 @@ _SSE_HEADERS: Final = {
 }
 _REDACTED: Final = "Bearer <redacted>"
 _MAX_CACHED_ANSWERS: Final = 64
+_STALL_POLL_S: Final = 0.05  # how soon a stalled stream notices its client left
 
 
 class _BadKnob(ValueError):
@@ -85,9 +106,10 @@ class FakeUpstream(FakeServer):
     """An OpenAI-compatible upstream on ``host:port`` (port 0 picks a free port at start).
 
     Not thread-safe: use it from the event loop that started it. ``start`` may be called once;
-    ``stop`` is idempotent. Attribute knobs take effect on the next request. ``base_url`` is the
-    OpenAI ``base_url``, e.g. ``http://127.0.0.1:41234/v1``. Recorded requests have the
-    ``authorization`` value replaced by ``"Bearer <redacted>"``.
+    ``stop`` is idempotent. Attribute knobs take effect on the next request; ``seed`` seeds
+    ``rng`` (the ``fail_ratio`` draws). ``base_url`` is the OpenAI ``base_url``, e.g.
+    ``http://127.0.0.1:41234/v1``. Recorded requests have the ``authorization`` value replaced
+    by ``"Bearer <redacted>"``.
     """
 
     _base_path = "/v1"
@@ -103,6 +125,7 @@ class FakeUpstream(FakeServer):
         words: int = 8,
         record: bool = True,
         max_recorded: int = 1000,
+        seed: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -114,6 +137,14 @@ class FakeUpstream(FakeServer):
         self.truncate_after: int | None = None
         self.ignore_max_tokens = False
         self.cached_tokens = 0
+        self.stall_after: int | None = None
+        self.stall_s = 10.0
+        self._fail_status: int | None = None
+        self.fail_retry_after: str | None = None
+        self._fail_ratio = 0.0
+        self.fail_ratio_status = 503
+        self.rng = random.Random(seed)
+        self.chat_attempts = 0
         self.requests: list[RecordedRequest] = []
         self._failures: deque[Failure] = deque()
         self._answers: dict[int, Answer] = {}
@@ -133,26 +164,52 @@ class FakeUpstream(FakeServer):
             raise ValueError(f"fail_next status must be 4xx or 5xx, got {status}")
         self._failures.extend(Failure(status, retry_after) for _ in range(count))
 
+    @property
+    def fail_status(self) -> int | None:
+        """While set (a 4xx or 5xx), every chat completion fails with it (a persistent outage),
+        with ``fail_retry_after`` as its ``retry-after`` header when set. None: off."""
+        return self._fail_status
+
+    @fail_status.setter
+    def fail_status(self, status: int | None) -> None:
+        if status is not None and not 400 <= status <= 599:
+            raise ValueError(f"fail_status must be 4xx, 5xx or None, got {status}")
+        self._fail_status = status
+
+    @property
+    def fail_ratio(self) -> float:
+        """The share (0..1) of chat completions that fail with ``fail_ratio_status``, at random."""
+        return self._fail_ratio
+
+    @fail_ratio.setter
+    def fail_ratio(self, ratio: float) -> None:
+        self._fail_ratio = _ratio(ratio, "fail_ratio", ValueError)
+
     def clear(self) -> None:
-        """Forget recorded requests and pending failures."""
+        """Forget recorded requests, pending failures and ``chat_attempts``; turn the persistent
+        faults (``fail_status``, ``fail_ratio``, ``stall_after``) off."""
         self.requests.clear()
         self._failures.clear()
+        self.chat_attempts = 0
+        self._fail_status, self.fail_retry_after, self._fail_ratio = None, None, 0.0
+        self.stall_after = None
 
     # -- request handling ----------------------------------------------------------------
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, method = request.path, request.method
+        if path == "/v1/chat/completions" and method == "POST":
+            self.chat_attempts += 1  # on arrival: a caller that gave up early still made the attempt
         raw = await request.read() if request.body_exists else b""
         auth = request.headers.get("Authorization", "")
         if self.record:
             self._record(request, raw, auth)
-        path = request.path
         if not auth.startswith("Bearer ") or not auth[7:].strip():
             return _error(
                 401,
                 "You didn't provide an API key. You need to provide your API key in an Authorization "
                 "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
             )
-        method = request.method
         if path == "/v1/chat/completions" and method == "POST":
             try:
                 return await self._chat(request, raw)
@@ -262,7 +319,10 @@ class FakeUpstream(FakeServer):
         events.append(DONE_EVENT)
         truncate_after = _opt_int_knob(hdrs, "x-fake-truncate-after", self.truncate_after)
         chunk_delay_ms = _float_knob(hdrs, "x-fake-chunk-delay-ms", self.chunk_delay_ms)
-        return await self._stream(request, events, truncate_after, chunk_delay_ms, completion_id)
+        stall_after = _opt_int_knob(hdrs, "x-fake-stall-after", self.stall_after)
+        stall_s = _float_knob(hdrs, "x-fake-stall-s", self.stall_s)
+        return await self._stream(request, events, truncate_after, chunk_delay_ms, completion_id,
+                                  stall_after=stall_after, stall_s=stall_s)
 
     async def _stream(
         self,
@@ -271,6 +331,9 @@ class FakeUpstream(FakeServer):
         truncate_after: int | None,
         chunk_delay_ms: float,
         completion_id: str,
+        *,
+        stall_after: int | None = None,
+        stall_s: float = 0.0,
     ) -> web.StreamResponse:
         headers = dict(_SSE_HEADERS)
         headers["x-request-id"] = "req_" + completion_id[8:]
@@ -280,15 +343,18 @@ class FakeUpstream(FakeServer):
             # Role event plus the first ``truncate_after`` content events, then a hard close:
             # no finish chunk, no usage, no [DONE], no chunked-encoding terminator.
             events = events[: 1 + max(truncate_after, 0)]
-        if chunk_delay_ms <= 0:
-            # One write keeps the default path cheap; TCP may coalesce separate writes anyway.
-            await resp.write(b"".join(events))
+        if stall_after is None or stall_s <= 0:
+            await _write_events(resp, events, chunk_delay_ms)
         else:
-            delay = chunk_delay_ms / 1000
-            for i, event in enumerate(events):
-                if i:
-                    await asyncio.sleep(delay)
-                await resp.write(event)
+            # Role event plus ``stall_after`` content events, silence, then the rest.
+            split = 1 + max(stall_after, 0)
+            await _write_events(resp, events[:split], chunk_delay_ms)
+            if not await _stall(request, stall_s):
+                return resp  # the client gave up during the silence: nothing more to say
+            try:
+                await _write_events(resp, events[split:], chunk_delay_ms)
+            except ConnectionResetError:  # it left just as the silence ended
+                return resp
         if truncate_after is not None:
             drop_connection(request)
             # aiohttp's write_eof now hits a closing transport and is treated as a dropped peer.
@@ -297,6 +363,8 @@ class FakeUpstream(FakeServer):
         return resp
 
     def _take_failure(self, hdrs: Any) -> Failure | None:
+        """The failure this chat completion answers with, if any (precedence: module docstring).
+        Consumes a queued ``fail_next`` entry; raises ``_BadKnob`` on a malformed header."""
         status = hdrs.get("x-fake-fail-status")
         if status is not None:
             try:
@@ -306,7 +374,49 @@ class FakeUpstream(FakeServer):
             return Failure(code, hdrs.get("x-fake-retry-after"))
         if self._failures:
             return self._failures.popleft()
+        if self._fail_status is not None:
+            return Failure(self._fail_status, self.fail_retry_after)
+        ratio = self._fail_ratio
+        if hdrs.get("x-fake-fail-ratio") is not None:
+            ratio = _ratio(_float_knob(hdrs, "x-fake-fail-ratio", 0.0), "x-fake-fail-ratio", _BadKnob)
+        if ratio > 0 and self.rng.random() < ratio:
+            status = _int_knob(hdrs, "x-fake-fail-ratio-status", self.fail_ratio_status)
+            if not 400 <= status <= 599:
+                raise _BadKnob(f"the fail-ratio status must be 4xx or 5xx, got {status}")
+            return Failure(status)
         return None
+
+
+async def _write_events(resp: web.StreamResponse, events: list[bytes], chunk_delay_ms: float) -> None:
+    """``events`` as one write, or one write each ``chunk_delay_ms`` apart."""
+    if not events:
+        return
+    if chunk_delay_ms <= 0:
+        # One write keeps the default path cheap; TCP may coalesce separate writes anyway.
+        await resp.write(b"".join(events))
+        return
+    delay = chunk_delay_ms / 1000
+    for i, event in enumerate(events):
+        if i:
+            await asyncio.sleep(delay)
+        await resp.write(event)
+
+
+async def _stall(request: web.BaseRequest, seconds: float) -> bool:
+    """Send nothing for ``seconds``; False as soon as the client has closed the connection (so a
+    fake whose caller timed out does not hold a handler, and its own shutdown, for the rest)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if request.transport is None or request.transport.is_closing():
+            return False
+        await asyncio.sleep(min(left, _STALL_POLL_S))
+    return request.transport is not None and not request.transport.is_closing()
+
+
+def _ratio(value: float, name: str, error: type[ValueError]) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise error(f"{name} must be between 0 and 1, got {value!r}")
+    return float(value)
 
 
 def _error(
