@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from dataplane.call import Call
-from dataplane.health import HealthBoard, TargetHealth
+from dataplane.health import HealthBoard, TargetHealth, TargetKey
 from dataplane.routing import RoutePlan
 from schemas.errors import GatewayError, UpstreamError
 from schemas.events import Attempt
@@ -130,10 +130,16 @@ def _eligible(call: Call, board: HealthBoard, index: int, tried_any: bool) -> bo
             and not board.cooling_until((key[0], key[1]), now))
 
 
-async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]]) -> T:
+async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]],
+                        judge: Callable[[T], GatewayError | None] | None = None,
+                        discard: Callable[[T], None] | None = None) -> T:
     """`open_`'s result from the first target that answers (see the module docstring). Raises the
     last upstream error (one clear 502/503/504 after several attempts), or any other error of
-    `open_` at once (the request's own fault: not an upstream's)."""
+    `open_` at once (the request's own fault: not an upstream's).
+
+    `judge` (the passthrough, which relays upstream errors as they are): the error an opened
+    answer stands for (a 5xx or 429 answer), or None when it is a success. Such an answer counts
+    as a failed attempt; it is `discard`ed when another attempt follows, else returned as is."""
     plan, board = call.route, call.worker.health
     assert plan is not None and call.order  # set by the route stage
     board.active += 1
@@ -148,68 +154,93 @@ async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]]) -> T:
             call.target, call.provider_key = target, key
             th = board.get(hkey, call.vk.workspace_id, target.provider.name)
             board.started(th)
-            retrying = retry > 0
             t0 = time.perf_counter()
-            bound, first_byte = _bound(call)
             try:
-                if bound is not None and bound <= 0:
-                    raise _timed_out(call, False, 0)
-                if bound is None:
-                    result = await open_()
-                else:
-                    try:
-                        async with asyncio.timeout(bound):
-                            result = await open_()
-                    except TimeoutError:
-                        raise _timed_out(call, first_byte, round(bound, 3)) from None
+                result = await _attempt(call, open_)
             except GatewayError as err:
-                if retrying:
-                    board.retries_in_flight -= 1
                 if err.upstream_status is None:  # not the upstream's answer: the request's own error
                     board.ended(th)
                     raise
-                last = err
-                elapsed_ms = (time.perf_counter() - t0) * 1000
-                cool = retry_after_s(err) if err.upstream_status in (429, 503, 529) else None
-                board.failed(th, err.code or "upstream_error", plan.health, peers,
-                             counts=err.retryable and cool is None, cool_s=cool)
-                call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id,
-                                             status=err.upstream_status, latency_ms=round(elapsed_ms, 3),
-                                             reason=err.code or "upstream_error", retryable=err.retryable))
-                if err.code in NO_FALLBACK_CODES:
-                    raise _exhausted(call, err) from None
-                remaining = _remaining(call)
-                if remaining is not None and remaining <= 0:
-                    raise _exhausted(call, err) from None
-                if (err.retryable and cool is None and retry < plan.retry.retries and board.may_retry(plan.retry)
-                        and th.ejected_until <= board.clock()):
-                    pause = _backoff_s(plan, retry)
-                    if remaining is None or pause < remaining:
-                        retry += 1
-                        board.retries_in_flight += 1
-                        try:
-                            await asyncio.sleep(pause)
-                        except BaseException:
-                            board.retries_in_flight -= 1
-                            raise
-                        continue
-                break
+                last, answered = err, None
             except BaseException:
-                if retrying:
-                    board.retries_in_flight -= 1
                 board.ended(th)
                 raise
-            if retrying:
+            else:
+                soft = judge(result) if judge is not None else None
+                if soft is None:
+                    elapsed_ms = (time.perf_counter() - t0) * 1000
+                    board.first_byte(th, elapsed_ms)
+                    call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id, status=200,
+                                                 latency_ms=round(elapsed_ms, 3)))
+                    call.held.callback(_served, board, th, t0)
+                    return result
+                last, answered = soft, result
+            finally:
+                if retry:
+                    board.retries_in_flight -= 1
+            step = _after_failure(call, board, th, key.key_id, last, t0, retry, peers)
+            if step == "stop":
+                if answered is not None:
+                    return answered
+                raise _exhausted(call, last)
+            if answered is not None and discard is not None:
+                discard(answered)
+            if step == "next":
+                break
+            retry += 1
+            board.retries_in_flight += 1
+            try:
+                await asyncio.sleep(_backoff_s(plan, retry - 1))
+            except BaseException:
                 board.retries_in_flight -= 1
-            elapsed_ms = (time.perf_counter() - t0) * 1000
-            board.first_byte(th, elapsed_ms)
-            call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id, status=200,
-                                         latency_ms=round(elapsed_ms, 3)))
-            call.held.callback(_served, board, th, t0)
-            return result
+                raise
     if last is None:
         raise _refuse_all(call, board)
     raise _exhausted(call, last)
+
+
+async def _attempt(call: Call, open_: Callable[[], Awaitable[T]]) -> T:
+    """One `open_` within this attempt's bound (a 504 `upstream_timeout` past it)."""
+    bound, first_byte = _bound(call)
+    if bound is None:
+        return await open_()
+    if bound <= 0:
+        raise _timed_out(call, False, 0)
+    try:
+        async with asyncio.timeout(bound):
+            return await open_()
+    except TimeoutError:
+        raise _timed_out(call, first_byte, round(bound, 3)) from None
+
+
+def _after_failure(call: Call, board: HealthBoard, th: TargetHealth, key_id: str | None, err: GatewayError,
+                   t0: float, retry: int, peers: list[TargetKey]) -> str:
+    """Record a failed attempt (trail, health) and say what follows: "retry" the same target,
+    the "next" target, or "stop" (the request's own fault, or the deadline passed)."""
+    plan = call.route
+    assert plan is not None
+    cool = retry_after_s(err) if err.upstream_status in (429, 503, 529) else None
+    board.failed(th, err.code or "upstream_error", plan.health, peers, counts=err.retryable and cool is None,
+                 cool_s=cool)
+    call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key_id, status=err.upstream_status or 0,
+                                 latency_ms=round((time.perf_counter() - t0) * 1000, 3),
+                                 reason=err.code or "upstream_error", retryable=err.retryable))
+    if err.code in NO_FALLBACK_CODES:
+        return "stop"
+    remaining = _remaining(call)
+    if remaining is not None and remaining <= 0:
+        return "stop"
+    if (err.retryable and cool is None and retry < plan.retry.retries and board.may_retry(plan.retry)
+            and th.ejected_until <= board.clock()
+            and (remaining is None or plan.retry.backoff_ms / 1000 < remaining)):
+        return "retry"
+    if not any(_eligible(call, board, i, tried_any=True) for i in range(_index_of(call, th) + 1, len(call.order))):
+        return "stop"
+    return "next"
+
+
+def _index_of(call: Call, th: TargetHealth) -> int:
+    return next(i for i, (_, _, k) in enumerate(call.order) if k == th.key)
 
 
 def _leave(board: HealthBoard) -> None:

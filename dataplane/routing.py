@@ -92,6 +92,11 @@ def provider_timeouts(target: Target) -> Timeouts:
 _provider_policy: dict[int, tuple[Provider, RetryPolicy, Timeouts]] = {}
 
 
+def direct_route(target: Target) -> RoutePlan:
+    """The plan of a call to one named target: its provider's retries and timeouts."""
+    return _direct(target)
+
+
 def _direct(target: Target) -> RoutePlan:
     provider = target.provider
     cached = _provider_policy.get(id(provider))

@@ -61,10 +61,11 @@ from urllib.parse import unquote, unquote_plus, urlsplit
 
 import aiohttp
 import msgspec
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from multidict import CIMultiDict
 from yarl import URL
 
+from dataplane.attempts import open_upstream
 from dataplane.call import Call
 from dataplane.decisions import Target, bearer_token
 from dataplane.edge import check_model
@@ -83,12 +84,14 @@ from dataplane.limits import STREAM_SLOTS, body_within, wants_stream
 from dataplane.pipeline import emit_once, run
 from dataplane.providers import anthropic, gemini, ollama, openai
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
+from dataplane.providers.base import DEFAULT_CONNECT_TIMEOUT_S
 from dataplane.providers.bedrock import DEFAULT_REGION, SIGNING_SERVICE
 from dataplane.providers.openai_compat import PROFILES
-from dataplane.providers.upstream import is_redirect, redirect_error, send
+from dataplane.providers.upstream import is_redirect, is_retryable, redirect_error, send
+from dataplane.routing import direct_route
 from dataplane.stages.governance import input_bound
 from dataplane.usage_estimate import RelayTap
-from schemas.entities import RESERVED_PROVIDER_NAMES, Provider
+from schemas.entities import RESERVED_PROVIDER_NAMES, Provider, Timeouts
 from schemas.errors import (
     GatewayError,
     InvalidRequest,
@@ -526,6 +529,7 @@ class Passthrough:
         content_type = call.request.headers.get("Content-Type", "")
         model = check_model(model_of(call.body_bytes, content_type, rest))
         call.target, call.requested_model = Target(provider=provider, model=model), f"{provider.name}/{model}"
+        call.route = direct_route(call.target)  # the provider's timeouts and retries; health is recorded
         call.max_tokens = max_tokens_of(call.body_bytes, content_type)
         call.input_bound = input_bound(len(call.body_bytes))
 
@@ -551,13 +555,22 @@ class Passthrough:
         slots = request.app.get(STREAM_SLOTS)  # absent only in unit-test apps
         if slots is not None and wants_stream(body, rest, provider.type):
             call.held.enter_context(slots.hold(call.vk.id))  # before sending: a refused call costs nothing upstream
-        up = await send(worker.session, provider.name, request.method, URL(url, encoded=True), body or None,
-                        headers, worker.settings.upstream_timeout_s)
-        if is_redirect(up.status):
-            # Never followed, never relayed: a client following it could take our URL's secrets
-            # (or its own key) to wherever the provider pointed.
-            up.release()
-            raise redirect_error(provider.name, up.status)
+        timeouts = call.route.timeouts if call.route is not None else Timeouts()
+
+        async def open_() -> ClientResponse:
+            up = await send(worker.session, provider.name, request.method, URL(url, encoded=True), body or None,
+                            headers, timeouts.idle_s or worker.settings.upstream_timeout_s,
+                            timeouts.connect_s or DEFAULT_CONNECT_TIMEOUT_S)
+            if is_redirect(up.status):
+                # Never followed, never relayed: a client following it could take our URL's secrets
+                # (or its own key) to wherever the provider pointed.
+                up.release()
+                raise redirect_error(provider.name, up.status)
+            return up
+
+        # A retryable answer (429, 5xx) counts against the target's health and is retried when the
+        # provider's `retries` option allows; the last one is relayed as the provider sent it.
+        up = await open_upstream(call, open_, judge=_retryable_answer, discard=ClientResponse.release)
         call.status = up.status
         if up.status >= 400:
             call.error_code = "upstream_error"
@@ -568,6 +581,17 @@ class Passthrough:
         answer = await _buffered(call, provider, up, secrets)
         note_disconnect(request, call)
         return answer
+
+
+def _retryable_answer(up: ClientResponse) -> GatewayError | None:
+    """The failure a relayed upstream answer stands for, for health and retries: a retryable
+    status (with its `Retry-After`), else None."""
+    if not is_retryable(up.status):
+        return None
+    retry = up.headers.get("Retry-After")
+    err = UpstreamError(f"The provider answered {up.status}.", status=up.status, code="upstream_error",
+                        headers={"Retry-After": retry} if retry else None, upstream_status=up.status)
+    return err
 
 
 _ENDPOINT = Passthrough()
