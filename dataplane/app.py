@@ -33,6 +33,7 @@ from dataplane.models import ModelCatalog
 from dataplane.outbound import make_session
 from dataplane.pipeline import Endpoint, run
 from dataplane.pricing import warm
+from dataplane.probes import run_probes
 from dataplane.snapshot import SnapshotStore, SnapshotWatcher
 from dataplane.state import WORKER, WorkerState
 from events.jetstream import bus_auth, connect, ensure_kv
@@ -116,6 +117,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("refusal-counts", _flush_refusals(worker)),
             ("governor", governor.run()),
             ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet, targets=worker.health.states)),
+            ("health-probes", run_probes(worker)),
         )]
         yield
         worker.refusals.flush(publisher)

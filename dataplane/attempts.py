@@ -189,6 +189,7 @@ async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]],
                 break
             retry += 1
             board.retries_in_flight += 1
+            board.retries_total += 1
             try:
                 await asyncio.sleep(_backoff_s(plan, retry - 1))
             except BaseException:

@@ -47,6 +47,9 @@ class TargetHealth:
     failures: int = 0
     last_used: float = 0.0
     last_error: str = ""
+    # Set when an ejection's policy probes: (interval s, path); when it was last probed.
+    probe: tuple[float, str] | None = None
+    last_probe: float = 0.0
 
     def latency_score(self) -> float:
         """What latency routing sorts by: the total-time EWMA (time to first byte when no call
@@ -70,6 +73,11 @@ class HealthBoard:
         self.cooldowns: dict[CoolKey, float] = {}
         self.active = 0  # calls between their first attempt and their end
         self.retries_in_flight = 0
+        # Totals since start, for metrics: retries made, ejections, cool-downs begun, probe readmissions.
+        self.retries_total = 0
+        self.ejections_total = 0
+        self.cooldowns_total = 0
+        self.readmissions_total = 0
 
     def get(self, key: TargetKey, workspace_id: str, provider: str) -> TargetHealth:
         th = self.targets.get(key)
@@ -141,6 +149,7 @@ class HealthBoard:
         if cool_s is not None and cool_s > 0:
             cool = (th.key[0], th.key[1])
             self.cooldowns[cool] = max(self.cooldowns.get(cool, 0.0), now + cool_s)
+            self.cooldowns_total += 1
         if not counts:
             return False
         th.consecutive_failures += 1
@@ -152,14 +161,18 @@ class HealthBoard:
         if ejected >= 1 and (ejected + 1) * 100 > policy.max_ejected_percent * len(set_keys):
             return False  # the cap: this set keeps enough targets in rotation
         th.ejections += 1
+        self.ejections_total += 1
         th.consecutive_failures = 0
         th.ejected_until = now + min(policy.base_ejection_s * th.ejections, policy.max_ejection_s)
+        th.probe = (policy.probe_interval_s, policy.probe_path) if policy.probe_interval_s else None
+        th.last_probe = now
         return True
 
     def readmit(self, th: TargetHealth) -> None:
         """A health probe succeeded: the target takes traffic again (its ejection count stays)."""
         th.ejected_until = 0.0
         th.consecutive_failures = 0
+        self.readmissions_total += 1
 
     # --- the retry budget ---------------------------------------------------------------------
 

@@ -340,3 +340,23 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
     event = await eventually(lambda: journal_event(gateway.database_url, failed_over[0][3]))
     assert [(a["target"], a["status"]) for a in event["attempts"]] == [(f"ra/{MODEL}", 500), (f"rb/{MODEL}", 200)]
     assert (event["agent_id"], event["run_id"], event["provider"]) == ("router-agent", "run-r1", "rb")
+
+
+async def test_an_active_probe_readmits_an_ejected_target_before_its_ejection_ends(
+        gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
+    ra, _ = fakes
+    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+                               retry={"retries": 0},
+                               health={"consecutive_failures": 2, "base_ejection_s": 120, "probe_interval_s": 0.3})
+    path = f"/router/{router['id']}/v1/chat/completions"
+    await until_live(gateway, http, router["id"])
+    ra.fail_next(500, count=2)
+    assert [await served_by(gateway, http, path) for _ in range(3)] == ["rb", "rb", "rb"]  # ejected after 2
+    probes_before = sum(1 for r in ra.requests if r.path == "/v1/models")
+
+    async def back() -> bool | None:
+        return True if await served_by(gateway, http, path) == "ra" else None
+    started = time.monotonic()
+    await eventually(back, timeout=5)
+    assert time.monotonic() - started < 3.0  # not the 120 s ejection
+    assert sum(1 for r in ra.requests if r.path == "/v1/models") > probes_before  # the probe is what readmitted it
