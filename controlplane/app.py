@@ -31,12 +31,12 @@ from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
 from controlplane import commands as c
-from controlplane import finance, prompts
+from controlplane import finance, prompts, routers
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
 from controlplane.escalations import STATUSES, ApproveEscalation, Escalations, RejectEscalation
-from controlplane.fleet import FLEET, FleetMonitor, get_fleet
+from controlplane.fleet import FLEET, FleetMonitor, get_fleet, router_health
 from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
 from controlplane.idempotency import IdempotencyStore, Replay, check_key
 from controlplane.provider_keys import PROVIDER_KEY
@@ -237,6 +237,15 @@ async def get_prompt_versions(request: web.Request) -> web.StreamResponse:
     return _json({"object": "list", "data": items})
 
 
+async def get_router_health(request: web.Request) -> web.StreamResponse:
+    router_id = _param(request.match_info["id"], "id")
+    router = await request.app[ADMIN].commands.load("router", router_id)
+    if router is None:
+        raise NotFound(f"No router with id '{router_id}'.", param="id", code="router_not_found")
+    now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+    return _json(router_health(router, request.app[FLEET].live_beats(now), now))
+
+
 async def get_budget(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
     budget_id = _param(request.match_info["id"], "id")
@@ -362,7 +371,7 @@ ROUTES: tuple[Route, ...] = (
     *_crud("members", g.MEMBER, "member",
            delete_rule=_REFUSED_IF_USED.format("agents, keys, budgets, limits or policies")),
     *_crud("agents", c.AGENT, "agent", delete_rule=_REFUSED_IF_USED.format("keys, budgets, limits or policies")),
-    *_crud("providers", c.PROVIDER, "provider", delete_rule=_REFUSED_IF_USED.format("model aliases")),
+    *_crud("providers", c.PROVIDER, "provider", delete_rule=_REFUSED_IF_USED.format("model aliases or routers")),
     *_crud("provider-keys", PROVIDER_KEY, "provider key: with `workspace_id`, a BYO key for its provider named "
            "`provider`; without, an operator master key for the provider type `provider`, serving every workspace "
            "without a key of its own (list master keys with ?workspace_id=_operator)"),
@@ -385,6 +394,13 @@ ROUTES: tuple[Route, ...] = (
           "`remaining_usd` from Redis (null, with `budget_store: unavailable`, when Redis is unreachable)",
           None, get_budget),
     *_crud("limits", g.LIMIT, "limit"),
+    *_crud("routers", routers.ROUTER, "router (`targets` of `provider/model`, `strategy` weighted | latency | "
+           "least_busy | cost | fallback, optional `rules`, `retry`, `timeouts`, `health`; the name is unique in "
+           "the workspace and callable as model `router/<name>`)",
+           delete_rule=_REFUSED_IF_USED.format("virtual keys or agents (`router_id`)")),
+    Route("GET", "/admin/v1/routers/{id}/health", "Per target of the router (its own and its rules'), the health "
+          "each live data-plane worker reports: in flight, successes, failures, latency EWMAs, ejection and "
+          "cool-down, with a summary", None, get_router_health),
     *_crud("policies", g.POLICY, "policy"),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",

@@ -7,9 +7,10 @@ a newly created (or rotated) virtual key.
 Every entity kind is described by a `KindSpec` (its create and patch commands, how an entity maps
 back to create fields, how a validated command builds the entity), so create, PATCH and DELETE
 share one validation path: a PATCH is merged over the stored entity's fields and validated as a
-create. References (`workspace_id`, `department_id`, `member_id`, `agent_id`, a budget's or
-policy's `scope_id`) must name a live entity of the same workspace: 404 `<what>_not_found` or
-400 `<what>_workspace_mismatch`, naming the field. Nothing is written on any error.
+create. References (`workspace_id`, `department_id`, `member_id`, `agent_id`, `router_id`, a
+budget's or policy's `scope_id`, a router's providers) must name a live entity of the same
+workspace: 404 `<what>_not_found` or 400 `<what>_workspace_mismatch`, naming the field. Nothing
+is written on any error.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ from schemas.entities import (
     PriceScope,
     Provider,
     ProviderKind,
+    Router,
     VirtualKey,
     Workspace,
     entity_encoder,
@@ -104,21 +106,24 @@ class PatchWorkspace(Command):
 
 
 class CreateAgent(Command):
-    """`department_id` / `member_id`, when given, must be of the same workspace."""
+    """`department_id` / `member_id` / `router_id`, when given, must be of the same workspace.
+    `router_id`: the router the agent's calls go through when they name no `provider/model`."""
 
     workspace_id: Ident
     name: Name
     id: Ident | None = None
     department_id: Ident | None = None
     member_id: Ident | None = None
+    router_id: Ident | None = None
 
 
 class PatchAgent(Command):
-    """null unbinds a department or member."""
+    """null unbinds a department, member or router."""
 
     name: Name | msgspec.UnsetType = msgspec.UNSET
     department_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
     member_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    router_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class UpsertProvider(Command):
@@ -152,7 +157,8 @@ class PatchProvider(Command):
 
 
 class CreateVirtualKey(Command):
-    """`agent_id`, `department_id`, `member_id`, when given, must be of the same workspace.
+    """`agent_id`, `department_id`, `member_id`, `router_id`, when given, must be of the same
+    workspace (`router_id`: the key's default router, which wins over its agent's).
     `models_allow` globs over `provider/model`, `providers_allow` globs over provider names (empty
     = any). Expiry: `expires_at` (ISO-8601 with an offset, in the future) or `ttl_s`, not both."""
 
@@ -167,6 +173,7 @@ class CreateVirtualKey(Command):
     ttl_s: KeyTtl | None = None
     # Provider name -> provider key id (the workspace's or a master key): this key's own choice.
     provider_keys: Annotated[dict[Ident, Ident], msgspec.Meta(max_length=32)] = msgspec.field(default_factory=dict)
+    router_id: Ident | None = None
 
     def check(self) -> None:
         if self.expires_at is not None and self.ttl_s is not None:
@@ -188,6 +195,7 @@ class PatchVirtualKey(Command):
     expires_at: Timestamp | msgspec.UnsetType | None = msgspec.UNSET
     ttl_s: KeyTtl | msgspec.UnsetType = msgspec.UNSET
     provider_keys: Annotated[dict[Ident, Ident], msgspec.Meta(max_length=32)] | msgspec.UnsetType = msgspec.UNSET
+    router_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
 
 
 class RotateVirtualKey(Command):
@@ -327,7 +335,19 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
         case PriceOverride():
             data["per_request_usd"] = (None if entity.per_request_nanos is None
                                        else nanos_to_decimal_str(entity.per_request_nanos))
+        case Router():
+            # Every setting shown, defaults included (the entity omits them on the wire).
+            data["targets"] = [_all_fields(t) for t in entity.targets]
+            data["rules"] = [_all_fields(r) | {"when": _all_fields(r.when), "targets": [_all_fields(t) for t in
+                                                                                        r.targets]}
+                             for r in entity.rules]
+            for name in ("retry", "timeouts", "health"):
+                data[name] = _all_fields(getattr(entity, name))
     return data
+
+
+def _all_fields(struct: msgspec.Struct) -> dict[str, Any]:
+    return {name: msgspec.to_builtins(getattr(struct, name)) for name in struct.__struct_fields__}
 
 
 # ---- kinds -------------------------------------------------------------------------------------
@@ -356,6 +376,9 @@ class KindSpec:
     fields: Callable[[Any], dict[str, Any]]
     build: Build
     upsert: bool = False
+    # Checks that need the write's transaction (e.g. a natural key unique in the workspace), run
+    # after `build` on create and PATCH.
+    guard: Callable[[psycopg.AsyncConnection[Any], Any], Awaitable[None]] | None = None
 
 
 def _builtins(entity: Any, *names: str) -> dict[str, Any]:
@@ -486,6 +509,8 @@ class ConfigCommands:
     async def create(self, spec: KindSpec, cmd: Any, on_commit: CommitHook | None = None) -> dict[str, Any]:
         async def plan(conn: psycopg.AsyncConnection[Any]) -> tuple[Sequence[Write], dict[str, Any]]:
             entity = await spec.build(self, cmd, spec.new_id(cmd), None)
+            if spec.guard is not None:
+                await spec.guard(conn, entity)
             op = "upserted" if spec.upsert else "created"
             return [Write(entity, op, references(entity), create_only=not spec.upsert)], public_view(entity)
         return await self.commit(plan, on_commit)
@@ -502,6 +527,8 @@ class ConfigCommands:
             old = await self.load_for_update(conn, spec.kind, entity_id, spec.what)
             cmd = parse_command(spec.fields(old) | given, spec.create)
             new = await spec.build(self, cmd, entity_id, Prior(old, frozenset(given)))
+            if spec.guard is not None:
+                await spec.guard(conn, new)
             before = set(references(old))
             refs = tuple(r for r in references(new) if r not in before)
             return [Write(new, "updated", refs)], public_view(new)
@@ -597,7 +624,7 @@ def _virtual_key(cmd: CreateVirtualKey, key_id: str, key_hash: str, prefix: str,
     return VirtualKey(id=key_id, workspace_id=cmd.workspace_id, key_hash=key_hash, name=cmd.name,
                       agent_id=cmd.agent_id, prefix=prefix, department_id=cmd.department_id, member_id=cmd.member_id,
                       models_allow=cmd.models_allow, providers_allow=cmd.providers_allow, expires_at_ms=expires,
-                      provider_keys=dict(cmd.provider_keys))
+                      provider_keys=dict(cmd.provider_keys), router_id=cmd.router_id)
 
 
 async def _build_workspace(_: ConfigCommands, cmd: CreateWorkspace, ent_id: str, prior: Prior | None) -> Workspace:
@@ -607,7 +634,7 @@ async def _build_workspace(_: ConfigCommands, cmd: CreateWorkspace, ent_id: str,
 
 async def _build_agent(_: ConfigCommands, cmd: CreateAgent, ent_id: str, prior: Prior | None) -> Agent:
     return Agent(id=ent_id, workspace_id=cmd.workspace_id, name=cmd.name, department_id=cmd.department_id,
-                 member_id=cmd.member_id)
+                 member_id=cmd.member_id, router_id=cmd.router_id)
 
 
 async def _build_provider(cc: ConfigCommands, cmd: UpsertProvider, ent_id: str, prior: Prior | None) -> Provider:
@@ -668,13 +695,15 @@ WORKSPACE = KindSpec("ws", "Workspace", CreateWorkspace, PatchWorkspace, lambda 
                      lambda e: _builtins(e, "id", "name", "providers_allow", "default_provider"),
                      _build_workspace)
 AGENT = KindSpec("agent", "Agent", CreateAgent, PatchAgent, lambda c: c.id or new_id("agent"),
-                 lambda e: _builtins(e, "id", "workspace_id", "name", "department_id", "member_id"), _build_agent)
+                 lambda e: _builtins(e, "id", "workspace_id", "name", "department_id", "member_id", "router_id"),
+                 _build_agent)
 PROVIDER = KindSpec("provider", "Provider", UpsertProvider, PatchProvider, lambda c: f"{c.workspace_id}.{c.name}",
                     lambda e: _builtins(e, "workspace_id", "name", "type", "base_url", "options"), _build_provider,
                     upsert=True)
 VIRTUAL_KEY = KindSpec("vk", "Virtual key", CreateVirtualKey, PatchVirtualKey, lambda c: new_id("vk"),
                        lambda e: _builtins(e, "workspace_id", "name", "agent_id", "department_id", "member_id",
-                                           "models_allow", "providers_allow", "provider_keys"), _build_vk)
+                                           "models_allow", "providers_allow", "provider_keys", "router_id"),
+                       _build_vk)
 ALIAS = KindSpec("alias", "Model alias", UpsertAlias, PatchAlias, lambda c: _stable_id(c.workspace_id, c.alias),
                  lambda e: _builtins(e, "workspace_id", "alias", "target"), _build_alias, upsert=True)
 PRICE = KindSpec("price", "Price", UpsertPrice, PatchPrice,

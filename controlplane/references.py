@@ -8,6 +8,7 @@ A reference names a live entity of the SAME workspace: otherwise 404 `<what>_not
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,8 @@ from schemas.entities import (
     Policy,
     Provider,
     ProviderKey,
+    Router,
+    RouterTarget,
     VirtualKey,
 )
 from schemas.errors import InvalidRequest, NotFound
@@ -32,7 +35,7 @@ SCOPE_KIND: dict[str, tuple[str, str]] = {
     "agent": ("agent", "Agent"), "key": ("vk", "Virtual key"),
 }
 _REF_FIELDS = (("department_id", "dept", "Department"), ("member_id", "member", "Member"),
-               ("agent_id", "agent", "Agent"))
+               ("agent_id", "agent", "Agent"), ("router_id", "router", "Router"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
     if isinstance(entity, VirtualKey):  # its own provider-key choices: the workspace's or master keys
         refs += [Ref("pkey", key_id, f"provider_keys.{name}", "Provider key")
                  for name, key_id in sorted(entity.provider_keys.items())]
+    if isinstance(entity, Router):  # each target's provider (by name) and pinned credential
+        refs += _router_refs(entity)
     for field, kind, what in _REF_FIELDS:
         value = getattr(entity, field, None)
         if isinstance(value, str):
@@ -63,6 +68,28 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
         kind, what = SCOPE_KIND[entity.scope]
         refs.append(Ref(kind, entity.scope_id, "scope_id", what))
     return tuple(refs)
+
+
+def router_target_sets(router: Router) -> Iterator[tuple[str, tuple[RouterTarget, ...]]]:
+    """Each target set of a router with the param that names it: its own, then its rules'."""
+    yield "targets", router.targets
+    for i, rule in enumerate(router.rules):
+        yield f"rules[{i}].targets", rule.targets
+
+
+def _router_refs(router: Router) -> list[Ref]:
+    refs: list[Ref] = []
+    seen: set[tuple[str, str]] = set()
+    for where, targets in router_target_sets(router):
+        for i, t in enumerate(targets):
+            provider = ("provider", f"{router.workspace_id}.{t.model.partition('/')[0]}")
+            if provider not in seen:
+                seen.add(provider)
+                refs.append(Ref(*provider, f"{where}[{i}].model", "Provider"))
+            if t.provider_key_id is not None and ("pkey", t.provider_key_id) not in seen:
+                seen.add(("pkey", t.provider_key_id))
+                refs.append(Ref("pkey", t.provider_key_id, f"{where}[{i}].provider_key_id", "Provider key"))
+    return refs
 
 
 def slug(what: str) -> str:
@@ -88,6 +115,7 @@ _REFERRERS: dict[str, tuple[tuple[str, str], ...]] = {
     "dept": (("member", "department_id"), ("agent", "department_id"), ("vk", "department_id")),
     "member": (("agent", "member_id"), ("vk", "member_id")),
     "agent": (("vk", "agent_id"),),
+    "router": (("vk", "router_id"), ("agent", "router_id")),
 }
 _SCOPE_OF: dict[str, str] = {"dept": "department", "member": "member", "agent": "agent"}
 
@@ -103,12 +131,17 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind == "provider":
         assert isinstance(entity, Provider)
-        cur = await conn.execute("SELECT kind, id FROM config_entity WHERE kind = 'alias' AND workspace_id = %s "
-                                 "AND deleted_at IS NULL AND starts_with(body->>'target', %s) LIMIT 5",
-                                 (entity.workspace_id, f"{entity.name}/"))
+        prefix = f"{entity.name}/"
+        cur = await conn.execute(
+            "SELECT kind, id FROM config_entity WHERE workspace_id = %s AND deleted_at IS NULL AND ("
+            "(kind = 'alias' AND starts_with(body->>'target', %s)) OR (kind = 'router' AND ("
+            "jsonb_path_exists(body, '$.targets[*].model ? (@ starts with $p)', jsonb_build_object('p', %s::text)) "
+            "OR jsonb_path_exists(body, '$.rules[*].targets[*].model ? (@ starts with $p)', "
+            "jsonb_build_object('p', %s::text))))) ORDER BY kind, id LIMIT 5",
+            (entity.workspace_id, prefix, prefix, prefix))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind not in _REFERRERS:
-        return []  # nothing points at a price, alias, key, budget, limit or policy
+        return []  # nothing points at a price, alias, key, budget, limit, policy or prompt
     found: list[str] = []
     ws = entity.workspace_id
     for other, field in _REFERRERS.get(kind, ()):

@@ -217,11 +217,13 @@ def add_admin_commands(sub: Any) -> None:
     g = cmds.group("agents", "Register and list agents")
     p = leaf(g, "create", "Register an agent", "POST", lambda a: "/admin/v1/agents",
              lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "id": a.id,
-                                  "department_id": a.department, "member_id": a.member}))
+                                  "department_id": a.department, "member_id": a.member, "router_id": a.router}))
     p.add_argument("name")
     p.add_argument("--department", metavar="ID", help="the department the agent's spend counts against")
     p.add_argument("--member", metavar="ID", help="the member the agent acts for")
+    p.add_argument("--router", metavar="ID", help=_ROUTER_BINDING_HELP)
     p.add_argument("--id")
+    _binding_update(cmds, g, "agents", "agent")
     cmds.crud_tail(g, "agents", "agent")
 
     g = cmds.group("providers", "Configure upstream providers (keys are encrypted at rest)")
@@ -257,11 +259,13 @@ def add_admin_commands(sub: Any) -> None:
     p = leaf(g, "create", "Create a virtual key (the key is printed once)", "POST",
              lambda a: "/admin/v1/virtual-keys",
              lambda a: drop_none({"workspace_id": default_ws(a), "name": a.name, "agent_id": a.agent,
-                                  "department_id": a.department, "member_id": a.member}))
+                                  "department_id": a.department, "member_id": a.member, "router_id": a.router}))
     p.add_argument("--name", default="")
     p.add_argument("--agent", help="bind the key to one agent id")
     p.add_argument("--department", metavar="ID", help="the department the key's spend counts against")
     p.add_argument("--member", metavar="ID", help="the member the key acts for")
+    p.add_argument("--router", metavar="ID", help=_ROUTER_BINDING_HELP + " (it wins over its agent's)")
+    _binding_update(cmds, g, "virtual-keys", "virtual key")
     leaf(g, "revoke", "Revoke a key fleet-wide", "POST", lambda a: f"/admin/v1/virtual-keys/{a.id}/revoke",
          ws=False).add_argument("id")
     cmds.crud_tail(g, "virtual-keys", "virtual key")
@@ -297,6 +301,7 @@ def add_admin_commands(sub: Any) -> None:
     cmds.crud_tail(g, "prices", "price override", ws_list=False)
 
     _governance(cmds)
+    _routers(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
@@ -325,6 +330,94 @@ def add_admin_commands(sub: Any) -> None:
     help_text = "Data-plane workers heard in the last 30 s and the config revision each has applied"
     sub.add_parser("fleet", help=help_text, description=help_text).set_defaults(
         fn=admin_call("GET", lambda a: "/admin/v1/fleet"))
+
+
+# ---- routers ------------------------------------------------------------------------------------
+
+_ROUTER_BINDING_HELP = "the router (id) its calls go through when they name no provider/model"
+
+
+def _binding_update(cmds: Commands, g: Any, path: str, noun: str) -> None:
+    """`<group> update ID [--name] [--router ID|none]`."""
+    p = cmds.leaf(g, "update", f"Change a {noun}'s name or default router", "PATCH",
+                  lambda a: f"/admin/v1/{path}/{a.id}",
+                  lambda a: drop_none({"name": a.name}) | ({} if a.router is None else {
+                      "router_id": None if a.router == "none" else a.router}), ws=False)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--router", metavar="ID|none", help=_ROUTER_BINDING_HELP + "; 'none' unbinds it")
+
+
+def parse_target(text: str) -> dict[str, Any]:
+    """`provider/model[:weight]` -> a target body. The weight is the last `:<digits>`, so a model
+    id that itself ends in `:<digits>` (Bedrock's `...-v1:0`) needs an explicit weight after it."""
+    model, sep, weight = text.rpartition(":")
+    if sep and weight.isdigit():
+        body: dict[str, Any] = {"model": model, "weight": int(weight)}
+    else:
+        body = {"model": text}
+    if "/" not in body["model"]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not provider/model[:weight] (e.g. openai/gpt-4o:3)")
+    return body
+
+
+def read_json_value(value: str) -> Any:
+    """`read_json_arg`, plus a bare path to an existing file."""
+    if not value.lstrip().startswith(("{", "[", "@")) and Path(value).is_file():
+        value = "@" + value
+    return read_json_arg(value)
+
+
+_ROUTER_JSON_HELP = ("more fields as a JSON object, inline or a FILE (@FILE also works): rules, retry, timeouts, "
+                     "health, or targets with provider_key_id/models, e.g. '{\"rules\": [{\"when\": {\"tools\": "
+                     "true}, \"targets\": [{\"model\": \"anthropic/claude-sonnet-4\"}]}], \"retry\": "
+                     "{\"retries\": 2}}'; the flags win over the same fields given here")
+_STRATEGIES = ["weighted", "latency", "least_busy", "cost", "fallback"]
+
+
+def _router_body(a: Args, create: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if a.json is not None:
+        if not isinstance(a.json, dict):
+            sys.exit("alephant: --json must be a JSON object")
+        body.update(a.json)
+    if create:
+        body["workspace_id"] = default_ws(a)
+    body.update(drop_none({"name": a.name, "strategy": a.strategy, "targets": a.target}))
+    return body
+
+
+def _routers(cmds: Commands) -> None:
+    """Routers: create, list, show, update, delete, health."""
+    leaf = cmds.leaf
+    g = cmds.group("routers", "Routers: one name for several upstream targets with a strategy (weighted, latency, "
+                   "least_busy, cost, fallback), conditional rules, retries, timeouts and outlier ejection. Clients "
+                   "call one as model 'router/<name>' or at /router/<id>/v1/...; keys and agents can default to one")
+    base = "/admin/v1/routers"
+    p = leaf(g, "create", "Create a router, e.g. alephant routers create --name main --strategy weighted "
+             "--target openai/gpt-4o:3 --target azure/gpt-4o:1", "POST", lambda a: base,
+             lambda a: _router_body(a, create=True))
+    p.add_argument("--name", required=True, help="unique in the workspace; clients send model 'router/<name>'")
+    p.add_argument("--strategy", choices=_STRATEGIES, help="how a target is chosen (default fallback: in order)")
+    p.add_argument("--target", action="append", type=parse_target, metavar="PROVIDER/MODEL[:WEIGHT]",
+                   help="a target (repeatable, in order): the provider's name in the workspace and a model, or '*' "
+                        "for the model the request names; ':WEIGHT' for the weighted strategy (default 1)")
+    p.add_argument("--json", type=read_json_value, metavar="JSON|FILE", help=_ROUTER_JSON_HELP)
+    leaf(g, "list", "List the workspace's routers", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
+    leaf(g, "show", "Show a router", "GET", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+    p = leaf(g, "update", "Change a router: the fields given (--target replaces the whole target list; a --json "
+             "rules, retry, timeouts or health replaces that whole field)", "PATCH", lambda a: f"{base}/{a.id}",
+             lambda a: _router_body(a, create=False), ws=False)
+    p.add_argument("id")
+    p.add_argument("--name")
+    p.add_argument("--strategy", choices=_STRATEGIES)
+    p.add_argument("--target", action="append", type=parse_target, metavar="PROVIDER/MODEL[:WEIGHT]",
+                   help="the new targets (repeatable)")
+    p.add_argument("--json", type=read_json_value, metavar="JSON|FILE", help=_ROUTER_JSON_HELP)
+    leaf(g, "delete", "Delete a router (refused while a key or agent uses it as its default)", "DELETE",
+         lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+    leaf(g, "health", "Each target's health on every live data-plane worker: in flight, successes, failures, "
+         "latency, ejections and cool-downs", "GET", lambda a: f"{base}/{a.id}/health", ws=False).add_argument("id")
 
 
 # ---- finance reads: tables in decimal USD, or the API's JSON, or CSV ---------------------------
