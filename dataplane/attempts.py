@@ -56,11 +56,14 @@ def _remaining(call: Call) -> float | None:
 
 
 def _timed_out(call: Call, first_byte: bool, seconds: float) -> UpstreamError:
-    target = call.model_ref
-    what = "its first byte" if first_byte else "an answer"
-    err = UpstreamError(f"Provider target '{target}' did not send {what} within {seconds:g} s.", status=504,
-                        code="upstream_timeout", upstream_status=0)
-    return err
+    """The 504 for an attempt past its bound: the first-byte timeout (`seconds`), or the call's
+    total timeout (named by its whole length, not what was left of it)."""
+    if not first_byte and call.deadline is not None:
+        seconds = call.deadline - call.started
+    what = f"send its first byte within {seconds:.3g} s" if first_byte else \
+        f"answer within the call's total timeout of {seconds:.3g} s"
+    return UpstreamError(f"Provider target '{call.model_ref}' did not {what}.", status=504, code="upstream_timeout",
+                         upstream_status=0)
 
 
 def _bound(call: Call) -> tuple[float | None, bool]:

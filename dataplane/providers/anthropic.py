@@ -46,7 +46,7 @@ from dataplane.providers.anthropic_translate import (
 )
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.sse import SseEvent, iter_sse
-from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all
+from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all, stream_broken
 from schemas.anthropic import (
     STREAM_EVENT_TYPES,
     AnthropicUsage,
@@ -251,8 +251,8 @@ class AnthropicProvider:
         try:
             async for line in content:
                 yield line
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
 
     @staticmethod
     def _decode(call: UpstreamCall, sse: SseEvent) -> StreamEvent | None:

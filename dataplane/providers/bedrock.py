@@ -38,7 +38,7 @@ from yarl import URL
 from dataplane.providers.aws_sigv4 import AwsCredentials, sign_request
 from dataplane.providers.base import SSE_DONE, CallStats, ChatResponse, UpstreamCall, sse_event
 from dataplane.providers.eventstream import EventMessage, EventStreamDecoder, EventStreamError
-from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all
+from dataplane.providers.upstream import map_upstream_error, post, provider_message, read_all, stream_broken
 from schemas.errors import GatewayError, InvalidRequest, NotFound, RateLimited, UpstreamError
 from schemas.events import Usage
 
@@ -567,8 +567,8 @@ class BedrockProvider:
             decoder.close()
         except EventStreamError:
             raise UpstreamError(f"Provider '{call.provider.name}' sent a truncated or corrupt event stream.") from None
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
         finally:
             resp.release()
         for event in translator.finish():

@@ -51,7 +51,7 @@ from dataplane.providers.base import (
 )
 from dataplane.providers.gemini_translate import new_call_id, to_gemini_request, tool_call_id
 from dataplane.providers.sse import iter_sse
-from dataplane.providers.upstream import decode_json_body, iter_lines, map_upstream_error, post, read_all
+from dataplane.providers.upstream import decode_json_body, iter_lines, map_upstream_error, post, read_all, stream_broken
 from schemas.errors import GatewayError, UpstreamError
 from schemas.openai import CompletionTokensDetails, CompletionUsage, PromptTokensDetails
 
@@ -342,8 +342,8 @@ class GeminiProvider:
                     stats.usage = usage_from_openai(translator.usage)
                 for out in events:
                     yield out
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
         finally:
             resp.release()
         if translator is None or not translator.finished:

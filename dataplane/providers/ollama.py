@@ -49,6 +49,7 @@ from dataplane.providers.upstream import (
     map_upstream_error,
     post,
     read_all,
+    stream_broken,
 )
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.openai import CompletionUsage
@@ -333,8 +334,8 @@ class OllamaProvider:
                     yield event
                 if parsed.done:
                     break
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
         finally:
             resp.release()
         if translator.usage is None:

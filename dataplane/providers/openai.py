@@ -28,7 +28,7 @@ from dataplane.providers.openai_compat import (
     prepare_embeddings,
     relay_events,
 )
-from dataplane.providers.upstream import decode_json_body, map_upstream_error, post, read_all
+from dataplane.providers.upstream import decode_json_body, map_upstream_error, post, read_all, stream_broken
 from schemas.errors import UpstreamError
 from schemas.openai import UsageOnly
 
@@ -118,8 +118,8 @@ class OpenAIProvider:
                                             client_wants_usage=call.client_wants_usage,
                                             secret=call.api_key.reveal() if call.api_key else None):
                 yield event
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
         finally:
             resp.release()
 
@@ -146,8 +146,8 @@ class OpenAIProvider:
                 if done:
                     yield SSE_DONE
                     return
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.") from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise stream_broken(call, exc) from None
         finally:
             resp.release()
         raise UpstreamError(f"Provider '{call.provider.name}' ended the stream without [DONE].")

@@ -33,7 +33,14 @@ import msgspec
 
 from dataplane.providers.base import CallStats, ChatResponse, UpstreamCall
 from dataplane.providers.sse import format_sse, iter_sse
-from dataplane.providers.upstream import ErrorMapper, decode_json_body, map_upstream_error, post, read_all
+from dataplane.providers.upstream import (
+    ErrorMapper,
+    decode_json_body,
+    map_upstream_error,
+    post,
+    read_all,
+    stream_broken,
+)
 from schemas.errors import InternalError, UpstreamError
 from schemas.events import Usage
 from schemas.responses import ResponseStreamEventHead, ResponseUsage, ResponseUsageOnly
@@ -158,9 +165,8 @@ async def stream(call: UpstreamCall, url: str, headers: Mapping[str, str], stats
                 if head.response is not None and head.response.usage is not None:
                     stats.usage = usage_from_responses(head.response.usage)
                 return
-    except (TimeoutError, aiohttp.ClientError):
-        raise _positioned(UpstreamError(f"Provider '{call.provider.name}' stream was interrupted."),
-                          position) from None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise _positioned(stream_broken(call, exc), position) from None
     finally:
         resp.release()
     if not saw_error:

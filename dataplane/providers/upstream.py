@@ -136,6 +136,16 @@ async def send(session: aiohttp.ClientSession, provider: str, method: str, url: 
                             code="upstream_unreachable", upstream_status=0) from None
 
 
+def stream_broken(call: UpstreamCall, exc: BaseException) -> UpstreamError:
+    """The error for a stream that broke after it began: a stall past the idle timeout (no byte for
+    `call.timeout_s`) is a 504 `upstream_idle_timeout`; a connection lost, a 502."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(f"Provider '{call.provider.name}' stream stalled: nothing arrived for "
+                             f"{call.timeout_s:g} s (the idle timeout), so it was cut off.", status=504,
+                             code="upstream_idle_timeout", upstream_status=0)
+    return UpstreamError(f"Provider '{call.provider.name}' stream was interrupted.", upstream_status=0)
+
+
 def redirect_error(provider: str, status: int) -> UpstreamError:
     """The 502 for a provider answering with a redirect (its `Location` is never shown or followed)."""
     return UpstreamError(f"Provider '{provider}' answered with a redirect ({status}); the gateway does not "
@@ -167,7 +177,9 @@ async def read_all(call: UpstreamCall, resp: aiohttp.ClientResponse) -> bytes:
     response. A connection lost mid-body is a 502."""
     try:
         return mask(await resp.read(), secrets_of(call.provider.type, call.api_key.reveal() if call.api_key else None))
-    except (TimeoutError, aiohttp.ClientError):
+    except TimeoutError:
+        raise stream_broken(call, TimeoutError()) from None
+    except aiohttp.ClientError:
         raise UpstreamError(f"Provider '{call.provider.name}' closed the connection mid-response.") from None
     finally:
         resp.release()
