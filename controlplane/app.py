@@ -394,9 +394,8 @@ ROUTES: tuple[Route, ...] = (
           "`remaining_usd` from Redis (null, with `budget_store: unavailable`, when Redis is unreachable)",
           None, get_budget),
     *_crud("limits", g.LIMIT, "limit"),
-    *_crud("routers", routers.ROUTER, "router (`targets` of `provider/model`, `strategy` weighted | latency | "
-           "least_busy | cost | fallback, optional `rules`, `retry`, `timeouts`, `health`; the name is unique in "
-           "the workspace and callable as model `router/<name>`)",
+    # The body's fields are described by CreateRouter's docstring in the OpenAPI schema.
+    *_crud("routers", routers.ROUTER, "router",
            delete_rule=_REFUSED_IF_USED.format("virtual keys or agents (`router_id`)")),
     Route("GET", "/admin/v1/routers/{id}/health", "Per target of the router (its own and its rules'), the health "
           "each live data-plane worker reports: in flight, successes, failures, latency EWMAs, ejection and "

@@ -317,7 +317,7 @@ async def test_health_shows_a_call_made_through_the_router(gateway: Gateway, adm
         target = await eventually(seen, timeout=15)
         worker = target["workers"][0]
         assert worker["successes"] >= 1 and worker["model"] == "echo" and worker["worker_id"]
-        assert worker["ejected"] is False and worker["cooling_down"] is False and worker["in_flight"] == 0
+        assert worker["ejected"] is False and worker["cooling_down"] is False and worker["consecutive_failures"] == 0
         assert worker["ewma_ttfb_ms"] is not None and worker["failures"] == 0
         assert target["summary"]["workers_ejected"] == 0
     finally:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import msgspec
@@ -12,6 +13,7 @@ from controlplane import commands as c
 from controlplane.app import openapi_document
 from controlplane.fleet import router_health, router_targets, target_matches
 from controlplane.routers import MAX_RULES, MAX_TARGETS, CreateRouter, PatchRouter
+from deploy.admin_cli import parse_target
 from schemas.entities import Router, RouterTarget
 from schemas.errors import InvalidRequest
 from schemas.fleet import TargetState, WorkerBeat
@@ -193,3 +195,21 @@ def test_an_ejection_or_cool_down_in_the_past_is_over() -> None:
     (target,) = router_health(router, [beat], NOW)["targets"]
     assert target["workers"][0]["ejected"] is False and target["workers"][0]["cooling_down"] is False
     assert target["summary"]["workers_ejected"] == 0 and target["summary"]["workers_cooling"] == 0
+
+
+# ---- the CLI's --target ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "body"), [
+    ("openai/gpt-4o", {"model": "openai/gpt-4o"}),
+    ("openai/gpt-4o:3", {"model": "openai/gpt-4o", "weight": 3}),
+    ("azure/*:0", {"model": "azure/*", "weight": 0}),
+    ("bedrock/anthropic.claude-v2:1:5", {"model": "bedrock/anthropic.claude-v2:1", "weight": 5}),
+    ("ollama/llama3:latest", {"model": "ollama/llama3:latest"}),
+])
+def test_cli_targets_take_an_optional_trailing_weight(text: str, body: dict[str, Any]) -> None:
+    assert parse_target(text) == body
+
+
+def test_cli_target_without_a_provider_is_refused() -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="provider/model"):
+        parse_target("gpt-4o:2")
