@@ -36,6 +36,7 @@ from schemas.events import Attempt
 T = TypeVar("T")
 
 MAX_COOL_S = 600.0  # a Retry-After beyond this is taken as this (a provider's typo must not park a key for days)
+MIN_ATTEMPT_S = 0.02  # less time than this left before the deadline: no further attempt is started
 NO_FALLBACK_CODES = frozenset({"upstream_invalid_request"})  # the request's own fault: another target refuses it too
 
 
@@ -232,7 +233,7 @@ def _after_failure(call: Call, board: HealthBoard, th: TargetHealth, key_id: str
     if err.code in NO_FALLBACK_CODES:
         return "stop"
     remaining = _remaining(call)
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= MIN_ATTEMPT_S:
         return "stop"
     if (err.retryable and cool is None and retry < plan.retry.retries and board.may_retry(plan.retry)
             and th.ejected_until <= board.clock()
