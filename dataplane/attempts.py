@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 MAX_COOL_S = 600.0  # a Retry-After beyond this is taken as this (a provider's typo must not park a key for days)
 MIN_ATTEMPT_S = 0.02  # less time than this left before the deadline: no further attempt is started
+TARGET_FAULTS = frozenset({"upstream_auth_error", "upstream_redirect", "upstream_address_refused"})
 NO_FALLBACK_CODES = frozenset({"upstream_invalid_request"})  # the request's own fault: another target refuses it too
 
 
@@ -225,8 +226,10 @@ def _after_failure(call: Call, board: HealthBoard, th: TargetHealth, key_id: str
     plan = call.route
     assert plan is not None
     cool = retry_after_s(err) if err.upstream_status in (429, 503, 529) else None
-    board.failed(th, err.code or "upstream_error", plan.health, peers, counts=err.retryable and cool is None,
-                 cool_s=cool)
+    # A pause the provider asked for is a cool-down, not a fault; a rejected credential or a
+    # misconfigured address is the target's fault even though retrying it is pointless.
+    faulty = (err.retryable or err.code in TARGET_FAULTS) and cool is None
+    board.failed(th, err.code or "upstream_error", plan.health, peers, counts=faulty, cool_s=cool)
     call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key_id, status=err.upstream_status or 0,
                                  latency_ms=round((time.perf_counter() - t0) * 1000, 3),
                                  reason=err.code or "upstream_error", retryable=err.retryable))

@@ -8,8 +8,10 @@ from collections import Counter
 
 import pytest
 
+from dataplane.attempts import retry_after_s
 from dataplane.decisions import Target
 from dataplane.health import HealthBoard, TargetKey
+from dataplane.providers.upstream import map_upstream_error
 from dataplane.routing import RequestFacts, RoutePlan, order, route_plan, target_key
 from schemas.entities import (
     ConfigEntity,
@@ -259,3 +261,30 @@ def test_states_report_what_a_worker_used_with_wall_clock_times() -> None:
     assert state.last_error == "upstream_rate_limited"
     now[0] = 50.0 + 301  # unused for longer than the report window
     assert board.states() == ()
+
+
+# --- upstream errors keep their status and whether they may be retried ------------------------------
+
+
+@pytest.mark.parametrize(("status", "ours", "code", "retryable"), [
+    (400, 400, "upstream_invalid_request", False),
+    (401, 502, "upstream_auth_error", False),
+    (404, 404, "model_not_found", False),
+    (408, 504, "upstream_timeout", True),
+    (409, 409, "upstream_conflict", True),  # a lock held upstream: retryable, and no longer a 400
+    (422, 400, "upstream_invalid_request", False),
+    (429, 429, "upstream_rate_limited", True),
+    (500, 502, "upstream_error", True),
+    (503, 503, "upstream_overloaded", True),
+    (529, 503, "upstream_overloaded", True),
+])
+def test_a_mapped_upstream_error_keeps_the_providers_status_and_retryability(
+        status: int, ours: int, code: str, retryable: bool) -> None:
+    err = map_upstream_error("p", status, b'{"error": {"message": "nope sk-secret"}}', {"retry-after": "7"},
+                             "sk-secret")
+    assert (err.status, err.code, err.upstream_status, err.retryable) == (ours, code, status, retryable)
+    assert "sk-secret" not in err.message
+    if status in (429, 503, 529):
+        assert retry_after_s(err) == 7.0  # the cool-down the attempt loop applies to that credential
+    else:
+        assert retry_after_s(err) is None
