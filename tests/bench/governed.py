@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tests.bench.loadgen import chat_body
-from tests.bench.processes import BenchError, Child, http, wait_for
+from tests.bench.processes import BenchError, Child, admin_post, http, wait_for
 
 GOV_WORKSPACE = "bench-gov"
 GOV_DEPARTMENT, GOV_MEMBER, GOV_AGENT = "bench-gov-dept", "bench-gov-member", "bench-gov-agent"
@@ -23,19 +23,6 @@ GOV_RPM_PER_KEY = 100_000_000  # about 1.7M req/s: far above one machine's bench
 # bound, half the body's bytes plus 64, and max_tokens).
 GOV_TPM_PER_WORKSPACE = 1_000_000_000
 GOV_BUDGET_USD = "1000000"
-
-
-def _admin_post(env: dict[str, str], path: str, body: dict[str, Any], *, exists_ok: bool = False) -> dict[str, Any]:
-    """POST to the admin API; the created entity. With ``exists_ok`` a 409 (a reused state dir
-    already has this id) returns ``{}``."""
-    auth = {"Authorization": f"Bearer {env['ALEPHANT_ADMIN_TOKEN']}"}
-    status, raw = http("POST", env["ALEPHANT_ADMIN_URL"] + path, headers=auth, body=body)
-    if status == 409 and exists_ok:
-        return {}
-    if status not in (200, 201, 202):
-        raise BenchError(f"POST {path} -> {status}: {raw.decode(errors='replace')[:500]}")
-    created: dict[str, Any] = json.loads(raw)
-    return created
 
 
 @dataclass
@@ -61,21 +48,21 @@ def register_governed(env: dict[str, str], fake_url: str, stack: Child, *, provi
     before them. Idempotent over a reused state dir, except that each run mints a new key (with
     its own rpm limit)."""
     ws = GOV_WORKSPACE
-    _admin_post(env, "/admin/v1/workspaces", {"id": ws, "name": "Bench: full governance"}, exists_ok=True)
-    _admin_post(env, "/admin/v1/providers", {"workspace_id": ws, "name": "fake", "type": "openai",
+    admin_post(env, "/admin/v1/workspaces", {"id": ws, "name": "Bench: full governance"}, exists_ok=True)
+    admin_post(env, "/admin/v1/providers", {"workspace_id": ws, "name": "fake", "type": "openai",
                                              "base_url": fake_url, "api_key": provider_key}, exists_ok=True)
-    _admin_post(env, "/admin/v1/departments", {"workspace_id": ws, "id": GOV_DEPARTMENT, "name": "Bench department"},
+    admin_post(env, "/admin/v1/departments", {"workspace_id": ws, "id": GOV_DEPARTMENT, "name": "Bench department"},
                 exists_ok=True)
-    _admin_post(env, "/admin/v1/members", {"workspace_id": ws, "id": GOV_MEMBER, "name": "Bench member",
+    admin_post(env, "/admin/v1/members", {"workspace_id": ws, "id": GOV_MEMBER, "name": "Bench member",
                                            "department_id": GOV_DEPARTMENT}, exists_ok=True)
-    _admin_post(env, "/admin/v1/agents", {"workspace_id": ws, "id": GOV_AGENT, "name": "Bench agent",
+    admin_post(env, "/admin/v1/agents", {"workspace_id": ws, "id": GOV_AGENT, "name": "Bench agent",
                                           "department_id": GOV_DEPARTMENT, "member_id": GOV_MEMBER}, exists_ok=True)
-    created = _admin_post(env, "/admin/v1/virtual-keys", {"workspace_id": ws, "name": "bench governed",
+    created = admin_post(env, "/admin/v1/virtual-keys", {"workspace_id": ws, "name": "bench governed",
                                                           "agent_id": GOV_AGENT})
     key, key_id = str(created["key"]), str(created["id"])
     policy = {"workspace_id": ws, "id": "bench-gov-policy", "scope": "agent", "scope_id": GOV_AGENT,
               "models_allow": ["fake/*"]}
-    _admin_post(env, "/admin/v1/policies", policy, exists_ok=True)
+    admin_post(env, "/admin/v1/policies", policy, exists_ok=True)
     budgets = [
         {"workspace_id": ws, "id": "bench-gov-agent-budget", "scope": "agent", "scope_id": GOV_AGENT,
          "period": "month", "limit_usd": GOV_BUDGET_USD},
@@ -83,10 +70,10 @@ def register_governed(env: dict[str, str], fake_url: str, stack: Child, *, provi
          "period": "total", "limit_usd": GOV_BUDGET_USD},
     ]
     for budget in budgets:
-        _admin_post(env, "/admin/v1/budgets", budget, exists_ok=True)
-    rpm = _admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "scope": "key", "scope_id": key_id,
+        admin_post(env, "/admin/v1/budgets", budget, exists_ok=True)
+    rpm = admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "scope": "key", "scope_id": key_id,
                                                 "rpm": GOV_RPM_PER_KEY})
-    _admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "id": "bench-gov-ws-tpm", "scope": "workspace",
+    admin_post(env, "/admin/v1/limits", {"workspace_id": ws, "id": "bench-gov-ws-tpm", "scope": "workspace",
                                           "scope_id": ws, "tpm": GOV_TPM_PER_WORKSPACE}, exists_ok=True)
 
     headers = {"Alephant-Agent-Id": GOV_AGENT, "Alephant-Run-Id": "bench-run"}

@@ -55,6 +55,20 @@ def http(
         return exc.code, exc.read()
 
 
+def admin_post(env: dict[str, str], path: str, body: dict[str, Any], *, exists_ok: bool = False) -> dict[str, Any]:
+    """POST to the stack's admin API (``env`` is its ``demo.env``); the created entity. With
+    ``exists_ok`` a 409 (a reused state dir already has this id) returns ``{}``; any other status
+    but 200/201/202 is a BenchError naming the path."""
+    auth = {"Authorization": f"Bearer {env['ALEPHANT_ADMIN_TOKEN']}"}
+    status, raw = http("POST", env["ALEPHANT_ADMIN_URL"] + path, headers=auth, body=body)
+    if status == 409 and exists_ok:
+        return {}
+    if status not in (200, 201, 202):
+        raise BenchError(f"POST {path} -> {status}: {raw.decode(errors='replace')[:500]}")
+    created: dict[str, Any] = json.loads(raw)
+    return created
+
+
 # -- child processes -------------------------------------------------------------------------
 
 

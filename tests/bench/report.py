@@ -15,8 +15,12 @@ from typing import Any
 
 #: ``direct``: the fake upstream itself; ``gateway``: through the gateway with nothing governing
 #: the request; ``governed``: through the gateway with a policy, two limits and two budgets on
-#: the request's path (issue 8's full-governance scenario).
-TARGET_NAMES = ("direct", "gateway", "governed")
+#: the request's path (issue 8's full-governance scenario); ``router``: the plain gateway's path
+#: through a weighted router over two targets that are both the fake (:mod:`tests.bench.routed`).
+TARGET_NAMES = ("direct", "gateway", "governed", "router")
+
+#: The targets that are the plain gateway plus one feature, set against the plain gateway.
+VS_GATEWAY = ("governed", "router")
 
 #: ARCHITECTURE.md section 9, shown next to the measurements for reference only (never enforced).
 TARGETS = {
@@ -68,8 +72,9 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     ``throughput_pct`` is the target's req/s over direct req/s in percent (``None`` when direct
     is 0); ``added_*_ms`` are target minus direct (``None`` when either side has no successes).
-    ``vs_gateway_pct`` (``governed`` only) is its req/s over the plain gateway's in percent, and
-    ``added_p50_vs_gateway_ms`` its p50 minus the gateway's; ``None`` without a gateway result.
+    ``vs_gateway_pct`` (``VS_GATEWAY`` targets only) is its req/s over the plain gateway's in
+    percent, and ``added_p50_vs_gateway_ms`` its p50 minus the gateway's; ``None`` without a
+    gateway result.
     """
     by_key = {(r["scenario"], r["target"]): r for r in results}
     out: list[dict[str, Any]] = []
@@ -93,7 +98,7 @@ def compare(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "added_p99_ms": _delta(r["p99_ms"], direct["p99_ms"]),
                 "added_ttfb_p50_ms": _delta(r["ttfb_p50_ms"], direct["ttfb_p50_ms"]) if stream else None,
             }
-            if target == "governed":
+            if target in VS_GATEWAY:
                 ratio = _ratio(r["rps"], gateway["rps"]) if gateway is not None else None
                 row["vs_gateway_pct"] = None if ratio is None else 100.0 * ratio
                 row["added_p50_vs_gateway_ms"] = _delta(r["p50_ms"], gateway["p50_ms"]) if gateway else None
@@ -128,6 +133,33 @@ def governance(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "gateway_redis_reads_per_req": gateway.get("redis_reads_per_req"),
             "governed_redis_reads_per_req": governed.get("redis_reads_per_req"),
             "governed_redis_cpu_ms_per_req": governed.get("redis_cpu_ms_per_req"),
+        })
+    return out
+
+
+def routing(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario with a ``router`` result: its req/s over the plain gateway's and over direct
+    (fractions; ``None`` when either is missing or 0), and the worker CPU ms per request of the
+    router, the gateway and their difference."""
+    by_key = {(r["scenario"], r["target"]): r for r in results}
+    out: list[dict[str, Any]] = []
+    for first in _scenarios(results):
+        scenario = first["scenario"]
+        router = by_key.get((scenario, "router"))
+        if router is None:
+            continue
+        gateway, direct = by_key.get((scenario, "gateway")), by_key.get((scenario, "direct"))
+        out.append({
+            "scenario": scenario,
+            "connections": first["connections"],
+            "stream": first["stream"],
+            "router_rps": router["rps"],
+            "router_vs_gateway": _ratio(router["rps"], gateway["rps"]) if gateway else None,
+            "router_vs_direct": _ratio(router["rps"], direct["rps"]) if direct else None,
+            "gateway_cpu_ms_per_req": gateway.get("cpu_ms_per_req") if gateway else None,
+            "router_cpu_ms_per_req": router.get("cpu_ms_per_req"),
+            "added_cpu_ms_per_req": _delta(router.get("cpu_ms_per_req"),
+                                           gateway.get("cpu_ms_per_req") if gateway else None),
         })
     return out
 
@@ -222,5 +254,27 @@ def governance_table(rows: list[dict[str, Any]]) -> str:
         "settlement sent later in batches off the request path); reads = Redis client reads, about one per round "
         "trip (a batch of settlements is one); redis cpu = the Redis server's CPU per governed request (INFO). The "
         "ratio bar applies at 32 connections; for reference only."
+    )
+    return "\n".join(lines)
+
+
+def routing_table(rows: list[dict[str, Any]]) -> str:
+    """The router against the plain gateway and direct per scenario: req/s, both ratios, worker
+    CPU ms per request of each and the difference."""
+    header = (f"{'scenario':<16} {'router req/s':>12} {'rtr/gw req/s':>12} {'rtr/direct':>10} {'gw cpu ms':>10} "
+              f"{'rtr cpu ms':>11} {'+cpu ms':>8}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        vs_gw, vs_direct = row["router_vs_gateway"], row["router_vs_direct"]
+        lines.append(
+            f"{row['scenario']:<16} {row['router_rps']:>12.1f} "
+            f"{_num(vs_gw, '.2f') + ('x' if vs_gw is not None else ''):>12} "
+            f"{_pct(None if vs_direct is None else 100 * vs_direct):>10} "
+            f"{_num(row['gateway_cpu_ms_per_req'], '.3f'):>10} {_num(row['router_cpu_ms_per_req'], '.3f'):>11} "
+            f"{_num(row['added_cpu_ms_per_req'], '+.3f'):>8}"
+        )
+    lines.append(
+        "  router = the demo key through POST /router/{id}/v1/chat/completions, a weighted router over two targets "
+        "that are both the fake; cpu = the data-plane workers' user+system CPU per request, as above."
     )
     return "\n".join(lines)

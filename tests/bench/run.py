@@ -3,19 +3,23 @@
 Steps: start the fake upstream (own process, recording off) -> start ``alephant dev`` on a
 fresh state dir -> wait for ``demo.env`` and ``/readyz`` -> register the fake as provider
 ``fake`` with a price -> wait until ``fake/gpt-4o-mini`` answers 200 -> set up the governed
-tenant (:mod:`tests.bench.governed`) -> for each scenario ({connections} x {non-stream, stream}) run
-:mod:`tests.bench.loadgen` in its own process against three targets in turn -> stop the stack
--> run the micro-benchmark :mod:`tests.bench.governance_micro` -> print the tables and write JSON.
+tenant (:mod:`tests.bench.governed`) and the router (:mod:`tests.bench.routed`) -> for each
+scenario ({connections} x {non-stream, stream}) run :mod:`tests.bench.loadgen` in its own process
+against four targets in turn -> stop the stack -> run the micro-benchmark
+:mod:`tests.bench.governance_micro` -> print the tables and write JSON.
 
 Targets: ``direct`` (the fake itself), ``gateway`` (the demo key: nothing governs its path, so
 no Redis call), ``governed`` (issue 8's full governance: a key bound to an agent in a member and
 a department of workspace ``bench-gov``, with a policy, two limits and two budgets on its path,
-all far above what the bench reaches, so every request is admitted through one Redis script).
+all far above what the bench reaches, so every request is admitted through one Redis script),
+``router`` (the demo key through ``POST /router/{id}/v1/chat/completions``: a weighted router over
+two targets that are both the fake, as providers ``fake`` and ``fake2``; skipped, with a note, when
+the stack's admin API has no routers).
 Every request names ``max_tokens`` (``BENCH_MAX_TOKENS``), as agents' clients usually do: the
 budget hold is then small (otherwise the gateway injects what the budget affords, up to the
 model's whole output limit, and the hold and token-limit charge grow with it).
 
-Around each gateway and governed run the runner reads the data-plane workers' CPU time from
+Around each gateway-served run (gateway, governed, router) the runner reads the data-plane workers' CPU time from
 ``/proc/<pid>/stat`` (the workers are the ``dataplane`` children of ``alephant dev``) and Redis
 ``INFO`` (``EVALSHA`` calls, client reads), and divides both by the requests the run completed
 (loadgen's ``completed``: warm-up and errors included, all of which the worker served). Redis
@@ -66,8 +70,11 @@ from tests.bench.report import (
     governance,
     governance_table,
     results_table,
+    routing,
+    routing_table,
     scenario_name,
 )
+from tests.bench.routed import Routed, RouterUnavailable, register_router
 from tests.bench.server_costs import RedisCounters, cpu_seconds, per_request, redis_url, worker_pids
 
 FAKE_PROVIDER_KEY = "sk-fake-upstream"
@@ -76,6 +83,7 @@ GATEWAY_MODEL = "fake/gpt-4o-mini"
 GATEWAY_HEADERS = {"Alephant-Agent-Id": "bench-agent", "Alephant-Run-Id": "bench-run"}
 BENCH_MAX_TOKENS = 64
 STOP_GRACE_S = 20.0
+FAKE_PRICE = {"input_per_mtok_nanos": 150_000_000, "output_per_mtok_nanos": 600_000_000}
 
 def start_fake(state_dir: Path, words: int) -> tuple[Child, str]:
     """Start the fake upstream on a free port; return it and its base URL."""
@@ -153,12 +161,7 @@ def register_fake(env: dict[str, str], fake_url: str, stack: Child) -> None:
         ),
         (
             "/admin/v1/prices",
-            {
-                "provider": "fake",
-                "model": DIRECT_MODEL,
-                "input_per_mtok_nanos": 150_000_000,
-                "output_per_mtok_nanos": 600_000_000,
-            },
+            {"provider": "fake", "model": DIRECT_MODEL, **FAKE_PRICE},
         ),
     ]
     for path, body in calls:
@@ -332,6 +335,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     children: list[tuple[Child, int, float]] = []
     results: list[dict[str, Any]] = []
     gov: Governed | None = None
+    router: Routed | None = None
     gov_budgets: list[dict[str, Any]] = []
     counters = RedisCounters(None)
     started = time.time()
@@ -359,6 +363,18 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                 gov = register_governed(env, fake_url, stack, provider_key=FAKE_PROVIDER_KEY, model=GATEWAY_MODEL,
                                         max_tokens=BENCH_MAX_TOKENS)
                 say("  the governed key answers 200 under its limits")
+            if "router" in targets:
+                say("==> router: provider 'fake2' (the same fake) and a weighted router over fake and fake2")
+                try:
+                    router = register_router(env, fake_url, stack, first_provider="fake",
+                                             provider_key=FAKE_PROVIDER_KEY, model=DIRECT_MODEL, price=FAKE_PRICE,
+                                             headers=GATEWAY_HEADERS, max_tokens=BENCH_MAX_TOKENS)
+                except RouterUnavailable as exc:
+                    say(f"!! router target skipped: the admin API has no routers ({exc})")
+                    targets.remove("router")
+                else:
+                    say(f"  router {router.name} ({router.router_id}) answers 200 from both targets "
+                        f"(probes: {router.probes_served_by})")
             counters = RedisCounters(redis_url(state_dir))
             if counters.read() is None:
                 say("  (Redis INFO unavailable: the Redis columns stay empty)")
@@ -375,6 +391,10 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         url, key, model, headers = fake_url, "sk-bench-direct", DIRECT_MODEL, {}
                     elif target == "gateway":
                         url, key, model = env["ALEPHANT_BASE_URL"], env["ALEPHANT_API_KEY"], GATEWAY_MODEL
+                        headers = GATEWAY_HEADERS
+                    elif target == "router":
+                        assert router is not None
+                        url, key, model = router.base_url, env["ALEPHANT_API_KEY"], DIRECT_MODEL
                         headers = GATEWAY_HEADERS
                     else:
                         assert gov is not None
@@ -452,6 +472,11 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "results": results,
         "comparisons": compare(results),
         "governance": governance(results),
+        "routing": routing(results),
+        "router_setup": None if router is None else {
+            "router_id": router.router_id, "name": router.name, "strategy": "weighted",
+            "targets": [f"fake/{DIRECT_MODEL}", f"fake2/{DIRECT_MODEL}"], "probes_served_by": router.probes_served_by,
+        },
         "governed_setup": None if gov is None else {
             "workspace": GOV_WORKSPACE, "department": GOV_DEPARTMENT, "member": GOV_MEMBER, "agent": GOV_AGENT,
             "key_id": gov.key_id, "policies": gov.policy_ids, "limits": gov.limit_ids, "budgets": gov_budgets,
@@ -524,12 +549,17 @@ def main(argv: list[str] | None = None) -> int:
     say(results_table(doc["results"]))
     if doc["comparisons"]:
         say("")
-        say("Gateway and governed relative to direct, governed relative to the plain gateway (same run):")
+        say("Gateway, governed and router relative to direct, governed and router relative to the plain gateway "
+            "(same run):")
         say(comparison_table(doc["comparisons"]))
     if doc["governance"]:
         say("")
         say("Full governance (a policy, two limits, two budgets on the path) against the plain gateway:")
         say(governance_table(doc["governance"]))
+    if doc["routing"]:
+        say("")
+        say("Router (weighted over two targets, both the fake) against the plain gateway and direct:")
+        say(routing_table(doc["routing"]))
     setup = doc["governed_setup"]
     if setup and setup["budgets"]:
         spent = ", ".join(f"{b.get('scope')} spent ${b.get('spent_usd')} held ${b.get('held_usd')}"
