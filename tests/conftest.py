@@ -57,6 +57,30 @@ class Gateway:
         return created
 
 
+class AdminHttp:
+    """Async admin API calls with the stack's admin token: `call` returns (status, body, headers),
+    `ok` the body of an expected success."""
+
+    def __init__(self, gateway: Gateway, http: aiohttp.ClientSession) -> None:
+        self.base = gateway.stack.admin_url
+        self.http = http
+        self.auth = {"Authorization": f"Bearer {gateway.stack.demo['ALEPHANT_ADMIN_TOKEN']}"}
+
+    async def call(self, method: str, path: str, body: Any = None,
+                   key: str | None = None) -> tuple[int, Any, dict[str, str]]:
+        headers = dict(self.auth)
+        if key is not None:
+            headers["Idempotency-Key"] = key
+        async with self.http.request(method, self.base + path, json=body, headers=headers) as resp:
+            return resp.status, await resp.json(), dict(resp.headers)
+
+    async def ok(self, method: str, path: str, body: Any = None, status: int | None = None) -> Any:
+        got, data, _ = await self.call(method, path, body)
+        expected = status or (201 if method == "POST" else 200)
+        assert got == expected, (method, path, got, data)
+        return data
+
+
 def run_cli(gateway: Gateway, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`alephant <args>` as an operator runs it: the admin URL and token from the environment, no
     other ALEPHANT_* setting inherited. With `check`, a non-zero exit fails the test with stderr."""

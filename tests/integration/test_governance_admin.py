@@ -22,32 +22,10 @@ from events.publisher import EventPublisher
 from schemas.entities import Budget
 from schemas.events import PolicyDecision
 from schemas.ids import uuid7
+from tests.conftest import AdminHttp as Admin
 from tests.conftest import Gateway, eventually
 
 A = "/admin/v1"
-
-
-class Admin:
-    """Async admin calls returning (status, body, headers)."""
-
-    def __init__(self, gateway: Gateway, http: aiohttp.ClientSession) -> None:
-        self.base = gateway.stack.admin_url
-        self.http = http
-        self.auth = {"Authorization": f"Bearer {gateway.stack.demo['ALEPHANT_ADMIN_TOKEN']}"}
-
-    async def call(self, method: str, path: str, body: Any = None,
-                   key: str | None = None) -> tuple[int, Any, dict[str, str]]:
-        headers = dict(self.auth)
-        if key is not None:
-            headers["Idempotency-Key"] = key
-        async with self.http.request(method, self.base + path, json=body, headers=headers) as resp:
-            return resp.status, await resp.json(), dict(resp.headers)
-
-    async def ok(self, method: str, path: str, body: Any = None, status: int | None = None) -> Any:
-        got, data, _ = await self.call(method, path, body)
-        expected = status or (201 if method == "POST" else 200)
-        assert got == expected, (method, path, got, data)
-        return data
 
 
 @pytest_asyncio.fixture

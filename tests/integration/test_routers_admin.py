@@ -18,29 +18,11 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from tests.conftest import AdminHttp as Admin
 from tests.conftest import Gateway, cli_json, eventually, run_cli
 from tests.integration.test_governance_e2e import applied
 
 A = "/admin/v1"
-
-
-class Admin:
-    """Async admin calls returning (status, body)."""
-
-    def __init__(self, gateway: Gateway, http: aiohttp.ClientSession) -> None:
-        self.base = gateway.stack.admin_url
-        self.http = http
-        self.auth = {"Authorization": f"Bearer {gateway.stack.demo['ALEPHANT_ADMIN_TOKEN']}"}
-
-    async def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        async with self.http.request(method, self.base + path, json=body, headers=self.auth) as resp:
-            return resp.status, await resp.json()
-
-    async def ok(self, method: str, path: str, body: Any = None, status: int | None = None) -> Any:
-        got, data = await self.call(method, path, body)
-        expected = status or (201 if method == "POST" else 200)
-        assert got == expected, (method, path, got, data)
-        return data
 
 
 @pytest_asyncio.fixture
@@ -70,7 +52,7 @@ async def _counts(gateway: Gateway) -> tuple[int, int]:
 async def _refused(gateway: Gateway, admin: Admin, method: str, path: str, body: Any, status: int, param: str | None,
                    code: str | None, *words: str) -> dict[str, Any]:
     before = await _counts(gateway)
-    got, data = await admin.call(method, path, body)
+    got, data, _ = await admin.call(method, path, body)
     assert got == status, (path, body, got, data)
     error: dict[str, Any] = data["error"]
     assert (error["param"], error["code"]) == (param, code), error
@@ -128,13 +110,13 @@ async def test_router_lifecycle(admin: Admin, ws: str) -> None:
     await _refused_patch_workspace(admin, rid)
     deleted = await admin.ok("DELETE", f"{A}/routers/{rid}")
     assert deleted["deleted"] is True and deleted["id"] == rid
-    got, body = await admin.call("GET", f"{A}/routers/{rid}")
+    got, body, _ = await admin.call("GET", f"{A}/routers/{rid}")
     assert got == 404, body
     assert (await admin.ok("GET", f"{A}/routers?workspace_id={ws}"))["data"] == []
 
 
 async def _refused_patch_workspace(admin: Admin, rid: str) -> None:
-    got, body = await admin.call("PATCH", f"{A}/routers/{rid}", {"workspace_id": "elsewhere"})
+    got, body, _ = await admin.call("PATCH", f"{A}/routers/{rid}", {"workspace_id": "elsewhere"})
     assert got == 400 and "workspace_id" in body["error"]["message"], body
 
 
@@ -183,7 +165,7 @@ async def test_patch_is_validated_as_a_create(gateway: Gateway, admin: Admin, ws
     await _refused(gateway, admin, "PATCH", f"{A}/routers/{rid}", {}, 400, None, "empty_patch")
     await _refused(gateway, admin, "PATCH", f"{A}/routers/rtr_nope", {"name": "x"}, 404, None, "router_not_found")
     await _refused(gateway, admin, "DELETE", f"{A}/routers/rtr_nope", None, 404, None, "router_not_found")
-    got, body = await admin.call("GET", f"{A}/routers/rtr_nope/health")
+    got, body, _ = await admin.call("GET", f"{A}/routers/rtr_nope/health")
     assert got == 404 and body["error"]["code"] == "router_not_found", body
 
 

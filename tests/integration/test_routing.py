@@ -57,6 +57,13 @@ async def make_router(gateway: Gateway, **body: Any) -> dict[str, Any]:
     return router
 
 
+async def live_router(gateway: Gateway, http: aiohttp.ClientSession, **body: Any) -> tuple[dict[str, Any], str]:
+    """A router made and live, with its chat completions path."""
+    router = await make_router(gateway, **body)
+    await until_live(gateway, http, router["id"])
+    return router, f"/router/{router['id']}/v1/chat/completions"
+
+
 def root(gateway: Gateway) -> str:
     return gateway.base_url.removesuffix("/v1")
 
@@ -89,10 +96,8 @@ async def until_live(gateway: Gateway, http: aiohttp.ClientSession, router_id: s
 async def test_five_consecutive_5xx_eject_a_target_and_traffic_moves_to_the_fallback(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, rb = fakes
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    router, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
                                retry={"retries": 0})
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
     ra.clear()
     rb.clear()
     ra.fail_next(500, count=10_000)
@@ -150,10 +155,8 @@ async def test_a_429_with_retry_after_cools_only_that_credential_for_that_long(
     keys = [gateway.admin.call("POST", "/admin/v1/provider-keys", {
         "workspace_id": "demo", "provider": "ra", "api_key": f"sk-ra-key-{i}-0123456789", "name": f"k{i}"})
         for i in (1, 2)]
-    router = await make_router(gateway, strategy="fallback", targets=[
+    _, path = await live_router(gateway, http, strategy="fallback", targets=[
         {"model": "ra/*", "provider_key_id": keys[0]["id"]}, {"model": "ra/*", "provider_key_id": keys[1]["id"]}])
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
 
     async def key_used() -> tuple[str, str]:
         status, headers, body = await chat(gateway, http, path)
@@ -204,10 +207,8 @@ async def test_weighted_routing_follows_weights_and_latency_routing_prefers_the_
 async def test_a_stream_falls_back_before_its_first_byte_and_never_after(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, rb = fakes
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
                                retry={"retries": 0}, health={"consecutive_failures": 100})
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
     ra.clear()
     rb.clear()
     ra.fail_next(503)
@@ -228,10 +229,8 @@ async def test_a_stream_falls_back_before_its_first_byte_and_never_after(
 async def test_the_client_never_waits_past_the_total_timeout(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, rb = fakes
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
                                timeouts={"total_s": 1.0})
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
     ra.latency_ms = rb.latency_ms = 4000.0
     for stream in (False, True):
         started = time.monotonic()
@@ -296,9 +295,7 @@ async def test_routers_by_model_name_and_the_ai_surface(
 
 async def test_a_router_change_applies_live_on_every_worker(gateway: Gateway, http: aiohttp.ClientSession,
                                                              fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}])
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
+    router, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}])
     assert await served_by(gateway, http, path) == "ra"
     started = time.monotonic()
     changed = gateway.admin.call("PATCH", f"/admin/v1/routers/{router['id']}", {"targets": [{"model": "rb/*"}]})
@@ -342,9 +339,7 @@ async def test_a_key_bound_to_a_router_sends_bare_model_names_through_its_rules(
 async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeeding(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, rb = fakes
-    router = await make_router(gateway, strategy="weighted", targets=[{"model": "ra/*"}, {"model": "rb/*"}])
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
+    _, path = await live_router(gateway, http, strategy="weighted", targets=[{"model": "ra/*"}, {"model": "rb/*"}])
     ra.clear()
     rb.clear()
     results: list[tuple[int, str, str, str]] = []
@@ -375,11 +370,9 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
 async def test_an_active_probe_readmits_an_ejected_target_before_its_ejection_ends(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, _ = fakes
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
                                retry={"retries": 0},
                                health={"consecutive_failures": 2, "base_ejection_s": 120, "probe_interval_s": 0.3})
-    path = f"/router/{router['id']}/v1/chat/completions"
-    await until_live(gateway, http, router["id"])
     ra.fail_next(500, count=2)
     assert [await served_by(gateway, http, path) for _ in range(3)] == ["rb", "rb", "rb"]  # ejected after 2
     probes_before = sum(1 for r in ra.requests if r.path == "/v1/models")
