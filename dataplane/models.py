@@ -2,7 +2,7 @@
 
 The list itself is pure data (`schemas.catalog.catalog_entries`); each entry's extra
 `context_window` field is tolerated by the OpenAI SDKs. `ModelCatalog` caches the rendered body per
-workspace while the snapshot's provider, alias and price indexes are the same objects: heartbeat
+workspace while the snapshot's provider, alias, price and router indexes are the same objects: heartbeat
 swaps keep them, real config changes rebuild them and so invalidate the cache.
 """
 
@@ -28,11 +28,11 @@ class ModelCatalog:
 
     def __init__(self, max_workspaces: int = 10_000) -> None:
         self._max = max_workspaces
-        self._key: tuple[object, object, object] | None = None
+        self._key: tuple[object, object, object, object] | None = None
         self._bodies: dict[str, tuple[bytes, dict[str, ModelEntry]]] = {}
 
     def _entry(self, snap: Snapshot, workspace_id: str) -> tuple[bytes, dict[str, ModelEntry]]:
-        key = (snap.providers, snap.aliases, snap.prices)
+        key = (snap.providers, snap.aliases, snap.prices, snap.routers_by_name)
         if self._key is None or any(a is not b for a, b in zip(key, self._key, strict=True)):
             self._key, self._bodies = key, {}
         cached = self._bodies.get(workspace_id)

@@ -115,8 +115,9 @@ def is_reasoning_model(model: str) -> bool:
 
 
 def catalog_entries(snap: Snapshot, workspace_id: str) -> list[ModelEntry]:
-    """Aliases, operator-priced models and catalog models of the workspace's providers, first
-    occurrence of each id wins. Pure: a function of the snapshot and the bundled catalog."""
+    """Routers (`router/<name>`), aliases, operator-priced models and catalog models of the
+    workspace's providers, first occurrence of each id wins. Pure: a function of the snapshot and
+    the bundled catalog."""
     entries: dict[str, ModelEntry] = {}
 
     def add(model_id: str, owner: str, provider_type: str | None, upstream_model: str) -> None:
@@ -126,6 +127,13 @@ def catalog_entries(snap: Snapshot, workspace_id: str) -> list[ModelEntry]:
                                            context_window=ctx)
 
     providers = {name: p for (ws, name), p in snap.providers.items() if ws == workspace_id}
+    # Routers whose targets all name a model are callable as `router/<name>` (a `provider/*`
+    # target needs the request's model: those are reached by `/router/{id}/v1/...` instead).
+    for (ws, name), router in sorted(snap.routers_by_name.items()):
+        if ws == workspace_id and not any(t.model.endswith("/*") for t in router.targets):
+            first, _, upstream = router.targets[0].model.partition("/")
+            target = providers.get(first)
+            add(f"router/{name}", "alephant-router", target.type if target else None, upstream)
     for (ws, alias), ent in sorted(snap.aliases.items()):
         if ws == workspace_id:
             owner, _, upstream = ent.target.partition("/")

@@ -13,6 +13,7 @@ from dataplane.decisions import Target
 from dataplane.health import HealthBoard, TargetKey
 from dataplane.providers.upstream import map_upstream_error
 from dataplane.routing import RequestFacts, RoutePlan, order, route_plan, target_key
+from schemas.catalog import catalog_entries
 from schemas.entities import (
     ConfigEntity,
     HealthPolicy,
@@ -288,3 +289,12 @@ def test_a_mapped_upstream_error_keeps_the_providers_status_and_retryability(
         assert retry_after_s(err) == 7.0  # the cool-down the attempt loop applies to that credential
     else:
         assert retry_after_s(err) is None
+
+
+def test_routers_with_fixed_targets_are_listed_as_models() -> None:
+    fixed = Router(id="rtr_fixed", workspace_id=WS, name="cheap", targets=(RouterTarget(model="az/m"),))
+    snap = Snapshot.build({kv_key(e): e for e in [*ENTITIES, fixed]}, 2)
+    ids = [e.id for e in catalog_entries(snap, WS)]
+    assert "router/cheap" in ids
+    assert "router/main" not in ids  # its `provider/*` targets need the request's model
+    assert [e.id for e in catalog_entries(snap, "ws_x") if e.id.startswith("router/")] == ["router/main"]  # its own
