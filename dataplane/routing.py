@@ -189,10 +189,27 @@ def _target(snap: Snapshot, router: Router, spec: RouterTarget, requested: str) 
     return Target(provider=provider, model=model, key_id=spec.provider_key_id, weight=spec.weight)
 
 
+# Plans by (router identity, rule index, requested model): a plan is a pure function of those and
+# the router's providers, which the entry remembers (a changed router or provider is a new object).
+_plans: dict[tuple[int, int, str], tuple[Router, Mapping[tuple[str, str], Provider], RoutePlan]] = {}
+
+
 def _router_plan(snap: Snapshot, router: Router, facts: RequestFacts) -> RoutePlan:
-    rule = next((r for r in router.rules if _matches(r, facts)), None)
-    specs = rule.targets if rule is not None else router.targets
+    index = next((i for i, r in enumerate(router.rules) if _matches(r, facts)), -1)
     requested = requested_name(facts.model)
+    memo = (id(router), index, requested)
+    hit = _plans.get(memo)
+    if hit is not None and hit[0] is router and hit[1] is snap.providers:
+        return hit[2]
+    plan = _build_plan(snap, router, router.rules[index] if index >= 0 else None, requested)
+    if len(_plans) >= 10_000:
+        _plans.clear()
+    _plans[memo] = (router, snap.providers, plan)
+    return plan
+
+
+def _build_plan(snap: Snapshot, router: Router, rule: RouterRule | None, requested: str) -> RoutePlan:
+    specs = rule.targets if rule is not None else router.targets
     targets = tuple(t for spec in specs if (t := _target(snap, router, spec, requested)) is not None)
     if not targets:
         if not requested and any(s.model.endswith("/" + ANY_REQUESTED) for s in specs):
