@@ -385,6 +385,33 @@ class Router(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="r
     health: HealthPolicy = msgspec.field(default_factory=HealthPolicy)
 
 
+CacheMode = Literal["exact", "semantic", "off"]
+CacheScope = Literal["workspace", "key", "router"]
+CACHE_MODES: tuple[str, ...] = ("exact", "semantic", "off")
+
+
+class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="cache"):
+    """Whether and how calls are answered from the cache, for a workspace, a virtual key or a router
+    (`scope_id`: the workspace, key or router id; the most specific setting on a call's path wins:
+    key, then router, then workspace). `mode` exact (Redis, same normalised request) or semantic
+    (exact first, then the nearest earlier prompt above `similarity`, in Qdrant) or off. `ttl_s`:
+    how long an answer is kept. Semantic: `embedding_model` (`provider/model`, called through the
+    gateway's own adapters, its cost booked), and whether requests with tools or a non-zero
+    temperature are excluded. `namespace` partitions the cache (a request may name its own)."""
+
+    id: str
+    workspace_id: str
+    scope: CacheScope
+    scope_id: str
+    mode: CacheMode = "exact"
+    ttl_s: int = 3600
+    similarity: float = 0.95
+    embedding_model: str | None = None
+    exclude_tools: bool = True
+    exclude_temperature: bool = False
+    namespace: str = ""
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -393,7 +420,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | Heartbeat)
+                | Router | CacheSettings | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -137,6 +137,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # or when it holds archive_max_events events, whichever comes first.
     archive_flush_s: float = 10.0
     archive_max_events: int = 10_000
+    # -- cache (exact in Redis, semantic in Qdrant) -------------------------------------------------
+    # A Qdrant server for the semantic cache; empty: qdrant-client's local mode, on disk under
+    # `<state_dir>/qdrant/<process>` (in-process, so each worker has its own semantic index; point
+    # several workers at a server to share one).
+    qdrant_url: str = ""
+    # The longest a cache lookup or store may take before the call goes on as a miss (fail-open).
+    cache_timeout_s: float = 0.05
+    # Answers larger than this (after compression) are not cached.
+    cache_max_entry_bytes: int = 512 * 1024
 
 
 _ENV_PREFIX = "ALEPHANT_"

@@ -27,6 +27,7 @@ from schemas.entities import (
     HEARTBEAT_KEY,
     Agent,
     Budget,
+    CacheSettings,
     ConfigEntity,
     Department,
     EscalationGrant,
@@ -112,6 +113,8 @@ INDEXES: tuple[Index, ...] = (
     # Routers by id (`/router/{id}`, key and agent bindings) and by (workspace, name) (`router/<name>`).
     Index(Router, "routers", _by_id),
     Index(Router, "routers_by_name", attrgetter("workspace_id", "name")),
+    # Cache settings by (workspace, scope, scope id); see dataplane/cache.py for which one applies.
+    Index(CacheSettings, "cache_settings", _by_scope),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -146,6 +149,7 @@ class Snapshot:
     prompts: Mapping[tuple[str, str], tuple[PromptTemplate, ...]]
     routers: Mapping[str, Router]
     routers_by_name: Mapping[tuple[str, str], Router]
+    cache_settings: Mapping[ScopeKey, CacheSettings]
     heartbeat_ms: int | None = None
 
     @classmethod

@@ -14,6 +14,7 @@ from schemas.entities import (
     OPERATOR,
     Agent,
     Budget,
+    CacheSettings,
     ConfigEntity,
     Department,
     EscalationGrant,
@@ -58,8 +59,9 @@ PROMPT = PromptTemplate(id="prompt_1", workspace_id="ws_1", name="greet", versio
                         messages=(PromptMessage(role="user", content="Hi {{name}}"),))
 ROUTER = Router(id="rtr_1", workspace_id="ws_1", name="main", strategy="weighted",
                 targets=(RouterTarget(model="mock/echo", weight=3), RouterTarget(model="mock/*")))
+CACHE = CacheSettings(id="cache_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1", ttl_s=60)
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
-                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER]
+                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER, CACHE]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
