@@ -412,6 +412,19 @@ class CacheSettings(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind",
     namespace: str = ""
 
 
+class CachePurge(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="cachepurge"):
+    """`DELETE /admin/v1/cache`: every cached answer of `workspace_id` in `namespace` ("" : the
+    default namespace) stored before now is gone. Cache keys and semantic entries carry the
+    `generation` current when stored; a purge sets a new one (its time in ms), so older entries
+    are never served again, on every worker, within a config propagation (the control plane also
+    deletes what it can reach: the Redis keys, a Qdrant server's points)."""
+
+    id: str
+    workspace_id: str
+    namespace: str = ""
+    generation: int
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -420,7 +433,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | Heartbeat)
+                | Router | CacheSettings | CachePurge | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -27,6 +27,7 @@ from schemas.entities import (
     HEARTBEAT_KEY,
     Agent,
     Budget,
+    CachePurge,
     CacheSettings,
     ConfigEntity,
     Department,
@@ -115,6 +116,7 @@ INDEXES: tuple[Index, ...] = (
     Index(Router, "routers_by_name", attrgetter("workspace_id", "name")),
     # Cache settings by (workspace, scope, scope id); see dataplane/cache.py for which one applies.
     Index(CacheSettings, "cache_settings", _by_scope),
+    Index(CachePurge, "cache_purges", attrgetter("workspace_id", "namespace")),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -150,6 +152,7 @@ class Snapshot:
     routers: Mapping[str, Router]
     routers_by_name: Mapping[tuple[str, str], Router]
     cache_settings: Mapping[ScopeKey, CacheSettings]
+    cache_purges: Mapping[tuple[str, str], CachePurge]
     heartbeat_ms: int | None = None
 
     @classmethod

@@ -14,6 +14,7 @@ from schemas.entities import (
     OPERATOR,
     Agent,
     Budget,
+    CachePurge,
     CacheSettings,
     ConfigEntity,
     Department,
@@ -61,7 +62,8 @@ ROUTER = Router(id="rtr_1", workspace_id="ws_1", name="main", strategy="weighted
                 targets=(RouterTarget(model="mock/echo", weight=3), RouterTarget(model="mock/*")))
 CACHE = CacheSettings(id="cache_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1", ttl_s=60)
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
-                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER, CACHE]
+                           LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER, CACHE,
+                           CachePurge(id="cpurge_1", workspace_id="ws_1", generation=1)]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
