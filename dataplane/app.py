@@ -17,6 +17,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from dataplane.cache import ExactCache
 from dataplane.fleet import FleetView, run_fleet
 from dataplane.governor import RedisGovernor
 from dataplane.idempotency import RedisIdempotencyStore
@@ -107,8 +108,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
                                  timeout_s=settings.redis_timeout_s)
         idempotency = RedisIdempotencyStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
         app[PUBLISHER] = publisher
+        cache = ExactCache(settings.redis_url, settings.cache_timeout_s, settings.cache_max_entry_bytes)
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
-                                           session=session, governor=governor, idempotency=idempotency, fleet=fleet)
+                                           session=session, governor=governor, idempotency=idempotency, fleet=fleet,
+                                           cache=cache)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
@@ -123,6 +126,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         worker.refusals.flush(publisher)
         await governor.close()  # settles what is queued, gives the leases back
         await idempotency.close()
+        await cache.close()
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()

@@ -25,6 +25,7 @@ from schemas.ids import uuid7
 from schemas.snapshot import Snapshot
 
 if TYPE_CHECKING:
+    from dataplane.cache import CachePlan, ChunkAccumulator
     from dataplane.health import TargetKey
     from dataplane.ingress.base import ChatPlan
     from dataplane.pipeline import Endpoint
@@ -80,6 +81,15 @@ class Call:
     order: list[tuple[Target, KeyChoice, TargetKey]] = field(default_factory=list)
     deadline: float | None = None
     attempts: list[Attempt] = field(default_factory=list)
+    # cache (stages.cache): the header value (hit | semantic-hit | miss | skip), the plan and key
+    # when the call uses the cache, the similarity of a semantic hit, the stream being folded for
+    # storage, and the prompt's embedding (a semantic miss stores it with the answer)
+    cache: str = "miss"
+    cache_plan: CachePlan | None = None
+    cache_key: str = ""
+    cache_similarity: float | None = None
+    cache_fold: ChunkAccumulator | None = None
+    cache_vector: list[float] | None = None
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None
@@ -212,7 +222,9 @@ class Call:
         )
 
     def headers(self) -> dict[str, str]:
-        h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": "miss"}
+        h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": self.cache}
+        if self.cache_similarity is not None:
+            h["Alephant-Cache-Similarity"] = f"{self.cache_similarity:.4f}"
         if self.target is not None:
             h["Alephant-Provider"] = self.target.provider.name
         if self.attempts:

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from dataplane.attempts import open_upstream
+from dataplane.cache import ChunkAccumulator, Entry, replay_body, replay_chunks
 from dataplane.call import Call
 from dataplane.decisions import bearer_token
 from dataplane.edge import check_model
@@ -37,11 +38,13 @@ from dataplane.providers.base import (
     UpstreamCall,
 )
 from dataplane.providers.registry import adapter_for
+from dataplane.stages.cache import store_answer
 from dataplane.stages.governance import input_bound
 from dataplane.stages.route import plan_route
 from dataplane.usage_estimate import RelayTap
 from schemas.entities import Provider, Timeouts
 from schemas.errors import BudgetExceeded, GatewayError, InvalidRequest, UpstreamError
+from schemas.events import Usage
 from schemas.http import decode_json, read_body
 from schemas.money import nanos_to_decimal_str
 from schemas.prompts import PROMPT_APIS, apply_prompt
@@ -169,7 +172,10 @@ class ModelCall:
                 call.held.enter_context(slots.hold(call.vk.id))
         opened = await open_upstream(call, lambda: self._open(call, plan))
         if opened.stream is not None:
-            return await _relay_stream(call, self.ingress, opened.stream, opened.body, opened.secrets)
+            resp = await _relay_stream(call, self.ingress, opened.stream, opened.body, opened.secrets)
+            if call.cache_fold is not None:
+                store_answer(call, call.cache_fold.completion())
+            return resp
         result = opened.result
         assert result is not None
         body_out = result.body if opened.native else self.ingress.render(result.body, plan)
@@ -181,7 +187,25 @@ class ModelCall:
         else:
             call.usage = result.usage
         note_disconnect(call.request, call)
-        return priced_json(call, body_out)
+        resp = priced_json(call, body_out)
+        if call.cache_plan is not None and not opened.native:
+            store_answer(call, mask(result.body, opened.secrets))
+        return resp
+
+    async def replay(self, call: Call, entry: Entry) -> web.StreamResponse:
+        """Answer from a cached entry in this ingress's format, streamed or not, with zero usage."""
+        plan = call.plan
+        assert plan is not None
+        if not call.stream:
+            call.usage = Usage()
+            return priced_json(call, self.ingress.render(replay_body(entry), plan))
+        chunks = replay_chunks(entry, with_usage=plan.include_usage or self.name != "chat.completions")
+        events = self.ingress.render_stream(chunks, plan)
+        first = await anext(events)
+        call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        return await _relay_stream(call, self.ingress, OpenStream(first=first, events=events, chunks=chunks,
+                                                                  stats=CallStats(usage=Usage())),
+                                   plan.body, ())
 
     async def _open(self, call: Call, plan: ChatPlan) -> Opened:
         """One attempt: the call's current target (`call.target`), up to its first byte: the whole
@@ -189,7 +213,8 @@ class ModelCall:
         target = call.target
         assert target is not None  # set by the route stage
         adapter = adapter_for(target.provider.type)
-        native = _native_route(adapter, plan, target.provider)
+        # A call the cache keeps is translated: its answer is stored once, in the Chat shape.
+        native = _native_route(adapter, plan, target.provider) if call.cache_plan is None else None
         body = plan.native_body if native and plan.native_body is not None else plan.body
         if len(call.order) > 1:  # each target fits its own copy of the planned body
             body = dict(body)
@@ -212,12 +237,25 @@ class ModelCall:
             events = chunks
         else:
             chunks = adapter.stream(upstream, stats)
+            if call.cache_plan is not None:
+                call.cache_fold = ChunkAccumulator()
+                chunks = _folded(chunks, call.cache_fold)
             events = self.ingress.render_stream(chunks, plan)
         # Upstream errors before the first byte become ordinary JSON errors (or the next target).
         first = mask(await anext(events), secrets)
         call.ttfb_ms = round((time.perf_counter() - call.started) * 1000, 3)
         return Opened(body=body, secrets=secrets, native=native is not None,
                       stream=OpenStream(first=first, events=events, chunks=chunks, stats=stats))
+
+
+async def _folded(chunks: AsyncGenerator[bytes, None], fold: ChunkAccumulator) -> AsyncGenerator[bytes, None]:
+    """The adapter's chunks, each also folded into `fold` (for the cache)."""
+    try:
+        async for chunk in chunks:
+            fold.feed(chunk)
+            yield chunk
+    finally:
+        await chunks.aclose()
 
 
 @dataclass(slots=True)

@@ -2,8 +2,8 @@
 embeddings, passthrough and models.
 
     ready -> authenticate -> agent context -> intake -> plan -> policy -> admit (limits + budget
-    hold, one Redis round trip) -> route (upstream credential) -> dispatch (adapt, call, relay)
-    ... finish (settle, release, emit)
+    hold, one Redis round trip) -> cache (a hit answers here) -> route (targets in order, their
+    credentials) -> dispatch (adapt, call with fallback, relay) ... finish (settle, release, emit)
 
 `PIPELINE` is that list; a new capability (cache, route) is one more stage in it. An `Endpoint`
 supplies what differs between APIs: how its credential is read, how its body is taken in and
@@ -22,6 +22,7 @@ from aiohttp import web
 
 from dataplane.call import Call
 from dataplane.stages import access, governance
+from dataplane.stages.cache import cache
 from dataplane.stages.route import route
 from dataplane.state import WORKER, WorkerState
 from schemas.errors import GatewayError, InvalidValue
@@ -77,6 +78,7 @@ PIPELINE: tuple[Stage, ...] = (
     _plan,
     governance.policy,
     governance.admit,
+    cache,
     route,
     _dispatch,
 )

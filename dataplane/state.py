@@ -8,6 +8,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from dataplane.cache import ExactCache
 from dataplane.fleet import FleetView
 from dataplane.health import HealthBoard
 from dataplane.ports import EventSink, Governor, IdempotencyStore, NoGovernor, NoIdempotencyStore
@@ -30,6 +31,7 @@ class WorkerState:
     fleet: FleetView = field(default_factory=FleetView)  # the live workers this one hears
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
     health: HealthBoard = field(default_factory=HealthBoard)  # upstream targets, as this worker sees them
+    cache: ExactCache | None = None  # the response cache (None: not wired, e.g. unit-test apps)
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).
