@@ -20,7 +20,7 @@ from dataplane.pricing import price_call
 from schemas.events import CacheHit, Usage
 from schemas.ids import uuid7
 
-CACHED_APIS = frozenset({"chat.completions", "responses", "anthropic.messages"})
+CACHED_APIS = frozenset({"chat.completions", "openai.responses", "anthropic.messages"})
 
 
 class Replays(Protocol):
