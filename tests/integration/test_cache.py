@@ -9,11 +9,12 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import anthropic
 import openai
+import psycopg
 import pytest
 import pytest_asyncio
 
@@ -83,7 +84,6 @@ async def test_the_same_question_twice_is_answered_from_the_cache_the_second_tim
 
 
 async def _cache_hit(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
-    import psycopg
     async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
         cur = await conn.execute("SELECT body FROM event_journal WHERE type = 'cache.hit' AND "
                                  "body->>'request_id' = %s", (request_id,))
@@ -121,10 +121,10 @@ async def test_an_answer_cached_from_chat_is_replayed_in_every_api_and_stream_mo
     text = await _cached(gateway, http, messages, 64)
     upstream = calls_at(fake)
     async with sdk_openai(gateway) as client:
-        raw = await client.chat.completions.with_raw_response.create(model=REF, messages=messages,  # type: ignore[arg-type]
+        raw = await client.chat.completions.with_raw_response.create(model=REF, messages=cast(Any, messages),
                                                                      max_tokens=64)
         assert raw.headers["alephant-cache"] == "hit" and raw.parse().choices[0].message.content == text
-        stream = await client.chat.completions.create(model=REF, messages=messages, max_tokens=64,  # type: ignore[arg-type]
+        stream = await client.chat.completions.create(model=REF, messages=cast(Any, messages), max_tokens=64,
                                                       stream=True, stream_options={"include_usage": True})
         parts, usage = [], None
         async for chunk in stream:
@@ -247,14 +247,18 @@ async def test_savings_in_the_finance_views_equal_the_would_be_costs(
     status, first_headers, _ = await post(gateway, http, body, headers)
     assert status == 200
     first = await eventually(lambda: journal_event(gateway.database_url, first_headers["Alephant-Request-Id"]))
-    hits = []
+    hits: list[str] = []
     while len(hits) < 3:
         _, h, _ = await post(gateway, http, body, headers)
         if h["Alephant-Cache"] == "hit":
             hits.append(h["Alephant-Request-Id"])
         else:
             await asyncio.sleep(0.05)
-    events = [await eventually(lambda rid=rid: _cache_hit(gateway, rid)) for rid in hits]
+    events = []
+    for rid in hits:
+        async def hit_event(rid: str = rid) -> dict[str, Any] | None:
+            return await _cache_hit(gateway, rid)
+        events.append(await eventually(hit_event))
     assert all(e["saved_nanos"] == first["cost_nanos"] for e in events)  # the same price as the original call
 
     async def summary() -> dict[str, Any] | None:
