@@ -30,8 +30,8 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
+from controlplane import cache_admin, finance, prompts, routers
 from controlplane import commands as c
-from controlplane import finance, prompts, routers
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
@@ -246,6 +246,15 @@ async def get_router_health(request: web.Request) -> web.StreamResponse:
     return _json(router_health(router, request.app[FLEET].live_beats(now), now))
 
 
+async def purge_cache(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    ws, ns = cache_admin.purge_target(_query(request, "workspace_id"), _query(request, "namespace"))
+    storage = cache_admin.Storage(st.redis, st.settings.qdrant_url)
+    # The query is the command (the fingerprint's path has none), so an Idempotency-Key is bound to it.
+    return await _command(request, {"workspace_id": ws, "namespace": ns},
+                          lambda hook: cache_admin.purge(st.commands, storage, ws, ns, hook), 200)
+
+
 async def get_budget(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
     budget_id = _param(request.match_info["id"], "id")
@@ -401,6 +410,15 @@ ROUTES: tuple[Route, ...] = (
           "each live data-plane worker reports: in flight, successes, failures, latency EWMAs, ejection and "
           "cool-down, with a summary", None, get_router_health),
     *_crud("policies", g.POLICY, "policy"),
+    # The body's fields are described by SetCacheSettings' docstring in the OpenAPI schema.
+    *_crud("cache-settings", cache_admin.CACHE_SETTINGS, "cache setting"),
+    Route("DELETE", "/admin/v1/cache", "Purge the response cache of `workspace_id` (required) in `namespace` "
+          "(omitted or empty: the default namespace): a new cache generation, so no worker serves an older entry "
+          "once it applies the answer's `revision`; then the Redis keys (and a Qdrant server's points) are freed "
+          "best effort. Answers `generation`, `redis_keys_deleted`, `redis_complete` and `qdrant`",
+          None, purge_cache),
+    Route("GET", "/admin/v1/cache/purges", "Cache purges (?workspace_id=): the current `generation` per "
+          "(workspace, namespace)", None, _lister("cachepurge")),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),

@@ -17,6 +17,7 @@ import psycopg
 from schemas.entities import (
     OPERATOR,
     Budget,
+    CacheSettings,
     ConfigEntity,
     EscalationGrant,
     Limit,
@@ -34,6 +35,7 @@ SCOPE_KIND: dict[str, tuple[str, str]] = {
     "workspace": ("ws", "Workspace"), "department": ("dept", "Department"), "member": ("member", "Member"),
     "agent": ("agent", "Agent"), "key": ("vk", "Virtual key"),
 }
+CACHE_SCOPE_KIND: dict[str, tuple[str, str]] = {"key": ("vk", "Virtual key"), "router": ("router", "Router")}
 _REF_FIELDS = (("department_id", "dept", "Department"), ("member_id", "member", "Member"),
                ("agent_id", "agent", "Agent"), ("router_id", "router", "Router"))
 
@@ -67,7 +69,21 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
     if isinstance(entity, Budget | Limit | Policy) and entity.scope not in ("workflow", "workspace"):
         kind, what = SCOPE_KIND[entity.scope]
         refs.append(Ref(kind, entity.scope_id, "scope_id", what))
+    if isinstance(entity, CacheSettings):
+        refs += _cache_refs(entity)
     return tuple(refs)
+
+
+def _cache_refs(settings: CacheSettings) -> list[Ref]:
+    """A cache setting's key or router (by id) and its embedding model's provider (by name)."""
+    refs: list[Ref] = []
+    if settings.scope != "workspace":
+        kind, what = CACHE_SCOPE_KIND[settings.scope]
+        refs.append(Ref(kind, settings.scope_id, "scope_id", what))
+    if settings.embedding_model is not None:
+        name = settings.embedding_model.partition("/")[0]
+        refs.append(Ref("provider", f"{settings.workspace_id}.{name}", "embedding_model", "Provider"))
+    return refs
 
 
 def router_target_sets(router: Router) -> Iterator[tuple[str, tuple[RouterTarget, ...]]]:
@@ -124,24 +140,26 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
     """Up to 5 live entities ("kind id") that would dangle if `entity` were deleted."""
     ent_id: str = entity.id
     if kind == "ws":
-        # Escalation grants are not counted: they expire on their own and have no delete route.
+        # Escalation grants and cache purges are not counted: grants expire on their own and
+        # neither has a delete route (a purge only marks a cache generation).
         cur = await conn.execute("SELECT kind, id FROM config_entity WHERE workspace_id = %s "
-                                 "AND kind NOT IN ('ws', 'escalation') AND deleted_at IS NULL ORDER BY kind, id "
-                                 "LIMIT 5", (ent_id,))
+                                 "AND kind NOT IN ('ws', 'escalation', 'cachepurge') AND deleted_at IS NULL "
+                                 "ORDER BY kind, id LIMIT 5", (ent_id,))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind == "provider":
         assert isinstance(entity, Provider)
         prefix = f"{entity.name}/"
         cur = await conn.execute(
             "SELECT kind, id FROM config_entity WHERE workspace_id = %s AND deleted_at IS NULL AND ("
-            "(kind = 'alias' AND starts_with(body->>'target', %s)) OR (kind = 'router' AND ("
+            "(kind = 'alias' AND starts_with(body->>'target', %s)) "
+            "OR (kind = 'cache' AND starts_with(body->>'embedding_model', %s)) OR (kind = 'router' AND ("
             "jsonb_path_exists(body, '$.targets[*].model ? (@ starts with $p)', jsonb_build_object('p', %s::text)) "
             "OR jsonb_path_exists(body, '$.rules[*].targets[*].model ? (@ starts with $p)', "
             "jsonb_build_object('p', %s::text))))) ORDER BY kind, id LIMIT 5",
-            (entity.workspace_id, prefix, prefix, prefix))
+            (entity.workspace_id, prefix, prefix, prefix, prefix))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind not in _REFERRERS:
-        return []  # nothing points at a price, alias, key, budget, limit, policy or prompt
+        return []  # nothing points at a price, alias, key, budget, limit, policy, prompt or cache setting
     found: list[str] = []
     ws = entity.workspace_id
     for other, field in _REFERRERS.get(kind, ()):
@@ -153,4 +171,9 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
                                  "AND workspace_id = %s AND deleted_at IS NULL AND body->>'scope' = %s "
                                  "AND body->>'scope_id' = %s LIMIT 5", (ws, _SCOPE_OF[kind], ent_id))
         found += [f"{k} {i}" for k, i in await cur.fetchall()]
+    if kind == "router":  # a router's cache setting (a key's stays, inert, when the key is revoked)
+        cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'cache' AND workspace_id = %s "
+                                 "AND deleted_at IS NULL AND body->>'scope' = 'router' AND body->>'scope_id' = %s "
+                                 "LIMIT 5", (ws, ent_id))
+        found += [f"cache {r[0]}" for r in await cur.fetchall()]
     return found[:5]

@@ -25,7 +25,7 @@ from typing import Any, TextIO, get_args
 from urllib.parse import urlencode
 
 from deploy.stack import AdminClient, AdminError, read_env_file
-from schemas.entities import SCOPES, BudgetPeriod, ProviderKind
+from schemas.entities import SCOPES, BudgetPeriod, CacheMode, CacheScope, ProviderKind
 
 Args = argparse.Namespace
 Path_ = Callable[[Args], str]
@@ -302,6 +302,7 @@ def add_admin_commands(sub: Any) -> None:
 
     _governance(cmds)
     _routers(cmds)
+    _cache(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
@@ -418,6 +419,74 @@ def _routers(cmds: Commands) -> None:
          lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
     leaf(g, "health", "Each target's health on every live data-plane worker: in flight, successes, failures, "
          "latency, ejections and cool-downs", "GET", lambda a: f"{base}/{a.id}/health", ws=False).add_argument("id")
+
+
+# ---- the response cache --------------------------------------------------------------------------
+
+_CACHE_MODES = list(get_args(CacheMode))
+_CACHE_SCOPES = list(get_args(CacheScope))
+
+
+def cache_settings_body(a: Args) -> dict[str, Any]:
+    """`cache settings set`'s POST body: only the flags given (the API's defaults for the rest); a
+    workspace-scoped setting's scope id is the workspace."""
+    ws = default_ws(a)
+    scope_id = a.scope_id if a.scope_id is not None else ws if a.scope == "workspace" else None
+    if scope_id is None:
+        sys.exit(f"alephant: --scope {a.scope} needs --scope-id (the {'virtual key' if a.scope == 'key' else 'router'}"
+                 " id)")
+    return drop_none({"workspace_id": ws, "scope": a.scope, "scope_id": scope_id, "mode": a.mode, "ttl_s": a.ttl_s,
+                      "similarity": a.similarity, "embedding_model": a.embedding_model,
+                      "exclude_tools": a.exclude_tools, "exclude_temperature": a.exclude_temperature,
+                      "namespace": a.namespace})
+
+
+def cache_purge_path(a: Args) -> str:
+    return "/admin/v1/cache?" + urlencode(drop_none({"workspace_id": a.workspace, "namespace": a.namespace}))
+
+
+def _cache(cmds: Commands) -> None:
+    """`cache settings set|list|show|delete` and `cache purge`."""
+    leaf = cmds.leaf
+    g = cmds.group("cache", "The response cache: settings per workspace, virtual key or router (exact answers in "
+                   "Redis, semantic matches in Qdrant), and purges")
+    text = ("Cache settings: whether and how calls are answered from the cache, per workspace, key or router (the "
+            "most specific wins: key, then router, then workspace)")
+    settings = g.add_parser("settings", help=text, description=text).add_subparsers(
+        dest="settings_action", required=True, metavar="ACTION")
+    base = "/admin/v1/cache-settings"
+    p = leaf(settings, "set", "Create or replace the cache setting of a workspace, key or router (one per scope), "
+             "e.g. alephant cache settings set --mode exact --ttl-s 600, or --scope key --scope-id vk_... --mode "
+             "semantic --embedding-model openai/text-embedding-3-small", "POST", lambda a: base, cache_settings_body)
+    p.add_argument("--scope", choices=_CACHE_SCOPES, default="workspace",
+                   help="what the setting applies to (default workspace)")
+    p.add_argument("--scope-id", metavar="ID", help="the virtual key id or router id (default with --scope "
+                   "workspace: the workspace)")
+    p.add_argument("--mode", required=True, choices=_CACHE_MODES,
+                   help="exact: the same request answered from Redis; semantic: exact, then the nearest earlier "
+                        "prompt above --similarity (Qdrant); off: never cached (e.g. a key under a cached workspace)")
+    p.add_argument("--ttl-s", type=int, metavar="SECONDS", help="how long an answer is kept, 1..2592000 (30 days; "
+                   "default 3600)")
+    p.add_argument("--similarity", type=float, help="semantic: the least similarity served, in (0, 1] (default 0.95)")
+    p.add_argument("--embedding-model", metavar="PROVIDER/MODEL",
+                   help="semantic (required): the model that embeds prompts, a provider of the workspace")
+    p.add_argument("--exclude-tools", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep requests offering tools out of the cache (default: yes)")
+    p.add_argument("--exclude-temperature", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep requests with a non-zero temperature out of the cache (default: no)")
+    p.add_argument("--namespace", metavar="NS", help="a partition of the cache (an id; default: the default "
+                   "namespace)")
+    leaf(settings, "list", "List the workspace's cache settings", "GET",
+         lambda a: f"{base}?workspace_id={default_ws(a)}")
+    leaf(settings, "show", "Show a cache setting", "GET", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+    leaf(settings, "delete", "Delete a cache setting (its scope falls back to the next one on the call's path)",
+         "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+
+    p = leaf(g, "purge", "Forget every cached answer of a workspace in one namespace: workers stop serving them "
+             "once they apply the purge's revision (--wait waits for that); the Redis keys (and a Qdrant server's "
+             "points) are deleted too", "DELETE", cache_purge_path, ws=False)
+    p.add_argument("--workspace", "-w", required=True, help="the workspace whose cache to purge")
+    p.add_argument("--namespace", metavar="NS", help="the namespace to purge (default: the default namespace)")
 
 
 # ---- finance reads: tables in decimal USD, or the API's JSON, or CSV ---------------------------
