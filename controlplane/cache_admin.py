@@ -32,7 +32,7 @@ import asyncio
 import re
 import time
 from dataclasses import dataclass
-from typing import Annotated, Any, cast, get_args
+from typing import TYPE_CHECKING, Annotated, Any, cast, get_args
 
 import msgspec
 import psycopg
@@ -44,6 +44,9 @@ from controlplane.inputs import Command, Ident, ModelRef, now_ms
 from controlplane.references import references
 from schemas.entities import CacheMode, CachePurge, CacheScope, CacheSettings
 from schemas.errors import InvalidRequest, NotFound
+
+if TYPE_CHECKING:
+    from qdrant_client import AsyncQdrantClient
 
 log = structlog.get_logger(__name__)
 
@@ -275,21 +278,13 @@ async def _free_qdrant(storage: Storage, workspace_id: str, namespace: str, gene
     if not storage.qdrant_url:
         return "skipped"
     # Imported here: only a purge with a Qdrant server needs the client.
-    from qdrant_client import AsyncQdrantClient, models
+    from qdrant_client import AsyncQdrantClient
 
-    selector = models.FilterSelector(filter=models.Filter(must=[
-        models.FieldCondition(key="workspace_id", match=models.MatchValue(value=workspace_id)),
-        models.FieldCondition(key="namespace", match=models.MatchValue(value=namespace)),
-        models.FieldCondition(key="generation", range=models.Range(lt=generation)),
-    ]))
     client = AsyncQdrantClient(url=storage.qdrant_url, timeout=max(1, int(storage.budget_s)),
                                check_compatibility=False)
     try:
         async with asyncio.timeout(storage.budget_s):
-            collections = (await client.get_collections()).collections
-            for coll in collections:
-                if coll.name.startswith(QDRANT_COLLECTION_PREFIX):
-                    await client.delete(coll.name, points_selector=selector, wait=False)
+            await delete_qdrant_points(client, workspace_id, namespace, generation)
     except Exception as exc:  # best effort, as for Redis
         log.warning("cache_purge_qdrant_failed", workspace_id=workspace_id, namespace=namespace,
                     error=f"{type(exc).__name__}: {exc}")
@@ -300,3 +295,21 @@ async def _free_qdrant(storage: Storage, workspace_id: str, namespace: str, gene
         except Exception as exc:  # closing must not turn a purge into an error
             log.debug("qdrant_close_failed", error=f"{type(exc).__name__}: {exc}")
     return "deleted"
+
+
+async def delete_qdrant_points(client: AsyncQdrantClient, workspace_id: str, namespace: str,
+                               generation: int) -> list[str]:
+    """Delete, in every `alephant_cache_d*` collection, the points of (workspace, namespace) stored
+    under a generation before `generation`; the collections visited. Raises what the client raises."""
+    from qdrant_client import models
+
+    selector = models.FilterSelector(filter=models.Filter(must=[
+        models.FieldCondition(key="workspace_id", match=models.MatchValue(value=workspace_id)),
+        models.FieldCondition(key="namespace", match=models.MatchValue(value=namespace)),
+        models.FieldCondition(key="generation", range=models.Range(lt=generation)),
+    ]))
+    names = [c.name for c in (await client.get_collections()).collections
+             if c.name.startswith(QDRANT_COLLECTION_PREFIX)]
+    for name in names:
+        await client.delete(name, points_selector=selector)
+    return names

@@ -3,14 +3,15 @@ workspace, scope and scope id), listed, read, patched and deleted; every refused
 field and problem and writes nothing; the key, router and embedding provider a setting names are
 checked (and a router or provider in use is not deleted); `DELETE /admin/v1/cache` sets a new,
 strictly greater generation and deletes that workspace's and namespace's Redis keys, and only
-those."""
+those; with Redis paused and the Qdrant server unreachable (a dedicated stack) it still commits and
+answers in bounded time, saying what it could not free."""
 
 from __future__ import annotations
 
 import asyncio
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,9 +20,10 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from controlplane.cache_admin import MAX_CACHE_TTL_S
+from controlplane.cache_admin import MAX_CACHE_TTL_S, PURGE_STORAGE_BUDGET_S
+from deploy.stack import Stack
 from tests.conftest import AdminHttp as Admin
-from tests.conftest import Gateway, cli_json, run_cli
+from tests.conftest import Gateway, cli_json, dedicated_stack, run_cli
 from tests.integration.test_governance_e2e import applied
 from tests.integration.test_routers_admin import _refused
 
@@ -306,3 +308,32 @@ async def test_cache_through_the_cli(gateway: Gateway, admin: Admin, ws: Ws, red
     helped = await asyncio.to_thread(run_cli, gateway, "cache", "settings", "--help")
     for action in ("set", "list", "show", "delete"):
         assert action in helped.stdout
+
+
+# ---- storage down: the purge still commits, and answers in bounded time --------------------------
+
+@pytest.fixture(scope="module")
+def outage_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A DEDICATED stack (its Redis is SIGSTOPped) whose Qdrant server refuses connections."""
+    with dedicated_stack(tmp_path_factory.mktemp("cache-outage"), {"ALEPHANT_QDRANT_URL": "http://127.0.0.1:9"}) as s:
+        yield s
+
+
+async def test_a_purge_with_redis_and_qdrant_down_commits_and_says_so(outage_stack: Stack) -> None:
+    admin = outage_stack.admin()
+    first = await asyncio.to_thread(admin.call, "DELETE", f"{A}/cache?workspace_id=demo")
+    assert (first["redis_complete"], first["qdrant"]) == (True, "failed")
+    redis = outage_stack.services["redis"]
+    redis.pause()
+    try:
+        started = time.monotonic()
+        status, second = await asyncio.to_thread(admin.request, "DELETE", f"{A}/cache?workspace_id=demo")
+        took = time.monotonic() - started
+    finally:
+        redis.resume()
+    assert status == 200, second
+    assert second["generation"] > first["generation"] and second["propagated"] is True
+    assert (second["redis_keys_deleted"], second["redis_complete"], second["qdrant"]) == (0, False, "failed")
+    assert took < 2 * PURGE_STORAGE_BUDGET_S + 3, took
+    purges = await asyncio.to_thread(admin.call, "GET", f"{A}/cache/purges?workspace_id=demo")
+    assert [p["generation"] for p in purges["data"]] == [second["generation"]]

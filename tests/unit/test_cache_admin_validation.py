@@ -17,6 +17,7 @@ from controlplane.cache_admin import (
     SetCacheSettings,
     _older_generation,
     cache_settings_id,
+    delete_qdrant_points,
     next_generation,
     purge_id,
     purge_target,
@@ -185,3 +186,30 @@ def test_openapi_lists_the_cache_routes() -> None:
     assert "workspace_id" in purge["summary"] and "namespace" in purge["summary"]
     assert "202" in purge["responses"]
     assert "SetCacheSettings" in openapi_document()["components"]["schemas"]
+
+
+# ---- Qdrant: the purge's filter against qdrant-client's in-process engine ------------------------
+
+async def test_qdrant_points_of_the_namespace_and_older_generations_are_deleted() -> None:
+    from qdrant_client import AsyncQdrantClient, models
+
+    client = AsyncQdrantClient(location=":memory:")
+    try:
+        for name in ("alephant_cache_d2", "alephant_cache_d3", "unrelated"):
+            dim = 3 if name.endswith("3") else 2
+            await client.create_collection(name, vectors_config=models.VectorParams(size=dim,
+                                                                                    distance=models.Distance.COSINE))
+            points = [("demo", "", 5), ("demo", "", 10), ("demo", "team", 5), ("other", "", 5)]
+            await client.upsert(name, points=[
+                models.PointStruct(id=i, vector=[1.0] * dim, payload={
+                    "workspace_id": ws, "namespace": ns, "partition": "p", "generation": gen,
+                    "entry_key": f"alc:{ws}:{ns or '_'}:{gen}:k{i}", "expires_at_ms": 2**50})
+                for i, (ws, ns, gen) in enumerate(points)])
+        visited = await delete_qdrant_points(client, "demo", "", 10)
+        assert visited == ["alephant_cache_d2", "alephant_cache_d3"]
+        for name, left in (("alephant_cache_d2", [1, 2, 3]), ("alephant_cache_d3", [1, 2, 3]),
+                           ("unrelated", [0, 1, 2, 3])):
+            records, _ = await client.scroll(name, limit=10)
+            assert sorted(int(r.id) for r in records) == left, name
+    finally:
+        await client.close()
