@@ -76,6 +76,9 @@ SWEEP_TIMEOUT_S: Final = 10.0
 # Local operations queued on its thread beyond this are refused (a miss): a slow disk must not
 # build an unbounded backlog of stores.
 MAX_LOCAL_BACKLOG: Final = 256
+# Local mode holds every vector in memory and searches them all (1536 floats x 10k ~ 60 MB, a few
+# ms a lookup); past this many points it stores nothing more until a sweep frees room.
+LOCAL_MAX_POINTS: Final = 10_000
 _POINT_NAMESPACE: Final = uuid.UUID("6f1d3c52-8a1e-4c3b-9a57-2f0e4b1d7c10")
 _KEYWORD_FIELDS: Final = ("workspace_id", "namespace", "partition")
 _INTEGER_FIELDS: Final = ("generation", "expires_at_ms")
@@ -225,18 +228,22 @@ class SemanticIndex:
     """Nearest-prompt lookups and stores over Qdrant; fail-open (see the module docstring).
 
     Used from one event loop. `url` a Qdrant server, else local mode under `root` (required then).
+    Local mode stores at most `max_points` points (see `LOCAL_MAX_POINTS`).
     Counters: `failures` (operations that errored or timed out, and failed opens), `skipped`
-    (calls refused while the breaker was open), `hits`, `misses` (lookups that ran and found
-    nothing; not those made before the index was ready, counted in `not_ready`)."""
+    (calls refused while the breaker was open, stores refused while local mode was full), `hits`,
+    `misses` (lookups that ran and found nothing; not those made before the index was ready,
+    counted in `not_ready`)."""
 
     def __init__(self, *, url: str = "", root: str | Path | None = None, timeout_s: float = 0.05,
-                 init_timeout_s: float = INIT_TIMEOUT_S) -> None:
+                 init_timeout_s: float = INIT_TIMEOUT_S, max_points: int = LOCAL_MAX_POINTS) -> None:
         if not url and root is None:
             raise ValueError("SemanticIndex needs a Qdrant url or a local root directory")
         self.url = url
         self.root = Path(root) if root is not None else None
         self.timeout_s = timeout_s
         self.init_timeout_s = init_timeout_s
+        self.max_points = max_points
+        self._points = 0  # local mode: an upper bound (a re-store counts again), recounted by sweeps
         self.failures = 0
         self.skipped = 0
         self.hits = 0
@@ -283,6 +290,7 @@ class SemanticIndex:
         backend = _Local(self._root())
         try:
             await asyncio.wait_for(backend.open(), self.init_timeout_s)
+            self._points = await asyncio.wait_for(self._count(backend), self.init_timeout_s)
         except Exception as exc:  # fail-open: any error is a failed open
             self._failed("open", exc)
             self._reopen_at = time.monotonic() + REOPEN_AFTER_S
@@ -408,7 +416,7 @@ class SemanticIndex:
         and generation, `expires_at_ms > now_ms` and cosine `score >= threshold`; else None (also
         when not ready, on a timeout or an error)."""
         backend = self._usable()
-        if backend is None:
+        if backend is None or not vector:
             self.not_ready += self._backend is None
             return None
 
@@ -435,7 +443,10 @@ class SemanticIndex:
         """Insert or overwrite the point of `entry_key` (idempotent). A no-op when not ready, on a
         timeout or an error (the answer is then only in the exact cache)."""
         backend = self._usable()
-        if backend is None:
+        if backend is None or not vector:
+            return
+        if not backend.remote and self._points >= self.max_points:
+            self.skipped += 1
             return
         point = models.PointStruct(id=point_id(entry_key), vector=vector, payload={
             "workspace_id": workspace_id, "namespace": namespace, "partition": partition,
@@ -445,7 +456,8 @@ class SemanticIndex:
             await self._ensure_collection(backend, len(vector))
             await backend.call("upsert", collection_name(len(vector)), points=[point], wait=True)
 
-        await self._bounded("store", work())
+        ok, _ = await self._bounded("store", work())
+        self._points += ok
 
     async def sweep(self, now_ms: int) -> bool:
         """Delete every point with `expires_at_ms <= now_ms`, in each of our collections. Bounded by
@@ -454,15 +466,27 @@ class SemanticIndex:
         if backend is None:
             return False
 
-        async def work() -> None:
+        async def work() -> int:
             found = await backend.call("get_collections")
             for info in found.collections:
                 if info.name.startswith(COLLECTION_PREFIX):
                     await backend.call("delete", info.name, points_selector=models.FilterSelector(
                         filter=_expired_filter(now_ms)), wait=True)
+            return 0 if backend.remote else await self._count(backend)
 
-        ok, _ = await self._bounded("sweep", work(), max(self.timeout_s, SWEEP_TIMEOUT_S))
-        return ok
+        ok, points = await self._bounded("sweep", work(), max(self.timeout_s, SWEEP_TIMEOUT_S))
+        if ok:
+            self._points = points
+        return bool(ok)
+
+    @staticmethod
+    async def _count(backend: _Local | _Remote) -> int:
+        found = await backend.call("get_collections")
+        total = 0
+        for info in found.collections:
+            if info.name.startswith(COLLECTION_PREFIX):
+                total += (await backend.call("count", info.name, exact=True)).count
+        return int(total)
 
     async def count(self) -> int | None:
         """Points in our collections (expired ones included until swept); None when not open or
@@ -471,15 +495,7 @@ class SemanticIndex:
         if backend is None:
             return None
 
-        async def work() -> int:
-            found = await backend.call("get_collections")
-            total = 0
-            for info in found.collections:
-                if info.name.startswith(COLLECTION_PREFIX):
-                    total += (await backend.call("count", info.name, exact=True)).count
-            return total
-
-        ok, total = await self._bounded("count", work(), max(self.timeout_s, SWEEP_TIMEOUT_S))
+        ok, total = await self._bounded("count", self._count(backend), max(self.timeout_s, SWEEP_TIMEOUT_S))
         return total if ok else None
 
     async def run_sweeps(self, interval_s: float = 60.0, clock: Callable[[], float] = time.time) -> None:

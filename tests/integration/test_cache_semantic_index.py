@@ -6,6 +6,7 @@ fail-open against a Qdrant server that is not there."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,59 @@ async def test_local_mode_opens_lazily_in_the_background_and_keeps_its_slot(tmp_
         assert hit is not None and hit[0] == "entry-1"
     finally:
         await again.close()
+
+
+async def test_local_mode_is_capped_until_a_sweep_frees_room(tmp_path: Path) -> None:
+    idx = SemanticIndex(root=tmp_path, timeout_s=2.0, max_points=2)
+    try:
+        assert await idx.open()
+        await store(idx, QUESTION, "a", expires_at_ms=NOW + 10)
+        await store(idx, UNRELATED, "b")
+        await store(idx, "I forgot my password", "c")  # full: not stored
+        assert idx.skipped == 1 and await idx.count() == 2
+        assert await lookup(idx, "I forgot my password") is None
+        assert await idx.sweep(NOW + 10)  # frees "a"
+        await store(idx, "I forgot my password", "c")
+        hit = await lookup(idx, "forgot password", now_ms=NOW + 10)
+        assert hit is not None and hit[0] == "c" and await idx.count() == 2
+    finally:
+        await idx.close()
+    again = SemanticIndex(root=tmp_path, timeout_s=2.0, max_points=2)  # counts what it finds on open
+    try:
+        assert await again.open()
+        await store(again, "Will it rain tomorrow?", "d")
+        assert again.skipped == 1 and await again.count() == 2
+    finally:
+        await again.close()
+
+
+async def test_local_deadline_is_a_miss_and_the_index_recovers(index: SemanticIndex) -> None:
+    await store(index, UNRELATED, "warm")
+    index.timeout_s = 1e-6  # nothing local can answer this fast
+    await store(index, QUESTION, "late")
+    assert await lookup(index, UNRELATED) is None
+    assert index.failures == 2 and index.hits == 0
+    index.timeout_s = 2.0
+    await store(index, QUESTION, "again")
+    hit = await lookup(index, PARAPHRASE)
+    assert hit is not None and hit[0] in ("late", "again")  # "late" may have landed after its deadline
+    warm = await lookup(index, UNRELATED)
+    assert warm is not None and warm[0] == "warm"
+
+
+async def test_run_sweeps_sweeps_periodically(index: SemanticIndex) -> None:
+    await store(index, QUESTION, "old", expires_at_ms=NOW + 10)
+    task = asyncio.create_task(index.run_sweeps(0.01, clock=lambda: (NOW + 10) / 1000))
+    try:
+        for _ in range(200):
+            if await index.count() == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await index.count() == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def closed_port() -> int:
