@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import zlib
 from collections.abc import AsyncGenerator, Mapping
@@ -36,6 +37,7 @@ import structlog
 from redis.asyncio import Redis
 
 from schemas.entities import CacheSettings
+from schemas.errors import InvalidRequest
 from schemas.events import Usage
 from schemas.snapshot import Snapshot
 
@@ -49,6 +51,7 @@ MAX_TTL_S = 30 * 86400
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
 COMPRESS_OVER = 1024
+NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # the admin API's rule for a cache namespace
 
 # Request fields that do not change the answer (the rest do: messages, tools, sampling, limits).
 IGNORED = frozenset({"model", "user", "stream", "stream_options", "metadata", "store", "service_tier",
@@ -90,7 +93,11 @@ def cache_plan(snap: Snapshot, workspace_id: str, key_id: str, router_id: str | 
     if found is None and settings:
         found = settings.get((workspace_id, "workspace", workspace_id))
     ttl = _ttl(headers.get(CACHE_TTL))
-    namespace = headers.get(CACHE_NAMESPACE, "").strip()[:64]
+    namespace = headers.get(CACHE_NAMESPACE, "").strip()
+    if namespace and not NAMESPACE.match(namespace):
+        raise InvalidRequest(f"{CACHE_NAMESPACE} must be 1-64 letters, digits, '_' or '-' (starting with a letter "
+                             "or digit), the rule the purge (DELETE /admin/v1/cache) accepts.",
+                             param=CACHE_NAMESPACE, code="invalid_cache_namespace")
     if found is not None and found.mode != "off":
         return CachePlan(mode=found.mode, ttl_s=ttl or found.ttl_s, read=control != "refresh",
                          namespace=namespace or found.namespace, settings=found)

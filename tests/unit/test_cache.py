@@ -17,6 +17,7 @@ from dataplane.cache import (
     unpack,
 )
 from schemas.entities import CacheSettings, ConfigEntity, Workspace, kv_key
+from schemas.errors import InvalidRequest
 from schemas.events import Usage
 from schemas.snapshot import Snapshot
 
@@ -52,6 +53,10 @@ def test_the_most_specific_setting_applies_and_requests_can_opt_out_or_set_a_ttl
     assert not isinstance(on_request, str) and on_request is not None and on_request.ttl_s == 45
     for bad in ("0", "-3", "soon", ""):
         assert cache_plan(other, "ws_x", "vk", None, {"Alephant-Cache-Ttl": bad}) is None
+    for bad_ns in ("a:b", "*", "-x", "x" * 65):
+        with pytest.raises(InvalidRequest) as info:
+            cache_plan(other, "ws_x", "vk", None, {"Alephant-Cache-Ttl": "5", "Alephant-Cache-Namespace": bad_ns})
+        assert info.value.param == "Alephant-Cache-Namespace"
 
 
 def test_the_key_ignores_fields_that_do_not_change_the_answer() -> None:
