@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,8 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
+from qdrant_client import QdrantClient, models
 
 from dataplane.cache_semantic import SemanticIndex, embed_text, semantic_text
 from dataplane.snapshot import SnapshotStore
@@ -24,6 +27,7 @@ from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
 from schemas.snapshot import Snapshot
 from tests.fakes.embedding_upstream import EmbeddingUpstream
+from tests.fakes.server import FakeServer
 from tests.unit.conftest import Recorder
 
 NOW = 1_700_000_000_000
@@ -178,6 +182,84 @@ async def test_run_sweeps_sweeps_periodically(index: SemanticIndex) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class QdrantRestShim(FakeServer):
+    """The slice of Qdrant's REST API the index uses, answered by an in-memory local-mode client:
+    the remote code path (AsyncQdrantClient over HTTP) end to end without a Qdrant server.
+    Payload-index requests are recorded, not applied (local mode has no payload indexes)."""
+
+    def __init__(self) -> None:
+        self.host, self.port = "127.0.0.1", 0
+        self.local = QdrantClient(":memory:")
+        self.indexes: list[tuple[str, str, str]] = []
+        self.delay_s = 0.0
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        await asyncio.sleep(self.delay_s)
+        raw = await request.read()
+        body = json.loads(raw) if raw else {}
+        parts = request.path.strip("/").split("/")
+        result: Any
+        if request.method == "GET" and parts == ["collections"]:
+            result = self.local.get_collections().model_dump(mode="json")
+        elif parts[-1] == "exists":
+            result = {"exists": self.local.collection_exists(parts[1])}
+        elif request.method == "PUT" and len(parts) == 2:
+            made = models.CreateCollection(**body)
+            result = self.local.create_collection(parts[1], vectors_config=made.vectors)
+        elif parts[2:] == ["index"]:
+            self.indexes.append((parts[1], body["field_name"], body["field_schema"]))
+            result = {"operation_id": 0, "status": "completed"}
+        elif request.method == "PUT" and parts[2:] == ["points"]:
+            points = models.PointsList(**body).points
+            result = self.local.upsert(parts[1], points=points).model_dump(mode="json")
+        elif parts[2:] == ["points", "query"]:
+            query = models.QueryRequest(**body)
+            result = self.local.query_points(
+                parts[1], query=query.query.nearest if isinstance(query.query, models.NearestQuery) else None,
+                query_filter=query.filter, limit=query.limit or 10, score_threshold=query.score_threshold,
+                with_payload=query.with_payload or False, with_vectors=False).model_dump(mode="json")
+        elif parts[2:] == ["points", "delete"]:
+            selector = models.FilterSelector(**body)
+            result = self.local.delete(parts[1], points_selector=selector).model_dump(mode="json")
+        elif parts[2:] == ["points", "count"]:
+            counted = models.CountRequest(**body)
+            result = self.local.count(parts[1], count_filter=counted.filter).model_dump(mode="json")
+        else:
+            return web.json_response({"status": {"error": f"not in the shim: {request.path}"}}, status=404)
+        return web.json_response({"result": result, "status": "ok", "time": 0.0})
+
+
+@pytest.fixture
+async def shim() -> AsyncIterator[QdrantRestShim]:
+    async with QdrantRestShim() as server:
+        yield server
+    server.local.close()
+
+
+async def test_server_mode_over_rest(shim: QdrantRestShim) -> None:
+    idx = SemanticIndex(url=f"http://{shim.host}:{shim.port}", timeout_s=2.0)
+    try:
+        assert idx.ready is False and await idx.open() and idx.local_path is None
+        assert await lookup(idx, QUESTION) is None
+        await store(idx, QUESTION, "entry-1")
+        await store(idx, UNRELATED, "entry-2", expires_at_ms=NOW + 10)
+        hit = await lookup(idx, PARAPHRASE)
+        assert hit is not None and hit[0] == "entry-1" and 0.95 <= hit[1] < 1.0
+        assert await lookup(idx, PARAPHRASE, namespace="other") is None
+        assert sorted(f for _, f, _ in shim.indexes) == sorted(
+            ["workspace_id", "namespace", "partition", "generation", "expires_at_ms"])
+        assert {(f, t) for _, f, t in shim.indexes} >= {("workspace_id", "keyword"), ("generation", "integer")}
+        assert await idx.count() == 2 and await idx.sweep(NOW + 10) and await idx.count() == 1
+        assert idx.failures == 0
+        shim.delay_s = 0.5  # a slow server: the deadline answers, a miss
+        idx.timeout_s = 0.05
+        started = time.monotonic()
+        assert await lookup(idx, QUESTION) is None
+        assert time.monotonic() - started < 0.3 and idx.failures == 1
+    finally:
+        await idx.close()
 
 
 def closed_port() -> int:
