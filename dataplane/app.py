@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from dataplane.cache import ExactCache
+from dataplane.cache_semantic import SemanticIndex
 from dataplane.fleet import FleetView, run_fleet
 from dataplane.governor import RedisGovernor
 from dataplane.idempotency import RedisIdempotencyStore
@@ -109,9 +110,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         idempotency = RedisIdempotencyStore(settings.redis_url, timeout_s=settings.redis_timeout_s)
         app[PUBLISHER] = publisher
         cache = ExactCache(settings.redis_url, settings.cache_timeout_s, settings.cache_max_entry_bytes)
+        semantic = SemanticIndex.from_settings(settings)  # opens Qdrant on first use only
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
                                            session=session, governor=governor, idempotency=idempotency, fleet=fleet,
-                                           cache=cache)
+                                           cache=cache, semantic=semantic)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
@@ -121,12 +123,14 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("governor", governor.run()),
             ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet, targets=worker.health.states)),
             ("health-probes", run_probes(worker)),
+            ("semantic-sweeps", semantic.run_sweeps()),
         )]
         yield
         worker.refusals.flush(publisher)
         await governor.close()  # settles what is queued, gives the leases back
         await idempotency.close()
         await cache.close()
+        await semantic.close()
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()

@@ -28,7 +28,7 @@ import hashlib
 import re
 import time
 import zlib
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,10 +200,14 @@ class ExactCache:
         data = pack(entry)
         if len(data) > self.max_entry_bytes or not self.available():
             return False
-        task = asyncio.ensure_future(self._put(key, data, ttl_s))
+        self.spawn(self._put(key, data, ttl_s))
+        return True
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Run `work` off the request path (awaited on close)."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
 
     async def _put(self, key: str, data: bytes, ttl_s: int) -> None:
         try:

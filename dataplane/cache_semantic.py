@@ -50,10 +50,10 @@ import structlog
 from qdrant_client import AsyncQdrantClient, QdrantClient, models
 
 from dataplane.decisions import KeyChoice, Target, resolve_model, target_key
-from dataplane.ingress.embeddings import base64_to_floats
 from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.state import WorkerState
+from dataplane.vectors import base64_to_floats
 from schemas.entities import VirtualKey
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.events import Usage

@@ -90,6 +90,7 @@ class Call:
     cache_similarity: float | None = None
     cache_fold: ChunkAccumulator | None = None
     cache_vector: list[float] | None = None
+    cache_partition: str = ""
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -16,6 +16,9 @@ from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
 from schemas.keys import KeyRing
 from schemas.settings import Secret, Settings
+
+if TYPE_CHECKING:
+    from dataplane.cache_semantic import SemanticIndex
 
 
 @dataclass
@@ -32,6 +35,7 @@ class WorkerState:
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
     health: HealthBoard = field(default_factory=HealthBoard)  # upstream targets, as this worker sees them
     cache: ExactCache | None = None  # the response cache (None: not wired, e.g. unit-test apps)
+    semantic: SemanticIndex | None = None  # the semantic cache's index (Qdrant), opened on first use
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).

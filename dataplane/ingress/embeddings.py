@@ -12,10 +12,7 @@ float32 (what OpenAI sends and the SDKs decode).
 
 from __future__ import annotations
 
-import array
-import base64
 import binascii
-import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, Protocol
 
@@ -30,6 +27,7 @@ from dataplane.providers.base import ChatResponse, UpstreamCall
 from dataplane.providers.registry import adapter_for
 from dataplane.stages.governance import input_bound
 from dataplane.stages.route import plan_route
+from dataplane.vectors import base64_to_floats, floats_to_base64
 from schemas.errors import InvalidRequest, UpstreamError
 from schemas.http import validate
 
@@ -97,30 +95,6 @@ def parse_request(raw: Any) -> EmbeddingsRequest:
     typed = validate(raw, EmbeddingsRequest)
     check_input(typed.input)
     return typed
-
-
-# --- float <-> base64 --------------------------------------------------------------------------
-
-
-def floats_to_base64(vector: list[float]) -> str:
-    """Little-endian float32, base64 (standard alphabet, padded)."""
-    packed = array.array("f", vector)
-    if sys.byteorder == "big":
-        packed.byteswap()
-    return base64.b64encode(packed.tobytes()).decode()
-
-
-def base64_to_floats(text: str) -> list[float]:
-    """The inverse of `floats_to_base64`. Raises ValueError for text that is not base64 of a
-    whole number of float32 values."""
-    raw = base64.b64decode(text, validate=True)
-    if len(raw) % 4:
-        raise ValueError("not a whole number of float32 values")
-    values = array.array("f")
-    values.frombytes(raw)
-    if sys.byteorder == "big":
-        values.byteswap()
-    return values.tolist()
 
 
 class _ItemProbe(msgspec.Struct):

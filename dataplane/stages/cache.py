@@ -12,13 +12,21 @@ import datetime as dt
 import time
 from typing import Protocol, cast
 
+import structlog
 from aiohttp import web
 
 from dataplane.cache import Entry, cache_plan, exact_key
+from dataplane.cache_semantic import Embedded, embed_text, semantic_text
 from dataplane.call import Call
 from dataplane.pricing import price_call
-from schemas.events import CacheHit, Usage
+from schemas.entities import CacheSettings
+from schemas.events import CacheHit, LlmCall, Usage
 from schemas.ids import uuid7
+
+log = structlog.get_logger(__name__)
+
+EMBED_TIMEOUT_S = 2.0  # the semantic lookup's embedding call; past it the call goes on as a miss
+EMBED_INGRESS = "cache.embed"  # the `ingress` of the embedding call's own llm.call
 
 CACHED_APIS = frozenset({"chat.completions", "openai.responses", "anthropic.messages"})
 
@@ -64,6 +72,67 @@ async def cache(call: Call) -> None:
         await answer_from_cache(call, entry, "hit")
         return
     store.misses += 1
+    if plan.mode == "semantic" and plan.settings is not None and _semantic_applies(call, plan.settings):
+        await _semantic(call, plan.settings, plan.namespace, purge.generation if purge is not None else 0)
+
+
+def _semantic_applies(call: Call, settings: CacheSettings) -> bool:
+    if not settings.embedding_model or call.worker.semantic is None or call.plan is None:
+        return False
+    if settings.exclude_tools and call.tools:
+        return False
+    temperature = call.plan.body.get("temperature")
+    return not (settings.exclude_temperature and temperature not in (None, 0))
+
+
+def _partition(call: Call) -> str:
+    """What a semantic hit must share besides a similar prompt: the target and every request field
+    but the messages (tools, sampling, limits)."""
+    assert call.plan is not None
+    rest = {k: v for k, v in call.plan.body.items() if k != "messages"}
+    return exact_key("", "", 0, _target_ref(call), rest).rsplit(":", 1)[1]
+
+
+async def _semantic(call: Call, settings: CacheSettings, namespace: str, generation: int) -> None:
+    """After an exact miss: embed the prompt (booked as its own `llm.call`), look for the nearest
+    earlier prompt; a hit replays its answer, a miss keeps the vector to store with the answer."""
+    index, store = call.worker.semantic, call.worker.cache
+    assert index is not None and store is not None and call.plan is not None and settings.embedding_model
+    try:
+        embedded = await embed_text(call.worker, call.snap, call.vk, settings.embedding_model,
+                                     semantic_text(call.plan.body), timeout_s=EMBED_TIMEOUT_S)
+    except Exception as exc:  # any failure of the embedding call is a miss (fail-open)
+        index.failures += 1
+        log.info("semantic_cache_embed_failed", error=type(exc).__name__, model=settings.embedding_model)
+        return
+    call.worker.events.emit(_embedding_event(call, embedded))
+    partition = _partition(call)
+    found = await index.lookup(embedded.vector, workspace_id=call.vk.workspace_id, namespace=namespace,
+                               partition=partition, generation=generation, threshold=settings.similarity,
+                               now_ms=int(time.time() * 1000))
+    if found is not None:
+        entry = await store.get(found[0])
+        if entry is not None:
+            await answer_from_cache(call, entry, "semantic-hit", similarity=found[1])
+            return
+    call.cache_vector, call.cache_partition = embedded.vector, partition
+
+
+def _embedding_event(call: Call, embedded: Embedded) -> LlmCall:
+    """The semantic lookup's embedding call, booked like any call (its own event, priced)."""
+    ctx, target = call.ctx, embedded.target
+    priced = price_call(call.snap, target.provider.name, target.provider.type, target.model, embedded.usage,
+                        workspace_id=call.vk.workspace_id, provider_key_id=embedded.key.key_id)
+    return LlmCall(
+        event_id=uuid7(), occurred_at=dt.datetime.now(dt.UTC), workspace_id=call.vk.workspace_id,
+        agent_id=ctx.agent_id, run_id=ctx.run_id, session_id=ctx.session_id, workflow_id=ctx.workflow_id,
+        request_id=ctx.request_id, snapshot_revision=call.snap.revision, provider=target.provider.name,
+        model=target.model, ingress=EMBED_INGRESS, stream=False, status=200, usage=embedded.usage,
+        cost_nanos=priced.cost_nanos, priced=priced.priced, key_id=call.vk.id,
+        latency_ms=round(embedded.latency_ms, 3), department_id=call.department_id, member_id=call.member_id,
+        endpoint=call.request.path, provider_key_id=embedded.key.key_id, provider_key_source=embedded.key.source,
+        price_source=priced.source, price_id=priced.price_id, price_scope=priced.scope,
+        catalog_version=priced.catalog_version)
 
 
 def saved_nanos(call: Call, entry: Entry) -> int:
@@ -98,6 +167,13 @@ def store_answer(call: Call, chat_body: bytes | None) -> None:
     plan, store, target = call.cache_plan, call.worker.cache, call.target
     if plan is None or store is None or chat_body is None or target is None or call.status >= 400 or call.partial:
         return
-    store.put(call.cache_key, Entry(body=chat_body, provider=target.provider.name, model=target.model,
-                                    usage=call.usage or Usage(), cost_nanos=call.cost_nanos,
-                                    stored_ms=int(time.time() * 1000)), plan.ttl_s)
+    now_ms = int(time.time() * 1000)
+    stored = store.put(call.cache_key, Entry(body=chat_body, provider=target.provider.name, model=target.model,
+                                             usage=call.usage or Usage(), cost_nanos=call.cost_nanos,
+                                             stored_ms=now_ms), plan.ttl_s)
+    index, vector = call.worker.semantic, call.cache_vector
+    if stored and index is not None and vector is not None:
+        purge = call.snap.cache_purges.get((call.vk.workspace_id, plan.namespace))
+        store.spawn(index.store(vector, workspace_id=call.vk.workspace_id, namespace=plan.namespace,
+                                partition=call.cache_partition, generation=purge.generation if purge else 0,
+                                entry_key=call.cache_key, expires_at_ms=now_ms + plan.ttl_s * 1000))

@@ -14,7 +14,8 @@ a department of workspace ``bench-gov``, with a policy, two limits and two budge
 all far above what the bench reaches, so every request is admitted through one Redis script),
 ``router`` (the demo key through ``POST /router/{id}/v1/chat/completions``: a weighted router over
 two targets that are both the fake, as providers ``fake`` and ``fake2``; skipped, with a note, when
-the stack's admin API has no routers).
+the stack's admin API has no routers), ``cached`` (the gateway's request with
+``Alephant-Cache-Ttl``: every request after the first is an exact cache hit).
 Every request names ``max_tokens`` (``BENCH_MAX_TOKENS``), as agents' clients usually do: the
 budget hold is then small (otherwise the gateway injects what the budget affords, up to the
 model's whole output limit, and the hold and token-limit charge grow with it).
@@ -396,6 +397,9 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         assert router is not None
                         url, key, model = router.base_url, env["ALEPHANT_API_KEY"], DIRECT_MODEL
                         headers = GATEWAY_HEADERS
+                    elif target == "cached":  # the same body every time: all hits after the first
+                        url, key, model = env["ALEPHANT_BASE_URL"], env["ALEPHANT_API_KEY"], GATEWAY_MODEL
+                        headers = {**GATEWAY_HEADERS, "Alephant-Cache-Ttl": "3600"}
                     else:
                         assert gov is not None
                         url, key, model, headers = env["ALEPHANT_BASE_URL"], gov.key, GATEWAY_MODEL, gov.headers
@@ -549,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     say(results_table(doc["results"]))
     if doc["comparisons"]:
         say("")
-        say("Gateway, governed and router relative to direct, governed and router relative to the plain gateway "
-            "(same run):")
+        say("Gateway, governed, router and cached relative to direct, the last three also relative to the plain "
+            "gateway (same run; issue 11's bar: cached >= 50% of direct at 32c):")
         say(comparison_table(doc["comparisons"]))
     if doc["governance"]:
         say("")
