@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +60,17 @@ def chat_body(model: str, *, stream: bool, max_tokens: int | None = None) -> byt
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     return msgspec.json.encode(body)
+
+
+def varied(model: str, stream: bool, max_tokens: int | None) -> Callable[[], bytes]:
+    """Bodies like `chat_body`'s whose prompt ends in a counter: no two requests are the same."""
+    counter = itertools.count()
+    template = chat_body(model, stream=stream, max_tokens=max_tokens)
+    marker = PROMPT.encode()
+
+    def body() -> bytes:
+        return template.replace(marker, marker + f" #{next(counter)}".encode(), 1)
+    return body
 
 
 def percentile(sorted_ns: list[int], q: float) -> float | None:
@@ -105,7 +118,7 @@ async def run(
     *,
     url: str,
     headers: dict[str, str],
-    body: bytes,
+    body: bytes | Callable[[], bytes],
     stream: bool,
     connections: int,
     warmup_s: float,
@@ -122,7 +135,7 @@ async def run(
 
     async def worker() -> None:
         while time.perf_counter_ns() < window_end:
-            kind, ttfb, latency = await _one(session, url, body, headers, stream)
+            kind, ttfb, latency = await _one(session, url, body() if callable(body) else body, headers, stream)
             done = time.perf_counter_ns()
             tally.completed += 1
             if not window_start <= done <= window_end:
@@ -179,6 +192,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, help="max_tokens in every request (default: none)")
     parser.add_argument("--header", action="append", type=_parse_header, default=[], help="'Name: value'")
     parser.add_argument("--label", default="", help="copied into the output")
+    parser.add_argument("--vary", action="store_true",
+                        help="a different prompt every request (a counter appended): never an exact cache hit")
     return parser.parse_args(argv)
 
 
@@ -188,7 +203,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     result = await run(
         url=args.url.rstrip("/") + "/chat/completions",
         headers=headers,
-        body=chat_body(args.model, stream=args.stream, max_tokens=args.max_tokens),
+        body=varied(args.model, args.stream, args.max_tokens) if args.vary else
+        chat_body(args.model, stream=args.stream, max_tokens=args.max_tokens),
         stream=args.stream,
         connections=args.connections,
         warmup_s=args.warmup,

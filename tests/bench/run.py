@@ -15,7 +15,10 @@ all far above what the bench reaches, so every request is admitted through one R
 ``router`` (the demo key through ``POST /router/{id}/v1/chat/completions``: a weighted router over
 two targets that are both the fake, as providers ``fake`` and ``fake2``; skipped, with a note, when
 the stack's admin API has no routers), ``cached`` (the gateway's request with
-``Alephant-Cache-Ttl``: every request after the first is an exact cache hit).
+``Alephant-Cache-Ttl``: every request after the first is an exact cache hit), ``semantic`` (a key
+with a semantic cache setting, embedding with the built-in ``mock/embed``, and a new prompt every
+request: each one is embedded, looked up in Qdrant, missed, called and stored; its p50 over the
+plain gateway's is the semantic path's added latency).
 Every request names ``max_tokens`` (``BENCH_MAX_TOKENS``), as agents' clients usually do: the
 budget hold is then small (otherwise the gateway injects what the budget affords, up to the
 model's whole output limit, and the hold and token-limit charge grow with it).
@@ -61,7 +64,7 @@ from tests.bench.governed import (
     register_governed,
 )
 from tests.bench.loadgen import chat_body
-from tests.bench.processes import BenchError, Child, http, say, spawn, wait_for
+from tests.bench.processes import BenchError, Child, admin_post, http, say, spawn, wait_for
 from tests.bench.report import (
     GOVERNANCE_TARGETS,
     TARGET_NAMES,
@@ -192,6 +195,17 @@ def register_fake(env: dict[str, str], fake_url: str, stack: Child) -> None:
 # -- load runs -------------------------------------------------------------------------------
 
 
+def register_semantic(env: dict[str, str]) -> str:
+    """A demo-workspace key with a semantic cache setting (embedding model `mock/embed`); its
+    plaintext key."""
+    key = admin_post(env, "/admin/v1/virtual-keys", {"workspace_id": "demo", "name": "bench-semantic"})
+    admin_post(env, "/admin/v1/cache-settings", {
+        "workspace_id": "demo", "scope": "key", "scope_id": key["id"], "mode": "semantic", "ttl_s": 3600,
+        "similarity": 0.99, "embedding_model": "mock/embed"})
+    time.sleep(1.5)  # the setting reaches the worker within a second
+    return str(key["key"])
+
+
 def loadgen(
     *,
     label: str,
@@ -204,6 +218,7 @@ def loadgen(
     duration_s: float,
     warmup_s: float,
     log_dir: Path,
+    vary: bool = False,
 ) -> dict[str, Any]:
     """Run :mod:`tests.bench.loadgen` in its own process and return its JSON result."""
     argv = [sys.executable, "-m", "tests.bench.loadgen", "--url", url, "--api-key", api_key, "--model", model]
@@ -211,6 +226,8 @@ def loadgen(
     argv += ["--label", label, "--max-tokens", str(BENCH_MAX_TOKENS)]
     if stream:
         argv.append("--stream")
+    if vary:
+        argv.append("--vary")
     for name, value in headers.items():
         argv += ["--header", f"{name}: {value}"]
     return run_json(argv, duration_s + warmup_s + 60, log_dir / "loadgen-error.log", f"loadgen {label}")
@@ -337,6 +354,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     results: list[dict[str, Any]] = []
     gov: Governed | None = None
     router: Routed | None = None
+    semantic_key: str | None = None
     gov_budgets: list[dict[str, Any]] = []
     counters = RedisCounters(None)
     started = time.time()
@@ -364,6 +382,9 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                 gov = register_governed(env, fake_url, stack, provider_key=FAKE_PROVIDER_KEY, model=GATEWAY_MODEL,
                                         max_tokens=BENCH_MAX_TOKENS)
                 say("  the governed key answers 200 under its limits")
+            if "semantic" in targets:
+                say("==> semantic: a key whose cache setting is semantic (embedding model mock/embed)")
+                semantic_key = register_semantic(env)
             if "router" in targets:
                 say("==> router: provider 'fake2' (the same fake) and a weighted router over fake and fake2")
                 try:
@@ -400,6 +421,10 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                     elif target == "cached":  # the same body every time: all hits after the first
                         url, key, model = env["ALEPHANT_BASE_URL"], env["ALEPHANT_API_KEY"], GATEWAY_MODEL
                         headers = {**GATEWAY_HEADERS, "Alephant-Cache-Ttl": "3600"}
+                    elif target == "semantic":  # a new prompt every time: embed, look up, miss, call, store
+                        assert semantic_key is not None
+                        url, key, model = env["ALEPHANT_BASE_URL"], semantic_key, GATEWAY_MODEL
+                        headers = GATEWAY_HEADERS
                     else:
                         assert gov is not None
                         url, key, model, headers = env["ALEPHANT_BASE_URL"], gov.key, GATEWAY_MODEL, gov.headers
@@ -416,6 +441,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         duration_s=args.duration,
                         warmup_s=args.warmup,
                         log_dir=state_dir,
+                        vary=target == "semantic",
                     )
                     cpu1, redis1 = cpu_seconds(pids) if pids else None, counters.read() if pids else None
                     done = int(result.get("completed", 0))

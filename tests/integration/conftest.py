@@ -1,20 +1,23 @@
-"""Fixtures shared by integration suites: a Redis of their own (not the stack's), and a scratch
-database on the stack's Postgres server."""
+"""Fixtures shared by integration suites: a Redis of their own (not the stack's), a scratch
+database on the stack's Postgres server, and `admin` (async admin API calls on the stack)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import psycopg
 import pytest
+import pytest_asyncio
 
 from deploy.services import Service, start_redis
 from events.db import migrate
+from tests.conftest import AdminHttp, Gateway
 
 
 @contextlib.contextmanager
@@ -44,3 +47,9 @@ def redis_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]
     finally:
         svc.resume()
         svc.stop()
+
+
+@pytest_asyncio.fixture
+async def admin(gateway: Gateway, http: aiohttp.ClientSession) -> AsyncIterator[AdminHttp]:
+    """Admin API calls with the stack's admin token (suites with their own `admin` override it)."""
+    yield AdminHttp(gateway, http)

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -48,10 +47,6 @@ async def _workspace(admin: Admin) -> Ws:
                                                      "targets": [{"model": "mock/echo"}]})
     return Ws(ws_id, key["id"], router["id"])
 
-
-@pytest_asyncio.fixture
-async def admin(gateway: Gateway, http: aiohttp.ClientSession) -> AsyncIterator[Admin]:
-    yield Admin(gateway, http)
 
 
 @pytest_asyncio.fixture

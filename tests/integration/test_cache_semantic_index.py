@@ -286,9 +286,14 @@ async def test_unreachable_server_fails_open_fast() -> None:
 
 async def test_blackholed_server_is_bounded_by_the_timeout() -> None:
     # A server that accepts connections and never answers: the deadline, not the socket, ends it.
+    done = asyncio.Event()
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(1 << 16)
-        await asyncio.sleep(30)
+        try:
+            await reader.read(1 << 16)
+            await done.wait()
+        finally:
+            writer.close()  # no socket outlives the test (a later test would see its ResourceWarning)
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -299,7 +304,9 @@ async def test_blackholed_server_is_bounded_by_the_timeout() -> None:
         assert time.monotonic() - started < 1.0 and idx.failures == 1
     finally:
         await idx.close()
+        done.set()
         server.close()
+        await server.wait_closed()
 
 
 async def test_from_settings_defaults_to_local_mode(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime as dt
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -27,10 +26,6 @@ from tests.conftest import Gateway, eventually
 
 A = "/admin/v1"
 
-
-@pytest_asyncio.fixture
-async def admin(gateway: Gateway, http: aiohttp.ClientSession) -> AsyncIterator[Admin]:
-    yield Admin(gateway, http)
 
 
 @pytest_asyncio.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,6 @@ from tests.integration.test_governance_e2e import applied
 
 A = "/admin/v1"
 
-
-@pytest_asyncio.fixture
-async def admin(gateway: Gateway, http: aiohttp.ClientSession) -> AsyncIterator[Admin]:
-    yield Admin(gateway, http)
 
 
 @pytest_asyncio.fixture
