@@ -91,6 +91,8 @@ class Call:
     cache_fold: ChunkAccumulator | None = None
     cache_vector: list[float] | None = None
     cache_partition: str = ""
+    cache_text: str = ""  # the prompt a semantic lookup embeds
+    cache_generation: int = 0  # the namespace's purge generation, in the key and the semantic entry
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None

@@ -1,8 +1,8 @@
 """The staged request pipeline every endpoint runs: chat, responses, messages, count_tokens,
 embeddings, passthrough and models.
 
-    ready -> authenticate -> agent context -> intake -> plan -> policy -> admit (limits + budget
-    hold, one Redis round trip) -> cache (a hit answers here) -> route (targets in order, their
+    ready -> authenticate -> agent context -> intake -> plan -> policy -> cache key -> admit (limits
+    + budget hold, one Redis round trip) -> cache (a hit answers here) -> route (targets in order, their
     credentials) -> dispatch (adapt, call with fallback, relay) ... finish (settle, release, emit)
 
 `PIPELINE` is that list; a new capability (cache, route) is one more stage in it. An `Endpoint`
@@ -22,7 +22,7 @@ from aiohttp import web
 
 from dataplane.call import Call
 from dataplane.stages import access, governance
-from dataplane.stages.cache import cache
+from dataplane.stages.cache import cache, cache_key
 from dataplane.stages.route import route
 from dataplane.state import WORKER, WorkerState
 from schemas.errors import GatewayError, InvalidValue
@@ -77,6 +77,7 @@ PIPELINE: tuple[Stage, ...] = (
     _intake,
     _plan,
     governance.policy,
+    cache_key,
     governance.admit,
     cache,
     route,

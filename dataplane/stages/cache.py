@@ -1,7 +1,7 @@
-"""Stage: cache. After admission (limits and budgets apply to hits too) and before routing: a
-model call whose answer is cached is answered from it (`dataplane.cache`), in the client's API,
-and recorded as a `cache.hit` with what it would have cost; any other call that uses the cache
-is marked for storing its answer (`store_answer`, called by the dispatch once it succeeded).
+"""Stages: cache key (after the policy, before admission) and cache (after admission, before
+routing). A model call whose answer is cached is answered from it (`dataplane.cache`), in the
+client's API, and recorded as a `cache.hit` with what it would have cost; any other call that
+uses the cache stores its answer (`store_answer`, called by the dispatch once it succeeded).
 
 Only the model APIs (chat, responses, messages) are cached; every other endpoint passes through.
 """
@@ -46,9 +46,11 @@ def _target_ref(call: Call) -> str:
     return call.model_ref
 
 
-async def cache(call: Call) -> None:
-    store = call.worker.cache
-    if store is None or call.plan is None or call.endpoint.name not in CACHED_APIS:
+async def cache_key(call: Call) -> None:
+    """After the policy (its clamps are part of the request), before admission (a budget's
+    injected `max_tokens` varies with what is left, and must not split the cache): which cache
+    plan applies and the request's key."""
+    if call.worker.cache is None or call.plan is None or call.endpoint.name not in CACHED_APIS:
         return
     snap, ws = call.snap, call.vk.workspace_id
     route = call.route
@@ -61,19 +63,28 @@ async def cache(call: Call) -> None:
         return
     assert not isinstance(plan, str)
     purge = snap.cache_purges.get((ws, plan.namespace))
-    key = exact_key(ws, plan.namespace, purge.generation if purge is not None else 0, _target_ref(call),
-                    call.plan.body)
-    call.cache_plan, call.cache_key = plan, key
-    if not plan.read:
+    call.cache_generation = purge.generation if purge is not None else 0
+    call.cache_key = exact_key(ws, plan.namespace, call.cache_generation, _target_ref(call), call.plan.body)
+    call.cache_plan = plan
+    if plan.mode == "semantic":
+        call.cache_partition = _partition(call)
+        call.cache_text = semantic_text(call.plan.body)
+
+
+async def cache(call: Call) -> None:
+    """After admission (limits and budgets apply to hits too): answer from the cache when the key
+    (or, for a semantic setting, a similar prompt) has an answer."""
+    plan, store = call.cache_plan, call.worker.cache
+    if plan is None or store is None or not plan.read:
         return
-    entry = await store.get(key)
+    entry = await store.get(call.cache_key)
     if entry is not None:
         store.hits += 1
         await answer_from_cache(call, entry, "hit")
         return
     store.misses += 1
     if plan.mode == "semantic" and plan.settings is not None and _semantic_applies(call, plan.settings):
-        await _semantic(call, plan.settings, plan.namespace, purge.generation if purge is not None else 0)
+        await _semantic(call, plan.settings, plan.namespace, call.cache_generation)
 
 
 def _semantic_applies(call: Call, settings: CacheSettings) -> bool:
@@ -100,22 +111,21 @@ async def _semantic(call: Call, settings: CacheSettings, namespace: str, generat
     assert index is not None and store is not None and call.plan is not None and settings.embedding_model
     try:
         embedded = await embed_text(call.worker, call.snap, call.vk, settings.embedding_model,
-                                     semantic_text(call.plan.body), timeout_s=EMBED_TIMEOUT_S)
+                                     call.cache_text, timeout_s=EMBED_TIMEOUT_S)
     except Exception as exc:  # any failure of the embedding call is a miss (fail-open)
         index.failures += 1
         log.info("semantic_cache_embed_failed", error=type(exc).__name__, model=settings.embedding_model)
         return
     call.worker.events.emit(_embedding_event(call, embedded))
-    partition = _partition(call)
     found = await index.lookup(embedded.vector, workspace_id=call.vk.workspace_id, namespace=namespace,
-                               partition=partition, generation=generation, threshold=settings.similarity,
+                               partition=call.cache_partition, generation=generation, threshold=settings.similarity,
                                now_ms=int(time.time() * 1000))
     if found is not None:
         entry = await store.get(found[0])
         if entry is not None:
             await answer_from_cache(call, entry, "semantic-hit", similarity=found[1])
             return
-    call.cache_vector, call.cache_partition = embedded.vector, partition
+    call.cache_vector = embedded.vector
 
 
 def _embedding_event(call: Call, embedded: Embedded) -> LlmCall:
@@ -173,7 +183,6 @@ def store_answer(call: Call, chat_body: bytes | None) -> None:
                                              stored_ms=now_ms), plan.ttl_s)
     index, vector = call.worker.semantic, call.cache_vector
     if stored and index is not None and vector is not None:
-        purge = call.snap.cache_purges.get((call.vk.workspace_id, plan.namespace))
         store.spawn(index.store(vector, workspace_id=call.vk.workspace_id, namespace=plan.namespace,
-                                partition=call.cache_partition, generation=purge.generation if purge else 0,
+                                partition=call.cache_partition, generation=call.cache_generation,
                                 entry_key=call.cache_key, expires_at_ms=now_ms + plan.ttl_s * 1000))

@@ -268,3 +268,28 @@ async def test_savings_in_the_finance_views_equal_the_would_be_costs(
         return row if row is not None and int(row["cache_savings_nanos"]) == 3 * first["cost_nanos"] else None
     row = await eventually(summary, timeout=15)
     assert int(row["cache_savings_nanos"]) == sum(e["saved_nanos"] for e in events)
+
+
+async def test_a_budgeted_key_hits_without_max_tokens_and_limits_still_apply_to_hits(
+        gateway: Gateway, http: aiohttp.ClientSession, fake: FakeUpstream) -> None:
+    key = gateway.create_key()
+    gateway.admin.call("POST", "/admin/v1/budgets", {"workspace_id": "demo", "scope": "key", "scope_id": key["id"],
+                                                     "period": "month", "limit_usd": "5"})
+    gateway.admin.call("POST", "/admin/v1/limits", {"workspace_id": "demo", "scope": "key", "scope_id": key["id"],
+                                                    "rpm": 4})
+    body = {"model": REF, "messages": question()}  # no max_tokens: the budget injects one at admission
+
+    async def ask() -> tuple[int, str]:
+        async with http.post(gateway.base_url + "/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {key['key']}", **TTL}) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("Alephant-Cache", "")
+
+    async def budgeted() -> tuple[int, str] | None:  # the budget and limit reach the worker
+        answer = await ask()
+        return answer if answer[0] == 200 else None
+    assert await eventually(budgeted) == (200, "miss")
+    await asyncio.sleep(0.3)  # the answer's store, off the request path
+    statuses = [await ask() for _ in range(4)]
+    assert statuses[:3] == [(200, "hit")] * 3, statuses  # the injected max_tokens is not part of the key
+    assert statuses[3][0] == 429, statuses  # the fifth call in the minute: hits count against the rpm too
