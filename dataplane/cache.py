@@ -18,7 +18,8 @@ client's API, streamed or not, with zero usage (no tokens were spent again).
 
 Fail-open: every Redis operation is bounded by `cache_timeout_s`; a timeout or error is a miss
 (counted in `ExactCache.failures`), and after `BREAKER_FAILURES` in a row the cache is skipped for
-`BREAKER_OPEN_S`, so an outage costs no request more than one deadline.
+`BREAKER_OPEN_S`, so an outage costs no request more than one deadline. Each worker also keeps
+the entries it read or wrote in the last `NEAR_TTL_S` seconds in memory (the near cache).
 """
 
 from __future__ import annotations
@@ -50,6 +51,11 @@ CACHE_SIMILARITY = "Alephant-Cache-Similarity"
 MAX_TTL_S = 30 * 86400
 BREAKER_FAILURES = 3
 BREAKER_OPEN_S = 1.0
+# The near cache: entries this worker read or wrote lately, kept in memory for at most this long
+# (and never past their TTL), so a hot answer is served without a Redis round trip. Another
+# worker's `refresh` reaches this one's memory at most this late; purges change the key at once.
+NEAR_TTL_S = 2.0
+NEAR_MAX = 2048
 COMPRESS_OVER = 1024
 NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # the admin API's rule for a cache namespace
 
@@ -131,6 +137,7 @@ class Entry(msgspec.Struct, frozen=True, kw_only=True):
     usage: Usage
     cost_nanos: int
     stored_ms: int
+    expires_ms: int = 0  # when its TTL ends (0: unknown, e.g. stored by an older worker)
 
 
 _entry_enc = msgspec.msgpack.Encoder()
@@ -163,6 +170,7 @@ class ExactCache:
         self._open_until = 0.0
         self.hits = 0
         self.misses = 0
+        self._near: dict[str, tuple[float, Entry]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _client(self) -> Redis:
@@ -183,7 +191,23 @@ class ExactCache:
         if self.failures == 1 or self.failures % 1000 == 0:
             log.warning("cache_unavailable", op=what, error=type(exc).__name__, failures=self.failures)
 
+    def _remember(self, key: str, entry: Entry) -> None:
+        now = time.monotonic()
+        until = now + NEAR_TTL_S
+        if entry.expires_ms:
+            until = min(until, now + (entry.expires_ms - time.time() * 1000) / 1000)
+        if until <= now:
+            return
+        if len(self._near) >= NEAR_MAX:
+            self._near.clear()
+        self._near[key] = (until, entry)
+
     async def get(self, key: str) -> Entry | None:
+        near = self._near.get(key)
+        if near is not None:
+            if near[0] > time.monotonic():
+                return near[1]
+            del self._near[key]
         if not self.available():
             return None
         try:
@@ -193,13 +217,17 @@ class ExactCache:
             self._failed("get", exc)
             return None
         self._failing = 0
-        return unpack(data) if isinstance(data, bytes) else None
+        entry = unpack(data) if isinstance(data, bytes) else None
+        if entry is not None:
+            self._remember(key, entry)
+        return entry
 
     def put(self, key: str, entry: Entry, ttl_s: int) -> bool:
         """Store off the request path (a task); False when the entry is too large to cache."""
         data = pack(entry)
         if len(data) > self.max_entry_bytes or not self.available():
             return False
+        self._remember(key, entry)
         self.spawn(self._put(key, data, ttl_s))
         return True
 

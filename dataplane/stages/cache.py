@@ -180,7 +180,7 @@ def store_answer(call: Call, chat_body: bytes | None) -> None:
     now_ms = int(time.time() * 1000)
     stored = store.put(call.cache_key, Entry(body=chat_body, provider=target.provider.name, model=target.model,
                                              usage=call.usage or Usage(), cost_nanos=call.cost_nanos,
-                                             stored_ms=now_ms), plan.ttl_s)
+                                             stored_ms=now_ms, expires_ms=now_ms + plan.ttl_s * 1000), plan.ttl_s)
     index, vector = call.worker.semantic, call.cache_vector
     if stored and index is not None and vector is not None:
         store.spawn(index.store(vector, workspace_id=call.vk.workspace_id, namespace=plan.namespace,

@@ -3,12 +3,16 @@ entry, folding a chunk stream into one completion, and replaying it as chunks.""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import msgspec
 import pytest
 
 from dataplane.cache import (
     ChunkAccumulator,
     Entry,
+    ExactCache,
     cache_plan,
     exact_key,
     pack,
@@ -143,3 +147,18 @@ def test_several_choices_or_garbage_are_not_cached() -> None:
     acc = ChunkAccumulator()
     acc.feed(_sse({"choices": [{"index": 0, "delta": {"content": "cut"}}]}))
     assert acc.completion() is None  # never finished
+
+
+async def test_the_near_cache_serves_recent_entries_without_redis_and_never_past_their_ttl() -> None:
+    cache = ExactCache("redis://127.0.0.1:1/0", timeout_s=0.05, max_entry_bytes=1 << 20)  # nothing listens
+    now_ms = int(time.time() * 1000)
+    entry = Entry(body=b"{}", provider="p", model="m", usage=Usage(), cost_nanos=1, stored_ms=now_ms,
+                  expires_ms=now_ms + 60_000)
+    assert cache.put("k1", entry, 60)
+    assert await cache.get("k1") == entry  # from memory: Redis is unreachable
+    short = Entry(body=b"{}", provider="p", model="m", usage=Usage(), cost_nanos=1, stored_ms=now_ms,
+                  expires_ms=now_ms + 100)
+    cache.put("k2", short, 1)
+    await asyncio.sleep(0.15)
+    assert await cache.get("k2") is None  # its TTL ended before the near cache's own lifetime
+    await cache.close()
