@@ -29,6 +29,7 @@ import hashlib
 import re
 import time
 import zlib
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -168,8 +169,8 @@ class ExactCache:
         self.failures = 0
         self._failing = 0
         self._open_until = 0.0
-        self.hits = 0
-        self.misses = 0
+        # Lookups by (workspace, outcome: hit | semantic-hit | miss), for metrics' hit rates.
+        self.outcomes: Counter[tuple[str, str]] = Counter()
         self._near: dict[str, tuple[float, Entry]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 

@@ -79,12 +79,10 @@ async def cache(call: Call) -> None:
         return
     entry = await store.get(call.cache_key)
     if entry is not None:
-        store.hits += 1
         await answer_from_cache(call, entry, "hit")
-        return
-    store.misses += 1
-    if plan.mode == "semantic" and plan.settings is not None and _semantic_applies(call, plan.settings):
+    elif plan.mode == "semantic" and plan.settings is not None and _semantic_applies(call, plan.settings):
         await _semantic(call, plan.settings, plan.namespace, call.cache_generation)
+    store.outcomes[(call.vk.workspace_id, call.cache)] += 1
 
 
 def _semantic_applies(call: Call, settings: CacheSettings) -> bool:
