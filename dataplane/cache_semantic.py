@@ -43,11 +43,10 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 import structlog
-from qdrant_client import AsyncQdrantClient, QdrantClient, models
 
 from dataplane.decisions import KeyChoice, Target, resolve_model, target_key
 from dataplane.providers.base import ChatResponse, UpstreamCall
@@ -63,7 +62,19 @@ from schemas.snapshot import Snapshot
 __all__ = ["COLLECTION_PREFIX", "Embedded", "SemanticIndex", "collection_name", "embed_text", "point_id",
            "semantic_text"]
 
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient, models
+
 log = structlog.get_logger(__name__)
+
+
+def _qdrant() -> Any:
+    """qdrant-client, imported on first use: it brings numpy, grpc and pydantic (300 modules, twice
+    the worker's live objects, so every full garbage collection costs more), which a worker that
+    never uses the semantic cache should not carry."""
+    import qdrant_client
+
+    return qdrant_client
 
 COLLECTION_PREFIX: Final = "alephant_cache_d"
 BREAKER_FAILURES: Final = 3
@@ -95,17 +106,19 @@ def point_id(entry_key: str) -> str:
 
 
 def _scope_filter(workspace_id: str, namespace: str, partition: str, generation: int, now_ms: int) -> models.Filter:
-    return models.Filter(must=[
-        models.FieldCondition(key="workspace_id", match=models.MatchValue(value=workspace_id)),
-        models.FieldCondition(key="namespace", match=models.MatchValue(value=namespace)),
-        models.FieldCondition(key="partition", match=models.MatchValue(value=partition)),
-        models.FieldCondition(key="generation", match=models.MatchValue(value=generation)),
-        models.FieldCondition(key="expires_at_ms", range=models.Range(gt=now_ms)),
-    ])
+    m = _qdrant().models
+    return cast("models.Filter", m.Filter(must=[
+        m.FieldCondition(key="workspace_id", match=m.MatchValue(value=workspace_id)),
+        m.FieldCondition(key="namespace", match=m.MatchValue(value=namespace)),
+        m.FieldCondition(key="partition", match=m.MatchValue(value=partition)),
+        m.FieldCondition(key="generation", match=m.MatchValue(value=generation)),
+        m.FieldCondition(key="expires_at_ms", range=m.Range(gt=now_ms)),
+    ]))
 
 
 def _expired_filter(now_ms: int) -> models.Filter:
-    return models.Filter(must=[models.FieldCondition(key="expires_at_ms", range=models.Range(lte=now_ms))])
+    m = _qdrant().models
+    return cast("models.Filter", m.Filter(must=[m.FieldCondition(key="expires_at_ms", range=m.Range(lte=now_ms))]))
 
 
 class _Unavailable(Exception):
@@ -152,7 +165,7 @@ class _Local:
     def _open(self) -> None:
         slot = _Slot.claim(self._root)
         try:
-            self._client = QdrantClient(path=str(slot.path))
+            self._client = _qdrant().QdrantClient(path=str(slot.path))
         except BaseException:
             slot.release()
             raise
@@ -212,7 +225,8 @@ class _Remote:
     remote = True
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        self._client = AsyncQdrantClient(url=url, timeout=max(1, int(timeout_s + 0.999)), check_compatibility=False)
+        self._client = _qdrant().AsyncQdrantClient(url=url, timeout=max(1, int(timeout_s + 0.999)),
+                                                   check_compatibility=False)
 
     async def open(self) -> None:
         return None
@@ -398,16 +412,16 @@ class SemanticIndex:
         name = collection_name(dim)
         if not await backend.call("collection_exists", name):
             try:
-                await backend.call("create_collection", name, vectors_config=models.VectorParams(
-                    size=dim, distance=models.Distance.COSINE))
+                await backend.call("create_collection", name, vectors_config=_qdrant().models.VectorParams(
+                    size=dim, distance=_qdrant().models.Distance.COSINE))
             except Exception:
                 if not await backend.call("collection_exists", name):  # another worker made it
                     raise
         if backend.remote:  # local mode ignores payload indexes (and warns about them)
             for field in _KEYWORD_FIELDS:
-                await backend.call("create_payload_index", name, field, models.PayloadSchemaType.KEYWORD)
+                await backend.call("create_payload_index", name, field, _qdrant().models.PayloadSchemaType.KEYWORD)
             for field in _INTEGER_FIELDS:
-                await backend.call("create_payload_index", name, field, models.PayloadSchemaType.INTEGER)
+                await backend.call("create_payload_index", name, field, _qdrant().models.PayloadSchemaType.INTEGER)
         self._collections.add(dim)
 
     async def lookup(self, vector: list[float], *, workspace_id: str, namespace: str, partition: str,
@@ -448,7 +462,7 @@ class SemanticIndex:
         if not backend.remote and self._points >= self.max_points:
             self.skipped += 1
             return
-        point = models.PointStruct(id=point_id(entry_key), vector=vector, payload={
+        point = _qdrant().models.PointStruct(id=point_id(entry_key), vector=vector, payload={
             "workspace_id": workspace_id, "namespace": namespace, "partition": partition,
             "generation": generation, "entry_key": entry_key, "expires_at_ms": expires_at_ms})
 
@@ -470,7 +484,7 @@ class SemanticIndex:
             found = await backend.call("get_collections")
             for info in found.collections:
                 if info.name.startswith(COLLECTION_PREFIX):
-                    await backend.call("delete", info.name, points_selector=models.FilterSelector(
+                    await backend.call("delete", info.name, points_selector=_qdrant().models.FilterSelector(
                         filter=_expired_filter(now_ms)), wait=True)
             return 0 if backend.remote else await self._count(backend)
 
