@@ -93,6 +93,9 @@ class Call:
     cache_partition: str = ""
     cache_text: str = ""  # the prompt a semantic lookup embeds
     cache_generation: int = 0  # the namespace's purge generation, in the key and the semantic entry
+    # Spend the call caused besides its own answer, booked in events of their own (the semantic
+    # lookup's embedding call): settled against its budgets with it.
+    side_cost_nanos: int = 0
     # governance
     on_path: OnPath | None = None  # what governs the call (stages.governance.on_path)
     verdict: Verdict | None = None

@@ -114,7 +114,9 @@ async def _semantic(call: Call, settings: CacheSettings, namespace: str, generat
         index.failures += 1
         log.info("semantic_cache_embed_failed", error=type(exc).__name__, model=settings.embedding_model)
         return
-    call.worker.events.emit(_embedding_event(call, embedded))
+    booked = _embedding_event(call, embedded)
+    call.worker.events.emit(booked)
+    call.side_cost_nanos += booked.cost_nanos  # budgets see the embedding's spend too (stages.governance.settle)
     found = await index.lookup(embedded.vector, workspace_id=call.vk.workspace_id, namespace=namespace,
                                partition=call.cache_partition, generation=generation, threshold=settings.similarity,
                                now_ms=int(time.time() * 1000))

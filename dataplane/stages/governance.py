@@ -316,4 +316,4 @@ def settle(call: Call) -> None:
     call.admission = None
     usage = call.usage
     tokens = (usage.input_tokens + usage.output_tokens) if usage is not None else 0
-    call.worker.governor.settle(admission, call.cost_nanos, tokens)
+    call.worker.governor.settle(admission, call.cost_nanos + call.side_cost_nanos, tokens)

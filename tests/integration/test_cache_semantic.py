@@ -8,9 +8,11 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest_asyncio
 
 from tests.conftest import Gateway, eventually, journal_event
@@ -114,3 +116,43 @@ async def test_the_threshold_is_respected_and_tools_are_excluded(
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     headers, _ = await ask(sem, http, "How do I sort a list in Python? (with tools)", tools=[tool])
     assert headers["Alephant-Cache"] == "miss" and sem.emb.calls == calls  # not even embedded
+
+
+async def test_the_embedding_spend_is_settled_against_the_keys_budget(
+        sem: Semantic, http: aiohttp.ClientSession) -> None:
+    gateway = sem.gateway
+    gateway.admin.call("POST", "/admin/v1/prices", {"provider": "emb", "model": "text-embedding-3-small",
+                                                    "input_per_mtok_nanos": 10**12, "output_per_mtok_nanos": 0})
+    key = gateway.create_key()  # a key of its own, so only this test's calls count against its budget
+    gateway.admin.call("POST", "/admin/v1/cache-settings", {
+        "workspace_id": "demo", "scope": "key", "scope_id": key["id"], "mode": "semantic", "ttl_s": 600,
+        "similarity": 0.9, "embedding_model": EMBED})
+    budget = gateway.admin.call("POST", "/admin/v1/budgets", {"workspace_id": "demo", "scope": "key",
+                                                              "scope_id": key["id"], "period": "month",
+                                                              "limit_usd": "50"})
+    sem.keys["budgeted"] = key["key"]
+    seen: list[str] = []
+
+    async def embed_cost(request_id: str) -> int | None:
+        async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
+            cur = await conn.execute("SELECT (body->>'cost_nanos')::bigint FROM event_journal WHERE type = 'llm.call' "
+                                     "AND body->>'request_id' = %s AND body->>'ingress' = 'cache.embed'", (request_id,))
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
+
+    async def embedded() -> bool | None:  # the setting and budget reached the worker: the prompt was embedded
+        headers, _ = await ask(sem, http, f"What is the capital of Germany? {os.urandom(3).hex()}", ws="budgeted")
+        seen.append(headers["Alephant-Request-Id"])
+        for rid in seen:  # journalled a moment later; the first calls may predate the setting
+            if await embed_cost(rid) is not None:
+                return True
+        return None
+    await eventually(embedded, timeout=15, interval=0.5)
+
+    async def settled() -> bool | None:
+        costs = [await embed_cost(rid) for rid in seen]
+        state = gateway.admin.call("GET", f"/admin/v1/budgets/{budget['id']}")
+        spent = int(Decimal(state["spent_usd"]) * 10**9)
+        total = sum(c or 0 for c in costs)
+        return True if total > 0 and spent >= total else None
+    await eventually(settled, timeout=15)
