@@ -18,6 +18,7 @@ from aiohttp import web
 from dataplane.cache import Entry, cache_plan, exact_key
 from dataplane.cache_semantic import Embedded, embed_text, semantic_text
 from dataplane.call import Call
+from dataplane.decisions import Target
 from dataplane.pricing import price_call
 from schemas.entities import CacheSettings
 from schemas.events import CacheHit, LlmCall, Usage
@@ -159,6 +160,9 @@ async def answer_from_cache(call: Call, entry: Entry, kind: str, similarity: flo
     """Answer the call from `entry` (`kind` hit or semantic-hit): the success event is the
     `cache.hit`, the response the endpoint's replay."""
     call.cache, call.cache_similarity = kind, similarity
+    producer = call.snap.providers.get((call.vk.workspace_id, entry.provider))
+    if producer is not None:  # Alephant-Provider names who produced the cached answer
+        call.target = Target(provider=producer, model=entry.model)
     ctx = call.ctx
     props = ctx.properties
     call.success_event = CacheHit(

@@ -78,7 +78,7 @@ async def test_the_same_question_twice_is_answered_from_the_cache_the_second_tim
     assert third_headers["Alephant-Cache"] == "hit" and calls_at(fake) == upstream  # no upstream call
     assert second["choices"][0]["message"] == first["choices"][0]["message"]
     assert second["usage"] == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-    assert headers["Alephant-Cost-Usd"] == "0"
+    assert headers["Alephant-Cost-Usd"] == "0" and headers["Alephant-Provider"] == "cfake"
     event = await eventually(lambda: _cache_hit(gateway, headers["Alephant-Request-Id"]))
     assert (event["provider"], event["model"], event["cache"]) == ("cfake", MODEL, "exact")
     assert event["saved_nanos"] > 0 and event["usage"]["output_tokens"] == first["usage"]["completion_tokens"]
