@@ -137,14 +137,16 @@ def _eligible(call: Call, board: HealthBoard, index: int, tried_any: bool) -> bo
 
 async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]],
                         judge: Callable[[T], GatewayError | None] | None = None,
-                        discard: Callable[[T], None] | None = None) -> T:
+                        discard: Callable[[T], None] | None = None,
+                        status_of: Callable[[T], int] | None = None) -> T:
     """`open_`'s result from the first target that answers (see the module docstring). Raises the
     last upstream error (one clear 502/503/504 after several attempts), or any other error of
     `open_` at once (the request's own fault: not an upstream's).
 
     `judge` (the passthrough, which relays upstream errors as they are): the error an opened
     answer stands for (a 5xx or 429 answer), or None when it is a success. Such an answer counts
-    as a failed attempt; it is `discard`ed when another attempt follows, else returned as is."""
+    as a failed attempt; it is `discard`ed when another attempt follows, else returned as is.
+    `status_of`: the status a served answer is recorded with (default 200)."""
     plan, board = call.route, call.worker.health
     assert plan is not None and call.order  # set by the route stage
     board.active += 1
@@ -175,7 +177,8 @@ async def open_upstream(call: Call, open_: Callable[[], Awaitable[T]],
                 if soft is None:
                     elapsed_ms = (time.perf_counter() - t0) * 1000
                     board.first_byte(th, elapsed_ms)
-                    call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id, status=200,
+                    call.attempts.append(Attempt(target=call.model_ref, provider_key_id=key.key_id,
+                                                 status=status_of(result) if status_of is not None else 200,
                                                  latency_ms=round(elapsed_ms, 3)))
                     call.held.callback(_served, board, th, t0)
                     return result

@@ -570,7 +570,8 @@ class Passthrough:
 
         # A retryable answer (429, 5xx) counts against the target's health and is retried when the
         # provider's `retries` option allows; the last one is relayed as the provider sent it.
-        up = await open_upstream(call, open_, judge=_retryable_answer, discard=ClientResponse.release)
+        up = await open_upstream(call, open_, judge=_retryable_answer, discard=ClientResponse.release,
+                                 status_of=_status)
         call.status = up.status
         if up.status >= 400:
             call.error_code = "upstream_error"
@@ -581,6 +582,10 @@ class Passthrough:
         answer = await _buffered(call, provider, up, secrets)
         note_disconnect(request, call)
         return answer
+
+
+def _status(up: ClientResponse) -> int:
+    return up.status
 
 
 def _retryable_answer(up: ClientResponse) -> GatewayError | None:
