@@ -21,7 +21,7 @@ ProviderKind = Literal[
 
 # First path segments the data plane serves itself. A provider is reachable as `/{name}/...`
 # (passthrough), so these names are refused by the admin API and never match that route.
-RESERVED_PROVIDER_NAMES = frozenset({"v1", "ai", "router", "admin", "healthz", "readyz", "metrics"})
+RESERVED_PROVIDER_NAMES = frozenset({"v1", "ai", "router", "paid", "egress", "admin", "healthz", "readyz", "metrics"})
 
 
 # Where a budget, limit or policy attaches. A request's path is workspace -> department -> member
@@ -425,6 +425,64 @@ class CachePurge(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", ta
     generation: int
 
 
+class PaidAmount(msgspec.Struct, frozen=True, kw_only=True):
+    """An amount in a payment asset's atomic units (an integer string, e.g. "10000" = 0.01 USDC at
+    6 decimals). Assets are USD stablecoins: `decimals` converts to the ledger's nano-USD."""
+
+    amount: str
+    asset: str
+    decimals: int = 6
+
+
+class PaidPrice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a call costs the caller: `per_call` (a fixed amount)."""
+
+    per_call: PaidAmount | None = None
+
+
+class PaidServe(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What answers a paid call: the operator's backend (`backend_url`, the call's path below
+    `/paid/{slug}` appended) or a model served by the gateway itself (`model`: `provider/model`,
+    an alias, `router/<name>`)."""
+
+    backend_url: str | None = None
+    model: str | None = None
+
+
+class X402Rail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """x402 acceptance: `exact` payments on `network` (CAIP-2, e.g. `eip155:84532`) of `asset`
+    (the token contract) to `pay_to`, verified and settled by `facilitator_url`; v2
+    (`PAYMENT-SIGNATURE`) and/or v1 (`X-PAYMENT`). `extra` is the scheme's extra data (for USDC's
+    EIP-3009: the EIP-712 domain `name` and `version`)."""
+
+    network: str
+    pay_to: str
+    facilitator_url: str
+    versions: tuple[int, ...] = (2, 1)
+    scheme: str = "exact"
+    max_timeout_s: int = 60
+    extra: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class PaidRails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    x402: X402Rail | None = None
+
+
+class PaidEndpoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="paid"):
+    """An agent capability sold per call at `/paid/{slug}/...`: who serves it, its price, the
+    rails it accepts, and the agent or workflow its revenue belongs to."""
+
+    id: str
+    workspace_id: str
+    slug: str
+    serve: PaidServe
+    price: PaidPrice
+    rails: PaidRails
+    agent_id: str | None = None
+    workflow_id: str | None = None
+    description: str = ""
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -433,7 +491,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | CachePurge | Heartbeat)
+                | Router | CacheSettings | CachePurge | PaidEndpoint | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

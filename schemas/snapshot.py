@@ -36,6 +36,7 @@ from schemas.entities import (
     Limit,
     Member,
     ModelAlias,
+    PaidEndpoint,
     Policy,
     PriceOverride,
     PromptTemplate,
@@ -117,6 +118,8 @@ INDEXES: tuple[Index, ...] = (
     # Cache settings by (workspace, scope, scope id); see dataplane/cache.py for which one applies.
     Index(CacheSettings, "cache_settings", _by_scope),
     Index(CachePurge, "cache_purges", attrgetter("workspace_id", "namespace")),
+    # Paid endpoints by their public slug (`/paid/{slug}/...`, unique across the gateway).
+    Index(PaidEndpoint, "paid_endpoints", attrgetter("slug")),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -153,6 +156,7 @@ class Snapshot:
     routers_by_name: Mapping[tuple[str, str], Router]
     cache_settings: Mapping[ScopeKey, CacheSettings]
     cache_purges: Mapping[tuple[str, str], CachePurge]
+    paid_endpoints: Mapping[str, PaidEndpoint]
     heartbeat_ms: int | None = None
 
     @classmethod

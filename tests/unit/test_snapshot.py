@@ -23,6 +23,11 @@ from schemas.entities import (
     Limit,
     Member,
     ModelAlias,
+    PaidAmount,
+    PaidEndpoint,
+    PaidPrice,
+    PaidRails,
+    PaidServe,
     Policy,
     PriceOverride,
     PromptMessage,
@@ -33,6 +38,7 @@ from schemas.entities import (
     RouterTarget,
     VirtualKey,
     Workspace,
+    X402Rail,
     entity_encoder,
     kv_key,
 )
@@ -63,7 +69,12 @@ ROUTER = Router(id="rtr_1", workspace_id="ws_1", name="main", strategy="weighted
 CACHE = CacheSettings(id="cache_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1", ttl_s=60)
 ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, MEMBER, GRANT, BUDGET, BUDGET_DAY,
                            LIMIT, POLICY, BYO_KEY, MASTER_KEY, PROMPT, ROUTER, CACHE,
-                           CachePurge(id="cpurge_1", workspace_id="ws_1", generation=1)]
+                           CachePurge(id="cpurge_1", workspace_id="ws_1", generation=1),
+                           PaidEndpoint(id="paid_1", workspace_id="ws_1", slug="summarize",
+                                        serve=PaidServe(model="mock/echo"),
+                                        price=PaidPrice(per_call=PaidAmount(amount="10000", asset="0xUSDC")),
+                                        rails=PaidRails(x402=X402Rail(network="eip155:84532", pay_to="0xPAY",
+                                                                      facilitator_url="http://127.0.0.1:1")))]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
