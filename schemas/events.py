@@ -195,6 +195,25 @@ class PaymentInbound(_Payment, frozen=True, kw_only=True, tag="payment.inbound")
     payer: str = ""
 
 
+class PaymentEvent(_Money, frozen=True, kw_only=True, tag="payment.event"):
+    """A step of an inbound payment that is not revenue itself (a memo for audit, not a money
+    movement; the revenue is the `payment.inbound` of a settled payment): `status` challenge |
+    rejected | verified | voided (served nothing, never settled) | pending (settlement broadcast,
+    unconfirmed) | loss (served, but settlement failed: `amount_nanos` was not collected) |
+    replayed (a retry answered from the first call's record). `replay_key` identifies the
+    credential on its rail; `reason` is the rail's or facilitator's code."""
+
+    endpoint_id: str
+    status: str
+    rail: str = "x402"
+    replay_key: str = ""
+    amount_nanos: int = 0
+    currency: str = "USD"
+    payer: str = ""
+    reason: str = ""
+    transaction: str = ""
+
+
 class CacheHit(_Money, frozen=True, kw_only=True, tag="cache.hit"):
     """A call answered from the cache: `saved_nanos` is what it would have cost (a memo for
     finance, not a money movement)."""
@@ -245,7 +264,7 @@ class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
 
 
 Event = (LlmCall | ConfigChanged | PolicyDecision | BudgetAlert | AuthRefusals | ToolSpend | PaymentOutbound
-         | PaymentInbound | CacheHit | RunCompleted | LlmRepriced)
+         | PaymentInbound | PaymentEvent | CacheHit | RunCompleted | LlmRepriced)
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(Event)

@@ -26,7 +26,12 @@ async def ready(call: Call) -> None:
 
 async def authenticate(call: Call) -> None:
     """The virtual key, by its keyed hash (401 `invalid_api_key`); an expired key is 401
-    `key_expired` and, being known, is recorded against its workspace."""
+    `key_expired` and, being known, is recorded against its workspace. An endpoint whose callers
+    pay instead of holding a key (`/paid/...`) names its own principal."""
+    principal = getattr(call.endpoint, "principal", None)
+    if principal is not None:
+        call.vk = principal(call)
+        return
     vk = authenticate_key(call.snap, call.endpoint.credential(call.request), call.worker.keyring.hash_key)
     if vk.expires_at_ms is not None and vk.expires_at_ms <= time.time() * 1000:
         call.vk = vk
