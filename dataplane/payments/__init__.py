@@ -1,0 +1,7 @@
+"""Payment rails for paid endpoints (``/paid/{slug}/...``): each rail owns its IO behind plain
+functions over the caller's HTTP session. :mod:`.x402_rail` is x402 (``PAYMENT-SIGNATURE`` /
+``X-PAYMENT``) verified and settled by a facilitator."""
+
+from dataplane.payments import x402_rail
+
+__all__ = ["x402_rail"]
