@@ -115,8 +115,8 @@ class Parsed:
 @dataclass(frozen=True, slots=True)
 class Verdict:
     """The outcome of :func:`verify`. ``reason`` is ``""`` when ``ok``; otherwise a local reason
-    (``payment_mismatch``, ``amount_mismatch``, ``recipient_mismatch``, ``authorization_expired``,
-    ``validity_too_long``, ``unsupported_version``...), the facilitator's ``invalidReason`` (e.g.
+    (``unsupported_version``, ``payment_mismatch``, ``recipient_mismatch``, ``amount_mismatch``,
+    ``authorization_expired``, ``validity_too_long``), the facilitator's ``invalidReason`` (e.g.
     ``invalid_exact_evm_payload_signature``) or ``facilitator_unavailable``. ``payer`` is the
     facilitator's answer when it gave one, else the payload's ``from``."""
 
@@ -257,24 +257,25 @@ def _decode(raw: str, version: int, name: str) -> dict[str, Any]:
 def parse(headers: Mapping[str, str]) -> Parsed | None:
     """The payment a request carries: ``PAYMENT-SIGNATURE`` is v2, ``X-PAYMENT`` v1; None when neither.
 
-    Raises InvalidRequest (400) ``ambiguous_payment`` when both are present, or one of them with
+    Raises InvalidRequest (400) ``ambiguous_payment`` when both (or one twice) are present, or one with
     an MPP credential (``Authorization: Payment ...``), and ``invalid_payment`` when the header is
     not base64 JSON of a ``PaymentPayload`` of its version with an EIP-3009 authorization.
     Header names are matched case-insensitively.
     """
-    lower = {k.lower(): v for k, v in headers.items()}
-    v2, v1 = lower.get("payment-signature"), lower.get("x-payment")
-    if v2 is None and v1 is None:
+    lower: dict[str, list[str]] = {}
+    for name, value in headers.items():  # a multidict may repeat a name
+        lower.setdefault(name.lower(), []).append(value)
+    v2s, v1s = lower.get("payment-signature", []), lower.get("x-payment", [])
+    if not v2s and not v1s:
         return None
-    mpp = any(lower.get(name, "").lstrip().lower().startswith("payment ")
-              for name in ("authorization", "payment-authorization"))
-    if (v2 is not None and v1 is not None) or mpp:
+    mpp = any(value.lstrip().lower().startswith("payment ")
+              for name in ("authorization", "payment-authorization") for value in lower.get(name, []))
+    if len(v2s) + len(v1s) > 1 or mpp:
         raise InvalidRequest("Send one payment credential: PAYMENT-SIGNATURE, X-PAYMENT or Authorization: Payment.",
                              code="ambiguous_payment")
-    if v2 is not None:
-        return Parsed(2, _decode(v2, 2, PAYMENT_SIGNATURE_HEADER))
-    assert v1 is not None
-    return Parsed(1, _decode(v1, 1, X_PAYMENT_HEADER))
+    if v2s:
+        return Parsed(2, _decode(v2s[0], 2, PAYMENT_SIGNATURE_HEADER))
+    return Parsed(1, _decode(v1s[0], 1, X_PAYMENT_HEADER))
 
 
 def _chain(network: str) -> str:
@@ -303,6 +304,11 @@ def _mismatch(parsed: Parsed, endpoint: PaidEndpoint, now: float) -> str:
         for key in ("asset", "payTo"):
             if str(accepted.get(key, "")).lower() != str(ours[key]).lower():
                 return "payment_mismatch"
+        # As the SDK's resource server matches: the timeout exactly, our `extra` a subset of theirs.
+        theirs = accepted.get("extra")
+        if (accepted.get("maxTimeoutSeconds") != ours["maxTimeoutSeconds"] or not isinstance(theirs, dict)
+                or any(theirs.get(k) != v for k, v in ours["extra"].items())):
+            return "payment_mismatch"
     elif (parsed.payload["scheme"] != ours["scheme"]
           or parsed.payload["network"] != _V1_NETWORKS.get(rail.network)):
         return "payment_mismatch"
@@ -345,11 +351,13 @@ async def verify(session: aiohttp.ClientSession, endpoint: PaidEndpoint, parsed:
     """Check the payment against the endpoint's requirements, then with the facilitator.
 
     Local refusals first (no IO): a version the rail does not take; v2 ``accepted`` requirements
-    (or v1 scheme/network) that differ from ours (``payment_mismatch``); an authorization to
-    another payee or of another amount; a ``validBefore`` already (nearly) past or further out
-    than ``max_timeout_s``. Then ``POST {facilitator_url}/verify`` with our requirements, bounded
-    by ``timeout_s``. A facilitator that is down, errs, answers non-JSON or times out gives
-    ``facilitator_unavailable``. Not idempotent with respect to replay: see the module docstring.
+    (or v1 scheme/network) that differ from ours (``payment_mismatch``: scheme, network, amount,
+    asset, payTo, maxTimeoutSeconds exactly, our ``extra`` a subset, as the SDK's resource server
+    matches them); an authorization to another payee or of another amount; a ``validBefore``
+    already (nearly) past or further out than ``max_timeout_s``. Then POST ``/verify`` to the
+    rail's facilitator with our requirements, bounded by ``timeout_s``. A facilitator that is
+    down, errs, answers non-JSON or times out gives ``facilitator_unavailable``. Passing verify
+    does not spend the payment: see the module docstring on replay.
     ``resource_url`` fills the v1 requirements' ``resource``.
     """
     reason = _mismatch(parsed, endpoint, time.time())
@@ -399,12 +407,17 @@ async def settle(session: aiohttp.ClientSession, endpoint: PaidEndpoint, parsed:
 
 
 def payment_response_header(settlement: Settlement, version: int) -> tuple[str, str]:
-    """(``PAYMENT-RESPONSE`` for v2 or ``X-PAYMENT-RESPONSE`` for v1, base64 JSON ``SettleResponse``)."""
+    """(``PAYMENT-RESPONSE`` for v2 or ``X-PAYMENT-RESPONSE`` for v1, base64 JSON ``SettleResponse``).
+
+    A failure carries its ``errorReason``; a pending settlement ``success: false`` with
+    ``errorReason: settlement_pending`` and the tx hash when there is one."""
     body: dict[str, Any] = {"success": settlement.success, "transaction": settlement.transaction,
                             "network": settlement.network}
     if settlement.payer:
         body["payer"] = settlement.payer
-    if not settlement.success:
+    if settlement.pending:  # broadcast, or maybe: the SDK's word for "not known yet", not a failure
+        body["errorReason"] = SETTLEMENT_PENDING
+    elif not settlement.success:
         body["errorReason"] = settlement.reason or "settlement_failed"
     if version == 2 and settlement.amount:
         body["amount"] = settlement.amount

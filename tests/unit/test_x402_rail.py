@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from eth_account import Account
+from multidict import CIMultiDict
 
 from dataplane.payments import x402_rail as rail
 from schemas.entities import PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
@@ -144,6 +145,13 @@ async def test_parse_refuses_two_credentials() -> None:
     with pytest.raises(InvalidRequest) as err:
         rail.parse(await pay(challenge) | {"Authorization": "Payment id=abc"})
     assert err.value.code == "ambiguous_payment"
+    twice = CIMultiDict([("PAYMENT-SIGNATURE", v) for v in ((await pay(challenge))["PAYMENT-SIGNATURE"],
+                                                          (await pay(challenge))["PAYMENT-SIGNATURE"])])
+    with pytest.raises(InvalidRequest) as err:
+        rail.parse(twice)
+    assert err.value.code == "ambiguous_payment"
+    # an API key beside the payment is not a second credential
+    assert rail.parse(await pay(challenge) | {"Authorization": "Bearer sk-alephant-x"}) is not None
 
 
 @pytest.mark.parametrize("value", ["not base64!", b64({"x402Version": 2}), base64.b64encode(b"[1]").decode(),
@@ -293,11 +301,12 @@ async def test_wrong_pay_to_is_refused(fac: FakeFacilitator, session: aiohttp.Cl
     assert (await rail.settle(session, elsewhere, parsed)).success  # it is good money for its own payee
 
 
-async def test_wrong_network_or_asset_is_refused_locally(fac: FakeFacilitator,
+async def test_other_accepted_requirements_are_refused_locally(fac: FakeFacilitator,
                                                          session: aiohttp.ClientSession) -> None:
     ep = endpoint(fac.base_url)
     headers = await pay(rail.challenge(ep, URL))
-    for key, value in (("network", "eip155:8453"), ("asset", "0x" + "22" * 20)):
+    for key, value in (("network", "eip155:8453"), ("asset", "0x" + "22" * 20), ("maxTimeoutSeconds", 86_400),
+                       ("extra", {"name": "USD Coin", "version": "2"})):
         parsed = rail.parse(tampered(headers, lambda p, k=key, v=value: p["accepted"].__setitem__(k, v)))
         assert parsed is not None
         assert (await rail.verify(session, ep, parsed)).reason == "payment_mismatch"
@@ -318,7 +327,10 @@ async def test_settle_failure_is_reported(fac: FakeFacilitator, session: aiohttp
         False, "insufficient_funds", False, "")
     assert len(fac.settled) == settled
     fac.fail_settle = "settlement_pending"
-    assert (await rail.settle(session, ep, parsed)).pending
+    pending = await rail.settle(session, ep, parsed)
+    assert pending.pending and not pending.success
+    name, value = rail.payment_response_header(pending, 2)
+    assert name == "PAYMENT-RESPONSE" and unb64(value)["errorReason"] == "settlement_pending"
 
 
 async def test_facilitator_down_is_unavailable_quickly(fac: FakeFacilitator,
