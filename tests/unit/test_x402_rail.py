@@ -379,6 +379,52 @@ async def test_a_slow_facilitator_times_out(session: aiohttp.ClientSession) -> N
         await runner.cleanup()
 
 
+async def test_a_facilitator_answering_garbage_is_unavailable(session: aiohttp.ClientSession) -> None:
+    async def garbage(request: web.Request) -> web.Response:
+        return web.Response(text="<html>gateway error</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_post("/verify", garbage)
+    app.router.add_post("/settle", garbage)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        ep = endpoint(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        parsed = rail.parse(await pay(rail.challenge(ep, URL)))
+        assert parsed is not None
+        assert (await rail.verify(session, ep, parsed)).reason == "facilitator_unavailable"
+        settled = await rail.settle(session, ep, parsed)
+        assert (settled.success, settled.reason, settled.pending) == (False, "facilitator_unavailable", False)
+    finally:
+        await runner.cleanup()
+
+
+async def test_pay_answers_a_real_402_response(fac: FakeFacilitator, session: aiohttp.ClientSession) -> None:
+    """`pay` takes what a client sees: the 402's headers (a multidict) for v2, its body for v1."""
+    ep = endpoint(fac.base_url)
+    headers, body = rail.challenge(ep, URL)
+
+    async def paywall(request: web.Request) -> web.Response:
+        return web.Response(status=402, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/paid", paywall)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        async with session.get(f"http://127.0.0.1:{runner.addresses[0][1]}/paid") as resp:
+            assert resp.status == 402
+            v2 = await pay(resp.headers)
+            v1 = await pay(await resp.read(), version=1)
+    finally:
+        await runner.cleanup()
+    for header in (v2, v1):
+        parsed = rail.parse(header)
+        assert parsed is not None and (await rail.verify(session, ep, parsed)).ok
+
+
 async def test_supported_lists_both_versions(fac: FakeFacilitator, session: aiohttp.ClientSession) -> None:
     async with session.get(fac.base_url + "/supported") as resp:
         kinds = {(k["x402Version"], k["network"]) for k in (await resp.json())["kinds"]}
