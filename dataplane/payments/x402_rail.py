@@ -75,6 +75,9 @@ class Parsed:
     version: int
     payload: dict[str, Any]
 
+    def __repr__(self) -> str:  # the payload holds the signature: a credential, kept out of logs
+        return f"Parsed(version={self.version}, payer={self.payer!r}, nonce={self.nonce!r})"
+
     @property
     def _authorization(self) -> dict[str, Any]:
         auth: dict[str, Any] = self.payload["payload"]["authorization"]

@@ -440,3 +440,12 @@ def test_amount_nanos() -> None:
     assert rail.amount_nanos(endpoint(amount="5", decimals=9)) == 5
     assert rail.amount_nanos(endpoint(amount="10000000000000000", decimals=18)) == 10_000_000  # 0.01 DAI
     assert rail.amount_nanos(endpoint(amount="1", decimals=0)) == 1_000_000_000
+
+
+async def test_parsed_repr_leaves_the_signature_out() -> None:
+    headers = await pay(rail.challenge(endpoint(), URL))
+    parsed = rail.parse(headers)
+    assert parsed is not None
+    signature = parsed.payload["payload"]["signature"]
+    assert signature[2:20] not in repr(parsed) and signature[2:20] not in str(parsed)
+    assert parsed.payer in repr(parsed)
