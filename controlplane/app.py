@@ -30,7 +30,7 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from controlplane import cache_admin, finance, prompts, routers
+from controlplane import cache_admin, finance, paid_admin, prompts, routers
 from controlplane import commands as c
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
@@ -265,6 +265,15 @@ async def get_budget(request: web.Request) -> web.StreamResponse:
     return _json(c.public_view(budget) | usage)
 
 
+async def get_paid_endpoint(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    endpoint_id = _param(request.match_info["id"], "id")
+    endpoint = await st.commands.load("paid", endpoint_id)
+    if endpoint is None:
+        raise NotFound(f"No paid endpoint with id '{endpoint_id}'.", code="paid_endpoint_not_found")
+    return _json(c.public_view(endpoint) | await paid_admin.paid_revenue(st.pool, endpoint))
+
+
 async def list_escalations(request: web.Request) -> web.StreamResponse:
     status = _query(request, "status")
     if status is not None and status not in STATUSES:
@@ -419,6 +428,12 @@ ROUTES: tuple[Route, ...] = (
           None, purge_cache),
     Route("GET", "/admin/v1/cache/purges", "Cache purges (?workspace_id=): the current `generation` per "
           "(workspace, namespace)", None, _lister("cachepurge")),
+    # The body's fields are described by CreatePaidEndpoint's docstring in the OpenAPI schema.
+    *_crud("paid-endpoints", paid_admin.PAID_ENDPOINT, "paid endpoint (sold per call at /paid/{slug}/... over "
+           "x402: `serve` a `backend_url` or a `model`, `price.per_call` in the asset's atomic units, `rails.x402`)",
+           get=False),
+    Route("GET", "/admin/v1/paid-endpoints/{id}", "Get a paid endpoint with the revenue recorded for it: "
+          "`revenue_usd` (decimal string), `revenue_nanos` and `calls` (paid calls)", None, get_paid_endpoint),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),

@@ -60,6 +60,7 @@ from schemas.entities import (
     ConfigEntity,
     EscalationGrant,
     ModelAlias,
+    PaidEndpoint,
     Policy,
     PriceOverride,
     PriceScope,
@@ -343,6 +344,12 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
                              for r in entity.rules]
             for name in ("retry", "timeouts", "health"):
                 data[name] = _all_fields(getattr(entity, name))
+        case PaidEndpoint():
+            # Every x402 setting and the price's decimals shown, defaults included.
+            if entity.price.per_call is not None:
+                data["price"] = {"per_call": _all_fields(entity.price.per_call)}
+            if entity.rails.x402 is not None:
+                data["rails"] = {"x402": _all_fields(entity.rails.x402)}
     return data
 
 

@@ -21,6 +21,7 @@ from schemas.entities import (
     ConfigEntity,
     EscalationGrant,
     Limit,
+    PaidEndpoint,
     Policy,
     Provider,
     ProviderKey,
@@ -71,7 +72,18 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
         refs.append(Ref(kind, entity.scope_id, "scope_id", what))
     if isinstance(entity, CacheSettings):
         refs += _cache_refs(entity)
+    if isinstance(entity, PaidEndpoint):
+        refs += _paid_refs(entity)
     return tuple(refs)
+
+
+def _paid_refs(endpoint: PaidEndpoint) -> list[Ref]:
+    """The provider (by name) a paid endpoint's `provider/model` names. A `router/<name>` is
+    checked by name when the endpoint is built; an alias name is resolved per call."""
+    model = endpoint.serve.model
+    if model is None or "/" not in model or model.startswith("router/"):
+        return []
+    return [Ref("provider", f"{endpoint.workspace_id}.{model.partition('/')[0]}", "serve.model", "Provider")]
 
 
 def _cache_refs(settings: CacheSettings) -> list[Ref]:
@@ -130,7 +142,7 @@ async def check_ref(conn: psycopg.AsyncConnection[Any], ref: Ref, workspace_id: 
 _REFERRERS: dict[str, tuple[tuple[str, str], ...]] = {
     "dept": (("member", "department_id"), ("agent", "department_id"), ("vk", "department_id")),
     "member": (("agent", "member_id"), ("vk", "member_id")),
-    "agent": (("vk", "agent_id"),),
+    "agent": (("vk", "agent_id"), ("paid", "agent_id")),
     "router": (("vk", "router_id"), ("agent", "router_id")),
 }
 _SCOPE_OF: dict[str, str] = {"dept": "department", "member": "member", "agent": "agent"}
@@ -152,11 +164,12 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
         cur = await conn.execute(
             "SELECT kind, id FROM config_entity WHERE workspace_id = %s AND deleted_at IS NULL AND ("
             "(kind = 'alias' AND starts_with(body->>'target', %s)) "
-            "OR (kind = 'cache' AND starts_with(body->>'embedding_model', %s)) OR (kind = 'router' AND ("
+            "OR (kind = 'cache' AND starts_with(body->>'embedding_model', %s)) "
+            "OR (kind = 'paid' AND starts_with(body->'serve'->>'model', %s)) OR (kind = 'router' AND ("
             "jsonb_path_exists(body, '$.targets[*].model ? (@ starts with $p)', jsonb_build_object('p', %s::text)) "
             "OR jsonb_path_exists(body, '$.rules[*].targets[*].model ? (@ starts with $p)', "
             "jsonb_build_object('p', %s::text))))) ORDER BY kind, id LIMIT 5",
-            (entity.workspace_id, prefix, prefix, prefix, prefix))
+            (entity.workspace_id, prefix, prefix, prefix, prefix, prefix))
         return [f"{k} {i}" for k, i in await cur.fetchall()]
     if kind not in _REFERRERS:
         return []  # nothing points at a price, alias, key, budget, limit, policy, prompt or cache setting
@@ -176,4 +189,9 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
                                  "AND deleted_at IS NULL AND body->>'scope' = 'router' AND body->>'scope_id' = %s "
                                  "LIMIT 5", (ws, ent_id))
         found += [f"cache {r[0]}" for r in await cur.fetchall()]
+        # A paid endpoint serving model 'router/<name>' (by name, as clients call it).
+        cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'paid' AND workspace_id = %s "
+                                 "AND deleted_at IS NULL AND body->'serve'->>'model' = %s LIMIT 5",
+                                 (ws, f"router/{entity.name}"))
+        found += [f"paid {r[0]}" for r in await cur.fetchall()]
     return found[:5]

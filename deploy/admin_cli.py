@@ -303,6 +303,7 @@ def add_admin_commands(sub: Any) -> None:
     _governance(cmds)
     _routers(cmds)
     _cache(cmds)
+    _paid(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
@@ -490,6 +491,115 @@ def _cache(cmds: Commands) -> None:
 
 
 # ---- finance reads: tables in decimal USD, or the API's JSON, or CSV ---------------------------
+
+# ---- paid endpoints -----------------------------------------------------------------------------
+
+_PAID_JSON_HELP = ("the whole body (or more fields) as a JSON object, inline or a FILE (@FILE also works), e.g. "
+                   "'{\"rails\": {\"x402\": {\"extra\": {\"name\": \"USDC\", \"version\": \"2\"}}}}'; "
+                   "the flags win over the same fields given here")
+
+
+def parse_versions(text: str) -> list[int]:
+    """`2,1` -> [2, 1] (x402 protocol versions, in order of preference)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of versions such as 2,1") from None
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, nested objects merged key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def paid_body(a: Args, create: bool, current: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """`paid create|update`'s body: --json, then the flags over it. On update, a price or x402 flag
+    is merged over the endpoint's current price or x402 settings (`current()`: a GET), because a
+    PATCH replaces `price` and `rails` whole."""
+    body: dict[str, Any] = {}
+    if a.json is not None:
+        if not isinstance(a.json, dict):
+            sys.exit("alephant: --json must be a JSON object")
+        body.update(a.json)
+    if create and (a.workspace is not None or "workspace_id" not in body):
+        body["workspace_id"] = default_ws(a)
+    if a.model is not None and a.backend_url is not None:
+        sys.exit("alephant: give --model or --backend-url, not both")
+    flags: dict[str, Any] = drop_none({"slug": a.slug, "agent_id": a.agent, "workflow_id": a.workflow,
+                                       "description": a.description})
+    if a.model is not None or a.backend_url is not None:
+        flags["serve"] = drop_none({"model": a.model, "backend_url": a.backend_url})
+    per_call = drop_none({"amount": a.amount, "asset": a.asset, "decimals": a.decimals})
+    x402 = drop_none({"network": a.network, "pay_to": a.pay_to, "facilitator_url": a.facilitator,
+                      "versions": a.x402_versions, "max_timeout_s": a.max_timeout})
+    stored = current() if not create and current is not None and (per_call or x402) else {}
+    if per_call:
+        flags["price"] = {"per_call": _merge(stored.get("price", {}).get("per_call", {}), per_call)}
+    if x402:
+        flags["rails"] = {"x402": _merge(stored.get("rails", {}).get("x402", {}), x402)}
+    body = _merge(body, flags)
+    if "serve" in flags:
+        body["serve"] = flags["serve"]  # exactly one of model / backend_url: never merged with --json's
+    if not create:
+        # The API shows these; a PATCH takes only the settings.
+        for key in ("id", "workspace_id", "revenue_usd", "revenue_nanos", "calls"):
+            body.pop(key, None)
+    return body
+
+
+def _paid_flags(p: argparse.ArgumentParser, create: bool) -> None:
+    p.add_argument("--slug", help="the path segment clients call, /paid/<slug>/...: 1-64 letters, digits, '-' or "
+                   "'_', unique across the gateway" + (" (required, here or in --json)" if create else ""))
+    serve = p.add_argument_group("what serves a paid call (one of)")
+    serve.add_argument("--model", help="a model the gateway serves: provider/model, router/<name> or an alias")
+    serve.add_argument("--backend-url", metavar="URL",
+                       help="your backend (http/https); the call's path below /paid/<slug> is appended")
+    price = p.add_argument_group("price of one call, in the payment asset's atomic units")
+    price.add_argument("--amount", help='a positive integer string, e.g. 10000 (= 0.01 USDC at 6 decimals)')
+    price.add_argument("--asset", help="the asset; for x402 the token contract address (e.g. USDC's)")
+    price.add_argument("--decimals", type=int, help="the asset's decimals, 0-18 (default 6)")
+    rail = p.add_argument_group("x402 rail")
+    rail.add_argument("--network", help="CAIP-2 network, e.g. eip155:8453 (Base) or eip155:84532 (Base Sepolia)")
+    rail.add_argument("--pay-to", metavar="ADDRESS", help="the 0x address payments go to")
+    rail.add_argument("--facilitator", metavar="URL", help="the x402 facilitator that verifies and settles")
+    rail.add_argument("--x402-versions", type=parse_versions, metavar="2,1",
+                      help="x402 versions accepted, in order (default 2,1)")
+    rail.add_argument("--max-timeout", type=int, metavar="SECONDS",
+                      help="how long a payment authorization stays valid, 1-3600 (default 60)")
+    p.add_argument("--agent", metavar="ID", help="the agent (of the workspace) the revenue belongs to")
+    p.add_argument("--workflow", metavar="ID", help="the workflow the revenue belongs to")
+    p.add_argument("--description", help="what the endpoint sells")
+    p.add_argument("--json", type=read_json_value, metavar="JSON|FILE", help=_PAID_JSON_HELP)
+
+
+def _paid(cmds: Commands) -> None:
+    """`paid create|list|show|update|delete`."""
+    leaf = cmds.leaf
+    g = cmds.group("paid", "Paid endpoints: sell an agent capability per call at /paid/<slug>/... over x402 "
+                   "(a backend of yours or a model the gateway serves; a fixed price per call in a stablecoin)")
+    base = "/admin/v1/paid-endpoints"
+    p = leaf(g, "create", "Create a paid endpoint, e.g. alephant paid create --slug summarize --model openai/gpt-4o "
+             "--amount 10000 --asset 0x036CbD53842c5426634e7929541eC2318f3dCF7e --network eip155:84532 "
+             "--pay-to 0xYourAddress --facilitator https://x402.org/facilitator", "POST", lambda a: base,
+             lambda a: paid_body(a, create=True))
+    _paid_flags(p, create=True)
+    leaf(g, "list", "List the workspace's paid endpoints", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
+    leaf(g, "show", "Show a paid endpoint with its revenue (revenue_usd, calls)", "GET", lambda a: f"{base}/{a.id}",
+         ws=False).add_argument("id")
+
+    def update_body(a: Args) -> dict[str, Any]:
+        return paid_body(a, create=False, current=lambda: dict(admin_client(a).call("GET", f"{base}/{a.id}")))
+
+    p = leaf(g, "update", "Change a paid endpoint: the fields given (price and x402 flags are merged over the current "
+             "settings; --model or --backend-url replaces what serves it)", "PATCH", lambda a: f"{base}/{a.id}",
+             update_body, ws=False)
+    p.add_argument("id")
+    _paid_flags(p, create=False)
+    leaf(g, "delete", "Delete a paid endpoint", "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+
 
 _MONEY = (("model cost", "llm_cost_usd"), ("tool cost", "tool_cost_usd"), ("payments", "payments_out_usd"),
           ("total cost", "cost_usd"), ("revenue", "revenue_usd"), ("margin", "margin_usd"),

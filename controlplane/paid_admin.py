@@ -1,0 +1,329 @@
+"""Admin commands of paid endpoints (see commands.py for how a command is validated and committed).
+
+A paid endpoint (`schemas.entities.PaidEndpoint`) sells one capability per call at
+`/paid/{slug}/...`: what serves it (`serve`: the operator's `backend_url`, or a `model` the
+gateway serves), its per-call `price` in a payment asset's atomic units, and the `rails` it
+accepts (x402 only for now). Its `slug` is unique across the gateway (409 `slug_taken`).
+
+Every refusal is a 400 (404 for a referenced entity that does not exist) whose `param` is the
+field path, and nothing is written:
+
+* `slug` not 1..64 letters, digits, '-' or '_' (`invalid_slug`);
+* `serve` with neither or both of `backend_url` and `model` (`invalid_serve`); a `backend_url`
+  that is not http(s) (`invalid_url`) or reaches an internal address (the provider base URL's
+  SSRF rules, `ssrf.py`); a `model` that is not `provider/model`, `router/<name>` or an alias
+  name (`invalid_model`), or names a provider or router the workspace has not configured (404
+  `provider_not_found` / `router_not_found`);
+* `price` or `price.per_call` missing (`missing_price`); an `amount` that is not a positive
+  integer string below 10**30 (`invalid_amount`), an empty `asset` (`invalid_asset`), `decimals`
+  outside 0..18 (`invalid_decimals`);
+* `rails` without `x402` (`missing_rail`), or with `mpp` (`unsupported_rail`: not supported yet);
+  an x402 `network` that is not CAIP-2 `eip155:<chain id>` (`invalid_network`), a `pay_to` that
+  is not a 0x + 40 hex address (`invalid_address`), a `facilitator_url` that is not http(s) or is
+  internal, `versions` that are not a non-empty subset of {1, 2} (`invalid_versions`), a `scheme`
+  other than `exact` (`unsupported_scheme`), `max_timeout_s` outside 1..3600 (`invalid_timeout`);
+* an `agent_id` that is not an agent of the workspace (references.py).
+
+`GET /admin/v1/paid-endpoints/{id}` adds the revenue recorded for it (`paid_revenue`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import msgspec
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
+from controlplane.inputs import BaseUrl, Command, Ident
+from controlplane.ssrf import check_base_url_resolving
+from schemas.entities import PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
+from schemas.errors import Conflict, InvalidRequest, NotFound
+from schemas.ids import new_id
+from schemas.money import nanos_to_decimal_str
+
+SLUG_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_IDENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_AMOUNT_RE = re.compile(r"^[1-9][0-9]*$")
+NETWORK_RE = re.compile(r"^eip155:[0-9]{1,20}$")
+ADDRESS_RE = re.compile(r"^0x[0-9a-fA-F]{40}$")
+MAX_AMOUNT = 10**30
+MAX_DECIMALS = 18
+MAX_TIMEOUT_S = 3600
+X402_VERSIONS = frozenset({1, 2})
+X402_SCHEMES = ("exact",)
+
+Short = Annotated[str, msgspec.Meta(max_length=128)]
+AmountText = Annotated[str, msgspec.Meta(max_length=40)]
+ModelText = Annotated[str, msgspec.Meta(max_length=321)]
+ExtraMap = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=64)],
+                          Annotated[str, msgspec.Meta(max_length=256)]], msgspec.Meta(max_length=16)]
+
+
+class ServeIn(Command):
+    """Exactly one: `backend_url` (http/https; the call's path below `/paid/{slug}` is appended) or
+    `model` (`provider/model`, `router/<name>` or an alias name of the workspace)."""
+
+    backend_url: BaseUrl | None = None
+    model: ModelText | None = None
+
+
+class AmountIn(Command):
+    """`amount`: a positive integer string in the asset's atomic units ("10000" = 0.01 USDC at 6
+    decimals), below 10**30; `asset`: the token (for x402, its contract address); `decimals` 0..18."""
+
+    amount: AmountText
+    asset: Short
+    decimals: int = 6
+
+
+class PriceIn(Command):
+    per_call: AmountIn | None = None
+
+
+class X402In(Command):
+    """`network` CAIP-2 (`eip155:84532`), `pay_to` a 0x address, `facilitator_url` http/https,
+    `versions` a non-empty subset of [1, 2] (default [2, 1]), `scheme` `exact`, `max_timeout_s`
+    1..3600 (default 60), `extra` the scheme's extra data (USDC: EIP-712 `name` and `version`)."""
+
+    network: Short
+    pay_to: Short
+    facilitator_url: BaseUrl
+    versions: Annotated[tuple[int, ...], msgspec.Meta(max_length=8)] = (2, 1)
+    scheme: Short = "exact"
+    max_timeout_s: int = 60
+    extra: ExtraMap = msgspec.field(default_factory=dict)
+
+
+class RailsIn(Command):
+    """`x402` (required for now). `mpp` is recognised only to say it is not supported yet."""
+
+    x402: X402In | None = None
+    mpp: Any = msgspec.UNSET
+
+
+class CreatePaidEndpoint(Command):
+    """A paid endpoint of `workspace_id` at `/paid/{slug}/...` (slug unique across the gateway):
+    `serve`, `price` (`per_call`), `rails` (`x402`), and optionally the `agent_id` (an agent of the
+    workspace) or `workflow_id` its revenue is attributed to, and a `description`."""
+
+    workspace_id: Ident
+    slug: Short
+    serve: ServeIn | None = None
+    price: PriceIn | None = None
+    rails: RailsIn | None = None
+    agent_id: Ident | None = None
+    workflow_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | None = None
+    description: Annotated[str, msgspec.Meta(max_length=1000)] = ""
+
+    def check(self) -> None:
+        check_slug(self.slug)
+        if self.serve is None:
+            raise InvalidRequest("A paid endpoint needs 'serve': {\"backend_url\": \"https://...\"} or "
+                                 "{\"model\": \"provider/model\"}.", param="serve", code="invalid_serve")
+        check_serve(self.serve)
+        if self.price is None or self.price.per_call is None:
+            param = "price" if self.price is None else "price.per_call"
+            raise InvalidRequest(f"A paid endpoint needs '{param}': the price of one call, e.g. \"price\": "
+                                 "{\"per_call\": {\"amount\": \"10000\", \"asset\": \"<token>\", \"decimals\": 6}}.",
+                                 param=param, code="missing_price")
+        check_amount(self.price.per_call, "price.per_call")
+        if self.rails is None:
+            raise InvalidRequest("A paid endpoint needs 'rails': {\"x402\": {\"network\": \"eip155:84532\", "
+                                 "\"pay_to\": \"0x...\", \"facilitator_url\": \"https://...\"}}.", param="rails",
+                                 code="missing_rail")
+        check_rails(self.rails)
+
+
+class PatchPaidEndpoint(Command):
+    """Any field but `workspace_id`; a given `serve`, `price` or `rails` replaces the stored one
+    whole. null unbinds `agent_id` or `workflow_id`."""
+
+    slug: Short | msgspec.UnsetType = msgspec.UNSET
+    serve: ServeIn | msgspec.UnsetType = msgspec.UNSET
+    price: PriceIn | msgspec.UnsetType = msgspec.UNSET
+    rails: RailsIn | msgspec.UnsetType = msgspec.UNSET
+    agent_id: Ident | msgspec.UnsetType | None = msgspec.UNSET
+    workflow_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)] | msgspec.UnsetType | None = \
+        msgspec.UNSET
+    description: Annotated[str, msgspec.Meta(max_length=1000)] | msgspec.UnsetType = msgspec.UNSET
+
+
+# ---- pure checks (each raises InvalidRequest naming the field) ------------------------------------
+
+def check_slug(slug: str) -> None:
+    if not SLUG_RE.match(slug):
+        raise InvalidRequest(f"'slug' must be 1 to 64 letters, digits, '-' or '_' (it is the path segment of "
+                             f"/paid/{{slug}}/...); got {slug[:80]!r}.", param="slug", code="invalid_slug")
+
+
+def check_http_url(url: str, param: str) -> None:
+    """An absolute http(s) URL with a host (the SSRF rules run later, with DNS)."""
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidRequest(f"'{param}' must be an http:// or https:// URL with a host; got {url[:120]!r}.",
+                             param=param, code="invalid_url")
+
+
+def check_model(model: str, param: str = "serve.model") -> None:
+    """`provider/model`, `router/<name>` or an alias name (no '/')."""
+    head, slash, tail = model.partition("/")
+    if not slash:
+        ok = 1 <= len(model) <= 120 and model.strip() == model
+    elif head == "router":
+        ok = bool(_IDENT_RE.match(tail))
+    else:
+        ok = bool(_IDENT_RE.match(head)) and bool(tail) and not tail.endswith("/")
+    if not ok:
+        raise InvalidRequest(f"'{param}' must be 'provider/model', 'router/<name>' or a model alias name of the "
+                             f"workspace; got {model[:120]!r}.", param=param, code="invalid_model")
+
+
+def check_serve(serve: ServeIn) -> None:
+    given = [name for name in ("backend_url", "model") if getattr(serve, name) is not None]
+    if len(given) != 1:
+        raise InvalidRequest("'serve' must give exactly one of 'backend_url' (your backend, http/https) or 'model' "
+                             f"('provider/model', 'router/<name>' or an alias); got {len(given)}"
+                             + (f" ({', '.join(given)})" if given else "") + ".",
+                             param="serve", code="invalid_serve")
+    if serve.backend_url is not None:
+        check_http_url(serve.backend_url, "serve.backend_url")
+    if serve.model is not None:
+        check_model(serve.model)
+
+
+def check_amount(amount: AmountIn, param: str) -> None:
+    if not _AMOUNT_RE.match(amount.amount) or int(amount.amount) >= MAX_AMOUNT:
+        raise InvalidRequest(f"'{param}.amount' must be a positive integer string in the asset's atomic units, "
+                             f"below 10^30 (e.g. \"10000\" = 0.01 USDC at 6 decimals); got {amount.amount!r}.",
+                             param=f"{param}.amount", code="invalid_amount")
+    if not amount.asset.strip():
+        raise InvalidRequest(f"'{param}.asset' must name the payment asset (for x402, the token contract "
+                             "address); it is empty.", param=f"{param}.asset", code="invalid_asset")
+    if not 0 <= amount.decimals <= MAX_DECIMALS:
+        raise InvalidRequest(f"'{param}.decimals' must be between 0 and {MAX_DECIMALS}; got {amount.decimals}.",
+                             param=f"{param}.decimals", code="invalid_decimals")
+
+
+def check_rails(rails: RailsIn) -> None:
+    if rails.mpp is not msgspec.UNSET:
+        raise InvalidRequest("The 'mpp' rail is not supported yet; accept payments with 'x402'.",
+                             param="rails.mpp", code="unsupported_rail")
+    if rails.x402 is None:
+        raise InvalidRequest("'rails' must configure 'x402' (the only rail supported for now).",
+                             param="rails.x402", code="missing_rail")
+    check_x402(rails.x402)
+
+
+def check_x402(x: X402In, param: str = "rails.x402") -> None:
+    if not NETWORK_RE.match(x.network):
+        raise InvalidRequest(f"'{param}.network' must be a CAIP-2 EVM network 'eip155:<chain id>' (e.g. "
+                             f"'eip155:8453' for Base, 'eip155:84532' for Base Sepolia); got {x.network!r}.",
+                             param=f"{param}.network", code="invalid_network")
+    if not ADDRESS_RE.match(x.pay_to):
+        raise InvalidRequest(f"'{param}.pay_to' must be an EVM address: 0x and 40 hex digits; got {x.pay_to!r}.",
+                             param=f"{param}.pay_to", code="invalid_address")
+    check_http_url(x.facilitator_url, f"{param}.facilitator_url")
+    if not x.versions or not set(x.versions) <= X402_VERSIONS or len(set(x.versions)) != len(x.versions):
+        raise InvalidRequest(f"'{param}.versions' must be a non-empty list of distinct x402 versions from [1, 2]; "
+                             f"got {list(x.versions)}.", param=f"{param}.versions", code="invalid_versions")
+    if x.scheme not in X402_SCHEMES:
+        raise InvalidRequest(f"'{param}.scheme' must be 'exact' (the only x402 scheme supported for now); got "
+                             f"{x.scheme!r}.", param=f"{param}.scheme", code="unsupported_scheme")
+    if not 1 <= x.max_timeout_s <= MAX_TIMEOUT_S:
+        raise InvalidRequest(f"'{param}.max_timeout_s' must be between 1 and {MAX_TIMEOUT_S} seconds; got "
+                             f"{x.max_timeout_s}.", param=f"{param}.max_timeout_s", code="invalid_timeout")
+
+
+# ---- IO checks and the kind ---------------------------------------------------------------------
+
+async def _check_url(cc: ConfigCommands, url: str, param: str) -> None:
+    """The provider base URL's SSRF rules (with DNS), re-raised naming `param` (same codes:
+    `base_url_not_allowed`, `base_url_unresolvable`, `invalid_base_url`)."""
+    try:
+        await check_base_url_resolving(url, cc.ssrf_allow)
+    except InvalidRequest as exc:
+        message = exc.message.replace("base_url", f"'{param}'", 1) if exc.message.startswith("base_url") \
+            else f"'{param}': {exc.message}"
+        raise InvalidRequest(message, param=param, code=exc.code) from None
+
+
+async def _router_named(pool: AsyncConnectionPool[Any], workspace_id: str, name: str) -> str | None:
+    async with pool.connection() as conn:
+        cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'router' AND workspace_id = %s "
+                                 "AND body->>'name' = %s AND deleted_at IS NULL LIMIT 1", (workspace_id, name))
+        row = await cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior: Prior | None) -> PaidEndpoint:
+    # CreatePaidEndpoint.check has run: serve, price.per_call and rails.x402 are set.
+    assert cmd.serve is not None and cmd.price is not None and cmd.price.per_call is not None
+    assert cmd.rails is not None and cmd.rails.x402 is not None
+    x = cmd.rails.x402
+    if cmd.serve.backend_url is not None:
+        await _check_url(cc, cmd.serve.backend_url, "serve.backend_url")
+    model = cmd.serve.model
+    if model is not None and model.startswith("router/"):
+        name = model.removeprefix("router/")
+        if await _router_named(cc.pool, cmd.workspace_id, name) is None:
+            raise NotFound(f"Workspace '{cmd.workspace_id}' has no router named '{name}' (in 'serve.model': "
+                           f"{model!r}); create it first with POST /admin/v1/routers.", param="serve.model",
+                           code="router_not_found")
+    elif model is not None and "/" in model:
+        # Also re-checked in the write's transaction (references.py), so a concurrent delete cannot slip by.
+        name = model.partition("/")[0]
+        if await cc.load("provider", f"{cmd.workspace_id}.{name}") is None:
+            raise NotFound(f"Workspace '{cmd.workspace_id}' has no provider named '{name}' (in 'serve.model': "
+                           f"{model!r}); add it first with POST /admin/v1/providers.", param="serve.model",
+                           code="provider_not_found")
+    await _check_url(cc, x.facilitator_url, "rails.x402.facilitator_url")
+    per_call = cmd.price.per_call
+    return PaidEndpoint(
+        id=ent_id, workspace_id=cmd.workspace_id, slug=cmd.slug,
+        serve=PaidServe(backend_url=cmd.serve.backend_url, model=model),
+        price=PaidPrice(per_call=PaidAmount(amount=per_call.amount, asset=per_call.asset,
+                                            decimals=per_call.decimals)),
+        rails=PaidRails(x402=X402Rail(network=x.network, pay_to=x.pay_to, facilitator_url=x.facilitator_url,
+                                      versions=x.versions, scheme=x.scheme, max_timeout_s=x.max_timeout_s,
+                                      extra=dict(x.extra))),
+        agent_id=cmd.agent_id, workflow_id=cmd.workflow_id, description=cmd.description)
+
+
+async def _unique_slug(conn: psycopg.AsyncConnection[Any], endpoint: Any) -> None:
+    """409 `slug_taken` when another live paid endpoint (of any workspace) has this slug. Two
+    concurrent writes of one slug are serialised by a transaction-level advisory lock."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"paid/{endpoint.slug}",))
+    cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'paid' AND body->>'slug' = %s "
+                             "AND id <> %s AND deleted_at IS NULL LIMIT 1", (endpoint.slug, endpoint.id))
+    if await cur.fetchone() is not None:
+        raise Conflict(f"The slug '{endpoint.slug}' is taken by another paid endpoint; slugs are unique across the "
+                       "gateway (they are the path /paid/{slug}/...).", param="slug", code="slug_taken")
+
+
+def _fields(endpoint: PaidEndpoint) -> dict[str, Any]:
+    return _builtins(endpoint, "workspace_id", "slug", "serve", "price", "rails", "agent_id", "workflow_id",
+                     "description")
+
+
+PAID_ENDPOINT = KindSpec("paid", "Paid endpoint", CreatePaidEndpoint, PatchPaidEndpoint, lambda c: new_id("paid"),
+                         _fields, _build, guard=_unique_slug)
+
+
+async def paid_revenue(pool: AsyncConnectionPool[Any], endpoint: PaidEndpoint) -> dict[str, Any]:
+    """`revenue_usd` (decimal string), `revenue_nanos` (USD only, as finance counts money) and
+    `calls` (paid calls recorded) from the finance projection's `revenue` rows of the endpoint."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0), count(*) FROM finance_fact "
+            "WHERE kind = 'revenue' AND workspace_id = %s AND endpoint_id = %s", (endpoint.workspace_id, endpoint.id))
+        row = await cur.fetchone()
+    nanos, calls = (int(row[0]), int(row[1])) if row is not None else (0, 0)
+    return {"revenue_usd": nanos_to_decimal_str(nanos), "revenue_nanos": nanos, "calls": calls}
