@@ -26,6 +26,7 @@ from dataplane.ingress.alephant import RunCompleteEndpoint, SpendEndpoint
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.embeddings import Embeddings
 from dataplane.ingress.messages import CountTokens, MessagesIngress
+from dataplane.ingress.paid import PAID_ROUTE, paid
 from dataplane.ingress.passthrough import ROUTE as PASSTHROUGH_ROUTE
 from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
@@ -184,6 +185,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/alephant/runs/{run_id}/complete", _route(RunCompleteEndpoint()))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_route("*", PAID_ROUTE, paid)
     # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).
     app.router.add_route("*", PASSTHROUGH_ROUTE, passthrough)
     return app

@@ -1,0 +1,304 @@
+"""`/paid/{slug}/...`: an agent capability sold per call over the x402 rail (issue 12).
+
+The caller has no virtual key: it pays. The endpoint's workspace and agent are the call's
+principal (`principal`), so the workspace's and agent's policies, limits and budgets govern what
+serving costs, and the revenue lands on the run that served it. The flow (authorization:
+verify, serve, settle; `dataplane.payments.x402_rail` talks to the facilitator):
+
+1. No payment header: one 402 challenge (`PAYMENT-REQUIRED` for x402 v2, a problem+json body with
+   the v1 `accepts`), recorded as a `payment.event` challenge.
+2. A payment: its credential is claimed fleet-wide before anything else (the idempotency store,
+   keyed by the rail's replay key `(chain, asset, from, nonce)`, and by the x402
+   `payment-identifier` when the client sends one): a concurrent duplicate is a 409, a replayed
+   credential a 402, a retry with the same payment identifier the first call's answer.
+3. Verify (a refusal releases the claim and answers a fresh 402 naming the reason).
+4. Serve: the gateway's own model call (`serve.model`: the body is a Chat Completions request
+   whose model is replaced) or the operator's backend (`serve.backend_url` + the path below the
+   slug; it gets `Alephant-Run-Id` and `Alephant-Request-Id`, and may answer its own
+   `Alephant-Run-Id`). Each paid call gets a run id of its own.
+5. A serving failure (any status >= 400, or an error) is never settled: the claim is released,
+   the payment voided, the error answered as is.
+6. Settle: on success `PAYMENT-RESPONSE` and a `payment.inbound` (the revenue) on the serving
+   run; a pending settlement keeps the claim; a failed one after serving is a `payment.event`
+   loss and a 402 with `success: false`.
+
+Streaming paid calls are refused (400) in this version: authorization-flow settlement needs the
+whole answer first, and upfront settlement with refunds is not built yet.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import uuid
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+from aiohttp import web
+from yarl import URL
+
+from dataplane.call import Call
+from dataplane.decisions import AgentContext
+from dataplane.ingress.chat import ChatIngress
+from dataplane.lifecycle import ModelCall, read_object
+from dataplane.limits import body_within
+from dataplane.payments import x402_rail
+from dataplane.pipeline import run
+from dataplane.providers.upstream import send
+from dataplane.stages.governance import input_bound
+from schemas.entities import PaidEndpoint, VirtualKey
+from schemas.errors import Conflict, GatewayError, InvalidRequest, NotFound, UpstreamError
+from schemas.events import PaymentEvent, PaymentInbound
+from schemas.http import read_body
+from schemas.ids import uuid7
+
+log = structlog.get_logger(__name__)
+
+PAID_ROUTE = "/paid/{slug}{tail:(/.*)?}"
+RUN_ID = "Alephant-Run-Id"
+REQUEST_ID = "Alephant-Request-Id"
+MAX_BACKEND_ANSWER = 16 * 1024 * 1024
+PAYMENT_ID_NAMESPACE = uuid.UUID("2b8f6f8e-4f43-4b7e-9a0e-5d2c1e7a9b31")
+
+
+def endpoint_of(call: Call) -> PaidEndpoint:
+    slug = call.request.match_info["slug"]
+    endpoint = call.snap.paid_endpoints.get(slug)
+    if endpoint is None:
+        raise NotFound(f"No paid endpoint '{slug}'.", code="paid_endpoint_not_found")
+    return endpoint
+
+
+class PaidCall:
+    """The pipeline endpoint of `/paid/{slug}/...` (see the module docstring)."""
+
+    name = "paid"
+    governed = True
+    records_success = True
+
+    def __init__(self) -> None:
+        self.model_call = ModelCall(ChatIngress())
+
+    def credential(self, request: web.Request) -> str:
+        return ""  # a paid call authenticates by paying; see `principal`
+
+    def principal(self, call: Call) -> VirtualKey:
+        """Who the call acts as: the endpoint's workspace (and agent), under a key id of its own."""
+        endpoint = endpoint_of(call)
+        return VirtualKey(id=f"paid:{endpoint.id}", workspace_id=endpoint.workspace_id, key_hash="",
+                          agent_id=None)
+
+    async def intake(self, call: Call) -> None:
+        endpoint = endpoint_of(call)
+        # The caller's own Alephant-* headers do not attribute this call: the run is the endpoint's.
+        call.ctx = AgentContext(request_id=call.ctx.request_id, agent_id=endpoint.agent_id,
+                                run_id="run_" + os.urandom(12).hex(), session_id=None,
+                                workflow_id=endpoint.workflow_id)
+        agent = call.snap.agents.get(endpoint.agent_id) if endpoint.agent_id else None
+        call.department_id = agent.department_id if agent is not None else None
+        call.member_id = agent.member_id if agent is not None else None
+        call.on_path = None  # what governs the call follows the endpoint's agent, not the caller's headers
+        if endpoint.serve.model is not None:
+            await read_object(call)
+        else:
+            settings = call.worker.settings
+            call.body_bytes = await body_within(call.request, read_body(call.request, settings.max_body_bytes),
+                                                settings.body_read_timeout_s)
+
+    def plan(self, call: Call) -> None:
+        endpoint = endpoint_of(call)
+        if endpoint.serve.model is None:
+            call.input_bound = input_bound(len(call.body_bytes))
+            return
+        raw = call.raw
+        assert isinstance(raw, dict)
+        if raw.get("stream"):
+            raise InvalidRequest("Streaming paid calls are not supported yet: send the request without "
+                                 "`stream`.", param="stream", code="paid_stream_unsupported")
+        raw["model"] = endpoint.serve.model
+        self.model_call.plan(call)
+
+    def set_max_tokens(self, call: Call, value: int) -> bool:
+        return self.model_call.set_max_tokens(call, value) if call.plan is not None else value == call.max_tokens
+
+    def strip_tools(self, call: Call, names: tuple[str, ...]) -> bool:
+        return self.model_call.strip_tools(call, names) if call.plan is not None else not names
+
+    async def dispatch(self, call: Call) -> web.StreamResponse:
+        endpoint = endpoint_of(call)
+        request = call.request
+        resource = str(request.url)
+        parsed = x402_rail.parse(request.headers)
+        if parsed is None:
+            return self._challenge(call, endpoint, resource, "payment required", "challenge")
+        replay_key = x402_rail.replay_key(parsed, endpoint)
+        fingerprint = hashlib.sha256(msgspec.json.encode(parsed.payload)).hexdigest()
+        idem, principal_id = call.worker.idempotency, call.vk.id
+        claims: list[tuple[str, str]] = []
+        try:
+            if parsed.payment_identifier:
+                pid = f"pid:{parsed.payment_identifier}"
+                claim = await idem.claim(endpoint.workspace_id, principal_id, pid, fingerprint)
+                if claim.outcome == "replay":
+                    call.success_event = self._memo(call, endpoint, "replayed", replay_key, parsed.payer)
+                    return web.Response(status=claim.status, body=claim.body, content_type="application/json",
+                                        headers={"Alephant-Payment": "replayed"})
+                self._refuse_claim(claim.outcome, "payment identifier")
+                claims.append((pid, claim.token))
+            claim = await idem.claim(endpoint.workspace_id, principal_id, replay_key, fingerprint)
+            if claim.outcome in ("replay", "mismatch"):
+                self._release(call, endpoint, claims)
+                claims = []
+                return self._challenge(call, endpoint, resource, "this payment was already used", "rejected",
+                                       replay_key=replay_key, reason="payment_replayed")
+            self._refuse_claim(claim.outcome, "payment")
+            claims.append((replay_key, claim.token))
+            verdict = await x402_rail.verify(call.worker.session, endpoint, parsed, resource_url=resource)
+            if not verdict.ok:
+                self._release(call, endpoint, claims)
+                claims = []
+                return self._challenge(call, endpoint, resource, f"payment refused: {verdict.reason}", "rejected",
+                                       replay_key=replay_key, reason=verdict.reason)
+            answer = await self._serve(call, endpoint)
+            if answer.status >= 400:
+                self._release(call, endpoint, claims)
+                claims = []
+                self._record(call, endpoint, self._memo(call, endpoint, "voided", replay_key, verdict.payer,
+                                                        reason=f"served {answer.status}"))
+                return answer
+            return await self._settle(call, endpoint, parsed, replay_key, verdict.payer, answer, claims)
+        except BaseException:
+            self._release(call, endpoint, claims)
+            raise
+
+    # --- steps ---------------------------------------------------------------------------------
+
+    def _refuse_claim(self, outcome: str, what: str) -> None:
+        if outcome == "claimed":
+            return
+        if outcome == "unavailable":
+            raise UpstreamError(f"The {what} could not be recorded (the claim store is unreachable); nothing was "
+                                "charged. Retry shortly.", status=503, code="payment_store_unavailable")
+        if outcome == "mismatch":
+            raise Conflict(f"This {what} was used with a different payment.", code="payment_identifier_mismatch")
+        raise Conflict(f"This {what} is being processed by another request.", code="payment_in_flight")
+
+    def _release(self, call: Call, endpoint: PaidEndpoint, claims: list[tuple[str, str]]) -> None:
+        for key, token in claims:
+            call.worker.idempotency.release(endpoint.workspace_id, call.vk.id, key, token)
+
+    def _challenge(self, call: Call, endpoint: PaidEndpoint, resource: str, error: str, status: str, *,
+                   replay_key: str = "", reason: str = "") -> web.Response:
+        headers, body = x402_rail.challenge(endpoint, resource, error)
+        call.status, call.error_code = 402, "payment_required"
+        call.success_event = self._memo(call, endpoint, status, replay_key, "", reason=reason)
+        return web.Response(status=402, body=body, headers={**headers, REQUEST_ID: call.ctx.request_id})
+
+    async def _serve(self, call: Call, endpoint: PaidEndpoint) -> web.Response:
+        """The paid capability's answer, not yet sent."""
+        if endpoint.serve.model is not None:
+            try:
+                resp = await self.model_call.dispatch(call)
+            except GatewayError as err:
+                return web.Response(status=err.status, body=msgspec.json.encode(
+                    {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}),
+                    content_type="application/json")
+            assert isinstance(resp, web.Response)
+            return resp
+        return await self._backend(call, endpoint)
+
+    async def _backend(self, call: Call, endpoint: PaidEndpoint) -> web.Response:
+        assert endpoint.serve.backend_url is not None
+        request, worker = call.request, call.worker
+        tail = request.match_info.get("tail") or ""
+        url = endpoint.serve.backend_url.rstrip("/") + tail + (f"?{request.query_string}" if request.query_string
+                                                               else "")
+        headers = {RUN_ID: call.ctx.run_id or "", REQUEST_ID: call.ctx.request_id,
+                   "Content-Type": request.headers.get("Content-Type", "application/json")}
+        up = await send(worker.session, f"paid:{endpoint.slug}", request.method, URL(url), call.body_bytes or None,
+                        headers, worker.settings.upstream_timeout_s)
+        try:
+            body = await up.content.read(MAX_BACKEND_ANSWER)
+        except (TimeoutError, aiohttp.ClientError):
+            raise UpstreamError(f"The backend of paid endpoint '{endpoint.slug}' broke off its answer.") from None
+        finally:
+            up.release()
+        own_run = up.headers.get(RUN_ID)
+        if own_run and len(own_run) <= 200 and own_run.isprintable():
+            call.ctx = AgentContext(request_id=call.ctx.request_id, agent_id=call.ctx.agent_id, run_id=own_run,
+                                    session_id=None, workflow_id=call.ctx.workflow_id)
+        call.status = up.status
+        return web.Response(status=up.status, body=body, headers={REQUEST_ID: call.ctx.request_id},
+                            content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
+
+    async def _settle(self, call: Call, endpoint: PaidEndpoint, parsed: x402_rail.Parsed, replay_key: str,
+                      payer: str, answer: web.Response, claims: list[tuple[str, str]]) -> web.Response:
+        settlement = await x402_rail.settle(call.worker.session, endpoint, parsed, resource_url=str(call.request.url))
+        amount = x402_rail.amount_nanos(endpoint)
+        name, value = x402_rail.payment_response_header(settlement, parsed.version)
+        if settlement.success or settlement.pending:
+            answer.headers[name] = value
+            answer.headers[RUN_ID] = call.ctx.run_id or ""
+            if settlement.success:
+                self._record(call, endpoint, self._revenue(call, endpoint, replay_key, payer, amount))
+            else:
+                self._record(call, endpoint, self._memo(call, endpoint, "pending", replay_key, payer, amount=amount,
+                                                        transaction=settlement.transaction))
+            final = answer
+        else:
+            self._record(call, endpoint, self._memo(call, endpoint, "loss", replay_key, payer, amount=amount,
+                                                    reason=settlement.reason))
+            headers, body = x402_rail.challenge(endpoint, str(call.request.url), f"settlement failed: "
+                                                f"{settlement.reason}")
+            final = web.Response(status=402, body=body, headers={**headers, name: value,
+                                                                  REQUEST_ID: call.ctx.request_id})
+            call.status, call.error_code = 402, "payment_settlement_failed"
+        body = final.body if isinstance(final.body, bytes) else b""
+        for key, token in claims:  # the answer is kept: a retry with the payment identifier gets it again
+            await call.worker.idempotency.complete(endpoint.workspace_id, call.vk.id, key, token, final.status, body)
+        return final
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _record(self, call: Call, endpoint: PaidEndpoint, event: PaymentEvent | PaymentInbound) -> None:
+        """A model-served call's own event is its `llm.call` (what serving cost), so the payment's
+        is emitted beside it; a backend-served call has no cost of its own here (the backend's
+        calls through the gateway carry the run): the payment's event is the call's event."""
+        if endpoint.serve.model is not None:
+            call.worker.events.emit(event)
+        else:
+            call.success_event = event
+
+    def _envelope(self, call: Call) -> dict[str, Any]:
+        ctx = call.ctx
+        return {"occurred_at": dt.datetime.now(dt.UTC), "workspace_id": call.vk.workspace_id,
+                "agent_id": ctx.agent_id, "run_id": ctx.run_id, "workflow_id": ctx.workflow_id,
+                "request_id": ctx.request_id, "snapshot_revision": call.snap.revision, "key_id": call.vk.id,
+                "department_id": call.department_id, "member_id": call.member_id}
+
+    def _memo(self, call: Call, endpoint: PaidEndpoint, status: str, replay_key: str, payer: str, *,
+              reason: str = "", amount: int = 0, transaction: str = "") -> PaymentEvent:
+        return PaymentEvent(event_id=uuid7(), **self._envelope(call), endpoint_id=endpoint.id, status=status,
+                            replay_key=replay_key, payer=payer, reason=reason[:200], amount_nanos=amount,
+                            transaction=transaction)
+
+    def _revenue(self, call: Call, endpoint: PaidEndpoint, replay_key: str, payer: str,
+                 amount: int) -> PaymentInbound:
+        # The event id is the credential's: a settlement recorded twice is one revenue entry.
+        return PaymentInbound(event_id=uuid.uuid5(PAYMENT_ID_NAMESPACE, replay_key), **self._envelope(call),
+                              payment_id=replay_key, amount_nanos=amount, rail="x402", endpoint_id=endpoint.id,
+                              payer=payer)
+
+
+_ENDPOINT = PaidCall()
+
+
+async def paid(request: web.Request) -> web.StreamResponse:
+    """The route handler."""
+    return await run(request, _ENDPOINT)
+
+
+__all__ = ["PAID_ROUTE", "PaidCall", "paid"]
