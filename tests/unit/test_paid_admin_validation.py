@@ -3,6 +3,7 @@ field path and the problem), the public view, and the OpenAPI entries."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import msgspec
@@ -12,6 +13,7 @@ from controlplane import commands as c
 from controlplane.app import openapi_document
 from controlplane.inputs import given_fields
 from controlplane.paid_admin import PAID_ENDPOINT, CreatePaidEndpoint, PatchPaidEndpoint
+from deploy.admin_cli import paid_body, parse_versions
 from schemas.entities import PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
 from schemas.errors import InvalidRequest
 
@@ -216,3 +218,40 @@ def test_openapi_lists_the_paid_endpoint_routes() -> None:
     assert set(paths["/admin/v1/paid-endpoints"]) == {"post", "get"}
     assert set(paths["/admin/v1/paid-endpoints/{id}"]) == {"get", "patch", "delete"}
     assert "revenue_usd" in paths["/admin/v1/paid-endpoints/{id}"]["get"]["summary"]
+
+
+def _cli_args(**given: Any) -> argparse.Namespace:
+    names = ("json", "workspace", "slug", "model", "backend_url", "agent", "workflow", "description", "amount",
+             "asset", "decimals", "network", "pay_to", "facilitator", "x402_versions", "max_timeout")
+    return argparse.Namespace(**({n: None for n in names} | given))
+
+
+def test_cli_create_body_from_flags_and_json() -> None:
+    body = paid_body(_cli_args(workspace="acme", slug="s", model="openai/gpt-4o", amount="10000", asset="USDC",
+                               network="eip155:8453", pay_to=PAY_TO, facilitator="https://f.example",
+                               x402_versions=parse_versions("2,1")), create=True)
+    assert body == {"workspace_id": "acme", "slug": "s", "serve": {"model": "openai/gpt-4o"},
+                    "price": {"per_call": {"amount": "10000", "asset": "USDC"}},
+                    "rails": {"x402": {"network": "eip155:8453", "pay_to": PAY_TO, "facilitator_url": "https://f.example",
+                                       "versions": [2, 1]}}}
+    # --json is the whole body; flags win field by field, and the parsed command accepts it.
+    from_json = paid_body(_cli_args(json=BASE, amount="5", backend_url="https://b.example"), create=True)
+    assert from_json["workspace_id"] == "demo" and from_json["serve"] == {"backend_url": "https://b.example"}
+    assert from_json["price"]["per_call"] == {"amount": "5", "asset": BASE["price"]["per_call"]["asset"]}
+    c.parse_command(from_json, CreatePaidEndpoint)
+
+
+def test_cli_update_merges_price_and_x402_flags_over_the_current_settings() -> None:
+    current = c.public_view(_entity()) | {"revenue_usd": "0", "calls": 0}
+    body = paid_body(_cli_args(amount="500", x402_versions=[2]), create=False, current=lambda: current)
+    assert body == {"price": {"per_call": {"amount": "500", "asset": "USDC", "decimals": 6}},
+                    "rails": {"x402": {**current["rails"]["x402"], "versions": [2]}}}
+    c.parse_command(body, PatchPaidEndpoint)
+    # Without price or x402 flags nothing is fetched.
+    assert paid_body(_cli_args(slug="t"), create=False, current=lambda: pytest.fail("fetched")) == {"slug": "t"}
+
+
+def test_cli_versions_parse() -> None:
+    assert parse_versions("2,1") == [2, 1] and parse_versions("1") == [1]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_versions("two")
