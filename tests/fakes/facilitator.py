@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,6 +38,13 @@ from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
 from tests.fakes.server import FakeServer
+
+# py_ecc (under eth-account) raises the interpreter's recursion limit to 100000 on import. The
+# gateway's JSON depth guard relies on the default: a body nested deeper than the stack allows
+# must raise RecursionError, not overflow the C stack. Tests share one interpreter (collection
+# imports this module before any test runs), so the default is put back.
+PYTHON_DEFAULT_RECURSION_LIMIT: Final = 1000
+sys.setrecursionlimit(PYTHON_DEFAULT_RECURSION_LIMIT)
 
 __all__ = ["BASE_SEPOLIA_USDC", "FakeFacilitator", "FakeUsdc", "Transfer", "pay"]
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 import zlib
 
 import msgspec
@@ -329,3 +331,13 @@ def test_bugs_stay_500() -> None:
     assert protocol_error(500, KeyError("x")).status == 500
     assert protocol_error(504, None).status == 504
     assert protocol_error(400, None).code == "malformed_request"
+
+
+def test_no_gateway_process_raises_the_recursion_limit_its_json_depth_guard_relies_on() -> None:
+    """py_ecc (under eth-account, which payment tests use) raises the limit to 100000 on import;
+    with it, a deeply nested body overflows the C stack instead of raising RecursionError. The
+    gateway's processes must never import it (checked in a fresh interpreter)."""
+    probe = ("import sys, dataplane.app, controlplane.app, events.projector, deploy.cli; "
+             "print(sys.getrecursionlimit(), 'py_ecc' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["1000", "False"], out.stdout
