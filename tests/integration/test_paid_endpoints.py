@@ -1,0 +1,196 @@
+"""Paid endpoints over x402, end to end (issue 12): the real stack, the fake facilitator (the x402
+SDK's own facilitator over a fake EIP-3009 USDC chain, real signature recovery), payments signed
+locally with eth-account, and the built-in `mock/echo` model or a fake backend serving the call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest_asyncio
+from aiohttp import web
+from eth_account import Account
+
+from tests.conftest import Gateway, eventually
+from tests.fakes.facilitator import BASE_SEPOLIA_USDC, FakeFacilitator, pay
+
+PAY_TO = "0x" + "ab" * 20
+CHAT = {"messages": [{"role": "user", "content": "Summarize: paid endpoints earn revenue."}]}
+
+
+@pytest_asyncio.fixture(scope="module")
+async def facilitator() -> AsyncIterator[FakeFacilitator]:
+    async with FakeFacilitator() as fac:
+        yield fac
+
+
+def _create(gateway: Gateway, facilitator: FakeFacilitator, serve: dict[str, str], **extra: Any) -> dict[str, Any]:
+    slug = f"cap-{os.urandom(3).hex()}"
+    agent = gateway.admin.call("POST", "/admin/v1/agents", {"workspace_id": "demo", "name": slug})
+    created: dict[str, Any] = gateway.admin.call("POST", "/admin/v1/paid-endpoints", {
+        "workspace_id": "demo", "slug": slug, "serve": serve, "agent_id": agent["id"],
+        "price": {"per_call": {"amount": "10000", "asset": BASE_SEPOLIA_USDC, "decimals": 6}},
+        "rails": {"x402": {"network": "eip155:84532", "pay_to": PAY_TO, "facilitator_url": facilitator.base_url,
+                           "extra": {"name": "USDC", "version": "2"}, **extra}}})
+    return created
+
+
+async def _call(gateway: Gateway, http: aiohttp.ClientSession, slug: str, headers: dict[str, str] | None = None,
+                body: Any = CHAT, tail: str = "") -> tuple[int, dict[str, str], bytes]:
+    url = f"{gateway.base_url.removesuffix('/v1')}/paid/{slug}{tail}"
+    async with http.post(url, json=body, headers=headers or {}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def _challenge(gateway: Gateway, http: aiohttp.ClientSession, slug: str) -> tuple[dict[str, str], bytes]:
+    async def live() -> tuple[dict[str, str], bytes] | None:
+        status, headers, body = await _call(gateway, http, slug)
+        return (headers, body) if status == 402 else None
+    return await eventually(live)
+
+
+async def _journal(gateway: Gateway, kind: str, **where: str) -> list[dict[str, Any]]:
+    sql = "SELECT body FROM event_journal WHERE type = %s" + "".join(f" AND body->>'{k}' = %s" for k in where)
+    async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
+        cur = await conn.execute(sql, (kind, *where.values()))  # type: ignore[arg-type]
+        return [dict(row[0]) for row in await cur.fetchall()]
+
+
+async def test_an_unpaid_call_gets_one_402_with_every_rail(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    headers, body = await _challenge(gateway, http, endpoint["slug"])
+    assert headers["Cache-Control"] == "no-store" and headers["Content-Type"].startswith("application/problem+json")
+    assert "PAYMENT-REQUIRED" in headers
+    problem = msgspec_json(body)
+    assert problem["status"] == 402 and problem["x402Version"] == 1 and problem["accepts"][0]["payTo"] == PAY_TO
+    status, _, _ = await _call(gateway, http, "no-such-endpoint")
+    assert status == 404
+
+
+def msgspec_json(raw: bytes) -> Any:
+    import json
+    return json.loads(raw)
+
+
+async def test_the_happy_path_serves_settles_and_books_revenue_on_the_serving_run(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    settled = facilitator.settles
+    payer = Account.create()
+    status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge, payer))
+    assert status == 200, body
+    assert "PAYMENT-RESPONSE" in headers and facilitator.settles == settled + 1
+    assert msgspec_json(body)["choices"][0]["message"]["content"]
+    run_id = headers["Alephant-Run-Id"]
+    revenue = await eventually(lambda: _first(_journal(gateway, "payment.inbound", run_id=run_id)))
+    assert (revenue["endpoint_id"], revenue["amount_nanos"], revenue["rail"]) == (endpoint["id"], 10_000_000, "x402")
+    assert revenue["payer"].lower() == payer.address.lower()
+    assert revenue["agent_id"] == endpoint["agent_id"]
+    cost = await eventually(lambda: _first(_journal(gateway, "llm.call", run_id=run_id)))
+    assert cost["ingress"] == "paid" and cost["agent_id"] == endpoint["agent_id"]  # model cost on the same run
+
+
+async def _first(rows: Any) -> dict[str, Any] | None:
+    found = await rows
+    return found[0] if found else None
+
+
+async def test_a_replayed_payment_is_refused_and_a_concurrent_duplicate_delivers_once(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    payment = await pay(challenge)
+    first, _, _ = await _call(gateway, http, endpoint["slug"], payment)
+    assert first == 200
+    status, _, body = await _call(gateway, http, endpoint["slug"], payment)
+    assert status == 402 and b"already used" in body
+    # The same fresh credential sent twice at once: one delivery and one settlement.
+    payment = await pay(challenge)
+    settles = facilitator.settles
+    results = await asyncio.gather(*(_call(gateway, http, endpoint["slug"], payment) for _ in range(4)))
+    statuses = sorted(s for s, _, _ in results)
+    assert statuses.count(200) == 1 and set(statuses) <= {200, 402, 409}, statuses
+    assert facilitator.settles == settles + 1
+
+
+async def test_tampered_or_misdirected_payments_are_refused(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    other = _create(gateway, facilitator, {"model": "mock/echo"}, pay_to="0x" + "cd" * 20)
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    other_challenge = await _challenge(gateway, http, other["slug"])
+    # A payment made out to another payee is not this endpoint's.
+    status, _, body = await _call(gateway, http, endpoint["slug"], await pay(other_challenge))
+    assert status == 402 and b"payment refused" in body
+    settles = facilitator.settles
+    both = {**await pay(challenge), "X-PAYMENT": "e30="}
+    status, _, body = await _call(gateway, http, endpoint["slug"], both)
+    assert status == 400 and b"ambiguous_payment" in body
+    assert facilitator.settles == settles
+
+
+async def test_a_serving_failure_is_never_settled(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    async def broken(request: web.Request) -> web.Response:
+        return web.json_response({"error": "agent crashed"}, status=500)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", broken)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        endpoint = _create(gateway, facilitator, {"backend_url": f"http://127.0.0.1:{port}/agent"})
+        challenge = await _challenge(gateway, http, endpoint["slug"])
+        settles = facilitator.settles
+        payment = await pay(challenge)
+        status, headers, _ = await _call(gateway, http, endpoint["slug"], payment)
+        assert status == 500 and "PAYMENT-RESPONSE" not in headers
+        assert facilitator.settles == settles
+        voided = await eventually(lambda: _first(_journal(gateway, "payment.event", endpoint_id=endpoint["id"],
+                                                          status="voided")))
+        assert voided["reason"] == "served 500"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_is_a_loss(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    seen: list[dict[str, str]] = []
+
+    async def agent(request: web.Request) -> web.Response:
+        seen.append({"path": request.path, "run": request.headers.get("Alephant-Run-Id", ""),
+                     "req": request.headers.get("Alephant-Request-Id", "")})
+        return web.json_response({"answer": 42})
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", agent)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        endpoint = _create(gateway, facilitator, {"backend_url": f"http://127.0.0.1:{port}/agent"})
+        challenge = await _challenge(gateway, http, endpoint["slug"])
+        status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge), tail="/ask")
+        assert status == 200 and msgspec_json(body) == {"answer": 42}
+        assert seen[-1]["path"] == "/agent/ask" and seen[-1]["run"] == headers["Alephant-Run-Id"]
+        assert seen[-1]["req"] == headers["Alephant-Request-Id"]
+        facilitator.fail_settle = "insufficient_funds"
+        try:
+            status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge))
+        finally:
+            facilitator.fail_settle = None
+        assert status == 402 and "PAYMENT-RESPONSE" in headers and b"settlement failed" in body
+        loss = await eventually(lambda: _first(_journal(gateway, "payment.event", endpoint_id=endpoint["id"],
+                                                        status="loss")))
+        assert loss["amount_nanos"] == 10_000_000 and loss["reason"] == "insufficient_funds"
+    finally:
+        await runner.cleanup()
