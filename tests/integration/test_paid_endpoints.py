@@ -5,6 +5,8 @@ locally with eth-account, and the built-in `mock/echo` model or a fake backend s
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,7 +58,7 @@ async def _challenge(gateway: Gateway, http: aiohttp.ClientSession, slug: str) -
 async def _journal(gateway: Gateway, kind: str, **where: str) -> list[dict[str, Any]]:
     sql = "SELECT body FROM event_journal WHERE type = %s" + "".join(f" AND body->>'{k}' = %s" for k in where)
     async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
-        cur = await conn.execute(sql, (kind, *where.values()))  # type: ignore[arg-type]
+        cur = await conn.execute(sql, (kind, *where.values()))
         return [dict(row[0]) for row in await cur.fetchall()]
 
 
@@ -66,15 +68,10 @@ async def test_an_unpaid_call_gets_one_402_with_every_rail(
     headers, body = await _challenge(gateway, http, endpoint["slug"])
     assert headers["Cache-Control"] == "no-store" and headers["Content-Type"].startswith("application/problem+json")
     assert "PAYMENT-REQUIRED" in headers
-    problem = msgspec_json(body)
+    problem = json.loads(body)
     assert problem["status"] == 402 and problem["x402Version"] == 1 and problem["accepts"][0]["payTo"] == PAY_TO
     status, _, _ = await _call(gateway, http, "no-such-endpoint")
     assert status == 404
-
-
-def msgspec_json(raw: bytes) -> Any:
-    import json
-    return json.loads(raw)
 
 
 async def test_the_happy_path_serves_settles_and_books_revenue_on_the_serving_run(
@@ -86,7 +83,7 @@ async def test_the_happy_path_serves_settles_and_books_revenue_on_the_serving_ru
     status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge, payer))
     assert status == 200, body
     assert "PAYMENT-RESPONSE" in headers and facilitator.settles == settled + 1
-    assert msgspec_json(body)["choices"][0]["message"]["content"]
+    assert json.loads(body)["choices"][0]["message"]["content"]
     run_id = headers["Alephant-Run-Id"]
     revenue = await eventually(lambda: _first(_journal(gateway, "payment.inbound", run_id=run_id)))
     assert (revenue["endpoint_id"], revenue["amount_nanos"], revenue["rail"]) == (endpoint["id"], 10_000_000, "x402")
@@ -180,7 +177,7 @@ async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_i
         endpoint = _create(gateway, facilitator, {"backend_url": f"http://127.0.0.1:{port}/agent"})
         challenge = await _challenge(gateway, http, endpoint["slug"])
         status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge), tail="/ask")
-        assert status == 200 and msgspec_json(body) == {"answer": 42}
+        assert status == 200 and json.loads(body) == {"answer": 42}
         assert seen[-1]["path"] == "/agent/ask" and seen[-1]["run"] == headers["Alephant-Run-Id"]
         assert seen[-1]["req"] == headers["Alephant-Request-Id"]
         facilitator.fail_settle = "insufficient_funds"
@@ -194,3 +191,27 @@ async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_i
         assert loss["amount_nanos"] == 10_000_000 and loss["reason"] == "insufficient_funds"
     finally:
         await runner.cleanup()
+
+
+def with_payment_identifier(payment: dict[str, str], pid: str) -> dict[str, str]:
+    """The v2 payment with the `payment-identifier` extension (outside the signed authorization)."""
+    payload = json.loads(base64.b64decode(payment["PAYMENT-SIGNATURE"]))
+    payload["extensions"] = {**(payload.get("extensions") or {}), "payment-identifier": {"info": {"id": pid}}}
+    return {"PAYMENT-SIGNATURE": base64.b64encode(json.dumps(payload).encode()).decode()}
+
+
+async def test_a_payment_identifier_retry_returns_the_first_answer_and_a_different_payload_is_409(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    pid = f"order-{os.urandom(4).hex()}"
+    payment = with_payment_identifier(await pay(challenge), pid)
+    status, _, first = await _call(gateway, http, endpoint["slug"], payment)
+    assert status == 200
+    settles = facilitator.settles
+    status, headers, again = await _call(gateway, http, endpoint["slug"], payment)
+    assert (status, again, headers.get("Alephant-Payment")) == (200, first, "replayed")
+    assert facilitator.settles == settles  # answered from the record: not served or charged twice
+    other = with_payment_identifier(await pay(challenge), pid)
+    status, _, body = await _call(gateway, http, endpoint["slug"], other)
+    assert status == 409 and b"payment_identifier_mismatch" in body
