@@ -9,6 +9,7 @@ import base64
 import json
 import os
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import aiohttp
@@ -91,6 +92,13 @@ async def test_the_happy_path_serves_settles_and_books_revenue_on_the_serving_ru
     assert revenue["agent_id"] == endpoint["agent_id"]
     cost = await eventually(lambda: _first(_journal(gateway, "llm.call", run_id=run_id)))
     assert cost["ingress"] == "paid" and cost["agent_id"] == endpoint["agent_id"]  # model cost on the same run
+
+    async def run_margin() -> dict[str, Any] | None:  # did the paid call earn more than it cost?
+        status, run = gateway.admin.request("GET", f"/admin/v1/runs/{run_id}?workspace_id=demo")
+        return run if status == 200 and run.get("revenue_usd") == "0.01" else None
+    run = await eventually(run_margin)
+    assert Decimal(run["margin_usd"]) == Decimal(run["revenue_usd"]) - Decimal(run["cost_usd"])
+    assert Decimal(run["cost_usd"]) == Decimal(cost["cost_nanos"]) / 10**9
 
 
 async def _first(rows: Any) -> dict[str, Any] | None:
