@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -54,6 +55,23 @@ async def _challenge(gateway: Gateway, http: aiohttp.ClientSession, slug: str) -
         status, headers, body = await _call(gateway, http, slug)
         return (headers, body) if status == 402 else None
     return await eventually(live)
+
+
+@contextlib.asynccontextmanager
+async def backend(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """An operator's agent service on a free loopback port, answering every path with `handler`;
+    yields its base URL (`.../agent`)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/agent"
+    finally:
+        await runner.cleanup()
 
 
 async def _journal(gateway: Gateway, kind: str, **where: str) -> list[dict[str, Any]]:
@@ -144,15 +162,8 @@ async def test_a_serving_failure_is_never_settled(
         gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
     async def broken(request: web.Request) -> web.Response:
         return web.json_response({"error": "agent crashed"}, status=500)
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", broken)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        endpoint = _create(gateway, facilitator, {"backend_url": f"http://127.0.0.1:{port}/agent"})
+    async with backend(broken) as url:
+        endpoint = _create(gateway, facilitator, {"backend_url": url})
         challenge = await _challenge(gateway, http, endpoint["slug"])
         settles = facilitator.settles
         payment = await pay(challenge)
@@ -162,8 +173,6 @@ async def test_a_serving_failure_is_never_settled(
         voided = await eventually(lambda: _first(_journal(gateway, "payment.event", endpoint_id=endpoint["id"],
                                                           status="voided")))
         assert voided["reason"] == "served 500"
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_is_a_loss(
@@ -174,15 +183,8 @@ async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_i
         seen.append({"path": request.path, "run": request.headers.get("Alephant-Run-Id", ""),
                      "req": request.headers.get("Alephant-Request-Id", "")})
         return web.json_response({"answer": 42})
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", agent)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        endpoint = _create(gateway, facilitator, {"backend_url": f"http://127.0.0.1:{port}/agent"})
+    async with backend(agent) as url:
+        endpoint = _create(gateway, facilitator, {"backend_url": url})
         challenge = await _challenge(gateway, http, endpoint["slug"])
         status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge), tail="/ask")
         assert status == 200 and json.loads(body) == {"answer": 42}
@@ -197,8 +199,6 @@ async def test_a_backend_gets_the_run_and_request_ids_and_a_settlement_failure_i
         loss = await eventually(lambda: _first(_journal(gateway, "payment.event", endpoint_id=endpoint["id"],
                                                         status="loss")))
         assert loss["amount_nanos"] == 10_000_000 and loss["reason"] == "insufficient_funds"
-    finally:
-        await runner.cleanup()
 
 
 def with_payment_identifier(payment: dict[str, str], pid: str) -> dict[str, str]:
