@@ -318,12 +318,23 @@ PAID_ENDPOINT = KindSpec("paid", "Paid endpoint", CreatePaidEndpoint, PatchPaidE
 
 
 async def paid_revenue(pool: AsyncConnectionPool[Any], endpoint: PaidEndpoint) -> dict[str, Any]:
-    """`revenue_usd` (decimal string), `revenue_nanos` (USD only, as finance counts money) and
-    `calls` (paid calls recorded) from the finance projection's `revenue` rows of the endpoint."""
+    """What the endpoint earned and what serving it cost, from the finance projection (USD only, as
+    finance counts money): `revenue_usd`/`_nanos` and `calls` from its `revenue` rows; `cost_usd`/
+    `_nanos`, the model, tool and outbound-payment cost of the runs that served those calls (each
+    paid call has a run of its own, its backend's calls through the gateway included); and
+    `margin_usd`/`_nanos`, revenue less cost: did the endpoint earn more than it cost?"""
     async with pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0), count(*) FROM finance_fact "
-            "WHERE kind = 'revenue' AND workspace_id = %s AND endpoint_id = %s", (endpoint.workspace_id, endpoint.id))
+            "WITH paid AS (SELECT revenue_nanos, currency, run_id FROM finance_fact "
+            "WHERE kind = 'revenue' AND workspace_id = %s AND endpoint_id = %s) "
+            "SELECT (SELECT coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0) FROM paid), "
+            "(SELECT count(*) FROM paid), "
+            "(SELECT coalesce(sum(coalesce(llm_cost_nanos, 0) + coalesce(tool_cost_nanos, 0) "
+            "+ coalesce(payments_out_nanos, 0)) FILTER (WHERE currency = 'USD'), 0) FROM finance_fact "
+            "WHERE workspace_id = %s AND run_id IN (SELECT run_id FROM paid WHERE run_id IS NOT NULL))",
+            (endpoint.workspace_id, endpoint.id, endpoint.workspace_id))
         row = await cur.fetchone()
-    nanos, calls = (int(row[0]), int(row[1])) if row is not None else (0, 0)
-    return {"revenue_usd": nanos_to_decimal_str(nanos), "revenue_nanos": nanos, "calls": calls}
+    nanos, calls, cost = (int(row[0]), int(row[1]), int(row[2])) if row is not None else (0, 0, 0)
+    return {"revenue_usd": nanos_to_decimal_str(nanos), "revenue_nanos": nanos, "calls": calls,
+            "cost_usd": nanos_to_decimal_str(cost), "cost_nanos": cost,
+            "margin_usd": nanos_to_decimal_str(nanos - cost), "margin_nanos": nanos - cost}

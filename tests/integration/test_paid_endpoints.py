@@ -117,6 +117,10 @@ async def test_the_happy_path_serves_settles_and_books_revenue_on_the_serving_ru
     run = await eventually(run_margin)
     assert Decimal(run["margin_usd"]) == Decimal(run["revenue_usd"]) - Decimal(run["cost_usd"])
     assert Decimal(run["cost_usd"]) == Decimal(cost["cost_nanos"]) / 10**9
+    # The endpoint's own books: revenue, the cost of the runs that served it, and the margin.
+    books = gateway.admin.call("GET", f"/admin/v1/paid-endpoints/{endpoint['id']}")
+    assert (books["calls"], books["revenue_nanos"], books["cost_nanos"]) == (1, 10_000_000, cost["cost_nanos"])
+    assert books["margin_nanos"] == 10_000_000 - cost["cost_nanos"]
 
 
 async def _first(rows: Any) -> dict[str, Any] | None:
