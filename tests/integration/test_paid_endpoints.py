@@ -19,7 +19,7 @@ import pytest_asyncio
 from aiohttp import web
 from eth_account import Account
 
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, cli_json, eventually
 from tests.fakes.facilitator import BASE_SEPOLIA_USDC, FakeFacilitator, pay
 
 PAY_TO = "0x" + "ab" * 20
@@ -227,3 +227,62 @@ async def test_a_payment_identifier_retry_returns_the_first_answer_and_a_differe
     other = with_payment_identifier(await pay(challenge), pid)
     status, _, body = await _call(gateway, http, endpoint["slug"], other)
     assert status == 409 and b"payment_identifier_mismatch" in body
+
+
+async def test_done_when_a_backend_agent_is_paid_and_its_runs_margin_is_revenue_less_its_own_costs(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    """An operator's agent service behind /paid/{slug}: for each paid call it makes its own model
+    call and reports a tool spend through the gateway, on the run the gateway gave it. The run's
+    revenue, cost and margin in `alephant finance summary --group-by run` match a brute-force
+    recomputation from the journal, and the ledger's revenue equals what the facilitator settled."""
+    async def agent(request: web.Request) -> web.Response:
+        run = request.headers["Alephant-Run-Id"]
+        auth = {"Authorization": f"Bearer {gateway.demo_key}", "Alephant-Run-Id": run}
+        async with http.post(gateway.base_url + "/chat/completions", headers=auth, json={
+                "model": "mock/echo", "messages": [{"role": "user", "content": "summarise this"}]}) as resp:
+            summary = (await resp.json())["choices"][0]["message"]["content"]
+        async with http.post(gateway.base_url + "/alephant/spend", json={
+                "amount_usd": "0.002", "vendor": "search-api", "tool": "web_search"},
+                headers={**auth, "Idempotency-Key": f"spend-{run}"}) as resp:
+            assert resp.status == 201, await resp.text()
+        return web.json_response({"summary": summary})
+
+    async with backend(agent) as url:
+        endpoint = _create(gateway, facilitator, {"backend_url": url})
+        challenge = await _challenge(gateway, http, endpoint["slug"])
+        settled_before = len(facilitator.settled)
+        runs = []
+        for _ in range(2):
+            status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge),
+                                                tail="/summarise")
+            assert status == 200 and json.loads(body)["summary"], body
+            runs.append(headers["Alephant-Run-Id"])
+    settled = facilitator.settled[settled_before:]
+    assert len(settled) == 2
+
+    async def ledger_revenue() -> int | None:
+        async with await psycopg.AsyncConnection.connect(gateway.database_url) as conn:
+            cur = await conn.execute("SELECT coalesce(sum(amount), 0), count(*) FROM ledger_transfer "
+                                     "WHERE code = 'payment_inbound' AND run_id = ANY(%s)", (runs,))
+            row = await cur.fetchone()
+        return int(row[0]) if row is not None and row[1] == 2 else None
+    assert await eventually(ledger_revenue) == sum(t.value for t in settled) * 1000  # 6-decimal atomic -> nano
+
+    async def brute_force(run: str) -> tuple[int, int, int]:
+        llm = sum(e["cost_nanos"] for e in await _journal(gateway, "llm.call", run_id=run))
+        tool = sum(e["amount_nanos"] for e in await _journal(gateway, "tool.spend", run_id=run))
+        revenue = sum(e["amount_nanos"] for e in await _journal(gateway, "payment.inbound", run_id=run))
+        return revenue, llm, tool
+
+    for run in runs:
+        async def row(run: str = run) -> dict[str, Any] | None:
+            rows = cli_json(gateway, "finance", "summary", "--group-by", "run", "--workspace", "demo",
+                            "--format", "json")["data"]
+            found = next((r for r in rows if r["run_id"] == run), None)
+            return found if found is not None and int(found["tool_cost_nanos"]) > 0 else None
+        summary = await eventually(row, timeout=20)
+        revenue, llm, tool = await brute_force(run)
+        assert (revenue, llm > 0, tool) == (10_000_000, True, 2_000_000)
+        assert int(summary["revenue_nanos"]) == revenue
+        assert int(summary["llm_cost_nanos"]) == llm and int(summary["tool_cost_nanos"]) == tool
+        assert int(summary["margin_nanos"]) == revenue - llm - tool
