@@ -464,8 +464,21 @@ class X402Rail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     extra: dict[str, str] = msgspec.field(default_factory=dict)
 
 
+class MppRail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """MPP (the `Payment` HTTP authentication scheme) acceptance: the `charge` intent with the
+    listed `methods` (`evm`: an EIP-3009 authorization of `asset` on `network` to `recipient`),
+    challenges bound to `realm` and valid `challenge_ttl_s`."""
+
+    realm: str
+    recipient: str
+    network: str
+    methods: tuple[str, ...] = ("evm",)
+    challenge_ttl_s: int = 300
+
+
 class PaidRails(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     x402: X402Rail | None = None
+    mpp: MppRail | None = None
 
 
 class PaidEndpoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="paid"):
