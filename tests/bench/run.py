@@ -314,6 +314,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1_000_000,
         help="finance facts the finance-query benchmark loads and queries (default 1000000; 0 skips it)",
     )
+    parser.add_argument("--paid-calls", type=int, default=100,
+                        help="sequential calls per series of the paid-path latency run (default 100; 0 skips it)")
     parser.add_argument(
         "--micro-iterations",
         type=int,
@@ -355,6 +357,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     gov: Governed | None = None
     router: Routed | None = None
     semantic_key: str | None = None
+    paid: dict[str, Any] | None = None
     gov_budgets: list[dict[str, Any]] = []
     counters = RedisCounters(None)
     started = time.time()
@@ -466,6 +469,13 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                 results.extend(median_run(runs[t]) for t in targets)
         if gov is not None:
             gov_budgets = [budget_state(env, budget_id) for budget_id in gov.budget_ids]
+        if args.paid_calls > 0 and stack is not None:
+            say(f"==> paid path: {args.paid_calls} sequential calls each of model, challenge and paid "
+                "(local fake facilitator)")
+            paid = run_json([sys.executable, "-m", "tests.bench.paid", "--base-url", env["ALEPHANT_BASE_URL"],
+                             "--admin-url", env["ALEPHANT_ADMIN_URL"], "--admin-token", env["ALEPHANT_ADMIN_TOKEN"],
+                             "--api-key", env["ALEPHANT_API_KEY"], "--calls", str(args.paid_calls)],
+                            300, state_dir / "paid-error.log", "paid path")
     finally:
         counters.close()
         # A second Ctrl-C must not abandon the stack half-stopped.
@@ -512,6 +522,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
             "key_id": gov.key_id, "policies": gov.policy_ids, "limits": gov.limit_ids, "budgets": gov_budgets,
         },
         "micro": micro,
+        "paid": paid,
         "projector": projector,
         "finance_queries": finance,
     }
@@ -595,6 +606,13 @@ def main(argv: list[str] | None = None) -> int:
         spent = ", ".join(f"{b.get('scope')} spent ${b.get('spent_usd')} held ${b.get('held_usd')}"
                           for b in setup["budgets"])
         say(f"  governed budgets after the runs: {spent}")
+    if doc.get("paid"):
+        p = doc["paid"]
+        say("")
+        say(f"Paid path (x402, local fake facilitator; {p['calls']} sequential calls each, p50 / p90 ms): "
+            f"model call {p['model_p50_ms']} / {p['model_p90_ms']}, 402 challenge {p['challenge_p50_ms']} / "
+            f"{p['challenge_p90_ms']}, paid call {p['paid_p50_ms']} / {p['paid_p90_ms']}: the paid path adds "
+            f"{p['paid_added_p50_ms']} ms p50 (claim, verify and settle at the facilitator, the revenue event)")
     if doc["micro"]:
         say("")
         say("In-memory governance steps before Redis (tests.bench.governance_micro):")
