@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from mpp import Challenge, Receipt
+from mpp import Challenge, Credential, Receipt
 from mpp._canonical import canonical_b64url
 from mpp.methods.evm.client import charge as evm_client_charge
+from mpp.methods.evm.intents import ChargeIntent
 from mpp.runtime import CredentialParams
 
 from dataplane.payments import mpp_rail as rail
@@ -119,6 +120,12 @@ async def test_pympp_credential_verifies_settles_and_is_single_use() -> None:
     assert parsed is not None and parsed.header == "Authorization"
     assert "signature" not in repr(parsed) and parsed.payload["signature"] not in repr(parsed)
     assert rail.verify(parsed, ep, SECRET, now + 1) == rail.Verdict(True, "", account.address)
+    # pympp's own server-side evm charge check accepts the same credential for our request
+    pympp_credential = Credential.from_authorization(authorization)
+    assert pympp_credential.challenge.id == parsed.challenge_id
+    intent = ChargeIntent(name="USDC", version="2", settle=lambda _: "0x00")
+    validation = await intent.validate(pympp_credential, rail.expected_request(ep))
+    assert validation.payer == account.address
     key = rail.replay_key(parsed)
     assert key == (f"mpp:evm:84532:{BASE_SEPOLIA_USDC.lower()}:{account.address.lower()}:"
                    f"{rail.challenge_hash(parsed.challenge_id, REALM)}")
