@@ -40,7 +40,7 @@ from psycopg_pool import AsyncConnectionPool
 from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
 from controlplane.inputs import BaseUrl, Command, Ident
 from controlplane.ssrf import check_base_url_resolving
-from schemas.entities import PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
+from schemas.entities import MppRail, PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
 from schemas.errors import Conflict, InvalidRequest, NotFound
 from schemas.ids import new_id
 from schemas.money import nanos_to_decimal_str
@@ -55,6 +55,7 @@ MAX_DECIMALS = 18
 MAX_TIMEOUT_S = 3600
 X402_VERSIONS = frozenset({1, 2})
 X402_SCHEMES = ("exact",)
+MPP_METHODS = frozenset({"evm"})
 
 Short = Annotated[str, msgspec.Meta(max_length=128)]
 AmountText = Annotated[str, msgspec.Meta(max_length=40)]
@@ -98,11 +99,25 @@ class X402In(Command):
     extra: ExtraMap = msgspec.field(default_factory=dict)
 
 
+class MppIn(Command):
+    """MPP (`Payment` auth scheme) acceptance: the `charge` intent over `methods` (`evm` only for
+    now), challenges bound to `realm` (e.g. the gateway's host) and valid `challenge_ttl_s`
+    (30..3600, default 300), payments to `recipient` on `network` (CAIP-2 `eip155:<chain id>`),
+    settled through `relayer_url` (the service that submits the signed authorization on chain)."""
+
+    realm: Short
+    recipient: Short
+    network: Short
+    relayer_url: BaseUrl
+    methods: Annotated[tuple[Short, ...], msgspec.Meta(max_length=8)] = ("evm",)
+    challenge_ttl_s: int = 300
+
+
 class RailsIn(Command):
-    """`x402` (required for now). `mpp` is recognised only to say it is not supported yet."""
+    """`x402` and/or `mpp`: at least one."""
 
     x402: X402In | None = None
-    mpp: Any = msgspec.UNSET
+    mpp: MppIn | None = None
 
 
 class CreatePaidEndpoint(Command):
@@ -213,13 +228,32 @@ def check_amount(amount: AmountIn, param: str) -> None:
 
 
 def check_rails(rails: RailsIn) -> None:
-    if rails.mpp is not msgspec.UNSET:
-        raise InvalidRequest("The 'mpp' rail is not supported yet; accept payments with 'x402'.",
-                             param="rails.mpp", code="unsupported_rail")
-    if rails.x402 is None:
-        raise InvalidRequest("'rails' must configure 'x402' (the only rail supported for now).",
-                             param="rails.x402", code="missing_rail")
-    check_x402(rails.x402)
+    if rails.x402 is None and rails.mpp is None:
+        raise InvalidRequest("'rails' must configure 'x402', 'mpp' or both.", param="rails", code="missing_rail")
+    if rails.x402 is not None:
+        check_x402(rails.x402)
+    if rails.mpp is not None:
+        check_mpp(rails.mpp)
+
+
+def check_mpp(m: MppIn, param: str = "rails.mpp") -> None:
+    if not NETWORK_RE.match(m.network):
+        raise InvalidRequest(f"'{param}.network' must be a CAIP-2 EVM network 'eip155:<chain id>'; got "
+                             f"{m.network!r}.", param=f"{param}.network", code="invalid_network")
+    if not ADDRESS_RE.match(m.recipient):
+        raise InvalidRequest(f"'{param}.recipient' must be an EVM address: 0x and 40 hex digits; got "
+                             f"{m.recipient!r}.", param=f"{param}.recipient", code="invalid_address")
+    if not m.methods or any(method not in MPP_METHODS for method in m.methods):
+        raise InvalidRequest(f"'{param}.methods' must list methods from {sorted(MPP_METHODS)} (the ones this "
+                             f"gateway settles); got {list(m.methods)}.", param=f"{param}.methods",
+                             code="unsupported_method")
+    if not m.realm.strip():
+        raise InvalidRequest(f"'{param}.realm' must name the protection space (e.g. the gateway's host).",
+                             param=f"{param}.realm", code="invalid_realm")
+    if not 30 <= m.challenge_ttl_s <= MAX_TIMEOUT_S:
+        raise InvalidRequest(f"'{param}.challenge_ttl_s' must be between 30 and {MAX_TIMEOUT_S} seconds; got "
+                             f"{m.challenge_ttl_s}.", param=f"{param}.challenge_ttl_s", code="invalid_ttl")
+    check_http_url(m.relayer_url, f"{param}.relayer_url")
 
 
 def check_x402(x: X402In, param: str = "rails.x402") -> None:
@@ -266,8 +300,8 @@ async def _router_named(pool: AsyncConnectionPool[Any], workspace_id: str, name:
 async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior: Prior | None) -> PaidEndpoint:
     # CreatePaidEndpoint.check has run: serve, price.per_call and rails.x402 are set.
     assert cmd.serve is not None and cmd.price is not None and cmd.price.per_call is not None
-    assert cmd.rails is not None and cmd.rails.x402 is not None
-    x = cmd.rails.x402
+    assert cmd.rails is not None and (cmd.rails.x402 is not None or cmd.rails.mpp is not None)
+    x, m = cmd.rails.x402, cmd.rails.mpp
     if cmd.serve.backend_url is not None:
         await _check_url(cc, cmd.serve.backend_url, "serve.backend_url")
     model = cmd.serve.model
@@ -284,16 +318,23 @@ async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior
             raise NotFound(f"Workspace '{cmd.workspace_id}' has no provider named '{name}' (in 'serve.model': "
                            f"{model!r}); add it first with POST /admin/v1/providers.", param="serve.model",
                            code="provider_not_found")
-    await _check_url(cc, x.facilitator_url, "rails.x402.facilitator_url")
+    if x is not None:
+        await _check_url(cc, x.facilitator_url, "rails.x402.facilitator_url")
+    if m is not None:
+        await _check_url(cc, m.relayer_url, "rails.mpp.relayer_url")
     per_call = cmd.price.per_call
     return PaidEndpoint(
         id=ent_id, workspace_id=cmd.workspace_id, slug=cmd.slug,
         serve=PaidServe(backend_url=cmd.serve.backend_url, model=model),
         price=PaidPrice(per_call=PaidAmount(amount=per_call.amount, asset=per_call.asset,
                                             decimals=per_call.decimals)),
-        rails=PaidRails(x402=X402Rail(network=x.network, pay_to=x.pay_to, facilitator_url=x.facilitator_url,
-                                      versions=x.versions, scheme=x.scheme, max_timeout_s=x.max_timeout_s,
-                                      extra=dict(x.extra))),
+        rails=PaidRails(
+            x402=None if x is None else X402Rail(
+                network=x.network, pay_to=x.pay_to, facilitator_url=x.facilitator_url, versions=x.versions,
+                scheme=x.scheme, max_timeout_s=x.max_timeout_s, extra=dict(x.extra)),
+            mpp=None if m is None else MppRail(realm=m.realm, recipient=m.recipient, network=m.network,
+                                               relayer_url=m.relayer_url, methods=m.methods,
+                                               challenge_ttl_s=m.challenge_ttl_s)),
         agent_id=cmd.agent_id, workflow_id=cmd.workflow_id, description=cmd.description)
 
 

@@ -467,11 +467,14 @@ class X402Rail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 class MppRail(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """MPP (the `Payment` HTTP authentication scheme) acceptance: the `charge` intent with the
     listed `methods` (`evm`: an EIP-3009 authorization of `asset` on `network` to `recipient`),
-    challenges bound to `realm` and valid `challenge_ttl_s`."""
+    challenges bound to `realm` and valid `challenge_ttl_s`. The server settles an evm charge itself:
+    `relayer_url` is the service that submits the signed authorization on chain (the gateway holds
+    no chain key; `POST {relayer_url}/submit`, see `dataplane.payments.mpp_rail.HttpSubmitter`)."""
 
     realm: str
     recipient: str
     network: str
+    relayer_url: str
     methods: tuple[str, ...] = ("evm",)
     challenge_ttl_s: int = 300
 

@@ -30,14 +30,19 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import hmac
 import os
+import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from dataplane.call import Call
@@ -45,7 +50,7 @@ from dataplane.decisions import AgentContext
 from dataplane.ingress.chat import ChatIngress
 from dataplane.lifecycle import ModelCall, read_object
 from dataplane.limits import body_within
-from dataplane.payments import x402_rail
+from dataplane.payments import mpp_rail, x402_rail
 from dataplane.pipeline import run
 from dataplane.providers.upstream import send
 from dataplane.stages.governance import input_bound
@@ -62,6 +67,32 @@ RUN_ID = "Alephant-Run-Id"
 REQUEST_ID = "Alephant-Request-Id"
 MAX_BACKEND_ANSWER = 16 * 1024 * 1024
 PAYMENT_ID_NAMESPACE = uuid.UUID("2b8f6f8e-4f43-4b7e-9a0e-5d2c1e7a9b31")
+
+
+@dataclass(slots=True)
+class Payment:
+    """One request's payment, rail-neutral: its replay key and payload (the claim), the payer, the
+    client's idempotency id (x402 `payment-identifier`, MPP `Idempotency-Key`), and the rail's
+    verify, settle and receipt header."""
+
+    rail: str
+    replay_key: str
+    payload: Any
+    payer: str
+    payment_identifier: str | None
+    verify: Callable[[], Awaitable[x402_rail.Verdict]]
+    settle: Callable[[], Awaitable[x402_rail.Settlement]]
+    receipt: Callable[[x402_rail.Settlement], tuple[str, str] | None]
+
+
+def _idempotency_key(headers: Any) -> str | None:
+    """MPP's retry key: the request's `Idempotency-Key` (1-255 visible ASCII), else None."""
+    key = headers.get("Idempotency-Key")
+    return key if isinstance(key, str) and 0 < len(key) <= 255 and key.isascii() and key.isprintable() else None
+
+
+def rail_amount_nanos(endpoint: PaidEndpoint) -> int:
+    return x402_rail.amount_nanos(endpoint)
 
 
 def endpoint_of(call: Call) -> PaidEndpoint:
@@ -129,50 +160,90 @@ class PaidCall:
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
         endpoint = endpoint_of(call)
-        request = call.request
-        resource = str(request.url)
-        parsed = x402_rail.parse(request.headers)
-        if parsed is None:
-            return self._challenge(call, endpoint, resource, "payment required", "challenge")
-        replay_key = x402_rail.replay_key(parsed, endpoint)
-        fingerprint = hashlib.sha256(msgspec.json.encode(parsed.payload)).hexdigest()
+        payment = self._payment(call, endpoint)
+        if payment is None:
+            return self._challenge(call, endpoint, "payment required", "challenge")
+        fingerprint = hashlib.sha256(msgspec.json.encode(payment.payload)).hexdigest()
         idem, principal_id = call.worker.idempotency, call.vk.id
         claims: list[tuple[str, str]] = []
         try:
-            if parsed.payment_identifier:
-                pid = f"pid:{parsed.payment_identifier}"
+            if payment.payment_identifier:
+                pid = f"pid:{payment.payment_identifier}"
                 claim = await idem.claim(endpoint.workspace_id, principal_id, pid, fingerprint)
                 if claim.outcome == "replay":
-                    call.success_event = self._memo(call, endpoint, "replayed", replay_key, parsed.payer)
+                    call.success_event = self._memo(call, endpoint, payment, "replayed")
                     return web.Response(status=claim.status, body=claim.body, content_type="application/json",
                                         headers={"Alephant-Payment": "replayed"})
                 self._refuse_claim(claim.outcome, "payment identifier")
                 claims.append((pid, claim.token))
-            claim = await idem.claim(endpoint.workspace_id, principal_id, replay_key, fingerprint)
+            claim = await idem.claim(endpoint.workspace_id, principal_id, payment.replay_key, fingerprint)
             if claim.outcome in ("replay", "mismatch"):
                 self._release(call, endpoint, claims)
                 claims = []
-                return self._challenge(call, endpoint, resource, "this payment was already used", "rejected",
-                                       replay_key=replay_key, reason="payment_replayed")
+                return self._challenge(call, endpoint, "this payment was already used", "rejected", payment,
+                                       reason="payment_replayed")
             self._refuse_claim(claim.outcome, "payment")
-            claims.append((replay_key, claim.token))
-            verdict = await x402_rail.verify(call.worker.session, endpoint, parsed, resource_url=resource)
+            claims.append((payment.replay_key, claim.token))
+            verdict = await payment.verify()
             if not verdict.ok:
                 self._release(call, endpoint, claims)
                 claims = []
-                return self._challenge(call, endpoint, resource, f"payment refused: {verdict.reason}", "rejected",
-                                       replay_key=replay_key, reason=verdict.reason)
+                return self._challenge(call, endpoint, f"payment refused: {verdict.reason}", "rejected", payment,
+                                       reason=verdict.reason)
+            payment.payer = verdict.payer or payment.payer
             answer = await self._serve(call, endpoint)
             if answer.status >= 400:
                 self._release(call, endpoint, claims)
                 claims = []
-                self._record(call, endpoint, self._memo(call, endpoint, "voided", replay_key, verdict.payer,
+                self._record(call, endpoint, self._memo(call, endpoint, payment, "voided",
                                                         reason=f"served {answer.status}"))
                 return answer
-            return await self._settle(call, endpoint, parsed, replay_key, verdict.payer, answer, claims)
+            return await self._settle(call, endpoint, payment, answer, claims)
         except BaseException:
             self._release(call, endpoint, claims)
             raise
+
+    def _payment(self, call: Call, endpoint: PaidEndpoint) -> Payment | None:
+        """The request's payment on a rail the endpoint accepts (400 for an ambiguous or malformed
+        one, or one on a rail it does not accept), or None for an unpaid call."""
+        headers, resource = call.request.headers, str(call.request.url)
+        session = call.worker.session
+        parsed = x402_rail.parse(headers)
+        if parsed is not None:
+            if endpoint.rails.x402 is None:
+                raise InvalidRequest(f"Paid endpoint '{endpoint.slug}' does not accept x402 payments.",
+                                     code="unsupported_rail")
+            x = parsed
+            return Payment(
+                rail="x402", replay_key=x402_rail.replay_key(x, endpoint), payload=x.payload, payer=x.payer or "",
+                payment_identifier=x.payment_identifier,
+                verify=lambda: x402_rail.verify(session, endpoint, x, resource_url=resource),
+                settle=lambda: x402_rail.settle(session, endpoint, x, resource_url=resource),
+                receipt=lambda done: x402_rail.payment_response_header(done, x.version))
+        mpp = mpp_rail.parse(headers)
+        if mpp is None:
+            return None
+        rail = endpoint.rails.mpp
+        if rail is None:
+            raise InvalidRequest(f"Paid endpoint '{endpoint.slug}' does not accept MPP payments.",
+                                 code="unsupported_rail")
+        m, secret = mpp, self._mpp_secret(call)
+
+        async def verify() -> x402_rail.Verdict:
+            return mpp_rail.verify(m, endpoint, secret, time.time())
+
+        return Payment(
+            rail="mpp", replay_key=mpp_rail.replay_key(m), payload=m.payload, payer=m.payer,
+            payment_identifier=_idempotency_key(headers), verify=verify,
+            settle=lambda: mpp_rail.settle(mpp_rail.HttpSubmitter(session, rail.relayer_url), m, endpoint),
+            receipt=lambda done: mpp_rail.receipt_header(done, m.method) if done.success else None)
+
+    @staticmethod
+    def _mpp_secret(call: Call) -> bytes:
+        """The key MPP challenge ids are bound with: the same on every worker (derived from the
+        gateway's secret), so any worker verifies a challenge another one issued."""
+        return hmac.new(call.worker.settings.secret_key.reveal().encode(), b"alephant-mpp-challenge",
+                        hashlib.sha256).digest()
 
     # --- steps ---------------------------------------------------------------------------------
 
@@ -190,12 +261,33 @@ class PaidCall:
         for key, token in claims:
             call.worker.idempotency.release(endpoint.workspace_id, call.vk.id, key, token)
 
-    def _challenge(self, call: Call, endpoint: PaidEndpoint, resource: str, error: str, status: str, *,
-                   replay_key: str = "", reason: str = "") -> web.Response:
-        headers, body = x402_rail.challenge(endpoint, resource, error)
+    def _challenge(self, call: Call, endpoint: PaidEndpoint, error: str, status: str, payment: Payment | None = None,
+                   *, reason: str = "") -> web.Response:
+        """One 402 carrying every rail the endpoint accepts: x402 (`PAYMENT-REQUIRED` and the
+        problem+json body) and one `WWW-Authenticate: Payment` per MPP method."""
+        headers = self._challenge_headers(call, endpoint, error)
+        body = self._problem(call, endpoint, error)
         call.status, call.error_code = 402, "payment_required"
-        call.success_event = self._memo(call, endpoint, status, replay_key, "", reason=reason)
-        return web.Response(status=402, body=body, headers={**headers, REQUEST_ID: call.ctx.request_id})
+        call.success_event = self._memo(call, endpoint, payment, status, reason=reason)
+        return web.Response(status=402, body=body, headers=headers)
+
+    def _challenge_headers(self, call: Call, endpoint: PaidEndpoint, error: str) -> CIMultiDict[str]:
+        headers: CIMultiDict[str] = CIMultiDict({REQUEST_ID: call.ctx.request_id, "Cache-Control": "no-store",
+                                                 "Content-Type": "application/problem+json"})
+        if endpoint.rails.x402 is not None:
+            for name, value in x402_rail.challenge(endpoint, str(call.request.url), error)[0].items():
+                headers[name] = value
+        if endpoint.rails.mpp is not None:
+            for value in mpp_rail.challenge_headers(endpoint, str(call.request.url), self._mpp_secret(call),
+                                                    time.time()):
+                headers.add(mpp_rail.WWW_AUTHENTICATE_HEADER, value)
+        return headers
+
+    def _problem(self, call: Call, endpoint: PaidEndpoint, error: str) -> bytes:
+        if endpoint.rails.x402 is not None:
+            return x402_rail.challenge(endpoint, str(call.request.url), error)[1]
+        return msgspec.json.encode({"type": "https://paymentauth.org/problems/payment-required",
+                                    "title": "Payment Required", "status": 402, "detail": error})
 
     async def _serve(self, call: Call, endpoint: PaidEndpoint) -> web.Response:
         """The paid capability's answer, not yet sent."""
@@ -234,27 +326,31 @@ class PaidCall:
         return web.Response(status=up.status, body=body, headers={REQUEST_ID: call.ctx.request_id},
                             content_type=up.headers.get("Content-Type", "application/json").split(";")[0])
 
-    async def _settle(self, call: Call, endpoint: PaidEndpoint, parsed: x402_rail.Parsed, replay_key: str,
-                      payer: str, answer: web.Response, claims: list[tuple[str, str]]) -> web.Response:
-        settlement = await x402_rail.settle(call.worker.session, endpoint, parsed, resource_url=str(call.request.url))
-        amount = x402_rail.amount_nanos(endpoint)
-        name, value = x402_rail.payment_response_header(settlement, parsed.version)
+    async def _settle(self, call: Call, endpoint: PaidEndpoint, payment: Payment, answer: web.Response,
+                      claims: list[tuple[str, str]]) -> web.Response:
+        settlement = await payment.settle()
+        amount = rail_amount_nanos(endpoint)
+        receipt = payment.receipt(settlement)
         if settlement.success or settlement.pending:
-            answer.headers[name] = value
+            if receipt is not None:
+                answer.headers[receipt[0]] = receipt[1]
+            if payment.rail == "mpp":
+                answer.headers["Cache-Control"] = "private"
             answer.headers[RUN_ID] = call.ctx.run_id or ""
             if settlement.success:
-                self._record(call, endpoint, self._revenue(call, endpoint, replay_key, payer, amount))
+                self._record(call, endpoint, self._revenue(call, endpoint, payment, amount))
             else:
-                self._record(call, endpoint, self._memo(call, endpoint, "pending", replay_key, payer, amount=amount,
+                self._record(call, endpoint, self._memo(call, endpoint, payment, "pending", amount=amount,
                                                         transaction=settlement.transaction))
             final = answer
         else:
-            self._record(call, endpoint, self._memo(call, endpoint, "loss", replay_key, payer, amount=amount,
+            self._record(call, endpoint, self._memo(call, endpoint, payment, "loss", amount=amount,
                                                     reason=settlement.reason))
-            headers, body = x402_rail.challenge(endpoint, str(call.request.url), f"settlement failed: "
-                                                f"{settlement.reason}")
-            final = web.Response(status=402, body=body, headers={**headers, name: value,
-                                                                  REQUEST_ID: call.ctx.request_id})
+            error = f"settlement failed: {settlement.reason}"
+            headers = self._challenge_headers(call, endpoint, error)
+            if receipt is not None:
+                headers[receipt[0]] = receipt[1]
+            final = web.Response(status=402, body=self._problem(call, endpoint, error), headers=headers)
             call.status, call.error_code = 402, "payment_settlement_failed"
         body = final.body if isinstance(final.body, bytes) else b""
         for key, token in claims:  # the answer is kept: a retry with the payment identifier gets it again
@@ -279,18 +375,19 @@ class PaidCall:
                 "request_id": ctx.request_id, "snapshot_revision": call.snap.revision, "key_id": call.vk.id,
                 "department_id": call.department_id, "member_id": call.member_id}
 
-    def _memo(self, call: Call, endpoint: PaidEndpoint, status: str, replay_key: str, payer: str, *,
+    def _memo(self, call: Call, endpoint: PaidEndpoint, payment: Payment | None, status: str, *,
               reason: str = "", amount: int = 0, transaction: str = "") -> PaymentEvent:
         return PaymentEvent(event_id=uuid7(), **self._envelope(call), endpoint_id=endpoint.id, status=status,
-                            replay_key=replay_key, payer=payer, reason=reason[:200], amount_nanos=amount,
-                            transaction=transaction)
+                            rail=payment.rail if payment is not None else "x402",
+                            replay_key=payment.replay_key if payment is not None else "",
+                            payer=payment.payer if payment is not None else "", reason=reason[:200],
+                            amount_nanos=amount, transaction=transaction)
 
-    def _revenue(self, call: Call, endpoint: PaidEndpoint, replay_key: str, payer: str,
-                 amount: int) -> PaymentInbound:
+    def _revenue(self, call: Call, endpoint: PaidEndpoint, payment: Payment, amount: int) -> PaymentInbound:
         # The event id is the credential's: a settlement recorded twice is one revenue entry.
-        return PaymentInbound(event_id=uuid.uuid5(PAYMENT_ID_NAMESPACE, replay_key), **self._envelope(call),
-                              payment_id=replay_key, amount_nanos=amount, rail="x402", endpoint_id=endpoint.id,
-                              payer=payer)
+        return PaymentInbound(event_id=uuid.uuid5(PAYMENT_ID_NAMESPACE, payment.replay_key), **self._envelope(call),
+                              payment_id=payment.replay_key, amount_nanos=amount, rail=payment.rail,
+                              endpoint_id=endpoint.id, payer=payment.payer)
 
 
 _ENDPOINT = PaidCall()

@@ -45,6 +45,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, Protocol
 
+import aiohttp
+
 from dataplane.payments.x402_rail import Settlement, Verdict
 from schemas.entities import PaidAmount
 from schemas.errors import InvalidRequest
@@ -519,6 +521,31 @@ class ChainSubmitter:
 
     async def __call__(self, transfer: Transfer) -> str:
         return await asyncio.to_thread(self._submit, transfer)
+
+
+class HttpSubmitter:
+    """A :data:`Submitter` over a relayer's HTTP API (the rail's `relayer_url`): `POST {url}/submit`
+    with the authorization's fields (`chainId`, `token`, `from`, `to`, `value`, `validAfter`,
+    `validBefore`, `nonce` and `signature` as 0x hex) answers 200 `{"transaction"}` once the
+    transfer succeeded, or 409/422 `{"error": <reason>}` when nothing moved (a refusal); anything
+    else (5xx, a timeout, a broken connection) is an unknown outcome."""
+
+    def __init__(self, session: aiohttp.ClientSession, url: str, timeout_s: float = 30.0) -> None:
+        self.session, self.url, self.timeout_s = session, url.rstrip("/") + "/submit", timeout_s
+
+    async def __call__(self, transfer: Transfer) -> str:
+        body = {"chainId": transfer.chain_id, "token": transfer.token, "from": transfer.payer,
+                "to": transfer.recipient, "value": str(transfer.value), "validAfter": str(transfer.valid_after),
+                "validBefore": str(transfer.valid_before), "nonce": "0x" + transfer.nonce.hex(),
+                "signature": "0x" + transfer.signature.hex()}
+        async with self.session.post(self.url, json=body, timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                                     allow_redirects=False) as resp:
+            answer = await resp.json(content_type=None)
+            if resp.status in (409, 422):
+                raise SubmitRefused(str(answer.get("error") or "refused")[:100], str(answer.get("transaction", "")))
+            if resp.status != 200 or not isinstance(answer.get("transaction"), str):
+                raise RuntimeError(f"relayer answered {resp.status}")
+            return str(answer["transaction"])
 
 
 async def settle(submitter: Submitter, parsed: MppParsed, endpoint: EndpointLike) -> Settlement:

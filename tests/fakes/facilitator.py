@@ -37,6 +37,8 @@ from x402.mechanisms.evm.types import TransactionReceipt, TypedDataDomain, Typed
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequirements
 from x402.schemas.v1 import PaymentPayloadV1, PaymentRequiredV1, PaymentRequirementsV1
 
+from dataplane.payments.mpp_rail import ChainSubmitter, SubmitRefused
+from dataplane.payments.mpp_rail import Transfer as MppTransfer
 from tests.fakes.server import FakeServer
 
 # py_ecc (under eth-account) raises the interpreter's recursion limit to 100000 on import. The
@@ -182,10 +184,32 @@ class FakeFacilitator(FakeServer):
         if chain_id in _V1_NAMES:
             self._facilitator.register_v1([_V1_NAMES[chain_id]], ExactEvmSchemeV1Facilitator(self.chain))
 
+    async def _mpp_submit(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The MPP relayer (`POST /mpp/submit`, `dataplane.payments.mpp_rail.HttpSubmitter`'s API): the
+        signed EIP-3009 authorization submitted to the same fake chain the x402 facilitator settles on."""
+        body = json.loads(await request.read())
+        transfer = MppTransfer(chain_id=int(body["chainId"]), token=body["token"], payer=body["from"],
+                               recipient=body["to"],
+                               value=int(body["value"]), valid_after=int(body["validAfter"]),
+                               valid_before=int(body["validBefore"]), nonce=bytes.fromhex(body["nonce"][2:]),
+                               signature=bytes.fromhex(body["signature"][2:]))
+        self.settles += 1
+        if self.fail_settle is not None:
+            return web.json_response({"error": self.fail_settle}, status=422)
+        try:
+            tx = await ChainSubmitter(self.chain)(transfer)
+        except SubmitRefused as exc:
+            return web.json_response({"error": exc.reason, "transaction": exc.transaction}, status=422)
+        self.settled.append(Transfer(tx, transfer.payer, transfer.recipient, transfer.value,
+                                     "0x" + transfer.nonce.hex()))
+        return web.json_response({"transaction": tx})
+
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         if self.down:
             return web.json_response({"error": "facilitator down"}, status=503)
         route = (request.method, request.path.rstrip("/"))
+        if route == ("POST", "/mpp/submit"):
+            return await self._mpp_submit(request)
         if route == ("GET", "/supported"):
             return web.json_response(self._facilitator.get_supported().model_dump(by_alias=True, exclude_none=True))
         if route not in (("POST", "/verify"), ("POST", "/settle")):

@@ -18,6 +18,9 @@ import psycopg
 import pytest_asyncio
 from aiohttp import web
 from eth_account import Account
+from mpp import Challenge
+from mpp.methods.evm.client import charge as evm_client_charge
+from mpp.runtime import CredentialParams
 
 from tests.conftest import Gateway, cli_json, eventually
 from tests.fakes.facilitator import BASE_SEPOLIA_USDC, FakeFacilitator, pay
@@ -286,3 +289,44 @@ async def test_done_when_a_backend_agent_is_paid_and_its_runs_margin_is_revenue_
         assert int(summary["revenue_nanos"]) == revenue
         assert int(summary["llm_cost_nanos"]) == llm and int(summary["tool_cost_nanos"]) == tool
         assert int(summary["margin_nanos"]) == revenue - llm - tool
+
+
+async def test_a_pympp_client_and_an_x402_client_each_pay_the_same_endpoint(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    slug = f"both-{os.urandom(3).hex()}"
+    endpoint = gateway.admin.call("POST", "/admin/v1/paid-endpoints", {
+        "workspace_id": "demo", "slug": slug, "serve": {"model": "mock/echo"},
+        "price": {"per_call": {"amount": "10000", "asset": BASE_SEPOLIA_USDC, "decimals": 6}},
+        "rails": {"x402": {"network": "eip155:84532", "pay_to": PAY_TO, "facilitator_url": facilitator.base_url,
+                           "extra": {"name": "USDC", "version": "2"}},
+                  "mpp": {"realm": "gateway.test", "recipient": PAY_TO, "network": "eip155:84532",
+                          "relayer_url": facilitator.base_url + "/mpp"}}})
+    challenge = await _challenge(gateway, http, slug)
+    # One 402 carries both rails.
+    status, raw_headers = await _raw_challenge(gateway, http, slug)
+    mpp_challenges = raw_headers.getall("WWW-Authenticate", [])
+    assert status == 402 and len(mpp_challenges) == 1 and mpp_challenges[0].startswith("Payment ")
+    assert "PAYMENT-REQUIRED" in raw_headers
+
+    method = evm_client_charge(currency=BASE_SEPOLIA_USDC, account=Account.create(), chain_id=84532, decimals=6,
+                               authorization={"name": "USDC", "version": "2"})
+    credential = await method.create_credential(
+        CredentialParams(challenge=Challenge.from_www_authenticate(mpp_challenges[0])))
+    settles = facilitator.settles
+    status, headers, body = await _call(gateway, http, slug, {"Authorization": credential})
+    assert status == 200, body
+    assert "Payment-Receipt" in headers and headers["Cache-Control"] == "private"
+    assert facilitator.settles == settles + 1
+    mpp_run = headers["Alephant-Run-Id"]
+    status, _, body = await _call(gateway, http, slug, {"Authorization": credential})
+    assert status == 402 and b"already used" in body  # single use
+    status, headers, _ = await _call(gateway, http, slug, await pay(challenge))  # and the x402 client too
+    assert status == 200 and "PAYMENT-RESPONSE" in headers
+    revenue = await eventually(lambda: _first(_journal(gateway, "payment.inbound", run_id=mpp_run)))
+    assert (revenue["rail"], revenue["endpoint_id"], revenue["amount_nanos"]) == ("mpp", endpoint["id"], 10_000_000)
+
+
+async def _raw_challenge(gateway: Gateway, http: aiohttp.ClientSession, slug: str) -> tuple[int, Any]:
+    async with http.post(f"{gateway.base_url.removesuffix('/v1')}/paid/{slug}", json=CHAT) as resp:
+        await resp.read()
+        return resp.status, resp.headers

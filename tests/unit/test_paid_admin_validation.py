@@ -138,14 +138,28 @@ def test_bad_decimals(decimals: int) -> None:
     _refused(_with("price.per_call.decimals", decimals), "price.per_call.decimals", "invalid_decimals", "0 and 18")
 
 
-def test_rails_missing_or_without_x402() -> None:
+MPP: dict[str, Any] = {"realm": "gateway.example", "recipient": PAY_TO, "network": "eip155:84532",
+                       "relayer_url": "https://relayer.example"}
+
+
+def test_rails_missing_or_empty() -> None:
     _refused(_with("rails", msgspec.UNSET), "rails", "missing_rail", "needs 'rails'")
-    _refused(BASE | {"rails": {}}, "rails.x402", "missing_rail", "x402")
+    _refused(BASE | {"rails": {}}, "rails", "missing_rail", "'x402', 'mpp' or both")
 
 
-@pytest.mark.parametrize("mpp", [{}, {"realm": "x"}, None])
-def test_mpp_is_not_supported_yet(mpp: Any) -> None:
-    _refused(BASE | {"rails": {"x402": X402, "mpp": mpp}}, "rails.mpp", "unsupported_rail", "not supported yet")
+def test_mpp_alone_or_beside_x402_is_accepted() -> None:
+    for rails in ({"mpp": MPP}, {"x402": X402, "mpp": MPP}):
+        cmd = c.parse_command(BASE | {"rails": rails}, CreatePaidEndpoint)
+        assert cmd.rails is not None and cmd.rails.mpp is not None and cmd.rails.mpp.methods == ("evm",)
+
+
+@pytest.mark.parametrize(("field", "value", "code"), [
+    ("network", "base", "invalid_network"), ("recipient", "0x12", "invalid_address"),
+    ("methods", ["tempo"], "unsupported_method"), ("methods", [], "unsupported_method"),
+    ("realm", " ", "invalid_realm"), ("challenge_ttl_s", 5, "invalid_ttl"),
+])
+def test_bad_mpp_rails(field: str, value: Any, code: str) -> None:
+    _refused(BASE | {"rails": {"mpp": {**MPP, field: value}}}, f"rails.mpp.{field}", code)
 
 
 @pytest.mark.parametrize("network", ["base-sepolia", "eip155:", "eip155:abc", "solana:mainnet", "EIP155:1",
