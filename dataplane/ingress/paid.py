@@ -51,6 +51,7 @@ from dataplane.ingress.chat import ChatIngress
 from dataplane.lifecycle import ModelCall, read_object
 from dataplane.limits import body_within
 from dataplane.payments import mpp_rail, x402_rail
+from dataplane.payments.prices import amount_nanos
 from dataplane.pipeline import run
 from dataplane.providers.upstream import send
 from dataplane.stages.governance import input_bound
@@ -89,10 +90,6 @@ def _idempotency_key(headers: Any) -> str | None:
     """MPP's retry key: the request's `Idempotency-Key` (1-255 visible ASCII), else None."""
     key = headers.get("Idempotency-Key")
     return key if isinstance(key, str) and 0 < len(key) <= 255 and key.isascii() and key.isprintable() else None
-
-
-def rail_amount_nanos(endpoint: PaidEndpoint) -> int:
-    return x402_rail.amount_nanos(endpoint)
 
 
 def endpoint_of(call: Call) -> PaidEndpoint:
@@ -329,7 +326,7 @@ class PaidCall:
     async def _settle(self, call: Call, endpoint: PaidEndpoint, payment: Payment, answer: web.Response,
                       claims: list[tuple[str, str]]) -> web.Response:
         settlement = await payment.settle()
-        amount = rail_amount_nanos(endpoint)
+        amount = amount_nanos(endpoint)
         receipt = payment.receipt(settlement)
         if settlement.success or settlement.pending:
             if receipt is not None:

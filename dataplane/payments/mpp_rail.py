@@ -47,6 +47,7 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 
+from dataplane.payments.prices import amount_nanos, per_call
 from dataplane.payments.x402_rail import Settlement, Verdict
 from schemas.entities import PaidAmount
 from schemas.errors import InvalidRequest
@@ -132,12 +133,6 @@ def _rail(endpoint: EndpointLike) -> MppRailLike:
     return rail
 
 
-def _price(endpoint: EndpointLike) -> PaidAmount:
-    price = endpoint.price.per_call
-    if price is None:
-        raise ValueError(f"paid endpoint {endpoint.slug!r} has no per-call price")
-    return price
-
 
 def _chain_id(network: str) -> int:
     namespace, _, reference = network.partition(":")
@@ -199,7 +194,7 @@ def expected_request(endpoint: EndpointLike, method: str = "evm") -> dict[str, A
     in the asset's atomic units). Raises ValueError for a method not in :data:`SUPPORTED_METHODS`."""
     if method not in SUPPORTED_METHODS:
         raise ValueError(f"mpp method {method!r} is not supported")
-    rail, price = _rail(endpoint), _price(endpoint)
+    rail, price = _rail(endpoint), per_call(endpoint)
     return {"amount": price.amount, "currency": price.asset, "recipient": rail.recipient,
             "methodDetails": {"chainId": _chain_id(rail.network), "credentialTypes": [CREDENTIAL_TYPE],
                               "decimals": price.decimals}}
@@ -554,7 +549,7 @@ async def settle(submitter: Submitter, parsed: MppParsed, endpoint: EndpointLike
     (:class:`SubmitRefused`, e.g. ``nonce_already_used`` on a replay) is a failure, not pending;
     any other error is ``pending`` with ``settlement_unknown`` (money may have moved: keep the
     replay claim and reconcile). ``network`` is the rail's CAIP-2 id."""
-    rail, price = _rail(endpoint), _price(endpoint)
+    rail, price = _rail(endpoint), per_call(endpoint)
     auth = parsed.payload
     transfer = Transfer(chain_id=_chain_id(rail.network), token=price.asset, payer=auth["from"],
                         recipient=auth["to"], value=int(auth["value"]), valid_after=int(auth["validAfter"]),
@@ -580,10 +575,3 @@ def receipt_header(settlement: Settlement, method: str, now: float | None = None
             "reference": settlement.transaction}
     return PAYMENT_RECEIPT_HEADER, _b64url(json.dumps(body, separators=(",", ":"), sort_keys=True).encode())
 
-
-def amount_nanos(endpoint: EndpointLike) -> int:
-    """The per-call price in nano-USD, as :func:`dataplane.payments.x402_rail.amount_nanos`."""
-    price = _price(endpoint)
-    atomic = int(price.amount)
-    scale: int = 10 ** abs(9 - price.decimals)
-    return atomic * scale if price.decimals <= 9 else atomic // scale

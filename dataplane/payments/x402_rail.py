@@ -27,7 +27,8 @@ from typing import Any, Final
 
 import aiohttp
 
-from schemas.entities import PaidAmount, PaidEndpoint, X402Rail
+from dataplane.payments.prices import amount_nanos, per_call
+from schemas.entities import PaidEndpoint, X402Rail
 from schemas.errors import InvalidRequest
 
 __all__ = ["FACILITATOR_UNAVAILABLE", "PAYMENT_REQUIRED_HEADER", "PAYMENT_RESPONSE_HEADER",
@@ -153,19 +154,13 @@ def _rail(endpoint: PaidEndpoint) -> X402Rail:
     return rail
 
 
-def _price(endpoint: PaidEndpoint) -> PaidAmount:
-    price = endpoint.price.per_call
-    if price is None:
-        raise ValueError(f"paid endpoint {endpoint.slug!r} has no per-call price")
-    return price
-
 
 def requirements(endpoint: PaidEndpoint) -> list[dict[str, Any]]:
     """The x402 v2 ``PaymentRequirements`` for the endpoint's per-call price (one entry).
 
     Raises ValueError when the endpoint has no x402 rail or no per-call price (a config error).
     """
-    rail, price = _rail(endpoint), _price(endpoint)
+    rail, price = _rail(endpoint), per_call(endpoint)
     return [{
         "scheme": rail.scheme,
         "network": rail.network,
@@ -289,7 +284,7 @@ def replay_key(parsed: Parsed, endpoint: PaidEndpoint) -> str:
     """The single-use token of the payment: ``x402:{chain}:{asset}:{from}:{nonce}`` (chain id from
     the rail's CAIP-2 network; asset, payer and nonce lower-cased). Equal for v1 and v2 forms of one
     authorization, as the chain's own nonce check is."""
-    return (f"x402:{_chain(_rail(endpoint).network)}:{_price(endpoint).asset.lower()}:"
+    return (f"x402:{_chain(_rail(endpoint).network)}:{per_call(endpoint).asset.lower()}:"
             f"{parsed.payer.lower()}:{parsed.nonce.lower()}")
 
 
@@ -428,11 +423,3 @@ def payment_response_header(settlement: Settlement, version: int) -> tuple[str, 
         body["network"] = _V1_NETWORKS[settlement.network]
     return (PAYMENT_RESPONSE_HEADER if version == 2 else X_PAYMENT_RESPONSE_HEADER), _b64json(body)
 
-
-def amount_nanos(endpoint: PaidEndpoint) -> int:
-    """The per-call price in nano-USD: atomic units scaled by 10^(9 - decimals) (assets are USD
-    stablecoins); for more than 9 decimals the sub-nano remainder is dropped."""
-    price = _price(endpoint)
-    atomic = int(price.amount)
-    scale: int = 10 ** abs(9 - price.decimals)
-    return atomic * scale if price.decimals <= 9 else atomic // scale
