@@ -237,11 +237,17 @@ async def get_prompt_versions(request: web.Request) -> web.StreamResponse:
     return _json({"object": "list", "data": items})
 
 
+async def _load_by_id(request: web.Request, kind: str, what: str) -> Any:
+    """The live entity of `kind` named by the path's `{id}`, or 404 `<what>_not_found`."""
+    ent_id = _param(request.match_info["id"], "id")
+    entity = await request.app[ADMIN].commands.load(kind, ent_id)
+    if entity is None:
+        raise NotFound(f"No {what.replace('_', ' ')} with id '{ent_id}'.", param="id", code=f"{what}_not_found")
+    return entity
+
+
 async def get_router_health(request: web.Request) -> web.StreamResponse:
-    router_id = _param(request.match_info["id"], "id")
-    router = await request.app[ADMIN].commands.load("router", router_id)
-    if router is None:
-        raise NotFound(f"No router with id '{router_id}'.", param="id", code="router_not_found")
+    router = await _load_by_id(request, "router", "router")
     now = int(dt.datetime.now(dt.UTC).timestamp() * 1000)
     return _json(router_health(router, request.app[FLEET].live_beats(now), now))
 
@@ -257,20 +263,14 @@ async def purge_cache(request: web.Request) -> web.StreamResponse:
 
 async def get_budget(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
-    budget_id = _param(request.match_info["id"], "id")
-    budget = await st.commands.load("budget", budget_id)
-    if budget is None:
-        raise NotFound(f"No budget with id '{budget_id}'.", code="budget_not_found")
+    budget = await _load_by_id(request, "budget", "budget")
     usage = await g.budget_usage(st.redis, budget, dt.datetime.now(dt.UTC))
     return _json(c.public_view(budget) | usage)
 
 
 async def get_paid_endpoint(request: web.Request) -> web.StreamResponse:
     st = request.app[ADMIN]
-    endpoint_id = _param(request.match_info["id"], "id")
-    endpoint = await st.commands.load("paid", endpoint_id)
-    if endpoint is None:
-        raise NotFound(f"No paid endpoint with id '{endpoint_id}'.", code="paid_endpoint_not_found")
+    endpoint = await _load_by_id(request, "paid", "paid_endpoint")
     return _json(c.public_view(endpoint) | await paid_admin.paid_revenue(st.pool, endpoint))
 
 

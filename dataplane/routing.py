@@ -94,10 +94,6 @@ _provider_policy: dict[int, tuple[Provider, RetryPolicy, Timeouts]] = {}
 
 def direct_route(target: Target) -> RoutePlan:
     """The plan of a call to one named target: its provider's retries and timeouts."""
-    return _direct(target)
-
-
-def _direct(target: Target) -> RoutePlan:
     provider = target.provider
     cached = _provider_policy.get(id(provider))
     if cached is None or cached[0] is not provider:
@@ -126,7 +122,7 @@ def routed(model: str, router_ref: str | None, bound_router: str | None) -> bool
 
 
 def direct_plan(snap: Snapshot, workspace_id: str, model: str) -> RoutePlan:
-    return _direct(resolve_model(snap, workspace_id, model))
+    return direct_route(resolve_model(snap, workspace_id, model))
 
 
 def route_plan(snap: Snapshot, workspace_id: str, facts: RequestFacts, *, router_ref: str | None = None,
@@ -142,7 +138,7 @@ def route_plan(snap: Snapshot, workspace_id: str, facts: RequestFacts, *, router
         router = snap.routers.get(bound_router)
         if router is not None and router.workspace_id == workspace_id:
             return _router_plan(snap, router, facts)
-    return _direct(resolve_model(snap, workspace_id, model))
+    return direct_route(resolve_model(snap, workspace_id, model))
 
 
 def _matches(rule: RouterRule, facts: RequestFacts) -> bool:
