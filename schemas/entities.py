@@ -499,6 +499,36 @@ class PaidEndpoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
     description: str = ""
 
 
+class WalletAsset(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One asset a wallet may pay with (the allowlist): `asset` (the token contract) on `network`
+    (CAIP-2), `decimals`, and the per-payment cap `max_amount` (atomic units, an integer string).
+    Assets are USD stablecoins: one whole unit is one USD in the ledger."""
+
+    network: str
+    asset: str
+    max_amount: str
+    decimals: int = 6
+
+
+class Wallet(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="wallet"):
+    """A workspace's outbound payment wallet: an EVM key (`private_key_enc`, Fernet-encrypted like
+    provider keys; `address` is its public address) that pays x402 (`exact`) and MPP (`evm`
+    charge) endpoints an agent calls through the gateway's egress (`/egress?url=...`), only in the
+    allow-listed `assets`, each under its per-payment cap, for the agents in `agent_ids` (empty:
+    every key of the workspace). `aliases` name upstreams: `/egress/{alias}/...` calls
+    `aliases[alias]` with the path below the alias appended. `rails` are those it pays on."""
+
+    id: str
+    workspace_id: str
+    name: str
+    address: str
+    private_key_enc: str
+    assets: tuple[WalletAsset, ...]
+    agent_ids: tuple[str, ...] = ()
+    aliases: dict[str, str] = msgspec.field(default_factory=dict)
+    rails: tuple[str, ...] = ("x402", "mpp")
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -507,7 +537,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | CachePurge | PaidEndpoint | Heartbeat)
+                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -44,6 +44,7 @@ from schemas.entities import (
     ProviderKey,
     Router,
     VirtualKey,
+    Wallet,
     Workspace,
 )
 
@@ -120,6 +121,8 @@ INDEXES: tuple[Index, ...] = (
     Index(CachePurge, "cache_purges", attrgetter("workspace_id", "namespace")),
     # Paid endpoints by their public slug (`/paid/{slug}/...`, unique across the gateway).
     Index(PaidEndpoint, "paid_endpoints", attrgetter("slug")),
+    # Outbound payment wallets by workspace (by id within it); see dataplane/ingress/egress.py.
+    Index(Wallet, "wallets", attrgetter("workspace_id"), grouped=True),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -157,6 +160,7 @@ class Snapshot:
     cache_settings: Mapping[ScopeKey, CacheSettings]
     cache_purges: Mapping[tuple[str, str], CachePurge]
     paid_endpoints: Mapping[str, PaidEndpoint]
+    wallets: Mapping[str, tuple[Wallet, ...]]
     heartbeat_ms: int | None = None
 
     @classmethod

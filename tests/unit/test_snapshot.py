@@ -37,6 +37,8 @@ from schemas.entities import (
     Router,
     RouterTarget,
     VirtualKey,
+    Wallet,
+    WalletAsset,
     Workspace,
     X402Rail,
     entity_encoder,
@@ -74,7 +76,10 @@ ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, ME
                                         serve=PaidServe(model="mock/echo"),
                                         price=PaidPrice(per_call=PaidAmount(amount="10000", asset="0xUSDC")),
                                         rails=PaidRails(x402=X402Rail(network="eip155:84532", pay_to="0xPAY",
-                                                                      facilitator_url="http://127.0.0.1:1")))]
+                                                                      facilitator_url="http://127.0.0.1:1"))),
+                           Wallet(id="wallet_1", workspace_id="ws_1", name="ops", address="0x" + "ab" * 20,
+                                  private_key_enc="gAAAA", assets=(WalletAsset(network="eip155:84532",
+                                                                               asset="0xUSDC", max_amount="100"),))]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
