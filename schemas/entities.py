@@ -502,12 +502,16 @@ class PaidEndpoint(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", 
 class WalletAsset(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One asset a wallet may pay with (the allowlist): `asset` (the token contract) on `network`
     (CAIP-2), `decimals`, and the per-payment cap `max_amount` (atomic units, an integer string).
-    Assets are USD stablecoins: one whole unit is one USD in the ledger."""
+    Assets are USD stablecoins: one whole unit is one USD in the ledger. `domain_name` and
+    `domain_version` are the token's EIP-712 domain, which MPP challenges do not carry (x402 ones
+    do, in `extra`); empty: known tokens' domains are used, others are not paid over MPP."""
 
     network: str
     asset: str
     max_amount: str
     decimals: int = 6
+    domain_name: str = ""
+    domain_version: str = ""
 
 
 class Wallet(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="wallet"):
