@@ -24,6 +24,7 @@ from dataplane.governor import RedisGovernor
 from dataplane.idempotency import RedisIdempotencyStore
 from dataplane.ingress.alephant import RunCompleteEndpoint, SpendEndpoint
 from dataplane.ingress.chat import ChatIngress
+from dataplane.ingress.egress import EGRESS_ALIAS_ROUTE, EGRESS_ROUTE, egress
 from dataplane.ingress.embeddings import Embeddings
 from dataplane.ingress.messages import CountTokens, MessagesIngress
 from dataplane.ingress.paid import PAID_ROUTE, paid
@@ -186,6 +187,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_route("*", PAID_ROUTE, paid)
+    app.router.add_route("*", EGRESS_ROUTE, egress)
+    app.router.add_route("*", EGRESS_ALIAS_ROUTE, egress)
     # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).
     app.router.add_route("*", PASSTHROUGH_ROUTE, passthrough)
     return app

@@ -182,10 +182,17 @@ class _Payment(_Money, frozen=True, kw_only=True):
 
 
 class PaymentOutbound(_Payment, frozen=True, kw_only=True, tag="payment.outbound"):
-    """A payment made on an agent's behalf to `payee`."""
+    """A payment made on an agent's behalf to `payee` for `resource` (the egress URL, without its
+    query), from `wallet_id`: `amount_atomic` of `asset` on `network`, `amount_nanos` in the
+    ledger; `transaction` is the seller's settlement reference when its receipt gave one."""
 
     payee: str = ""
     resource: str = ""
+    wallet_id: str = ""
+    asset: str = ""
+    network: str = ""
+    amount_atomic: str = ""
+    transaction: str = ""
 
 
 class PaymentInbound(_Payment, frozen=True, kw_only=True, tag="payment.inbound"):

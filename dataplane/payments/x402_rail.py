@@ -58,7 +58,7 @@ _VERIFY_TIMEOUT_S: Final = 5.0
 _SETTLE_TIMEOUT_S: Final = 30.0
 
 # CAIP-2 chain ids to the legacy v1 network names (x402 v1 spells networks by name).
-_V1_NETWORKS: Final[dict[str, str]] = {
+V1_NETWORKS: Final[dict[str, str]] = {
     "eip155:8453": "base", "eip155:84532": "base-sepolia", "eip155:1": "ethereum", "eip155:137": "polygon",
     "eip155:80002": "polygon-amoy", "eip155:43114": "avalanche", "eip155:43113": "avalanche-fuji",
     "eip155:2741": "abstract", "eip155:11124": "abstract-testnet", "eip155:4689": "iotex", "eip155:1329": "sei",
@@ -174,7 +174,7 @@ def requirements(endpoint: PaidEndpoint) -> list[dict[str, Any]]:
 
 def _requirements_v1(endpoint: PaidEndpoint, resource_url: str) -> list[dict[str, Any]]:
     """The v1 shape of :func:`requirements`; empty when the network has no v1 name."""
-    network = _V1_NETWORKS.get(_rail(endpoint).network)
+    network = V1_NETWORKS.get(_rail(endpoint).network)
     if network is None:
         return []
     return [{
@@ -308,7 +308,7 @@ def _mismatch(parsed: Parsed, endpoint: PaidEndpoint, now: float) -> str:
                 or any(theirs.get(k) != v for k, v in ours["extra"].items())):
             return "payment_mismatch"
     elif (parsed.payload["scheme"] != ours["scheme"]
-          or parsed.payload["network"] != _V1_NETWORKS.get(rail.network)):
+          or parsed.payload["network"] != V1_NETWORKS.get(rail.network)):
         return "payment_mismatch"
     auth = parsed.payload["payload"]["authorization"]
     if auth["to"].lower() != rail.pay_to.lower():
@@ -419,7 +419,7 @@ def payment_response_header(settlement: Settlement, version: int) -> tuple[str, 
         body["errorReason"] = settlement.reason or "settlement_failed"
     if version == 2 and settlement.amount:
         body["amount"] = settlement.amount
-    if version == 1 and settlement.network in _V1_NETWORKS:
-        body["network"] = _V1_NETWORKS[settlement.network]
+    if version == 1 and settlement.network in V1_NETWORKS:
+        body["network"] = V1_NETWORKS[settlement.network]
     return (PAYMENT_RESPONSE_HEADER if version == 2 else X_PAYMENT_RESPONSE_HEADER), _b64json(body)
 

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from dataplane.call import Call
-from dataplane.ports import AdmitRequest
+from dataplane.ports import Admission, AdmitRequest
 from dataplane.pricing import call_unit_prices, hold_nanos
 from schemas.entities import Budget, EscalationGrant, Limit, Policy, Workspace
 from schemas.errors import BudgetExceeded, PermissionDenied, RateLimited
@@ -277,6 +277,31 @@ async def admit(call: Call) -> None:
         workspace_id=vk.workspace_id, request_id=call.ctx.request_id, limits=limits, budgets=budgets,
         tokens=tokens, hold_nanos=call.hold_nanos,
         now_ms=int(time.time() * 1000)))
+    _admitted(call, admission, budgets)
+
+
+async def reserve(call: Call, nanos: int) -> None:
+    """Hold `nanos` against the call's budgets for a cost learned only during dispatch (an egress
+    payment's price, read from the seller's 402): a second admission, of the budgets alone (the
+    call already passed its limits) under a request id of its own, refused as `admit` refuses
+    (429 `budget_exceeded`) before anything is spent. The call's first admission is settled at
+    zero when the call finishes; this one at the call's cost (`settle`)."""
+    budgets = on_path(call).budgets
+    if not call.endpoint.governed or not budgets:
+        return
+    call.hold_nanos += nanos
+    admission = await call.worker.governor.admit(AdmitRequest(
+        workspace_id=call.vk.workspace_id, request_id=call.ctx.request_id + ":reserve", limits=(),
+        budgets=budgets, tokens=0, hold_nanos=nanos, now_ms=int(time.time() * 1000)))
+    first = call.admission
+    _admitted(call, admission, budgets)
+    if first is not None:
+        call.held.callback(call.worker.governor.settle, first, 0, 0)
+
+
+def _admitted(call: Call, admission: Admission, budgets: tuple[Budget, ...]) -> None:
+    """Apply an admission's answer to the call: its headers, the budgets' remaining hints, the
+    alerts it crossed; raise its refusal, or keep it as the call's admission."""
     call.extra_headers.update(admission.headers)
     if admission.remaining_nanos is not None:
         hints = call.worker.budget_remaining
