@@ -218,7 +218,8 @@ def _mpp() -> tuple[Any, Any, Any, type[Exception]]:
     imported on first use with the recursion limit put back (see the module docstring)."""
     limit = sys.getrecursionlimit()
     try:
-        from mpp import Challenge, ParseError
+        from mpp import Challenge
+        from mpp._parsing import ParseError
         from mpp.methods.evm.client import charge
         from mpp.runtime import CredentialParams
     finally:
