@@ -207,7 +207,9 @@ class PaymentEvent(_Money, frozen=True, kw_only=True, tag="payment.event"):
     movement; the revenue is the `payment.inbound` of a settled payment): `status` challenge |
     rejected | verified | voided (served nothing, never settled) | pending (settlement broadcast,
     unconfirmed) | loss (served, but settlement failed: `amount_nanos` was not collected) |
-    replayed (a retry answered from the first call's record). `replay_key` identifies the
+    replayed (a retry answered from the first call's record) | settled (a streamed call's upfront
+    settlement, before serving) | refund_due (a streamed call settled upfront whose answer failed
+    or was cut off: `amount_nanos` is owed back to the payer, and no revenue was booked). `replay_key` identifies the
     credential on its rail; `reason` is the rail's or facilitator's code."""
 
     endpoint_id: str

@@ -22,8 +22,8 @@ verify, serve, settle; `dataplane.payments.x402_rail` talks to the facilitator):
    run; a pending settlement keeps the claim; a failed one after serving is a `payment.event`
    loss and a 402 with `success: false`.
 
-Streaming paid calls are refused (400) in this version: authorization-flow settlement needs the
-whole answer first, and upfront settlement with refunds is not built yet.
+Streaming paid calls (a model-served endpoint, `stream: true`) settle upfront, before the first
+byte: see `PaidCall._stream` (revenue on delivery, a `refund_due` memo for a stream that failed).
 """
 
 from __future__ import annotations
@@ -143,9 +143,6 @@ class PaidCall:
             return
         raw = call.raw
         assert isinstance(raw, dict)
-        if raw.get("stream"):
-            raise InvalidRequest("Streaming paid calls are not supported yet: send the request without "
-                                 "`stream`.", param="stream", code="paid_stream_unsupported")
         raw["model"] = endpoint.serve.model
         self.model_call.plan(call)
 
@@ -188,6 +185,8 @@ class PaidCall:
                 return self._challenge(call, endpoint, f"payment refused: {verdict.reason}", "rejected", payment,
                                        reason=verdict.reason)
             payment.payer = verdict.payer or payment.payer
+            if call.stream:
+                return await self._stream(call, endpoint, payment, claims)
             answer = await self._serve(call, endpoint)
             if answer.status >= 400:
                 self._release(call, endpoint, claims)
@@ -353,6 +352,46 @@ class PaidCall:
         for key, token in claims:  # the answer is kept: a retry with the payment identifier gets it again
             await call.worker.idempotency.complete(endpoint.workspace_id, call.vk.id, key, token, final.status, body)
         return final
+
+    async def _stream(self, call: Call, endpoint: PaidEndpoint, payment: Payment,
+                      claims: list[tuple[str, str]]) -> web.StreamResponse:
+        """A streamed paid call settles upfront: the answer goes to the client as it is made, so it
+        cannot be withheld until payment. Settled (or pending): a `payment.event` "settled" memo,
+        the receipt and run id on the stream's headers, then the stream. Revenue is recognised on
+        delivery: a `payment.inbound` once the stream completed; a stream that failed or was cut
+        off owes the payer the whole per-call price back, recorded as a `payment.event`
+        "refund_due" (the gateway holds no chain key: the operator refunds). A failed settlement
+        serves nothing (402, the claim released)."""
+        settlement = await payment.settle()
+        amount = amount_nanos(endpoint)
+        if not settlement.success and not settlement.pending:
+            self._release(call, endpoint, claims)
+            claims.clear()
+            return self._challenge(call, endpoint, f"settlement failed: {settlement.reason}", "rejected", payment,
+                                   reason=settlement.reason)
+        receipt = payment.receipt(settlement)
+        if receipt is not None:
+            call.extra_headers[receipt[0]] = receipt[1]
+        call.extra_headers[RUN_ID] = call.ctx.run_id or ""
+        call.worker.events.emit(self._memo(call, endpoint, payment, "settled" if settlement.success else "pending",
+                                           amount=amount, transaction=settlement.transaction))
+        used = msgspec.json.encode({"error": {
+            "message": "This payment paid for a streamed answer, which is not replayed; pay again for a new one.",
+            "type": "invalid_request_error", "param": None, "code": "payment_already_used"}})
+        for key, token in claims:
+            await call.worker.idempotency.complete(endpoint.workspace_id, call.vk.id, key, token, 409, used)
+        delivered = False
+        try:
+            response = await self.model_call.dispatch(call)
+            delivered = call.status < 400 and not call.partial
+            return response
+        finally:
+            if not delivered:
+                call.worker.events.emit(self._memo(call, endpoint, payment, "refund_due", amount=amount,
+                                                   transaction=settlement.transaction,
+                                                   reason=call.error_code or "not delivered"))
+            elif settlement.success:  # a pending settlement's revenue waits for its reconciliation
+                call.worker.events.emit(self._revenue(call, endpoint, payment, amount))
 
     # --- events --------------------------------------------------------------------------------
 

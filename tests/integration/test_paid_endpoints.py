@@ -24,6 +24,7 @@ from mpp.runtime import CredentialParams
 
 from tests.conftest import Gateway, cli_json, eventually
 from tests.fakes.facilitator import BASE_SEPOLIA_USDC, FakeFacilitator, pay
+from tests.fakes.upstream import FakeUpstream
 
 PAY_TO = "0x" + "ab" * 20
 CHAT = {"messages": [{"role": "user", "content": "Summarize: paid endpoints earn revenue."}]}
@@ -330,3 +331,37 @@ async def _raw_challenge(gateway: Gateway, http: aiohttp.ClientSession, slug: st
     async with http.post(f"{gateway.base_url.removesuffix('/v1')}/paid/{slug}", json=CHAT) as resp:
         await resp.read()
         return resp.status, resp.headers
+
+
+async def test_a_streamed_paid_call_settles_upfront_and_books_revenue_on_delivery(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    endpoint = _create(gateway, facilitator, {"model": "mock/echo"})
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    settles = facilitator.settles
+    status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge),
+                                        body={**CHAT, "stream": True})
+    assert status == 200, body
+    assert headers["Content-Type"].startswith("text/event-stream") and body.rstrip().endswith(b"data: [DONE]")
+    assert "PAYMENT-RESPONSE" in headers and facilitator.settles == settles + 1  # settled before the stream
+    run_id = headers["Alephant-Run-Id"]
+    memo = await eventually(lambda: _first(_journal(gateway, "payment.event", run_id=run_id, status="settled")))
+    revenue = await eventually(lambda: _first(_journal(gateway, "payment.inbound", run_id=run_id)))
+    assert memo["amount_nanos"] == revenue["amount_nanos"] == 10_000_000
+    assert not await _journal(gateway, "payment.event", run_id=run_id, status="refund_due")
+
+
+async def test_a_streamed_paid_call_that_fails_owes_a_refund_and_books_no_revenue(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator,
+        fake_provider: str, fake_upstream: FakeUpstream) -> None:
+    endpoint = _create(gateway, facilitator, {"model": f"{fake_provider}/gpt-4o-mini"})
+    challenge = await _challenge(gateway, http, endpoint["slug"])
+    fake_upstream.fail_next(400)  # not retryable: the call fails after the payment settled
+    status, headers, body = await _call(gateway, http, endpoint["slug"], await pay(challenge),
+                                        body={**CHAT, "stream": True})
+    assert status == 400, body
+    request_id = headers["Alephant-Request-Id"]
+    refund = await eventually(lambda: _first(_journal(gateway, "payment.event", request_id=request_id,
+                                                      status="refund_due")))
+    assert refund["amount_nanos"] == 10_000_000 and refund["endpoint_id"] == endpoint["id"]
+    assert await _journal(gateway, "payment.event", request_id=request_id, status="settled")
+    assert not await _journal(gateway, "payment.inbound", request_id=request_id)
