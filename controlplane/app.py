@@ -30,7 +30,7 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from controlplane import cache_admin, finance, paid_admin, prompts, routers
+from controlplane import cache_admin, finance, paid_admin, prompts, routers, wallets
 from controlplane import commands as c
 from controlplane import governance as g
 from controlplane.budget_state import run_reconciler
@@ -434,6 +434,9 @@ ROUTES: tuple[Route, ...] = (
            get=False),
     Route("GET", "/admin/v1/paid-endpoints/{id}", "Get a paid endpoint with the revenue recorded for it: "
           "`revenue_usd` (decimal string), `revenue_nanos` and `calls` (paid calls)", None, get_paid_endpoint),
+    # The body's fields are described by CreateWallet's docstring in the OpenAPI schema.
+    *_crud("wallets", wallets.WALLET, "wallet (pays x402/MPP endpoints an agent calls through /egress: an EVM key, "
+           "allow-listed assets with per-payment caps)"),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),

@@ -68,6 +68,7 @@ from schemas.entities import (
     ProviderKind,
     Router,
     VirtualKey,
+    Wallet,
     Workspace,
     entity_encoder,
     kv_key,
@@ -318,12 +319,15 @@ def _stable_id(*parts: str) -> str:
 
 
 def public_view(entity: ConfigEntity) -> dict[str, Any]:
-    """An entity as the API shows it: no key hash, no ciphertext; money also as decimal USD
+    """An entity as the API shows it: no key hash, no ciphertext (`has_api_key`,
+    `has_private_key` say whether there is one); money also as decimal USD
     strings and epoch-ms instants also as ISO-8601."""
     data: dict[str, Any] = msgspec.to_builtins(entity)
     data.pop("key_hash", None)
     if "api_key_enc" in data:
         data["has_api_key"] = data.pop("api_key_enc") is not None
+    if "private_key_enc" in data:
+        data["has_private_key"] = data.pop("private_key_enc") is not None
     match entity:
         case Budget():
             data["limit_usd"] = nanos_to_decimal_str(entity.limit_nanos)
@@ -350,6 +354,9 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
                 data["price"] = {"per_call": _all_fields(entity.price.per_call)}
             if entity.rails.x402 is not None:
                 data["rails"] = {"x402": _all_fields(entity.rails.x402)}
+        case Wallet():
+            # Every asset setting shown, defaults included.
+            data["assets"] = [_all_fields(a) for a in entity.assets]
     return data
 
 

@@ -214,17 +214,41 @@ def check_serve(serve: ServeIn) -> None:
         check_model(serve.model)
 
 
+def check_atomic_amount(amount: str, param: str) -> None:
+    """A positive integer string below 10**30: an amount in an asset's atomic units."""
+    if not _AMOUNT_RE.match(amount) or int(amount) >= MAX_AMOUNT:
+        raise InvalidRequest(f"'{param}' must be a positive integer string in the asset's atomic units, below "
+                             f"10^30 (e.g. \"10000\" = 0.01 USDC at 6 decimals); got {amount!r}.",
+                             param=param, code="invalid_amount")
+
+
+def check_decimals(decimals: int, param: str) -> None:
+    if not 0 <= decimals <= MAX_DECIMALS:
+        raise InvalidRequest(f"'{param}' must be between 0 and {MAX_DECIMALS}; got {decimals}.", param=param,
+                             code="invalid_decimals")
+
+
+def check_network(network: str, param: str) -> None:
+    """A CAIP-2 EVM network, `eip155:<chain id>`."""
+    if not NETWORK_RE.match(network):
+        raise InvalidRequest(f"'{param}' must be a CAIP-2 EVM network 'eip155:<chain id>' (e.g. 'eip155:8453' for "
+                             f"Base, 'eip155:84532' for Base Sepolia); got {network!r}.", param=param,
+                             code="invalid_network")
+
+
+def check_address(address: str, param: str) -> None:
+    """An EVM address: 0x and 40 hex digits (any case; the checksum is not enforced)."""
+    if not ADDRESS_RE.match(address):
+        raise InvalidRequest(f"'{param}' must be an EVM address: 0x and 40 hex digits; got {address!r}.",
+                             param=param, code="invalid_address")
+
+
 def check_amount(amount: AmountIn, param: str) -> None:
-    if not _AMOUNT_RE.match(amount.amount) or int(amount.amount) >= MAX_AMOUNT:
-        raise InvalidRequest(f"'{param}.amount' must be a positive integer string in the asset's atomic units, "
-                             f"below 10^30 (e.g. \"10000\" = 0.01 USDC at 6 decimals); got {amount.amount!r}.",
-                             param=f"{param}.amount", code="invalid_amount")
+    check_atomic_amount(amount.amount, f"{param}.amount")
     if not amount.asset.strip():
         raise InvalidRequest(f"'{param}.asset' must name the payment asset (for x402, the token contract "
                              "address); it is empty.", param=f"{param}.asset", code="invalid_asset")
-    if not 0 <= amount.decimals <= MAX_DECIMALS:
-        raise InvalidRequest(f"'{param}.decimals' must be between 0 and {MAX_DECIMALS}; got {amount.decimals}.",
-                             param=f"{param}.decimals", code="invalid_decimals")
+    check_decimals(amount.decimals, f"{param}.decimals")
 
 
 def check_rails(rails: RailsIn) -> None:
@@ -237,12 +261,8 @@ def check_rails(rails: RailsIn) -> None:
 
 
 def check_mpp(m: MppIn, param: str = "rails.mpp") -> None:
-    if not NETWORK_RE.match(m.network):
-        raise InvalidRequest(f"'{param}.network' must be a CAIP-2 EVM network 'eip155:<chain id>'; got "
-                             f"{m.network!r}.", param=f"{param}.network", code="invalid_network")
-    if not ADDRESS_RE.match(m.recipient):
-        raise InvalidRequest(f"'{param}.recipient' must be an EVM address: 0x and 40 hex digits; got "
-                             f"{m.recipient!r}.", param=f"{param}.recipient", code="invalid_address")
+    check_network(m.network, f"{param}.network")
+    check_address(m.recipient, f"{param}.recipient")
     if not m.methods or any(method not in MPP_METHODS for method in m.methods):
         raise InvalidRequest(f"'{param}.methods' must list methods from {sorted(MPP_METHODS)} (the ones this "
                              f"gateway settles); got {list(m.methods)}.", param=f"{param}.methods",
@@ -257,13 +277,8 @@ def check_mpp(m: MppIn, param: str = "rails.mpp") -> None:
 
 
 def check_x402(x: X402In, param: str = "rails.x402") -> None:
-    if not NETWORK_RE.match(x.network):
-        raise InvalidRequest(f"'{param}.network' must be a CAIP-2 EVM network 'eip155:<chain id>' (e.g. "
-                             f"'eip155:8453' for Base, 'eip155:84532' for Base Sepolia); got {x.network!r}.",
-                             param=f"{param}.network", code="invalid_network")
-    if not ADDRESS_RE.match(x.pay_to):
-        raise InvalidRequest(f"'{param}.pay_to' must be an EVM address: 0x and 40 hex digits; got {x.pay_to!r}.",
-                             param=f"{param}.pay_to", code="invalid_address")
+    check_network(x.network, f"{param}.network")
+    check_address(x.pay_to, f"{param}.pay_to")
     check_http_url(x.facilitator_url, f"{param}.facilitator_url")
     if not x.versions or not set(x.versions) <= X402_VERSIONS or len(set(x.versions)) != len(x.versions):
         raise InvalidRequest(f"'{param}.versions' must be a non-empty list of distinct x402 versions from [1, 2]; "
@@ -278,9 +293,9 @@ def check_x402(x: X402In, param: str = "rails.x402") -> None:
 
 # ---- IO checks and the kind ---------------------------------------------------------------------
 
-async def _check_url(cc: ConfigCommands, url: str, param: str) -> None:
+async def check_url_resolving(cc: ConfigCommands, url: str, param: str) -> None:
     """The provider base URL's SSRF rules (with DNS), re-raised naming `param` (same codes:
-    `base_url_not_allowed`, `base_url_unresolvable`, `invalid_base_url`)."""
+    `base_url_not_allowed`, `base_url_unresolvable`, `invalid_base_url`). Wallets use it too."""
     try:
         await check_base_url_resolving(url, cc.ssrf_allow)
     except InvalidRequest as exc:
@@ -303,7 +318,7 @@ async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior
     assert cmd.rails is not None and (cmd.rails.x402 is not None or cmd.rails.mpp is not None)
     x, m = cmd.rails.x402, cmd.rails.mpp
     if cmd.serve.backend_url is not None:
-        await _check_url(cc, cmd.serve.backend_url, "serve.backend_url")
+        await check_url_resolving(cc, cmd.serve.backend_url, "serve.backend_url")
     model = cmd.serve.model
     if model is not None and model.startswith("router/"):
         name = model.removeprefix("router/")
@@ -319,9 +334,9 @@ async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior
                            f"{model!r}); add it first with POST /admin/v1/providers.", param="serve.model",
                            code="provider_not_found")
     if x is not None:
-        await _check_url(cc, x.facilitator_url, "rails.x402.facilitator_url")
+        await check_url_resolving(cc, x.facilitator_url, "rails.x402.facilitator_url")
     if m is not None:
-        await _check_url(cc, m.relayer_url, "rails.mpp.relayer_url")
+        await check_url_resolving(cc, m.relayer_url, "rails.mpp.relayer_url")
     per_call = cmd.price.per_call
     return PaidEndpoint(
         id=ent_id, workspace_id=cmd.workspace_id, slug=cmd.slug,

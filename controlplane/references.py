@@ -28,6 +28,7 @@ from schemas.entities import (
     Router,
     RouterTarget,
     VirtualKey,
+    Wallet,
 )
 from schemas.errors import InvalidRequest, NotFound
 
@@ -74,6 +75,8 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
         refs += _cache_refs(entity)
     if isinstance(entity, PaidEndpoint):
         refs += _paid_refs(entity)
+    if isinstance(entity, Wallet):  # the agents allowed to pay with it
+        refs += [Ref("agent", agent_id, f"agent_ids[{i}]", "Agent") for i, agent_id in enumerate(entity.agent_ids)]
     return tuple(refs)
 
 
@@ -184,6 +187,11 @@ async def referrers(conn: psycopg.AsyncConnection[Any], kind: str, entity: Any) 
                                  "AND workspace_id = %s AND deleted_at IS NULL AND body->>'scope' = %s "
                                  "AND body->>'scope_id' = %s LIMIT 5", (ws, _SCOPE_OF[kind], ent_id))
         found += [f"{k} {i}" for k, i in await cur.fetchall()]
+    if kind == "agent":  # a wallet the agent may pay with (`agent_ids`, a list)
+        cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'wallet' AND workspace_id = %s "
+                                 "AND deleted_at IS NULL AND body->'agent_ids' @> jsonb_build_array(%s::text) "
+                                 "LIMIT 5", (ws, ent_id))
+        found += [f"wallet {r[0]}" for r in await cur.fetchall()]
     if kind == "router":  # a router's cache setting (a key's stays, inert, when the key is revoked)
         cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'cache' AND workspace_id = %s "
                                  "AND deleted_at IS NULL AND body->>'scope' = 'router' AND body->>'scope_id' = %s "

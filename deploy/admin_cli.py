@@ -304,6 +304,7 @@ def add_admin_commands(sub: Any) -> None:
     _routers(cmds)
     _cache(cmds)
     _paid(cmds)
+    _wallets(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
@@ -599,6 +600,111 @@ def _paid(cmds: Commands) -> None:
     p.add_argument("id")
     _paid_flags(p, create=False)
     leaf(g, "delete", "Delete a paid endpoint", "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+
+
+# ---- wallets (outbound payments) -----------------------------------------------------------------
+
+_WALLET_JSON_HELP = ("the whole body (or more fields) as a JSON object, inline or a FILE (@FILE also works), e.g. "
+                     "'{\"agent_ids\": []}' to let every key of the workspace pay; the flags win over the same fields "
+                     "given here")
+
+
+def parse_wallet_asset(text: str) -> dict[str, Any]:
+    """`network:asset:max_amount[:decimals]` -> an asset body; the network is CAIP-2, so it has a
+    colon of its own: `eip155:84532:0x036C...:1000000:6`."""
+    parts = text.split(":")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(f"{text!r} is not network:asset:max_amount[:decimals] (e.g. "
+                                         "eip155:84532:0x036CbD53842c5426634e7929541eC2318f3dCF7e:1000000:6)")
+    body: dict[str, Any] = {"network": ":".join(parts[:2]), "asset": parts[2], "max_amount": parts[3]}
+    if len(parts) == 5:
+        try:
+            body["decimals"] = int(parts[4])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: decimals must be an integer, got {parts[4]!r}") from None
+    return body
+
+
+def parse_alias(text: str) -> tuple[str, str]:
+    """`name=url` -> (name, url)."""
+    name, sep, url = text.partition("=")
+    if not sep or not name or not url:
+        raise argparse.ArgumentTypeError(f"{text!r} is not name=url (e.g. search=https://api.example.com/v1)")
+    return name, url
+
+
+def wallet_body(a: Args, create: bool) -> dict[str, Any]:
+    """`wallets create|update`'s body: --json, then the flags over it. A list flag (--asset,
+    --agent, --alias, --rail) replaces that whole field; the key comes from the environment
+    variable --private-key-env names, never from an argument."""
+    body: dict[str, Any] = {}
+    if a.json is not None:
+        if not isinstance(a.json, dict):
+            sys.exit("alephant: --json must be a JSON object")
+        body.update(a.json)
+    if create and (a.workspace is not None or "workspace_id" not in body):
+        body["workspace_id"] = default_ws(a)
+    body.update(drop_none({"name": a.name, "assets": a.asset, "agent_ids": a.agent, "rails": a.rail,
+                           "aliases": None if a.alias is None else dict(a.alias)}))
+    if a.private_key_env is not None:
+        key = os.environ.get(a.private_key_env)
+        if not key:
+            sys.exit(f"alephant: --private-key-env: the environment variable {a.private_key_env} is not set")
+        body["private_key"] = key
+    if not create:
+        # The API shows these; a PATCH takes only the settings.
+        for key in ("id", "workspace_id", "address", "has_private_key"):
+            body.pop(key, None)
+    return body
+
+
+def _wallet_flags(p: argparse.ArgumentParser, create: bool) -> None:
+    replaces = "" if create else "; replaces the whole list"
+    p.add_argument("--name", help="1-64 letters, digits, '-' or '_', unique in the workspace"
+                   + (" (required, here or in --json)" if create else ""))
+    p.add_argument("--asset", action="append", type=parse_wallet_asset, metavar="NETWORK:ASSET:MAX_AMOUNT[:DECIMALS]",
+                   help="an asset the wallet may pay with (repeatable; at least one on create): the CAIP-2 network, "
+                        "the token contract address and the most ONE payment may spend in the token's atomic units, "
+                        "e.g. eip155:84532:0x036CbD53842c5426634e7929541eC2318f3dCF7e:1000000:6 (1 USDC at 6 "
+                        "decimals; decimals default 6)" + replaces)
+    p.add_argument("--agent", action="append", metavar="ID",
+                   help="an agent of the workspace allowed to pay with it (repeatable; none: every key of the "
+                        "workspace)" + replaces)
+    p.add_argument("--alias", action="append", type=parse_alias, metavar="NAME=URL",
+                   help="a named upstream, called as /egress/NAME/... (repeatable; http/https, no internal "
+                        "addresses)" + replaces)
+    p.add_argument("--rail", action="append", choices=["x402", "mpp"],
+                   help="a rail it pays on (repeatable; default both)" + replaces)
+    p.add_argument("--private-key-env", metavar="VAR",
+                   help="read the wallet's EVM private key (0x + 64 hex) from this environment variable (never "
+                        "pass keys as arguments)" + ("; omitted: the gateway generates a key, never shown: fund "
+                        "the answer's address" if create else "; replaces the key and its address"))
+    p.add_argument("--json", type=read_json_value, metavar="JSON|FILE", help=_WALLET_JSON_HELP)
+
+
+def _wallets(cmds: Commands) -> None:
+    """`wallets create|list|get|update|delete`."""
+    leaf = cmds.leaf
+    g = cmds.group("wallets", "Wallets: an EVM key that pays the x402/MPP endpoints agents call through the "
+                   "gateway's /egress, only in allow-listed assets and under a per-payment cap (the key is stored "
+                   "encrypted and never shown)")
+    base = "/admin/v1/wallets"
+    p = leaf(g, "create", "Create a wallet, e.g. alephant wallets create --name ops --asset "
+             "eip155:84532:0x036CbD53842c5426634e7929541eC2318f3dCF7e:1000000 --agent agent_... --alias "
+             "search=https://api.example.com (with --private-key-env VAR to bring your own key)", "POST",
+             lambda a: base, lambda a: wallet_body(a, create=True))
+    _wallet_flags(p, create=True)
+    leaf(g, "list", "List the workspace's wallets", "GET", lambda a: f"{base}?workspace_id={default_ws(a)}")
+    leaf(g, "get", "Get a wallet (its address, assets, agents, aliases and rails; never the key)", "GET",
+         lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
+    p = leaf(g, "update", "Change a wallet: the fields given (a list flag replaces that whole list; without "
+             "--private-key-env the key and address are kept)", "PATCH", lambda a: f"{base}/{a.id}",
+             lambda a: wallet_body(a, create=False), ws=False)
+    p.add_argument("id")
+    _wallet_flags(p, create=False)
+    leaf(g, "delete", "Delete a wallet: the gateway stops paying with it (a generated key was never shown: spend or "
+         "move its funds first)", "DELETE",
+         lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
 
 
 _MONEY = (("model cost", "llm_cost_usd"), ("tool cost", "tool_cost_usd"), ("payments", "payments_out_usd"),
