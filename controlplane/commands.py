@@ -352,8 +352,9 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
             # Every x402 setting and the price's decimals shown, defaults included.
             if entity.price.per_call is not None:
                 data["price"] = {"per_call": _all_fields(entity.price.per_call)}
-            if entity.rails.x402 is not None:
-                data["rails"] = {"x402": _all_fields(entity.rails.x402)}
+            data["rails"] = {name: _all_fields(rail) for name, rail in (("x402", entity.rails.x402),
+                                                                        ("mpp", entity.rails.mpp))
+                             if rail is not None}
         case Wallet():
             # Every asset setting shown, defaults included.
             data["assets"] = [_all_fields(a) for a in entity.assets]

@@ -16,7 +16,7 @@ import structlog
 
 REDACTED = "***"
 
-_SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password|passwd|credential)", re.I)
+_SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password|passwd|credential|private[_-]?key)", re.I)
 _SECRET_VALUES = re.compile(
     r"(sk-alph-[A-Za-z0-9_\-]{4,}|sk-[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[A-Za-z0-9._\-~+/=]{8,})"
 )

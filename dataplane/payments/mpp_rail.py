@@ -38,7 +38,6 @@ import hashlib
 import hmac
 import json
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +50,7 @@ from dataplane.payments.prices import amount_nanos, per_call
 from dataplane.payments.x402_rail import Settlement, Verdict
 from schemas.entities import PaidAmount
 from schemas.errors import InvalidRequest
+from schemas.evm import import_keeping_recursion_limit
 
 __all__ = ["AUTHORIZATION_HEADER", "PAYMENT_AUTHORIZATION_HEADER", "PAYMENT_RECEIPT_HEADER", "SUPPORTED_METHODS",
            "WWW_AUTHENTICATE_HEADER", "ChainSubmitter", "EndpointLike", "MppParsed", "MppRailLike", "Settlement",
@@ -347,14 +347,9 @@ def replay_key(parsed: MppParsed) -> str:
 def _eth() -> tuple[Any, Any, Any]:
     """eth-account's ``Account``, ``encode_typed_data`` and eth-utils' ``keccak``, imported on first
     use; py_ecc (under eth-account) raises the recursion limit on import: it is put back."""
-    limit = sys.getrecursionlimit()
-    try:
-        from eth_account import Account
-        from eth_account.messages import encode_typed_data
-        from eth_utils.crypto import keccak
-    finally:
-        sys.setrecursionlimit(limit)
-    return Account, encode_typed_data, keccak
+    account = import_keeping_recursion_limit("eth_account").Account
+    messages = import_keeping_recursion_limit("eth_account.messages")
+    return account, messages.encode_typed_data, import_keeping_recursion_limit("eth_utils.crypto").keccak
 
 
 def challenge_hash(challenge_id: str, realm: str) -> str:

@@ -28,13 +28,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
 from dataplane.payments import mpp_rail, x402_rail
 from schemas.entities import Wallet, WalletAsset
+from schemas.evm import import_keeping_recursion_limit
 
 __all__ = ["Choice", "Offer", "Refusal", "choose", "nanos", "offers", "settled", "sign"]
 
@@ -215,16 +215,11 @@ def choose(wallet: Wallet, found: list[Offer]) -> Choice | Refusal:
 
 def _mpp() -> tuple[Any, Any, Any, type[Exception]]:
     """pympp's ``Challenge``, evm client ``charge``, ``CredentialParams`` and ``ParseError``,
-    imported on first use with the recursion limit put back (see the module docstring)."""
-    limit = sys.getrecursionlimit()
-    try:
-        from mpp import Challenge
-        from mpp._parsing import ParseError
-        from mpp.methods.evm.client import charge
-        from mpp.runtime import CredentialParams
-    finally:
-        sys.setrecursionlimit(limit)
-    return Challenge, charge, CredentialParams, ParseError
+    imported on first use (see the module docstring)."""
+    mpp, parsing = import_keeping_recursion_limit("mpp"), import_keeping_recursion_limit("mpp._parsing")
+    client = import_keeping_recursion_limit("mpp.methods.evm.client")
+    runtime = import_keeping_recursion_limit("mpp.runtime")
+    return mpp.Challenge, client.charge, runtime.CredentialParams, parsing.ParseError
 
 
 def _domain(asset: WalletAsset) -> tuple[str, str] | None:
@@ -232,11 +227,7 @@ def _domain(asset: WalletAsset) -> tuple[str, str] | None:
         return asset.domain_name, asset.domain_version
     global _KNOWN_DOMAINS
     if _KNOWN_DOMAINS is None:
-        limit = sys.getrecursionlimit()
-        try:
-            from mpp.methods.evm import assets as known
-        finally:
-            sys.setrecursionlimit(limit)
+        known = import_keeping_recursion_limit("mpp.methods.evm.assets")
         _KNOWN_DOMAINS = {(a.chain_id, a.address.lower()): (a.name, a.version)
                           for a in vars(known).values() if isinstance(a, known.EvmAsset)}
     chain = asset.network.split(":", 1)[1]
@@ -245,36 +236,27 @@ def _domain(asset: WalletAsset) -> tuple[str, str] | None:
 
 def account_of(private_key: str) -> Any:
     """The eth-account signer of a decrypted wallet key."""
-    limit = sys.getrecursionlimit()
-    try:
-        from eth_account import Account
-    finally:
-        sys.setrecursionlimit(limit)
-    return Account.from_key(private_key)
+    return import_keeping_recursion_limit("eth_account").Account.from_key(private_key)
 
 
 async def _sign_x402(offer: Offer, account: Any) -> tuple[str, str]:
-    limit = sys.getrecursionlimit()
-    try:
-        from x402 import x402Client
-        from x402.mechanisms.evm.exact import ExactEvmClientScheme
-        from x402.mechanisms.evm.exact.v1 import ExactEvmSchemeV1Client
-        from x402.mechanisms.evm.signers import EthAccountSigner
-        from x402.schemas import PaymentRequired
-        from x402.schemas.v1 import PaymentRequiredV1
-    finally:
-        sys.setrecursionlimit(limit)
-    signer = EthAccountSigner(account)
-    client = x402Client()
+    x402 = import_keeping_recursion_limit("x402")
+    exact = import_keeping_recursion_limit("x402.mechanisms.evm.exact")
+    exact_v1 = import_keeping_recursion_limit("x402.mechanisms.evm.exact.v1")
+    signers = import_keeping_recursion_limit("x402.mechanisms.evm.signers")
+    schemas_v2 = import_keeping_recursion_limit("x402.schemas")
+    schemas_v1 = import_keeping_recursion_limit("x402.schemas.v1")
+    signer = signers.EthAccountSigner(account)
+    client = x402.x402Client()
     client.set_spend_controls(False)  # the wallet's policy already chose this one option (`choose`)
     document = dict(offer.document or {}) | {"accepts": [offer.raw]}
     if offer.version == 2:
-        client.register(offer.network, ExactEvmClientScheme(signer))
-        payload: Any = await client.create_payment_payload(PaymentRequired.model_validate(document))
+        client.register(offer.network, exact.ExactEvmClientScheme(signer))
+        payload: Any = await client.create_payment_payload(schemas_v2.PaymentRequired.model_validate(document))
         header = x402_rail.PAYMENT_SIGNATURE_HEADER
     else:
-        client.register_v1(str(offer.raw["network"]), ExactEvmSchemeV1Client(signer))
-        payload = await client.create_payment_payload(PaymentRequiredV1.model_validate(document))
+        client.register_v1(str(offer.raw["network"]), exact_v1.ExactEvmSchemeV1Client(signer))
+        payload = await client.create_payment_payload(schemas_v1.PaymentRequiredV1.model_validate(document))
         header = x402_rail.X_PAYMENT_HEADER
     encoded = base64.b64encode(payload.model_dump_json(by_alias=True, exclude_none=True).encode()).decode()
     return header, encoded

@@ -92,6 +92,11 @@ async def test_paid_endpoint_lifecycle(admin: Admin, ws: dict[str, str]) -> None
     assert patched["rails"]["x402"]["versions"] == [2] and patched["rails"]["x402"]["extra"]["version"] == "2"
     again = await admin.ok("PATCH", f"{P}/{pid}", {"serve": {"model": "router/main"}, "slug": _slug()})
     assert again["serve"] == {"model": "router/main"}
+    mpp = {"realm": "gw", "recipient": "0x" + "ab" * 20, "network": "eip155:84532",
+           "relayer_url": "http://127.0.0.1:9/mpp"}
+    both = await admin.ok("PATCH", f"{P}/{pid}", {"rails": {"x402": X402, "mpp": mpp}})
+    assert both["rails"]["mpp"] == mpp | {"methods": ["evm"], "challenge_ttl_s": 300}  # every rail is shown
+    assert set((await admin.ok("GET", f"{P}/{pid}"))["rails"]) == {"x402", "mpp"}
 
     deleted = await admin.ok("DELETE", f"{P}/{pid}")
     assert deleted["deleted"] is True and deleted["id"] == pid
