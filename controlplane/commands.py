@@ -350,8 +350,9 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
                 data[name] = _all_fields(getattr(entity, name))
         case PaidEndpoint():
             # Every x402 setting and the price's decimals shown, defaults included.
-            if entity.price.per_call is not None:
-                data["price"] = {"per_call": _all_fields(entity.price.per_call)}
+            data["price"] = {name: _all_fields(price) for name, price in (("per_call", entity.price.per_call),
+                                                                           ("per_token", entity.price.per_token))
+                             if price is not None}
             data["rails"] = {name: _all_fields(rail) for name, rail in (("x402", entity.rails.x402),
                                                                         ("mpp", entity.rails.mpp))
                              if rail is not None}

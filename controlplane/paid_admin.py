@@ -2,8 +2,8 @@
 
 A paid endpoint (`schemas.entities.PaidEndpoint`) sells one capability per call at
 `/paid/{slug}/...`: what serves it (`serve`: the operator's `backend_url`, or a `model` the
-gateway serves), its per-call `price` in a payment asset's atomic units, and the `rails` it
-accepts (x402 only for now). Its `slug` is unique across the gateway (409 `slug_taken`).
+gateway serves), its `price` in a payment asset's atomic units (per call, or metered per token),
+and the `rails` it accepts (x402, MPP or both). Its `slug` is unique across the gateway (409 `slug_taken`).
 
 Every refusal is a 400 (404 for a referenced entity that does not exist) whose `param` is the
 field path, and nothing is written:
@@ -14,11 +14,13 @@ field path, and nothing is written:
   SSRF rules, `ssrf.py`); a `model` that is not `provider/model`, `router/<name>` or an alias
   name (`invalid_model`), or names a provider or router the workspace has not configured (404
   `provider_not_found` / `router_not_found`);
-* `price` or `price.per_call` missing (`missing_price`); an `amount` that is not a positive
-  integer string below 10**30 (`invalid_amount`), an empty `asset` (`invalid_asset`), `decimals`
-  outside 0..18 (`invalid_decimals`);
-* `rails` without `x402` (`missing_rail`), or with `mpp` (`unsupported_rail`: not supported yet);
-  an x402 `network` that is not CAIP-2 `eip155:<chain id>` (`invalid_network`), a `pay_to` that
+* `price` without `per_call` or `per_token` (`missing_price`), or with both (`invalid_price`); an
+  `amount` (or a per-token `max_amount`) that is not a positive integer string below 10**30, a
+  per-token rate that is not a non-negative one, or two zero rates (`invalid_amount`), an empty
+  `asset` (`invalid_asset`), `decimals` outside 0..18 (`invalid_decimals`); a per-token price on a
+  backend-served endpoint (`per_token_needs_model`: only the gateway's own model call is metered);
+* `rails` with neither `x402` nor `mpp` (`missing_rail`), an MPP method other than `evm`
+  (`unsupported_method`); an x402 `network` that is not CAIP-2 `eip155:<chain id>` (`invalid_network`), a `pay_to` that
   is not a 0x + 40 hex address (`invalid_address`), a `facilitator_url` that is not http(s) or is
   internal, `versions` that are not a non-empty subset of {1, 2} (`invalid_versions`), a `scheme`
   other than `exact` (`unsupported_scheme`), `max_timeout_s` outside 1..3600 (`invalid_timeout`);
@@ -40,7 +42,16 @@ from psycopg_pool import AsyncConnectionPool
 from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
 from controlplane.inputs import BaseUrl, Command, Ident
 from controlplane.ssrf import check_base_url_resolving
-from schemas.entities import MppRail, PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
+from schemas.entities import (
+    MppRail,
+    PaidAmount,
+    PaidEndpoint,
+    PaidPerToken,
+    PaidPrice,
+    PaidRails,
+    PaidServe,
+    X402Rail,
+)
 from schemas.errors import Conflict, InvalidRequest, NotFound
 from schemas.ids import new_id
 from schemas.money import nanos_to_decimal_str
@@ -81,8 +92,23 @@ class AmountIn(Command):
     decimals: int = 6
 
 
+class PerTokenIn(Command):
+    """A metered price: `input_per_mtok` and `output_per_mtok` (integer strings, atomic units of
+    `asset` per million tokens, at least one positive), `max_amount` (the authorization each call
+    asks for, settled whole; the unmetered rest is owed back), `decimals` 0..18."""
+
+    asset: Short
+    input_per_mtok: AmountText
+    output_per_mtok: AmountText
+    max_amount: AmountText
+    decimals: int = 6
+
+
 class PriceIn(Command):
+    """Exactly one of `per_call` and `per_token`."""
+
     per_call: AmountIn | None = None
+    per_token: PerTokenIn | None = None
 
 
 class X402In(Command):
@@ -140,12 +166,7 @@ class CreatePaidEndpoint(Command):
             raise InvalidRequest("A paid endpoint needs 'serve': {\"backend_url\": \"https://...\"} or "
                                  "{\"model\": \"provider/model\"}.", param="serve", code="invalid_serve")
         check_serve(self.serve)
-        if self.price is None or self.price.per_call is None:
-            param = "price" if self.price is None else "price.per_call"
-            raise InvalidRequest(f"A paid endpoint needs '{param}': the price of one call, e.g. \"price\": "
-                                 "{\"per_call\": {\"amount\": \"10000\", \"asset\": \"<token>\", \"decimals\": 6}}.",
-                                 param=param, code="missing_price")
-        check_amount(self.price.per_call, "price.per_call")
+        check_price(self.price, self.serve)
         if self.rails is None:
             raise InvalidRequest("A paid endpoint needs 'rails': {\"x402\": {\"network\": \"eip155:84532\", "
                                  "\"pay_to\": \"0x...\", \"facilitator_url\": \"https://...\"}}.", param="rails",
@@ -251,6 +272,38 @@ def check_amount(amount: AmountIn, param: str) -> None:
     check_decimals(amount.decimals, f"{param}.decimals")
 
 
+def check_price(price: PriceIn | None, serve: ServeIn) -> None:
+    """Exactly one of `per_call` (`check_amount`) and `per_token` (its rates non-negative, one at
+    least positive, its maximum positive; a model-served endpoint only: tokens are counted by the
+    gateway's own model call)."""
+    if price is None or (price.per_call is None and price.per_token is None):
+        param = "price" if price is None else "price.per_call"
+        raise InvalidRequest(f"A paid endpoint needs '{param}': the price of one call, e.g. \"price\": "
+                             "{\"per_call\": {\"amount\": \"10000\", \"asset\": \"<token>\", \"decimals\": 6}}, "
+                             "or a metered \"per_token\" price.", param=param, code="missing_price")
+    if price.per_call is not None and price.per_token is not None:
+        raise InvalidRequest("Give one of 'price.per_call' and 'price.per_token', not both.", param="price",
+                             code="invalid_price")
+    if price.per_call is not None:
+        check_amount(price.per_call, "price.per_call")
+        return
+    token = price.per_token
+    assert token is not None
+    for name in ("input_per_mtok", "output_per_mtok"):
+        rate = getattr(token, name)
+        if rate != "0":
+            check_atomic_amount(rate, f"price.per_token.{name}")
+    if token.input_per_mtok == token.output_per_mtok == "0":
+        raise InvalidRequest("A per-token price needs a positive input or output rate.",
+                             param="price.per_token", code="invalid_amount")
+    check_atomic_amount(token.max_amount, "price.per_token.max_amount")
+    check_amount(AmountIn(amount=token.max_amount, asset=token.asset, decimals=token.decimals), "price.per_token")
+    if serve.model is None:
+        raise InvalidRequest("A per-token price needs a model-served endpoint ('serve.model'): the gateway counts "
+                             "the tokens of its own model call only.", param="price.per_token",
+                             code="per_token_needs_model")
+
+
 def check_rails(rails: RailsIn) -> None:
     if rails.x402 is None and rails.mpp is None:
         raise InvalidRequest("'rails' must configure 'x402', 'mpp' or both.", param="rails", code="missing_rail")
@@ -314,7 +367,7 @@ async def _router_named(pool: AsyncConnectionPool[Any], workspace_id: str, name:
 
 async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior: Prior | None) -> PaidEndpoint:
     # CreatePaidEndpoint.check has run: serve, price.per_call and rails.x402 are set.
-    assert cmd.serve is not None and cmd.price is not None and cmd.price.per_call is not None
+    assert cmd.serve is not None and cmd.price is not None
     assert cmd.rails is not None and (cmd.rails.x402 is not None or cmd.rails.mpp is not None)
     x, m = cmd.rails.x402, cmd.rails.mpp
     if cmd.serve.backend_url is not None:
@@ -337,12 +390,19 @@ async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior
         await check_url_resolving(cc, x.facilitator_url, "rails.x402.facilitator_url")
     if m is not None:
         await check_url_resolving(cc, m.relayer_url, "rails.mpp.relayer_url")
-    per_call = cmd.price.per_call
+    per_call, per_token = cmd.price.per_call, cmd.price.per_token
+    if per_token is not None:
+        price = PaidPrice(per_token=PaidPerToken(
+            asset=per_token.asset, input_per_mtok=per_token.input_per_mtok, output_per_mtok=per_token.output_per_mtok,
+            max_amount=per_token.max_amount, decimals=per_token.decimals))
+    else:
+        assert per_call is not None  # check_price: exactly one
+        price = PaidPrice(per_call=PaidAmount(amount=per_call.amount, asset=per_call.asset,
+                                              decimals=per_call.decimals))
     return PaidEndpoint(
         id=ent_id, workspace_id=cmd.workspace_id, slug=cmd.slug,
         serve=PaidServe(backend_url=cmd.serve.backend_url, model=model),
-        price=PaidPrice(per_call=PaidAmount(amount=per_call.amount, asset=per_call.asset,
-                                            decimals=per_call.decimals)),
+        price=price,
         rails=PaidRails(
             x402=None if x is None else X402Rail(
                 network=x.network, pay_to=x.pay_to, facilitator_url=x.facilitator_url, versions=x.versions,

@@ -516,6 +516,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def parse_per_token(value: str) -> tuple[str, str, str]:
+    """`--per-token IN,OUT,MAX`: three non-negative integer strings (the API checks their ranges)."""
+    parts = tuple(part.strip() for part in value.split(","))
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        raise argparse.ArgumentTypeError("expected IN,OUT,MAX: three integers (atomic units), e.g. 150000,600000,50000")
+    return parts[0], parts[1], parts[2]
+
+
 def paid_body(a: Args, create: bool, current: Callable[[], dict[str, Any]] | None = None) -> dict[str, Any]:
     """`paid create|update`'s body: --json, then the flags over it. On update, a price or x402 flag
     is merged over the endpoint's current price or x402 settings (`current()`: a GET), because a
@@ -533,17 +541,25 @@ def paid_body(a: Args, create: bool, current: Callable[[], dict[str, Any]] | Non
                                        "description": a.description})
     if a.model is not None or a.backend_url is not None:
         flags["serve"] = drop_none({"model": a.model, "backend_url": a.backend_url})
+    if a.amount is not None and a.per_token is not None:
+        sys.exit("alephant: give --amount or --per-token, not both")
     per_call = drop_none({"amount": a.amount, "asset": a.asset, "decimals": a.decimals})
     x402 = drop_none({"network": a.network, "pay_to": a.pay_to, "facilitator_url": a.facilitator,
                       "versions": a.x402_versions, "max_timeout_s": a.max_timeout})
-    stored = current() if not create and current is not None and (per_call or x402) else {}
-    if per_call:
+    stored = current() if not create and current is not None and (per_call or x402 or a.per_token) else {}
+    if a.per_token is not None:
+        rates = dict(zip(("input_per_mtok", "output_per_mtok", "max_amount"), a.per_token, strict=True))
+        flags["price"] = {"per_token": _merge(stored.get("price", {}).get("per_token", {}),
+                                              drop_none({"asset": a.asset, "decimals": a.decimals}) | rates)}
+    elif per_call:
         flags["price"] = {"per_call": _merge(stored.get("price", {}).get("per_call", {}), per_call)}
     if x402:
         flags["rails"] = {"x402": _merge(stored.get("rails", {}).get("x402", {}), x402)}
     body = _merge(body, flags)
     if "serve" in flags:
         body["serve"] = flags["serve"]  # exactly one of model / backend_url: never merged with --json's
+    if a.per_token is not None:
+        body["price"] = flags["price"]  # likewise one of per_call / per_token
     if not create:
         # The API shows these; a PATCH takes only the settings.
         for key in ("id", "workspace_id", "revenue_usd", "revenue_nanos", "calls"):
@@ -560,6 +576,10 @@ def _paid_flags(p: argparse.ArgumentParser, create: bool) -> None:
                        help="your backend (http/https); the call's path below /paid/<slug> is appended")
     price = p.add_argument_group("price of one call, in the payment asset's atomic units")
     price.add_argument("--amount", help='a positive integer string, e.g. 10000 (= 0.01 USDC at 6 decimals)')
+    price.add_argument("--per-token", type=parse_per_token, metavar="IN,OUT,MAX",
+                       help="a metered price instead of --amount (model-served endpoints): atomic units per million "
+                       "input and output tokens, and the most one call is charged (what the caller authorizes; "
+                       "the unmetered rest is owed back), e.g. 150000,600000,50000")
     price.add_argument("--asset", help="the asset; for x402 the token contract address (e.g. USDC's)")
     price.add_argument("--decimals", type=int, help="the asset's decimals, 0-18 (default 6)")
     rail = p.add_argument_group("x402 rail")

@@ -434,10 +434,26 @@ class PaidAmount(msgspec.Struct, frozen=True, kw_only=True):
     decimals: int = 6
 
 
+class PaidPerToken(msgspec.Struct, frozen=True, kw_only=True):
+    """A metered price, in `asset`'s atomic units per million tokens (`input_per_mtok`,
+    `output_per_mtok`, integer strings). The caller authorizes `max_amount` (what the challenge
+    asks for, settled whole: x402 `exact` and MPP charges are fixed amounts); the call is charged
+    the metered amount (rounded up, at most `max_amount`), and the difference is owed back to the
+    payer (a `payment.event` `refund_due`)."""
+
+    asset: str
+    input_per_mtok: str
+    output_per_mtok: str
+    max_amount: str
+    decimals: int = 6
+
+
 class PaidPrice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """What a call costs the caller: `per_call` (a fixed amount)."""
+    """What a call costs the caller: exactly one of `per_call` (a fixed amount) or `per_token`
+    (metered; model-served endpoints only)."""
 
     per_call: PaidAmount | None = None
+    per_token: PaidPerToken | None = None
 
 
 class PaidServe(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -51,7 +51,7 @@ from dataplane.ingress.chat import ChatIngress
 from dataplane.lifecycle import ModelCall, read_object
 from dataplane.limits import body_within
 from dataplane.payments import mpp_rail, x402_rail
-from dataplane.payments.prices import amount_nanos
+from dataplane.payments.prices import amount_nanos, atomic_nanos, metered
 from dataplane.pipeline import run
 from dataplane.providers.upstream import send
 from dataplane.stages.governance import input_bound
@@ -334,13 +334,14 @@ class PaidCall:
                 answer.headers["Cache-Control"] = "private"
             answer.headers[RUN_ID] = call.ctx.run_id or ""
             if settlement.success:
-                self._record(call, endpoint, self._revenue(call, endpoint, payment, amount))
+                self._earn(call, endpoint, payment, settlement.transaction)
             else:
                 self._record(call, endpoint, self._memo(call, endpoint, payment, "pending", amount=amount,
                                                         transaction=settlement.transaction))
             final = answer
         else:
-            self._record(call, endpoint, self._memo(call, endpoint, payment, "loss", amount=amount,
+            lost = self._charged(call, endpoint)[0]  # served and not collected
+            self._record(call, endpoint, self._memo(call, endpoint, payment, "loss", amount=lost,
                                                     reason=settlement.reason))
             error = f"settlement failed: {settlement.reason}"
             headers = self._challenge_headers(call, endpoint, error)
@@ -359,7 +360,7 @@ class PaidCall:
         cannot be withheld until payment. Settled (or pending): a `payment.event` "settled" memo,
         the receipt and run id on the stream's headers, then the stream. Revenue is recognised on
         delivery: a `payment.inbound` once the stream completed; a stream that failed or was cut
-        off owes the payer the whole per-call price back, recorded as a `payment.event`
+        off owes the payer the whole amount settled back, recorded as a `payment.event`
         "refund_due" (the gateway holds no chain key: the operator refunds). A failed settlement
         serves nothing (402, the claim released)."""
         settlement = await payment.settle()
@@ -391,7 +392,24 @@ class PaidCall:
                                                    transaction=settlement.transaction,
                                                    reason=call.error_code or "not delivered"))
             elif settlement.success:  # a pending settlement's revenue waits for its reconciliation
-                call.worker.events.emit(self._revenue(call, endpoint, payment, amount))
+                self._earn(call, endpoint, payment, settlement.transaction)
+
+    def _charged(self, call: Call, endpoint: PaidEndpoint) -> tuple[int, int]:
+        """(earned, owed back) in nano-USD for a delivered call: a per-call price earns what it
+        asked; a per-token price earns its metered charge and owes the rest of the authorization."""
+        price = endpoint.price.per_token
+        if price is None:
+            return amount_nanos(endpoint), 0
+        earned = metered(price, call.usage)
+        return atomic_nanos(earned, price.decimals), atomic_nanos(int(price.max_amount) - earned, price.decimals)
+
+    def _earn(self, call: Call, endpoint: PaidEndpoint, payment: Payment, transaction: str) -> None:
+        """A delivered, settled call's revenue, and the refund a metered price owes."""
+        earned, owed = self._charged(call, endpoint)
+        self._record(call, endpoint, self._revenue(call, endpoint, payment, earned))
+        if owed > 0:
+            call.worker.events.emit(self._memo(call, endpoint, payment, "refund_due", amount=owed,
+                                               transaction=transaction, reason="metered"))
 
     # --- events --------------------------------------------------------------------------------
 

@@ -365,3 +365,30 @@ async def test_a_streamed_paid_call_that_fails_owes_a_refund_and_books_no_revenu
     assert refund["amount_nanos"] == 10_000_000 and refund["endpoint_id"] == endpoint["id"]
     assert await _journal(gateway, "payment.event", request_id=request_id, status="settled")
     assert not await _journal(gateway, "payment.inbound", request_id=request_id)
+
+
+async def test_a_per_token_price_earns_the_metered_charge_and_owes_back_the_rest(
+        gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
+    slug = f"meter-{os.urandom(3).hex()}"
+    gateway.admin.call("POST", "/admin/v1/paid-endpoints", {
+        "workspace_id": "demo", "slug": slug, "serve": {"model": "mock/echo"},
+        "price": {"per_token": {"asset": BASE_SEPOLIA_USDC, "decimals": 6, "input_per_mtok": "1000000",
+                                "output_per_mtok": "2500000", "max_amount": "100000"}},
+        "rails": {"x402": {"network": "eip155:84532", "pay_to": PAY_TO, "facilitator_url": facilitator.base_url,
+                           "extra": {"name": "USDC", "version": "2"}}}})
+    challenge = await _challenge(gateway, http, slug)
+    asked = json.loads(base64.b64decode(challenge[0]["PAYMENT-REQUIRED"]))["accepts"][0]["amount"]
+    assert asked == "100000"  # the caller authorizes the maximum
+    payer = Account.create()
+    status, headers, body = await _call(gateway, http, slug, await pay(challenge, payer))
+    assert status == 200, body
+    assert facilitator.settled[-1].value == 100_000  # settled whole ...
+    run_id = headers["Alephant-Run-Id"]
+    call = await eventually(lambda: _first(_journal(gateway, "llm.call", run_id=run_id)))
+    usage = call["usage"]
+    charge = -(-(usage["input_tokens"] * 1_000_000 + usage["output_tokens"] * 2_500_000) // 1_000_000)
+    assert 0 < charge < 100_000
+    revenue = await eventually(lambda: _first(_journal(gateway, "payment.inbound", run_id=run_id)))
+    refund = await eventually(lambda: _first(_journal(gateway, "payment.event", run_id=run_id, status="refund_due")))
+    assert revenue["amount_nanos"] == charge * 1_000  # ... earns the metered charge ...
+    assert refund["amount_nanos"] == (100_000 - charge) * 1_000 and refund["reason"] == "metered"  # ... owes the rest

@@ -13,7 +13,7 @@ from controlplane import commands as c
 from controlplane.app import openapi_document
 from controlplane.inputs import given_fields
 from controlplane.paid_admin import PAID_ENDPOINT, CreatePaidEndpoint, PatchPaidEndpoint
-from deploy.admin_cli import paid_body, parse_versions
+from deploy.admin_cli import paid_body, parse_per_token, parse_versions
 from schemas.entities import PaidAmount, PaidEndpoint, PaidPrice, PaidRails, PaidServe, X402Rail
 from schemas.errors import InvalidRequest
 
@@ -111,6 +111,37 @@ def test_good_models(model: str) -> None:
 def test_price_missing() -> None:
     _refused(_with("price", msgspec.UNSET), "price", "missing_price", "needs 'price'")
     _refused(BASE | {"price": {}}, "price.per_call", "missing_price", "needs 'price.per_call'")
+
+
+PER_TOKEN: dict[str, Any] = {"asset": "0x036CbD53842c5426634e7929541eC2318f3dCF7e", "input_per_mtok": "150000",
+                             "output_per_mtok": "600000", "max_amount": "50000"}
+
+
+def test_a_per_token_price_parses_and_needs_a_model_served_endpoint() -> None:
+    cmd = c.parse_command(BASE | {"price": {"per_token": PER_TOKEN}}, CreatePaidEndpoint)
+    assert cmd.price is not None and cmd.price.per_token is not None and cmd.price.per_call is None
+    assert cmd.price.per_token.decimals == 6
+    c.parse_command(BASE | {"price": {"per_token": PER_TOKEN | {"input_per_mtok": "0"}}}, CreatePaidEndpoint)
+    _refused(BASE | {"price": {"per_token": PER_TOKEN}, "serve": {"backend_url": "https://agent.example/api"}},
+             "price.per_token", "per_token_needs_model", "serve.model")
+    _refused(BASE | {"price": {"per_call": BASE["price"]["per_call"], "per_token": PER_TOKEN}}, "price",
+             "invalid_price", "not both")
+
+
+@pytest.mark.parametrize(("field", "value", "param"), [
+    ("input_per_mtok", "-1", "price.per_token.input_per_mtok"),
+    ("output_per_mtok", "1.5", "price.per_token.output_per_mtok"),
+    ("max_amount", "0", "price.per_token.max_amount"),
+    ("max_amount", str(10**30), "price.per_token.max_amount"),
+])
+def test_bad_per_token_prices(field: str, value: str, param: str) -> None:
+    _refused(BASE | {"price": {"per_token": PER_TOKEN | {field: value}}}, param, "invalid_amount")
+
+
+def test_a_per_token_price_needs_a_rate_and_an_asset() -> None:
+    _refused(BASE | {"price": {"per_token": PER_TOKEN | {"input_per_mtok": "0", "output_per_mtok": "0"}}},
+             "price.per_token", "invalid_amount", "positive input or output rate")
+    _refused(BASE | {"price": {"per_token": PER_TOKEN | {"asset": " "}}}, "price.per_token.asset", "invalid_asset")
 
 
 @pytest.mark.parametrize("amount", ["0", "-1", "1.5", "", "abc", "01", "1e6", " 1", str(10**30), "9" * 31])
@@ -236,7 +267,7 @@ def test_openapi_lists_the_paid_endpoint_routes() -> None:
 
 def _cli_args(**given: Any) -> argparse.Namespace:
     names = ("json", "workspace", "slug", "model", "backend_url", "agent", "workflow", "description", "amount",
-             "asset", "decimals", "network", "pay_to", "facilitator", "x402_versions", "max_timeout")
+             "asset", "decimals", "network", "pay_to", "facilitator", "x402_versions", "max_timeout", "per_token")
     return argparse.Namespace(**({n: None for n in names} | given))
 
 
@@ -263,6 +294,17 @@ def test_cli_update_merges_price_and_x402_flags_over_the_current_settings() -> N
     c.parse_command(body, PatchPaidEndpoint)
     # Without price or x402 flags nothing is fetched.
     assert paid_body(_cli_args(slug="t"), create=False, current=lambda: pytest.fail("fetched")) == {"slug": "t"}
+
+
+def test_cli_per_token_flag_builds_a_metered_price() -> None:
+    body = paid_body(_cli_args(json=BASE, per_token=parse_per_token("150000, 600000,50000"), asset="USDC"),
+                     create=True)
+    assert body["price"] == {"per_token": {"asset": "USDC", "input_per_mtok": "150000", "output_per_mtok": "600000",
+                                           "max_amount": "50000"}}
+    c.parse_command(body, CreatePaidEndpoint)
+    for bad in ("1,2", "a,b,c", "1,2,3,4", "-1,2,3"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_per_token(bad)
 
 
 def test_cli_versions_parse() -> None:
