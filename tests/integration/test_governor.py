@@ -235,11 +235,12 @@ async def test_a_live_workers_long_call_keeps_its_hold_and_close_gives_the_lease
     w = ws()
     b = budget(w, limit=20 * CENT)
     lim = Limit(id="lim_l", workspace_id=w, scope="key", scope_id="k1", concurrency=1)
-    async with governors(redis_service, 1, hold_ttl_s=0.3, refresh_interval_s=0.05) as (gov,):
+    # A TTL of 1 s with a refresh every 50 ms: a loaded 2-core CI machine once starved a 0.3 s TTL.
+    async with governors(redis_service, 1, hold_ttl_s=1.0, refresh_interval_s=0.05) as (gov,):
         runner = asyncio.create_task(gov.run())
         long_call = await gov.admit(request(w, limits=(lim,), budgets=(b,), hold=10 * CENT))
         assert long_call.ok
-        await asyncio.sleep(1.0)  # well past the hold TTL: the live worker kept extending it
+        await asyncio.sleep(2.5)  # well past the hold TTL: the live worker kept extending it
         _, holds = await raw_budget(store, b)
         assert holds[long_call.token.plan.hold_id] == 10 * CENT  # type: ignore[attr-defined]
         keys = budget_keys(w, b.id, period_window(b, utc(now_ms()))[0])
