@@ -24,6 +24,9 @@ class _Envelope(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
     workflow_id: str | None = None
     request_id: str | None = None
     snapshot_revision: int = 0
+    # The W3C trace id (32 hex) of the request that caused the event, when it was traced: a ledger
+    # row leads to its trace.
+    trace_id: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -107,6 +110,9 @@ class LlmCall(_Envelope, frozen=True, kw_only=True, tag="llm.call"):
     router_id: str | None = None
     router_rule: str = ""
     attempts: tuple[Attempt, ...] = ()
+    # The archived request/response bodies (the object key in the body archive's bucket, see
+    # `dataplane.bodies`); None when the call's log settings keep metadata only.
+    body_key: str | None = None
 
 
 class PolicyDecision(_Envelope, frozen=True, kw_only=True, tag="policy.decision"):
