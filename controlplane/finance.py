@@ -41,8 +41,9 @@ from schemas.money import decimal_to_nanos, nanos_to_decimal_str
 
 COUNTS = ("requests", "errors", "input_tokens", "output_tokens", "unpriced_tokens")
 # Amount columns of finance_fact (`<name>_nanos`), and every money field of a result row.
-AMOUNTS = ("llm_cost", "tool_cost", "payments_out", "revenue", "cache_savings", "estimated_cost")
-MONEY = ("llm_cost", "tool_cost", "payments_out", "cost", "revenue", "margin", "cache_savings", "estimated_cost")
+AMOUNTS = ("llm_cost", "tool_cost", "payments_out", "revenue", "cache_savings", "estimated_cost", "refunds_due")
+MONEY = ("llm_cost", "tool_cost", "payments_out", "cost", "revenue", "margin", "cache_savings", "estimated_cost",
+         "refunds_due")
 METRIC_COLUMNS = (*COUNTS, *(f"{m}_usd" for m in MONEY), *(f"{m}_nanos" for m in MONEY))
 
 # group_by -> the finance_fact columns that key a row (workspace-scoped ids carry the workspace).

@@ -437,7 +437,8 @@ async def paid_revenue(pool: AsyncConnectionPool[Any], endpoint: PaidEndpoint) -
     """What the endpoint earned and what serving it cost, from the finance projection (USD only, as
     finance counts money): `revenue_usd`/`_nanos` and `calls` from its `revenue` rows; `cost_usd`/
     `_nanos`, the model, tool and outbound-payment cost of the runs that served those calls (each
-    paid call has a run of its own, its backend's calls through the gateway included); and
+    paid call has a run of its own, its backend's calls through the gateway included);
+    `refunds_due_usd`/`_nanos`, what it owes back to payers (revenue is booked net of it); and
     `margin_usd`/`_nanos`, revenue less cost: did the endpoint earn more than it cost?"""
     async with pool.connection() as conn:
         cur = await conn.execute(
@@ -445,12 +446,16 @@ async def paid_revenue(pool: AsyncConnectionPool[Any], endpoint: PaidEndpoint) -
             "WHERE kind = 'revenue' AND workspace_id = %s AND endpoint_id = %s) "
             "SELECT (SELECT coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0) FROM paid), "
             "(SELECT count(*) FROM paid), "
+            "(SELECT coalesce(sum(refunds_due_nanos) FILTER (WHERE currency = 'USD'), 0) FROM finance_fact "
+            "WHERE kind = 'refund_due' AND workspace_id = %s AND endpoint_id = %s), "
             "(SELECT coalesce(sum(coalesce(llm_cost_nanos, 0) + coalesce(tool_cost_nanos, 0) "
             "+ coalesce(payments_out_nanos, 0)) FILTER (WHERE currency = 'USD'), 0) FROM finance_fact "
             "WHERE workspace_id = %s AND run_id IN (SELECT run_id FROM paid WHERE run_id IS NOT NULL))",
-            (endpoint.workspace_id, endpoint.id, endpoint.workspace_id))
+            (endpoint.workspace_id, endpoint.id, endpoint.workspace_id, endpoint.id, endpoint.workspace_id))
         row = await cur.fetchone()
-    nanos, calls, cost = (int(row[0]), int(row[1]), int(row[2])) if row is not None else (0, 0, 0)
+    nanos, calls, owed, cost = (int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row is not None \
+        else (0, 0, 0, 0)
     return {"revenue_usd": nanos_to_decimal_str(nanos), "revenue_nanos": nanos, "calls": calls,
+            "refunds_due_usd": nanos_to_decimal_str(owed), "refunds_due_nanos": owed,
             "cost_usd": nanos_to_decimal_str(cost), "cost_nanos": cost,
             "margin_usd": nanos_to_decimal_str(nanos - cost), "margin_nanos": nanos - cost}

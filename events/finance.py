@@ -9,7 +9,9 @@ Amount columns (nano-units of the event's currency) are separate, so any groupin
 * `llm.repriced`: the cost of an unpriced call priced later, dated at the original call, and its
   tokens taken back out of `unpriced_tokens`;
 * `tool.spend`: `tool_cost_nanos`; `payment.outbound`: `payments_out_nanos`;
-  `payment.inbound`: `revenue_nanos`; `cache.hit`: `cache_savings_nanos` (a memo).
+  `payment.inbound`: `revenue_nanos`; `cache.hit`: `cache_savings_nanos` (a memo); a
+  `payment.event` `refund_due`: `refunds_due_nanos` (owed back to a payer; revenue was booked net
+  of it, so it is a memo for what to pay back, not a cost).
 Total cost = llm + tool + payments out; margin = revenue - total cost.
 """
 
@@ -26,6 +28,7 @@ from schemas.events import (
     Event,
     LlmCall,
     LlmRepriced,
+    PaymentEvent,
     PaymentInbound,
     PaymentOutbound,
     RunCompleted,
@@ -41,7 +44,7 @@ FACT_COLUMNS = (
     ("tool_cost_nanos", "numeric"), ("payments_out_nanos", "numeric"), ("revenue_nanos", "numeric"),
     ("cache_savings_nanos", "numeric"), ("estimated_cost_nanos", "numeric"), ("unpriced_tokens", "bigint"),
     ("price_source", "text"), ("price_id", "text"), ("properties", "jsonb"), ("prompt_id", "text"),
-    ("prompt_version", "integer"),
+    ("prompt_version", "integer"), ("refunds_due_nanos", "numeric"),
 )
 _INDEX = {name: i for i, (name, _) in enumerate(FACT_COLUMNS)}
 
@@ -55,7 +58,7 @@ def _row(event: Event, kind: str, currency: str, occurred_at: dt.datetime | None
     row: list[Any] = [None] * len(FACT_COLUMNS)
     for name in ("requests", "errors", "input_tokens", "output_tokens", "llm_cost_nanos", "tool_cost_nanos",
                  "payments_out_nanos", "revenue_nanos", "cache_savings_nanos", "estimated_cost_nanos",
-                 "unpriced_tokens"):
+                 "unpriced_tokens", "refunds_due_nanos"):
         row[_INDEX[name]] = 0
     row[_INDEX["event_id"]] = event.event_id
     row[_INDEX["workspace_id"]] = event.workspace_id
@@ -97,6 +100,9 @@ def finance_row(event: Event) -> tuple[Any, ...] | None:
     if isinstance(event, PaymentInbound):
         return _row(event, "revenue", event.currency, rail=event.rail, endpoint_id=event.endpoint_id,
                     revenue_nanos=event.amount_nanos)
+    if isinstance(event, PaymentEvent) and event.status == "refund_due" and event.amount_nanos > 0:
+        return _row(event, "refund_due", event.currency, rail=event.rail, endpoint_id=event.endpoint_id,
+                    refunds_due_nanos=event.amount_nanos)
     if isinstance(event, CacheHit):
         return _row(event, "cache_hit", event.currency, provider=event.provider, model=event.model,
                     cache_savings_nanos=event.saved_nanos)

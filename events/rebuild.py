@@ -69,7 +69,7 @@ class Comparison:
 
 _FINANCE_SUMS = ("sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(llm_cost_nanos), "
                  "sum(tool_cost_nanos), sum(payments_out_nanos), sum(revenue_nanos), sum(cache_savings_nanos), "
-                 "sum(estimated_cost_nanos), sum(unpriced_tokens), count(*)")
+                 "sum(estimated_cost_nanos), sum(unpriced_tokens), sum(refunds_due_nanos), count(*)")
 
 # (the f-strings below join constants only)
 COMPARISONS = (

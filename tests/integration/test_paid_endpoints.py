@@ -370,7 +370,7 @@ async def test_a_streamed_paid_call_that_fails_owes_a_refund_and_books_no_revenu
 async def test_a_per_token_price_earns_the_metered_charge_and_owes_back_the_rest(
         gateway: Gateway, http: aiohttp.ClientSession, facilitator: FakeFacilitator) -> None:
     slug = f"meter-{os.urandom(3).hex()}"
-    gateway.admin.call("POST", "/admin/v1/paid-endpoints", {
+    endpoint = gateway.admin.call("POST", "/admin/v1/paid-endpoints", {
         "workspace_id": "demo", "slug": slug, "serve": {"model": "mock/echo"},
         "price": {"per_token": {"asset": BASE_SEPOLIA_USDC, "decimals": 6, "input_per_mtok": "1000000",
                                 "output_per_mtok": "2500000", "max_amount": "100000"}},
@@ -392,3 +392,9 @@ async def test_a_per_token_price_earns_the_metered_charge_and_owes_back_the_rest
     refund = await eventually(lambda: _first(_journal(gateway, "payment.event", run_id=run_id, status="refund_due")))
     assert revenue["amount_nanos"] == charge * 1_000  # ... earns the metered charge ...
     assert refund["amount_nanos"] == (100_000 - charge) * 1_000 and refund["reason"] == "metered"  # ... owes the rest
+
+    async def books() -> dict[str, Any] | None:  # the endpoint's books show both
+        got = gateway.admin.call("GET", f"/admin/v1/paid-endpoints/{endpoint['id']}")
+        return got if got["refunds_due_nanos"] == refund["amount_nanos"] and got["calls"] == 1 else None
+    got = await eventually(books, timeout=20)
+    assert got["revenue_nanos"] == revenue["amount_nanos"]
