@@ -59,6 +59,7 @@ from schemas.entities import (
     Budget,
     ConfigEntity,
     EscalationGrant,
+    LogDestination,
     ModelAlias,
     PaidEndpoint,
     Policy,
@@ -320,7 +321,7 @@ def _stable_id(*parts: str) -> str:
 
 def public_view(entity: ConfigEntity) -> dict[str, Any]:
     """An entity as the API shows it: no key hash, no ciphertext (`has_api_key`,
-    `has_private_key` say whether there is one); money also as decimal USD
+    `has_private_key`, `has_secret` say whether there is one); money also as decimal USD
     strings and epoch-ms instants also as ISO-8601."""
     data: dict[str, Any] = msgspec.to_builtins(entity)
     data.pop("key_hash", None)
@@ -328,6 +329,8 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
         data["has_api_key"] = data.pop("api_key_enc") is not None
     if "private_key_enc" in data:
         data["has_private_key"] = data.pop("private_key_enc") is not None
+    if "secret_enc" in data:
+        data["has_secret"] = data.pop("secret_enc") is not None
     match entity:
         case Budget():
             data["limit_usd"] = nanos_to_decimal_str(entity.limit_nanos)
@@ -359,6 +362,10 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
         case Wallet():
             # Every asset setting shown, defaults included.
             data["assets"] = [_all_fields(a) for a in entity.assets]
+        case LogDestination():
+            # The API names the destination's type `kind` (the entity's `kind` is its tag).
+            data["kind"] = data.pop("type")
+            data["created_at"] = iso_ms(entity.created_at_ms) if entity.created_at_ms else None
     return data
 
 

@@ -549,6 +549,32 @@ class Wallet(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="w
     rails: tuple[str, ...] = ("x402", "mpp")
 
 
+# Where a log destination delivers events (see `schemas.log_delivery` and `events.delivery`).
+LogDestinationType = Literal["webhook", "otlp", "s3"]
+LOG_DESTINATION_TYPES: tuple[str, ...] = ("webhook", "otlp", "s3")
+
+
+class LogDestination(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="logdest"):
+    """A downstream system the event stream is delivered to (at least once, by the projector's
+    delivery task): a `webhook` (HTTPS POST per event, HMAC-signed with the secret), an `otlp`
+    collector (OTLP/HTTP JSON logs to `{url}/v1/logs`) or an `s3` prefix (`s3://bucket/prefix`,
+    newline-delimited JSON objects). `type` is the API's `kind` (`kind` is the entity tag here).
+    `workspace_id` None: every workspace's events (operator level). `event_types` empty: every
+    type. `secret_enc` is Fernet ciphertext (webhook: the signing secret; otlp: a bearer token;
+    s3: `access_key_id:secret_access_key`), never shown. `created_at_ms`: delivery starts with
+    the events stored from then on."""
+
+    id: str
+    type: LogDestinationType
+    url: str
+    workspace_id: str | None = None
+    secret_enc: str | None = None
+    event_types: tuple[str, ...] = ()
+    name: str = ""
+    enabled: bool = True
+    created_at_ms: int = 0
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -557,7 +583,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | Heartbeat)
+                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

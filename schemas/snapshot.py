@@ -34,6 +34,7 @@ from schemas.entities import (
     EscalationGrant,
     Heartbeat,
     Limit,
+    LogDestination,
     Member,
     ModelAlias,
     PaidEndpoint,
@@ -123,6 +124,8 @@ INDEXES: tuple[Index, ...] = (
     Index(PaidEndpoint, "paid_endpoints", attrgetter("slug")),
     # Outbound payment wallets by workspace (by id within it); see dataplane/ingress/egress.py.
     Index(Wallet, "wallets", attrgetter("workspace_id"), grouped=True),
+    # Log destinations by id (delivered by the projector's delivery task, events/delivery.py).
+    Index(LogDestination, "log_destinations", _by_id),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -161,6 +164,7 @@ class Snapshot:
     cache_purges: Mapping[tuple[str, str], CachePurge]
     paid_endpoints: Mapping[str, PaidEndpoint]
     wallets: Mapping[str, tuple[Wallet, ...]]
+    log_destinations: Mapping[str, LogDestination]
     heartbeat_ms: int | None = None
 
     @classmethod

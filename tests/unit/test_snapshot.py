@@ -21,6 +21,7 @@ from schemas.entities import (
     EscalationGrant,
     Heartbeat,
     Limit,
+    LogDestination,
     Member,
     ModelAlias,
     PaidAmount,
@@ -79,7 +80,9 @@ ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, ME
                                                                       facilitator_url="http://127.0.0.1:1"))),
                            Wallet(id="wallet_1", workspace_id="ws_1", name="ops", address="0x" + "ab" * 20,
                                   private_key_enc="gAAAA", assets=(WalletAsset(network="eip155:84532",
-                                                                               asset="0xUSDC", max_amount="100"),))]
+                                                                               asset="0xUSDC", max_amount="100"),)),
+                           LogDestination(id="logdest_1", type="webhook", url="https://example.com/hook",
+                                          workspace_id="ws_1", secret_enc="gAAAA", event_types=("llm.call",))]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
