@@ -30,15 +30,17 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from controlplane import cache_admin, finance, paid_admin, prompts, routers, wallets
+from controlplane import cache_admin, finance, paid_admin, payments_admin, prompts, routers, timeline, wallets
 from controlplane import commands as c
 from controlplane import governance as g
+from controlplane import log_destinations as logdest
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
 from controlplane.escalations import STATUSES, ApproveEscalation, Escalations, RejectEscalation
 from controlplane.fleet import FLEET, FleetMonitor, get_fleet, router_health
 from controlplane.idempotency import HEADER as IDEMPOTENCY_HEADER
 from controlplane.idempotency import IdempotencyStore, Replay, check_key
+from controlplane.metrics import METRICS, AdminMetrics, metrics_endpoint, metrics_middleware
 from controlplane.provider_keys import PROVIDER_KEY
 from controlplane.queries import ledger_balance, provider_catalog, run_summary, workspace_models
 from controlplane.relay import OutboxRelay
@@ -77,7 +79,7 @@ def _auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/admin/v1/openapi.json", "/admin/v1/healthz"):
+        if request.path in ("/admin/v1/openapi.json", "/admin/v1/healthz", "/metrics"):
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
@@ -274,6 +276,18 @@ async def get_paid_endpoint(request: web.Request) -> web.StreamResponse:
     return _json(c.public_view(endpoint) | await paid_admin.paid_revenue(st.pool, endpoint))
 
 
+async def get_log_destination(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    dest = await _load_by_id(request, "logdest", "log_destination")
+    return _json(c.public_view(dest) | await logdest.delivery_state(st.pool, dest.id))
+
+
+async def list_log_dead_letters(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    dest = await _load_by_id(request, "logdest", "log_destination")
+    return _json({"object": "list", "data": await logdest.dead_letters(st.pool, dest.id)})
+
+
 async def list_escalations(request: web.Request) -> web.StreamResponse:
     status = _query(request, "status")
     if status is not None and status not in STATUSES:
@@ -332,6 +346,16 @@ async def get_run(request: web.Request) -> web.StreamResponse:
                                    _query(request, "workspace_id")))
 
 
+def _timeline(kind: str) -> Handler_:
+    """`GET /admin/v1/runs/{id}/timeline` and `GET /admin/v1/sessions/{id}` (controlplane/timeline.py)."""
+    async def handler(request: web.Request) -> web.StreamResponse:
+        ident = _param(request.match_info["id"], f"{kind}_id")
+        workspace, limit = timeline.parse_limit({k: _param(v, k) for k, v in request.query.items()})
+        return _json(await timeline.timeline(request.app[ADMIN].pool, kind, ident, workspace, limit))
+
+    return handler
+
+
 def _finance(name: str) -> Handler_:
     """A finance read (`controlplane.finance.QUERIES`): JSON, or CSV with `?format=csv`."""
     query = finance.QUERIES[name]
@@ -375,6 +399,22 @@ async def reprice(request: web.Request) -> web.StreamResponse:
     cmd = c.parse_command(raw, Reprice)
     repricer = Repricer(st.pool, st.relay, st.settings.subject_prefix, st.settings.admin_propagation_wait_s)
     return await _command(request, raw, lambda hook: repricer.reprice(cmd, hook), 200)
+
+
+async def pending_payments(request: web.Request) -> web.StreamResponse:
+    workspace_id = _query(request, "workspace_id")
+    if not workspace_id:
+        raise InvalidRequest("Name the workspace: ?workspace_id=...", param="workspace_id", code="missing_workspace")
+    return _json(await payments_admin.pending_payments(request.app[ADMIN].pool, workspace_id))
+
+
+async def resolve_payment(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    raw = await _body(request)
+    cmd = c.parse_command(raw, payments_admin.ResolvePayment)
+    resolver = payments_admin.Resolver(st.pool, st.relay, st.settings.subject_prefix,
+                                       st.settings.admin_propagation_wait_s)
+    return await _command(request, raw, lambda hook: resolver.resolve(cmd, hook), 200)
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
@@ -432,11 +472,26 @@ ROUTES: tuple[Route, ...] = (
     *_crud("paid-endpoints", paid_admin.PAID_ENDPOINT, "paid endpoint (sold per call at /paid/{slug}/... over "
            "x402: `serve` a `backend_url` or a `model`, `price.per_call` in the asset's atomic units, `rails.x402`)",
            get=False),
+    Route("GET", "/admin/v1/payments/pending", "Pending settlements of paid calls not resolved yet (?workspace_id=, "
+          "required): `replay_key`, `endpoint_id`, `run_id`, `amount_usd` (earned once settled), `refund_usd` (owed "
+          "back once settled), `transaction`", None, pending_payments),
+    Route("POST", "/admin/v1/payments/resolve", "Resolve a pending settlement: `settled` books its revenue (and the "
+          "refund it owes), `failed` a loss; once (409 `payment_already_resolved` after)",
+          payments_admin.ResolvePayment, resolve_payment),
     Route("GET", "/admin/v1/paid-endpoints/{id}", "Get a paid endpoint with the revenue recorded for it: "
           "`revenue_usd` (decimal string), `revenue_nanos` and `calls` (paid calls)", None, get_paid_endpoint),
     # The body's fields are described by CreateWallet's docstring in the OpenAPI schema.
     *_crud("wallets", wallets.WALLET, "wallet (pays x402/MPP endpoints an agent calls through /egress: an EVM key, "
            "allow-listed assets with per-payment caps)"),
+    # The body's fields are described by CreateLogDestination's docstring in the OpenAPI schema.
+    *_crud("log-destinations", logdest.LOG_DESTINATION, "log destination (the event stream delivered, at least "
+           "once, to a `webhook`, an `otlp` collector or an `s3` prefix; filtered by `workspace_id` and "
+           "`event_types`; the `secret` is never shown)", get=False),
+    Route("GET", "/admin/v1/log-destinations/{id}", "Get a log destination with its delivery state: `delivered`, "
+          "`failed` (failed attempts), `dead_lettered` (events given up on), `last_error`, `last_error_at`, "
+          "`last_delivered_at`", None, get_log_destination),
+    Route("GET", "/admin/v1/log-destinations/{id}/dead-letters", "The destination's dead-lettered events, newest "
+          "first (at most 100): the event, `attempts`, `reason`, `dead_lettered_at`", None, list_log_dead_letters),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),
@@ -460,6 +515,13 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/admin/v1/runs/{run_id}", "Cost, revenue, margin and usage of one agent run (?workspace_id=): "
           "`cost_usd` is the total (llm + tool + payments out), with each part, `revenue_usd`, `margin_usd`, "
           "`cache_savings_usd`, `estimated_cost_usd`, `agents` and `outcome`", None, get_run),
+    Route("GET", "/admin/v1/runs/{id}/timeline", "Every event of one agent run in time order (?workspace_id=, "
+          f"?limit= default {timeline.DEFAULT_LIMIT}, at most {timeline.MAX_LIMIT}; `truncated`): model calls, tool "
+          "spend, policy decisions, cache hits, payments, each with `type`, `occurred_at`, `request_id`, `cost_usd`, "
+          "`trace_id` (and `body_key`, the archived bodies, on model calls); `totals` equal the run's finance view",
+          None, _timeline("run")),
+    Route("GET", "/admin/v1/sessions/{id}", "Every event of one session in time order, as a run's timeline "
+          "(?workspace_id=, ?limit=), with the session's finance `totals`", None, _timeline("session")),
     Route("GET", "/admin/v1/finance/summary", "Totals grouped by `group_by` (agent | run | workflow | member | "
           "department | workspace | provider | model | property:<name>), per `interval` (hour | day | month) if "
           f"given, at most `limit` rows (default 1000; `has_more`). {_FINANCE_WINDOW}", None, _finance("summary")),
@@ -571,6 +633,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         # Lazy: nothing connects until a budget is read, so the control plane starts without Redis;
         # short timeouts, so an unreachable Redis makes GET /budgets/{id} degrade, not hang.
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
+        app[METRICS].revision = lambda: relay.last_revision
         app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring),
                                 Escalations(commands, redis), DecisionDryRun(commands), redis)
         tasks = [asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay"),
@@ -593,9 +656,13 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
 def build_admin_app(settings: Settings) -> web.Application:
     if not settings.admin_token:
         raise ValueError("ALEPHANT_ADMIN_TOKEN must be set for the control plane")
-    app = web.Application(middlewares=[error_middleware, _auth_middleware(settings.admin_token.reveal())],
+    metrics = AdminMetrics()
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware,
+                                       _auth_middleware(settings.admin_token.reveal())],
                           client_max_size=ADMIN_BODY_LIMIT)
+    app[METRICS] = metrics
     app.cleanup_ctx.append(_resources(settings))
+    app.router.add_get("/metrics", metrics_endpoint)  # no token: counts and the revision only
     app.router.add_get("/admin/v1/openapi.json", openapi)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)

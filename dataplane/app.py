@@ -33,6 +33,7 @@ from dataplane.ingress.passthrough import passthrough
 from dataplane.ingress.responses import ResponsesIngress
 from dataplane.lifecycle import ModelCall
 from dataplane.limits import STREAM_SLOTS, StreamSlots
+from dataplane.metrics import REFRESH_S as METRICS_REFRESH_S
 from dataplane.models import ModelCatalog
 from dataplane.outbound import make_session
 from dataplane.pipeline import Endpoint, run
@@ -45,6 +46,7 @@ from events.publisher import EventPublisher
 from events.spool import Spool
 from schemas.http import error_middleware
 from schemas.keys import KeyRing
+from schemas.prometheus import render
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -68,6 +70,21 @@ async def healthz(request: web.Request) -> web.Response:
     status["limiter_failure_mode_allowed"] = worker.governor.local_admissions
     status["budget_store"] = "ok" if worker.governor.store_healthy else "down (rates local, budgets on leases)"
     return web.json_response(status)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: every worker's metrics (merged in multiprocess mode), unauthenticated
+    like /healthz; labels carry no key, agent, run or request ids."""
+    worker = request.app[WORKER]
+    worker.metrics.refresh(worker.store, request.app[PUBLISHER], worker.health)
+    return render(worker.metrics.scrape())
+
+
+async def _refresh_metrics(worker: WorkerState, publisher: EventPublisher) -> None:
+    """Keep this worker's gauges current for scrapes another worker answers."""
+    while True:
+        worker.metrics.refresh(worker.store, publisher, worker.health)
+        await asyncio.sleep(METRICS_REFRESH_S)
 
 
 async def _flush_refusals(worker: WorkerState) -> None:
@@ -126,6 +143,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("fleet", run_fleet(nc, settings.subject_prefix, store, fleet, targets=worker.health.states)),
             ("health-probes", run_probes(worker)),
             ("semantic-sweeps", semantic.run_sweeps()),
+            ("metrics", _refresh_metrics(worker, publisher)),
         )]
         yield
         worker.refusals.flush(publisher)
@@ -151,6 +169,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         done, _ = await asyncio.wait({drain}, timeout=1.0 if pending else 5.0)
         if not done or drain.exception() is not None:
             log.warning("nats_drain_incomplete", pending=pending)
+        worker.metrics.close()
 
     return ctx
 
@@ -186,6 +205,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/alephant/runs/{run_id}/complete", _route(RunCompleteEndpoint()))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_route("*", PAID_ROUTE, paid)
     app.router.add_route("*", EGRESS_ROUTE, egress)
     app.router.add_route("*", EGRESS_ALIAS_ROUTE, egress)

@@ -89,6 +89,7 @@ def _record(call: Call, exc: BaseException) -> bool:
     """Note how `exc` ends the call; False when the call must not be recorded at all (a client
     string refused at the edge: it may hold what Postgres cannot store)."""
     if isinstance(exc, InvalidValue):
+        call.status, call.error_code = exc.status, exc.code  # for metrics only: no event
         return False
     if isinstance(exc, GatewayError):
         call.status, call.error_code = exc.status, exc.code
@@ -104,7 +105,8 @@ def _record(call: Call, exc: BaseException) -> bool:
 def finish(call: Call) -> Iterator[None]:
     """Around the stages: note how the call ended, then settle its admission (actual cost, or 0
     for a call that never reached a provider), release every slot it holds, and emit its one
-    event (the unknown-key refusals are counted instead, see `access.RefusalCounter`)."""
+    event (the unknown-key refusals are counted instead, see `access.RefusalCounter`); every call,
+    recorded or not, is counted in the worker's metrics (`dataplane.metrics`)."""
     record = True
     try:
         yield
@@ -118,6 +120,7 @@ def finish(call: Call) -> Iterator[None]:
             governance.settle(call)
             if record:
                 emit_once(call)
+            call.worker.metrics.observe(call)
 
 
 def emit_once(call: Call) -> None:

@@ -11,6 +11,7 @@ from aiohttp import web
 from dataplane.cache import ExactCache
 from dataplane.fleet import FleetView
 from dataplane.health import HealthBoard
+from dataplane.metrics import DataPlaneMetrics
 from dataplane.ports import EventSink, Governor, IdempotencyStore, NoGovernor, NoIdempotencyStore
 from dataplane.refusals import RefusalCounter
 from dataplane.snapshot import SnapshotStore
@@ -34,6 +35,7 @@ class WorkerState:
     fleet: FleetView = field(default_factory=FleetView)  # the live workers this one hears
     refusals: RefusalCounter = field(default_factory=RefusalCounter)
     health: HealthBoard = field(default_factory=HealthBoard)  # upstream targets, as this worker sees them
+    metrics: DataPlaneMetrics = field(default_factory=DataPlaneMetrics)  # /metrics; observed in pipeline.finish
     cache: ExactCache | None = None  # the response cache (None: not wired, e.g. unit-test apps)
     semantic: SemanticIndex | None = None  # the semantic cache's index (Qdrant), opened on first use
     policy_allows: int = 0  # plain policy allows (counted, not emitted)

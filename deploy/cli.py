@@ -81,6 +81,7 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
 async def _run_projector(settings: Settings, only: list[str] | None = None) -> None:
     from events.jetstream import bus_auth, connect, ensure_stream
     from events.projector import PROJECTIONS, Projector
+    from events.projector_metrics import serving_metrics
 
     nc = await connect(settings.nats_url, "alephant-projector", bus_auth(settings, "projector"))
     try:
@@ -95,12 +96,17 @@ async def _run_projector(settings: Settings, only: list[str] | None = None) -> N
             from events.archive import run_archiver
 
             runs.append(run_archiver(js, settings))
-        task = asyncio.ensure_future(asyncio.gather(*runs))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        if not only or "delivery" in only:  # log destinations (events/delivery.py)
+            from events.delivery import run_delivery
+
+            runs.append(run_delivery(js, settings))
+        async with serving_metrics(js, settings.stream, projectors, settings.host, settings.projector_metrics_port):
+            task = asyncio.ensure_future(asyncio.gather(*runs))
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, task.cancel)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     finally:
         await nc.close()
 
@@ -212,11 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     proj = sub.add_parser(
         "projector", help="fold the event stream into the Postgres ledgers (and archive it to S3)",
         description="Runs every projection (ledger, finance), each on its own durable JetStream consumer, and the "
-        "S3 archiver when ALEPHANT_S3_URL is set. Safe to restart or to run twice. To use more cores, run one "
+        "S3 archiver when ALEPHANT_S3_URL is set, and log delivery to the configured log destinations (webhook, "
+        "OTLP, S3; one durable consumer each). Safe to restart or to run twice. To use more cores, run one "
         "process per projection: `alephant projector --only ledger` and `alephant projector --only finance "
         "--only archive`.")
-    proj.add_argument("--only", action="append", choices=["ledger", "finance", "archive"],
-                      help="run only this projection or the archiver (repeatable; default: all)")
+    proj.add_argument("--only", action="append", choices=["ledger", "finance", "archive", "delivery"],
+                      help="run only this projection, the archiver or log delivery (repeatable; default: all)")
     proj.set_defaults(fn=cmd_projector)
     sub.add_parser("migrate", help="apply Postgres migrations and create the stream and config bucket",
                    description="Idempotent; safe to run on every deploy.").set_defaults(fn=cmd_migrate)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,8 @@ from deploy.services import (
 
 if TYPE_CHECKING:
     from events.jetstream import BusRole
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's variable (schemas.prometheus)
 
 DEMO_WORKSPACE = "demo"
 DEMO_AGENT = "demo-agent"
@@ -156,6 +159,8 @@ class Stack:
     port: int = 8080
     admin_port: int = 8081
     workers: int = 1
+    # The projector's /metrics port: ALEPHANT_PROJECTOR_METRICS_PORT, else (0) a free one picked at start.
+    projector_metrics_port: int = 0
     env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     extra_env: Mapping[str, str] = field(default_factory=dict)
     log: Callable[[str], None] = print
@@ -231,7 +236,23 @@ class Stack:
         })
         env.update(self._s3_env())
         env.update(self.extra_env)
+        if self.projector_metrics_port:
+            env["ALEPHANT_PROJECTOR_METRICS_PORT"] = str(self.projector_metrics_port)
+        # Data-plane workers share one port, so their metrics share a directory (multiprocess mode);
+        # every other process keeps its own.
+        env.pop(MULTIPROC_ENV, None)
+        if role == "dataplane":
+            env[MULTIPROC_ENV] = str(self.metrics_dir)
         return env
+
+    @property
+    def metrics_dir(self) -> Path:
+        """Where the data-plane workers' metrics live (`PROMETHEUS_MULTIPROC_DIR`), wiped at each start."""
+        return self.state_dir / "metrics"
+
+    @property
+    def projector_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.projector_metrics_port}/metrics"
 
     def _s3_env(self) -> dict[str, str]:
         """`ALEPHANT_S3_URL`, and for the embedded server its placeholder AWS credentials."""
@@ -274,6 +295,9 @@ class Stack:
                 if wanted:
                     self.log(f"  port {wanted} is busy; using {chosen} instead")
                 setattr(self, attr, chosen)
+        wanted = self.projector_metrics_port or int(
+            {**self.env, **self.extra_env}.get("ALEPHANT_PROJECTOR_METRICS_PORT") or 0)
+        self.projector_metrics_port = wanted if wanted and not port_open(wanted) else free_port()
 
     def spawn(self, name: str, *args: str) -> Service:
         """Start `alephant <args>` as a child named `name`, logging to `<state_dir>/logs/<name>.log`."""
@@ -331,6 +355,9 @@ class Stack:
             self.log("==> control plane")
             self.start_controlplane()
             self.log(f"==> data plane ({self.workers} worker{'s' if self.workers != 1 else ''})")
+            # Counters from an earlier run must not be summed into this one's.
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            self.metrics_dir.mkdir(parents=True)
             for i in range(self.workers):
                 self.start_worker(i)
             self.log("==> projector")
@@ -416,6 +443,8 @@ class Stack:
             "ALEPHANT_DEMO_MODEL": DEMO_MODEL,
             "ALEPHANT_DEMO_KEY_ID": key_id or "",
             "ALEPHANT_DEMO_WORKSPACE": DEMO_WORKSPACE,
+            # Prometheus targets: the gateway and the admin API serve /metrics on their own ports.
+            "ALEPHANT_PROJECTOR_METRICS_URL": self.projector_metrics_url,
         }
         write_env_file(demo_path, values, "Written by `alephant dev`: the demo gateway's URLs and credentials.")
         return values

@@ -385,6 +385,11 @@ class Projector:
         self._ack_wait_s = ack_wait_s
         self.applied = 0
         self.dead = 0
+        self.batches_failed = 0  # batches nak'ed because the database was unreachable or busy
+        # For the lag in seconds (events.projector_metrics): when the oldest message fetched but not
+        # yet acked was stored (Unix s; None: none in hand), and when the newest acked one was.
+        self.in_hand_since: float | None = None
+        self.folded_until: float | None = None
 
     async def run(self) -> None:
         puller = BatchPuller(self._js._nc, self._js, self._stream, ConsumerConfig(
@@ -409,6 +414,8 @@ class Projector:
             except TimeoutError:
                 continue
             await puller.prefetch(self._batch)
+            if self.in_hand_since is None:
+                self.in_hand_since = msgs[0].metadata.timestamp.timestamp()
             try:
                 if conn is None or conn.closed:
                     conn = await psycopg.AsyncConnection.connect(self._database_url)
@@ -419,12 +426,14 @@ class Projector:
                 log.warning("projector_batch_failed", projection=self.projection.name, error=type(exc).__name__,
                             detail=str(exc)[:200])
                 await _settle(msgs, ack=False)
+                self.batches_failed += 1
                 if conn is not None:
                     await conn.close()
                 conn = None
                 await asyncio.sleep(1.0)
                 continue
             await _settle(msgs, ack=True)
+            self.in_hand_since, self.folded_until = None, msgs[-1].metadata.timestamp.timestamp()
             self.applied += result.journalled
             self.dead += result.dead
             if result.dead:

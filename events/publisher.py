@@ -24,6 +24,7 @@ import heapq
 import itertools
 import random
 import time
+import uuid
 from dataclasses import dataclass
 
 import msgspec
@@ -149,6 +150,23 @@ class EventPublisher:
     @property
     def pending(self) -> int:
         return len(self._queue) + len(self._retry) + self._in_flight + self.spilled
+
+    def oldest_pending_ms(self) -> int | None:
+        """When the oldest event queued or waiting for a retry was created (Unix ms, from its
+        UUIDv7 id), or None when there is none. For metrics: O(1) while publishing keeps up, a
+        scan of the retry heap while NATS refuses events. Batches in flight are not looked at (a
+        publish times out into the retry heap)."""
+        ids = [self._queue[0].msg_id] if self._queue else []
+        if self._retry:
+            ids.append(min(out.msg_id for _, _, out in self._retry))  # UUIDv7 text sorts by time
+        oldest = None
+        for msg_id in ids:
+            try:
+                ms = uuid.UUID(msg_id).int >> 80
+            except ValueError:
+                continue
+            oldest = ms if oldest is None else min(oldest, ms)
+        return oldest
 
     # ---- request path --------------------------------------------------------------------
     def emit(self, event: Event) -> None:

@@ -73,6 +73,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projector_batch: int = 512
     # A batch not acked within this window (its projector died) is redelivered to another one.
     projector_ack_wait_s: float = 30.0
+    # The projector's Prometheus endpoint (GET /metrics, on `host`); 0: any free port (logged as
+    # `projector_metrics_listening`; the local stack picks one and writes it to demo.env).
+    projector_metrics_port: int = 0
     log_level: str = "info"
     # -- governance ----------------------------------------------------------------------------------
     # A budget hold not settled within this (its worker died) expires and is swept.
@@ -137,6 +140,21 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # or when it holds archive_max_events events, whichever comes first.
     archive_flush_s: float = 10.0
     archive_max_events: int = 10_000
+    # -- downstream log delivery (events/delivery.py, in the projector process) -------------------
+    # An event is dead-lettered after this many failed attempts at one destination; between two,
+    # a jittered exponential backoff from delivery_backoff_s up to delivery_backoff_max_s.
+    delivery_max_attempts: int = 10
+    delivery_backoff_s: float = 2.0
+    delivery_backoff_max_s: float = 300.0
+    # One attempt (a webhook POST, an OTLP export, an S3 put) gives up after this many seconds.
+    delivery_timeout_s: float = 10.0
+    # Events fetched per destination at once, and webhook POSTs in flight per destination.
+    delivery_batch: int = 64
+    delivery_concurrency: int = 8
+    # OTLP and S3 destinations gather events this long (or delivery_batch of them) per export/object.
+    delivery_linger_s: float = 1.0
+    # How often the delivery task re-reads the destinations from Postgres.
+    delivery_refresh_s: float = 2.0
     # -- cache (exact in Redis, semantic in Qdrant) -------------------------------------------------
     # A Qdrant server for the semantic cache; empty: qdrant-client's local mode, on disk under
     # `<state_dir>/qdrant/<process>` (in-process, so each worker has its own semantic index; point
