@@ -139,6 +139,12 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
                 f"{api}.CONSUMER.MSG.NEXT.{stream}.{consumer}",
                 f"$JS.ACK.{stream}.{consumer}.>",
             ]
+        # Log delivery (events/delivery.py): one durable consumer per destination, `deliver_<id>`,
+        # made and removed as destinations come and go, so their names are not known here.
+        publish += [
+            f"{api}.CONSUMER.INFO.{stream}.*", f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*",
+            f"{api}.CONSUMER.DELETE.{stream}.*", f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.*.>",
+        ]
     else:
         raise ValueError(f"unknown bus role {role!r}")
     return {"publish": publish, "subscribe": [f"{role_inbox(role)}.>", *subscribe]}
