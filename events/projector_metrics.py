@@ -45,7 +45,7 @@ class Lag:
     seconds: float = 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # registries key collectors by identity
 class ProjectorCollector(Collector):
     """Reads the running projectors' counts and their last measured lag at collect time."""
 
