@@ -305,6 +305,9 @@ def add_admin_commands(sub: Any) -> None:
     _cache(cmds)
     _paid(cmds)
     _wallets(cmds)
+    from deploy.log_destinations_cli import add_log_destination_commands  # it imports this module
+
+    add_log_destination_commands(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")
