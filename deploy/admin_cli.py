@@ -316,9 +316,13 @@ def add_admin_commands(sub: Any) -> None:
     leaf(g, "catalog", "Provider types and the models known for each", "GET", lambda a: "/admin/v1/catalog",
          ws=False)
 
-    g = cmds.group("runs", "Agent runs: cost and usage from the ledger")
+    from deploy.timeline_cli import add_run_timeline, add_sessions  # it imports this module
+
+    g = cmds.group("runs", "Agent runs: cost and usage from the ledger, and their timelines")
     leaf(g, "get", "Cost and usage of one run", "GET", lambda a: f"/admin/v1/runs/{a.run_id}",
          ws=False).add_argument("run_id")
+    add_run_timeline(g)
+    add_sessions(cmds)
 
     g = cmds.group("ledger", "The double-entry ledger")
     leaf(g, "balance", "Debits and credits per currency", "GET", lambda a: "/admin/v1/ledger/balance", ws=False)
