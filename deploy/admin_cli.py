@@ -628,6 +628,22 @@ def _paid(cmds: Commands) -> None:
     _paid_flags(p, create=False)
     leaf(g, "delete", "Delete a paid endpoint", "DELETE", lambda a: f"{base}/{a.id}", ws=False).add_argument("id")
 
+    g = cmds.group("payments", "Paid calls whose settlement is pending (broadcast, not confirmed): list and resolve "
+                   "them once the chain says how they ended")
+    leaf(g, "pending", "List the workspace's unresolved pending settlements (replay_key, endpoint, run, amount_usd "
+         "earned once settled, refund_usd owed back, transaction)", "GET",
+         lambda a: f"/admin/v1/payments/pending?workspace_id={default_ws(a)}")
+    p = leaf(g, "resolve", "Resolve a pending settlement: --settled books its revenue on the serving run (and what it "
+             "owes back), --failed books a loss. Once per payment", "POST", lambda a: "/admin/v1/payments/resolve",
+             lambda a: drop_none({"workspace_id": default_ws(a), "replay_key": a.replay_key,
+                                  "outcome": "settled" if a.settled else "failed", "transaction": a.transaction}),
+             change=False)
+    p.add_argument("replay_key", help="the payment's replay key, as `alephant payments pending` lists it")
+    outcome = p.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--settled", action="store_true", help="the settlement reached the chain")
+    outcome.add_argument("--failed", action="store_true", help="the settlement never will (the authorization lapsed)")
+    p.add_argument("--transaction", metavar="HASH", help="the settlement's transaction hash, when known")
+
 
 # ---- wallets (outbound payments) -----------------------------------------------------------------
 

@@ -227,6 +227,8 @@ class PaymentEvent(_Money, frozen=True, kw_only=True, tag="payment.event"):
     payer: str = ""
     reason: str = ""
     transaction: str = ""
+    # A pending settlement of a metered price: what it will owe back to the payer once settled.
+    refund_nanos: int = 0
 
 
 class CacheHit(_Money, frozen=True, kw_only=True, tag="cache.hit"):
@@ -289,6 +291,17 @@ def event_type(event: Event) -> str:
     tag = type(event).__struct_config__.tag
     assert isinstance(tag, str)
     return tag
+
+
+_INBOUND_PAYMENT_NAMESPACE = uuid.UUID("2b8f6f8e-4f43-4b7e-9a0e-5d2c1e7a9b31")
+
+
+def inbound_payment_event_id(replay_key: str, outcome: str = "revenue") -> uuid.UUID:
+    """The event id of a paid call's settled revenue (`outcome` "revenue", the `payment.inbound`)
+    or of another final outcome of its payment (e.g. "loss"), derived from the credential's replay
+    key: the data plane and an admin resolving a pending settlement book it once, whoever is first."""
+    name = replay_key if outcome == "revenue" else f"{replay_key}#{outcome}"
+    return uuid.uuid5(_INBOUND_PAYMENT_NAMESPACE, name)
 
 
 def subject_for(event: Event, prefix: str) -> str:

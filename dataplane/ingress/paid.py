@@ -33,7 +33,6 @@ import hashlib
 import hmac
 import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +56,7 @@ from dataplane.providers.upstream import send
 from dataplane.stages.governance import input_bound
 from schemas.entities import PaidEndpoint, VirtualKey
 from schemas.errors import Conflict, GatewayError, InvalidRequest, NotFound, UpstreamError
-from schemas.events import PaymentEvent, PaymentInbound
+from schemas.events import PaymentEvent, PaymentInbound, inbound_payment_event_id
 from schemas.http import read_body
 from schemas.ids import uuid7
 
@@ -67,7 +66,6 @@ PAID_ROUTE = "/paid/{slug}{tail:(/.*)?}"
 RUN_ID = "Alephant-Run-Id"
 REQUEST_ID = "Alephant-Request-Id"
 MAX_BACKEND_ANSWER = 16 * 1024 * 1024
-PAYMENT_ID_NAMESPACE = uuid.UUID("2b8f6f8e-4f43-4b7e-9a0e-5d2c1e7a9b31")
 
 
 @dataclass(slots=True)
@@ -325,7 +323,6 @@ class PaidCall:
     async def _settle(self, call: Call, endpoint: PaidEndpoint, payment: Payment, answer: web.Response,
                       claims: list[tuple[str, str]]) -> web.Response:
         settlement = await payment.settle()
-        amount = amount_nanos(endpoint)
         receipt = payment.receipt(settlement)
         if settlement.success or settlement.pending:
             if receipt is not None:
@@ -335,9 +332,10 @@ class PaidCall:
             answer.headers[RUN_ID] = call.ctx.run_id or ""
             if settlement.success:
                 self._earn(call, endpoint, payment, settlement.transaction)
-            else:
-                self._record(call, endpoint, self._memo(call, endpoint, payment, "pending", amount=amount,
-                                                        transaction=settlement.transaction))
+            else:  # booked when reconciled (`alephant payments resolve`): the revenue and what it owes back
+                earned, owed = self._charged(call, endpoint)
+                self._record(call, endpoint, self._memo(call, endpoint, payment, "pending", amount=earned,
+                                                        transaction=settlement.transaction, refund=owed))
             final = answer
         else:
             lost = self._charged(call, endpoint)[0]  # served and not collected
@@ -357,8 +355,9 @@ class PaidCall:
     async def _stream(self, call: Call, endpoint: PaidEndpoint, payment: Payment,
                       claims: list[tuple[str, str]]) -> web.StreamResponse:
         """A streamed paid call settles upfront: the answer goes to the client as it is made, so it
-        cannot be withheld until payment. Settled (or pending): a `payment.event` "settled" memo,
-        the receipt and run id on the stream's headers, then the stream. Revenue is recognised on
+        cannot be withheld until payment. Settled: a `payment.event` "settled" memo, the receipt
+        and run id on the stream's headers, then the stream (a pending settlement streams too, and
+        its "pending" memo, written once the stream ended, says what it earned and owes). Revenue is recognised on
         delivery: a `payment.inbound` once the stream completed; a stream that failed or was cut
         off owes the payer the whole amount settled back, recorded as a `payment.event`
         "refund_due" (the gateway holds no chain key: the operator refunds). A failed settlement
@@ -374,8 +373,9 @@ class PaidCall:
         if receipt is not None:
             call.extra_headers[receipt[0]] = receipt[1]
         call.extra_headers[RUN_ID] = call.ctx.run_id or ""
-        call.worker.events.emit(self._memo(call, endpoint, payment, "settled" if settlement.success else "pending",
-                                           amount=amount, transaction=settlement.transaction))
+        if settlement.success:
+            call.worker.events.emit(self._memo(call, endpoint, payment, "settled", amount=amount,
+                                               transaction=settlement.transaction))
         used = msgspec.json.encode({"error": {
             "message": "This payment paid for a streamed answer, which is not replayed; pay again for a new one.",
             "type": "invalid_request_error", "param": None, "code": "payment_already_used"}})
@@ -387,11 +387,15 @@ class PaidCall:
             delivered = call.status < 400 and not call.partial
             return response
         finally:
-            if not delivered:
+            if settlement.pending:  # booked when reconciled: what it earned, and what it will owe back
+                earned, owed = self._charged(call, endpoint) if delivered else (0, amount)
+                call.worker.events.emit(self._memo(call, endpoint, payment, "pending", amount=earned,
+                                                   transaction=settlement.transaction, refund=owed))
+            elif not delivered:
                 call.worker.events.emit(self._memo(call, endpoint, payment, "refund_due", amount=amount,
                                                    transaction=settlement.transaction,
                                                    reason=call.error_code or "not delivered"))
-            elif settlement.success:  # a pending settlement's revenue waits for its reconciliation
+            else:
                 self._earn(call, endpoint, payment, settlement.transaction)
 
     def _charged(self, call: Call, endpoint: PaidEndpoint) -> tuple[int, int]:
@@ -430,16 +434,16 @@ class PaidCall:
                 "department_id": call.department_id, "member_id": call.member_id}
 
     def _memo(self, call: Call, endpoint: PaidEndpoint, payment: Payment | None, status: str, *,
-              reason: str = "", amount: int = 0, transaction: str = "") -> PaymentEvent:
+              reason: str = "", amount: int = 0, transaction: str = "", refund: int = 0) -> PaymentEvent:
         return PaymentEvent(event_id=uuid7(), **self._envelope(call), endpoint_id=endpoint.id, status=status,
                             rail=payment.rail if payment is not None else "x402",
                             replay_key=payment.replay_key if payment is not None else "",
                             payer=payment.payer if payment is not None else "", reason=reason[:200],
-                            amount_nanos=amount, transaction=transaction)
+                            amount_nanos=amount, transaction=transaction, refund_nanos=refund)
 
     def _revenue(self, call: Call, endpoint: PaidEndpoint, payment: Payment, amount: int) -> PaymentInbound:
         # The event id is the credential's: a settlement recorded twice is one revenue entry.
-        return PaymentInbound(event_id=uuid.uuid5(PAYMENT_ID_NAMESPACE, payment.replay_key), **self._envelope(call),
+        return PaymentInbound(event_id=inbound_payment_event_id(payment.replay_key), **self._envelope(call),
                               payment_id=payment.replay_key, amount_nanos=amount, rail=payment.rail,
                               endpoint_id=endpoint.id, payer=payment.payer)
 
