@@ -17,6 +17,7 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from dataplane import tracing
 from dataplane.cache import ExactCache
 from dataplane.cache_semantic import SemanticIndex
 from dataplane.fleet import FleetView, run_fleet
@@ -103,6 +104,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         keyring = KeyRing(settings.secret_key)
         warm()
+        tracing.setup()  # only when the OTEL_* variables configure an exporter
         nc = await connect(settings.nats_url, "alephant-dataplane", bus_auth(settings, "dataplane"))
         js = nc.jetstream()
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
@@ -170,6 +172,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         if not done or drain.exception() is not None:
             log.warning("nats_drain_incomplete", pending=pending)
         worker.metrics.close()
+        tracing.shutdown()
 
     return ctx
 

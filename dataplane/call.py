@@ -118,6 +118,7 @@ class Call:
     anomalies: tuple[str, ...] = ()  # see LlmCall.anomalies
     usage_estimated: bool = False
     emitted: bool = False
+    trace_id: str | None = None  # the W3C trace id when the request is traced (dataplane.tracing)
     # What a successful call records instead of its `llm.call` (e.g. the spend API's `tool.spend`),
     # set by dispatch once the outcome is final; refusals are still `llm.call`s (`pipeline.emit_once`).
     success_event: Event | None = None
@@ -225,6 +226,7 @@ class Call:
             router_id=self.route.router.id if self.route is not None and self.route.router is not None else None,
             router_rule=self.route.rule if self.route is not None else "",
             attempts=tuple(self.attempts),
+            trace_id=self.trace_id,
         )
 
     def headers(self) -> dict[str, str]:

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from dataplane import tracing
 from dataplane.call import Call
 from dataplane.stages import access, governance
 from dataplane.stages.cache import cache, cache_key
@@ -141,12 +142,35 @@ def emit_once(call: Call) -> None:
 
 
 async def run(request: web.Request, endpoint: Endpoint) -> web.StreamResponse:
-    """Every stage of `PIPELINE` over one `Call`, in order, until one answers."""
+    """Every stage of `PIPELINE` over one `Call`, in order, until one answers (traced when
+    `dataplane.tracing` is on)."""
     worker: WorkerState = request.app[WORKER]
     call = Call(request=request, worker=worker, endpoint=endpoint, snap=worker.store.current)
+    if tracing.TRACER is not None:
+        return await _traced(call)
     with finish(call):
         for stage in PIPELINE:
             await stage(call)
             if call.response is not None:
                 return call.response
     raise AssertionError("the pipeline ended without an answer")  # dispatch always answers
+
+
+async def _traced(call: Call) -> web.StreamResponse:
+    """`run` with spans: the request's, the stages that wait on something, the upstream call's."""
+    with tracing.request_span(call), finish(call):
+        for stage in PIPELINE:
+            if stage is _dispatch:
+                with tracing.dispatch_span(call):
+                    await stage(call)
+            elif (name := _TRACED_STAGES.get(stage)) is not None:
+                with tracing.stage_span(name):
+                    await stage(call)
+            else:
+                await stage(call)
+            if call.response is not None:
+                return call.response
+    raise AssertionError("the pipeline ended without an answer")
+
+
+_TRACED_STAGES: dict[Stage, str] = {governance.admit: "alephant.admit", cache: "alephant.cache"}

@@ -18,6 +18,7 @@ import msgspec
 import structlog
 from aiohttp.typedefs import StrOrURL
 
+from dataplane import tracing
 from dataplane.key_mask import mask, secrets_of
 from dataplane.outbound import refused
 from dataplane.providers.base import UpstreamCall
@@ -117,6 +118,9 @@ async def send(session: aiohttp.ClientSession, provider: str, method: str, url: 
     refuses addresses the SSRF policy refuses (`dataplane.outbound`): that is a 502
     `upstream_address_refused` and no connection was made. Timeouts are 504 `upstream_timeout`,
     other connection failures 502 `upstream_unreachable`. Returns the open response, any status."""
+    if tracing.TRACER is not None:  # the current span (the call's CLIENT span) as the request's traceparent
+        headers = dict(headers)
+        tracing.inject(headers)
     try:
         return await session.request(
             method, url, data=body, headers=headers, allow_redirects=False,
