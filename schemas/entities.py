@@ -575,6 +575,27 @@ class LogDestination(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind"
     created_at_ms: int = 0
 
 
+LogBodies = Literal["none", "request", "both"]
+
+
+class LogSettings(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="logsettings"):
+    """What is kept of a workspace's (or one virtual key's) requests beyond the event's metadata
+    (the key's setting wins over its workspace's): `bodies` none (metadata only, the default) |
+    request | both (request and response), archived to S3 (`dataplane.bodies`) after redaction
+    (known secret shapes and the call's own keys always; plus the JSON paths in `redact_paths`,
+    dot-separated with `*` for any key or list item, and the regular expressions in
+    `redact_patterns`), kept `retention_days` (a sweeper deletes older objects)."""
+
+    id: str
+    workspace_id: str
+    scope: Literal["workspace", "key"]
+    scope_id: str
+    bodies: LogBodies = "none"
+    redact_paths: tuple[str, ...] = ()
+    redact_patterns: tuple[str, ...] = ()
+    retention_days: int = 30
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -583,7 +604,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | Heartbeat)
+                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | LogSettings | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

@@ -35,6 +35,7 @@ from schemas.entities import (
     Heartbeat,
     Limit,
     LogDestination,
+    LogSettings,
     Member,
     ModelAlias,
     PaidEndpoint,
@@ -126,6 +127,8 @@ INDEXES: tuple[Index, ...] = (
     Index(Wallet, "wallets", attrgetter("workspace_id"), grouped=True),
     # Log destinations by id (delivered by the projector's delivery task, events/delivery.py).
     Index(LogDestination, "log_destinations", _by_id),
+    # What is kept of requests (bodies, redaction, retention) by (workspace, scope, scope id).
+    Index(LogSettings, "log_settings", _by_scope),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -165,6 +168,7 @@ class Snapshot:
     paid_endpoints: Mapping[str, PaidEndpoint]
     wallets: Mapping[str, tuple[Wallet, ...]]
     log_destinations: Mapping[str, LogDestination]
+    log_settings: Mapping[ScopeKey, LogSettings]
     heartbeat_ms: int | None = None
 
     @classmethod

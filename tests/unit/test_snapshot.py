@@ -22,6 +22,7 @@ from schemas.entities import (
     Heartbeat,
     Limit,
     LogDestination,
+    LogSettings,
     Member,
     ModelAlias,
     PaidAmount,
@@ -82,7 +83,9 @@ ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, ME
                                   private_key_enc="gAAAA", assets=(WalletAsset(network="eip155:84532",
                                                                                asset="0xUSDC", max_amount="100"),)),
                            LogDestination(id="logdest_1", type="webhook", url="https://example.com/hook",
-                                          workspace_id="ws_1", secret_enc="gAAAA", event_types=("llm.call",))]
+                                          workspace_id="ws_1", secret_enc="gAAAA", event_types=("llm.call",)),
+                           LogSettings(id="logset_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1",
+                                       bodies="both")]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
