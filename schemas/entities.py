@@ -604,7 +604,8 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
-                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | LogSettings | Heartbeat)
+                | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | LogSettings
+                | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 
