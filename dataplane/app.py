@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from dataplane import tracing
+from dataplane.bodies import BodyArchive
 from dataplane.cache import ExactCache
 from dataplane.cache_semantic import SemanticIndex
 from dataplane.fleet import FleetView, run_fleet
@@ -132,9 +133,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         app[PUBLISHER] = publisher
         cache = ExactCache(settings.redis_url, settings.cache_timeout_s, settings.cache_max_entry_bytes)
         semantic = SemanticIndex.from_settings(settings)  # opens Qdrant on first use only
+        bodies = BodyArchive(settings)
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
                                            session=session, governor=governor, idempotency=idempotency, fleet=fleet,
-                                           cache=cache, semantic=semantic)
+                                           cache=cache, semantic=semantic, bodies=bodies)
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),
@@ -146,6 +148,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
             ("health-probes", run_probes(worker)),
             ("semantic-sweeps", semantic.run_sweeps()),
             ("metrics", _refresh_metrics(worker, publisher)),
+            ("body-archive", bodies.run()),
         )]
         yield
         worker.refusals.flush(publisher)
@@ -153,6 +156,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         await idempotency.close()
         await cache.close()
         await semantic.close()
+        await bodies.drain(timeout_s=3.0)
         flushed = await publisher.drain(timeout=5.0)
         for task in tasks:
             task.cancel()

@@ -119,6 +119,10 @@ class Call:
     usage_estimated: bool = False
     emitted: bool = False
     trace_id: str | None = None  # the W3C trace id when the request is traced (dataplane.tracing)
+    # The archived bodies' object key (dataplane.bodies; None: metadata only) and a streamed
+    # answer's relayed bytes (their kept head), which the archive stores as the response.
+    body_key: str | None = None
+    relay_tap: RelayTap | None = None
     # What a successful call records instead of its `llm.call` (e.g. the spend API's `tool.spend`),
     # set by dispatch once the outcome is final; refusals are still `llm.call`s (`pipeline.emit_once`).
     success_event: Event | None = None
@@ -227,7 +231,15 @@ class Call:
             router_rule=self.route.rule if self.route is not None else "",
             attempts=tuple(self.attempts),
             trace_id=self.trace_id,
+            body_key=self._body_key(),
         )
+
+    def _body_key(self) -> str | None:
+        """Decided when the event is made (a stream's before its last write): the archive is
+        promised on the event, and `finish` queues the upload under the same key."""
+        if self.body_key is None and self.authenticated:
+            self.body_key = self.worker.bodies.key_for(self)
+        return self.body_key
 
     def headers(self) -> dict[str, str]:
         h = {"Alephant-Request-Id": self.ctx.request_id, "Alephant-Cache": self.cache}

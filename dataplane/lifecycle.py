@@ -347,7 +347,7 @@ async def _relay_stream(call: Call, ingress: Ingress, opened: OpenStream, sent_b
     `sent_body` and the bytes relayed."""
     request, first, events, chunks, stats = call.request, opened.first, opened.events, opened.chunks, opened.stats
     resp = web.StreamResponse(headers={**SSE_HEADERS, **call.headers()})
-    tap = RelayTap()
+    tap = call.relay_tap = RelayTap()
     # A stream under a budget hold is cut once it has clearly passed `max_tokens` (a provider that
     # ignores it): counted in events, which carry at least one token each on token-per-chunk APIs.
     cutoff = call.max_tokens + STREAM_EVENT_SLACK if call.hold_nanos and call.max_tokens else None

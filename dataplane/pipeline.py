@@ -121,6 +121,8 @@ def finish(call: Call) -> Iterator[None]:
             governance.settle(call)
             if record:
                 emit_once(call)
+            if call.body_key is not None:  # promised on the event: the bodies follow, off the request path
+                call.worker.bodies.submit(call, call.body_key)
             call.worker.metrics.observe(call)
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from dataplane.bodies import BodyArchive
 from dataplane.cache import ExactCache
 from dataplane.fleet import FleetView
 from dataplane.health import HealthBoard
@@ -38,6 +39,7 @@ class WorkerState:
     metrics: DataPlaneMetrics = field(default_factory=DataPlaneMetrics)  # /metrics; observed in pipeline.finish
     cache: ExactCache | None = None  # the response cache (None: not wired, e.g. unit-test apps)
     semantic: SemanticIndex | None = None  # the semantic cache's index (Qdrant), opened on first use
+    bodies: BodyArchive = field(default_factory=lambda: BodyArchive(Settings()))  # request bodies to S3, when kept
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).

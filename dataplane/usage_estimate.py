@@ -198,6 +198,10 @@ class RelayTap:
             self._chunks.append(chunk)
             self.kept += len(chunk)
 
+    def text(self) -> str:
+        """The kept head of what was relayed, as text (body archival)."""
+        return b"".join(self._chunks).decode("utf-8", "replace")
+
     def output_tokens(self) -> int:
         """Estimated tokens of everything relayed (the kept head, extrapolated by bytes)."""
         if not self.kept:

@@ -7,24 +7,16 @@ and virtual keys, bearer tokens and provider keys are masked wherever they appea
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
 
-REDACTED = "***"
+from schemas.redaction import REDACTED, SECRET_KEYS, redact_text
 
-_SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password|passwd|credential|private[_-]?key)", re.I)
-_SECRET_VALUES = re.compile(
-    r"(sk-alph-[A-Za-z0-9_\-]{4,}|sk-[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[A-Za-z0-9._\-~+/=]{8,})"
-)
-
-
-def redact_text(text: str) -> str:
-    """Mask key-shaped substrings (virtual keys, provider keys, bearer tokens) in free text."""
-    return _SECRET_VALUES.sub(REDACTED, text)
+# One definition of what a secret looks like, shared with archived bodies (schemas.redaction).
+_SECRET_KEYS = SECRET_KEYS
 
 
 def _scrub(value: Any) -> Any:
