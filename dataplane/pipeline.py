@@ -21,6 +21,7 @@ from typing import Protocol
 from aiohttp import web
 
 from dataplane import tracing
+from dataplane.access_log import access_line
 from dataplane.call import Call
 from dataplane.stages import access, governance
 from dataplane.stages.cache import cache, cache_key
@@ -124,6 +125,8 @@ def finish(call: Call) -> Iterator[None]:
             if call.body_key is not None:  # promised on the event: the bodies follow, off the request path
                 call.worker.bodies.submit(call, call.body_key)
             call.worker.metrics.observe(call)
+            if call.worker.settings.access_log:
+                access_line(call)
 
 
 def emit_once(call: Call) -> None:

@@ -77,6 +77,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # `projector_metrics_listening`; the local stack picks one and writes it to demo.env).
     projector_metrics_port: int = 0
     log_level: str = "info"
+    # One structured `access` line per data-plane request (dataplane/access_log.py).
+    access_log: bool = True
     # -- governance ----------------------------------------------------------------------------------
     # A budget hold not settled within this (its worker died) expires and is swept.
     hold_ttl_s: float = 120.0
