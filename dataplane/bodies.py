@@ -129,7 +129,9 @@ class BodyArchive:
                 except re.error:  # the admin API refuses these; a hand-edited bucket may not
                     continue
             patterns.append(compiled)
-        clean = redact_json(upload.record, upload.setting.redact_paths, patterns, upload.secrets)
+        # Paths are relative to each body (`messages.*.content`), not to the record around them.
+        clean = {k: redact_json(v, upload.setting.redact_paths if k in ("request", "response") else (), patterns,
+                                upload.secrets) for k, v in upload.record.items()}
         return gzip.compress(_encoder.encode(clean), compresslevel=6)
 
     async def run(self) -> None:

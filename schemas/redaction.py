@@ -18,8 +18,9 @@ from typing import Any
 
 REDACTED = "***"
 
-SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token|secret|password|passwd|credential|private[_-]?key)",
-                         re.I)
+# `token` but not `tokens`/`tokenizer` (max_tokens, prompt_tokens are counts, not secrets).
+SECRET_KEYS = re.compile(r"(authorization|api[_-]?key|token(?![a-z])|secret|password|passwd|credential"
+                         r"|private[_-]?key)", re.I)
 SECRET_VALUES = re.compile(
     r"(sk-alph-[A-Za-z0-9_\-]{4,}|sk-[A-Za-z0-9_\-]{16,}|(?i:bearer)\s+[A-Za-z0-9._\-~+/=]{8,}"
     r"|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_\-]{35}|0x[0-9a-fA-F]{64}\b)"

@@ -36,6 +36,13 @@ def test_configured_paths_patterns_and_exact_values() -> None:
     assert redact_json(BODY, exact=("short",))["metadata"]["user_email"] == "a@example.com"  # < 8 chars: not used
 
 
+def test_token_counts_are_not_secrets_but_tokens_are() -> None:
+    usage = {"usage": {"prompt_tokens": 5, "completion_tokens_details": {"reasoning_tokens": 1}}, "max_tokens": 9,
+             "access_token": "abc", "token": "def", "x-auth-token": "ghi", "tokenizer": "bpe"}
+    assert redact_json(usage) == {"usage": usage["usage"], "max_tokens": 9, "access_token": REDACTED,
+                                  "token": REDACTED, "x-auth-token": REDACTED, "tokenizer": "bpe"}
+
+
 def test_text_masks_gateway_provider_cloud_and_wallet_keys() -> None:
     for secret in ("sk-alph-abcdefgh", "sk-ant-api03-abcdefghijklmnop", "AKIAABCDEFGHIJKLMNOP",
                    "AIza" + "x" * 35, "0x" + "ab" * 32):
