@@ -34,6 +34,8 @@ from controlplane import cache_admin, finance, paid_admin, payments_admin, promp
 from controlplane import commands as c
 from controlplane import governance as g
 from controlplane import log_destinations as logdest
+from controlplane import log_settings as logset
+from controlplane.bodies_retention import run_sweeper, sweep_once
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
 from controlplane.escalations import STATUSES, ApproveEscalation, Escalations, RejectEscalation
@@ -48,7 +50,7 @@ from controlplane.repricing import Reprice, Repricer
 from controlplane.ssrf import parse_allow_list
 from events.db import open_pool
 from events.jetstream import bus_auth, connect, ensure_kv, ensure_stream
-from schemas.errors import AuthenticationFailed, InvalidRequest, NotFound
+from schemas.errors import AuthenticationFailed, Conflict, GatewayError, InvalidRequest, NotFound
 from schemas.http import Handler, decode_json, error_middleware, read_body
 from schemas.keys import KeyRing
 from schemas.settings import Settings
@@ -288,6 +290,19 @@ async def list_log_dead_letters(request: web.Request) -> web.StreamResponse:
     return _json({"object": "list", "data": await logdest.dead_letters(st.pool, dest.id)})
 
 
+async def sweep_bodies(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    if not st.settings.s3_url:
+        raise Conflict("Body archival is off: ALEPHANT_S3_URL is not set, so there are no bodies to sweep.",
+                       code="body_archive_off")
+    try:
+        result = await sweep_once(st.settings, st.pool)
+    except Exception as exc:  # S3 unreachable or refusing: say so, as a 503 naming the cause
+        raise GatewayError(f"The sweep could not finish ({type(exc).__name__}: {exc}); objects deleted before the "
+                           "failure stay deleted. Retry later.", code="body_store_unavailable", status=503) from None
+    return _json({"scanned": result.scanned, "deleted": result.deleted, "failed": result.failed})
+
+
 async def list_escalations(request: web.Request) -> web.StreamResponse:
     status = _query(request, "status")
     if status is not None and status not in STATUSES:
@@ -492,6 +507,15 @@ ROUTES: tuple[Route, ...] = (
           "`last_delivered_at`", None, get_log_destination),
     Route("GET", "/admin/v1/log-destinations/{id}/dead-letters", "The destination's dead-lettered events, newest "
           "first (at most 100): the event, `attempts`, `reason`, `dead_lettered_at`", None, list_log_dead_letters),
+    # The body's fields are described by SetLogSettings's docstring in the OpenAPI schema.
+    *_crud("log-settings", logset.LOG_SETTINGS, "log setting (per workspace or virtual key: `bodies` none | request "
+           "| both archived to S3 redacted by `redact_paths` and `redact_patterns`, kept `retention_days`; one per "
+           "scope, 409 `already_exists`)"),
+    # Not a config command: no Idempotency-Key (a sweep is idempotent), no 202.
+    Route("POST", "/admin/v1/bodies/sweep", "Delete archived request bodies past their workspace's retention now "
+          "(the control plane also does it every ALEPHANT_BODY_SWEEP_INTERVAL_S): answers `scanned`, `deleted` "
+          "and `failed` (left for the next sweep); 409 `body_archive_off` without ALEPHANT_S3_URL", None,
+          sweep_bodies, readonly=True),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),
@@ -640,6 +664,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
                  # Redis is not the record of truth: raise budget spend to the ledger's after a loss.
                  asyncio.create_task(run_reconciler(redis, pool, settings.reconcile_interval_s),
                                      name="budget-reconciler")]
+        if settings.s3_url and settings.body_sweep_interval_s > 0:  # archived bodies past their retention
+            tasks.append(asyncio.create_task(run_sweeper(settings, pool), name="body-sweeper"))
         yield
         for task in tasks:
             task.cancel()

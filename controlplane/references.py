@@ -21,6 +21,7 @@ from schemas.entities import (
     ConfigEntity,
     EscalationGrant,
     Limit,
+    LogSettings,
     PaidEndpoint,
     Policy,
     Provider,
@@ -73,6 +74,8 @@ def references(entity: ConfigEntity) -> tuple[Ref, ...]:
         refs.append(Ref(kind, entity.scope_id, "scope_id", what))
     if isinstance(entity, CacheSettings):
         refs += _cache_refs(entity)
+    if isinstance(entity, LogSettings) and entity.scope == "key":
+        refs.append(Ref("vk", entity.scope_id, "scope_id", "Virtual key"))
     if isinstance(entity, PaidEndpoint):
         refs += _paid_refs(entity)
     if isinstance(entity, Wallet):  # the agents allowed to pay with it

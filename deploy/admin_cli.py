@@ -308,6 +308,9 @@ def add_admin_commands(sub: Any) -> None:
     from deploy.log_destinations_cli import add_log_destination_commands  # it imports this module
 
     add_log_destination_commands(cmds)
+    from deploy.log_settings_cli import add_log_settings_commands  # it imports this module
+
+    add_log_settings_commands(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")

@@ -142,6 +142,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # or when it holds archive_max_events events, whichever comes first.
     archive_flush_s: float = 10.0
     archive_max_events: int = 10_000
+    # The control plane deletes archived request bodies past their workspace's retention at start
+    # and then this often (controlplane/bodies_retention.py), when s3_url is set; 0: never.
+    body_sweep_interval_s: float = 3600.0
     # -- downstream log delivery (events/delivery.py, in the projector process) -------------------
     # An event is dead-lettered after this many failed attempts at one destination; between two,
     # a jittered exponential backoff from delivery_backoff_s up to delivery_backoff_max_s.
