@@ -30,7 +30,17 @@ from aiohttp.typedefs import Middleware
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
-from controlplane import cache_admin, finance, paid_admin, payments_admin, prompts, routers, timeline, wallets
+from controlplane import (
+    bodies_admin,
+    cache_admin,
+    finance,
+    paid_admin,
+    payments_admin,
+    prompts,
+    routers,
+    timeline,
+    wallets,
+)
 from controlplane import commands as c
 from controlplane import governance as g
 from controlplane import log_destinations as logdest
@@ -303,6 +313,12 @@ async def sweep_bodies(request: web.Request) -> web.StreamResponse:
     return _json({"scanned": result.scanned, "deleted": result.deleted, "failed": result.failed})
 
 
+async def get_body(request: web.Request) -> web.StreamResponse:
+    st = request.app[ADMIN]
+    request_id = _param(request.match_info["request_id"], "request_id")
+    return _json(await bodies_admin.archived_body(st.pool, st.settings, request_id, _query(request, "workspace_id")))
+
+
 async def list_escalations(request: web.Request) -> web.StreamResponse:
     status = _query(request, "status")
     if status is not None and status not in STATUSES:
@@ -516,6 +532,10 @@ ROUTES: tuple[Route, ...] = (
           "(the control plane also does it every ALEPHANT_BODY_SWEEP_INTERVAL_S): answers `scanned`, `deleted` "
           "and `failed` (left for the next sweep); 409 `body_archive_off` without ALEPHANT_S3_URL", None,
           sweep_bodies, readonly=True),
+    Route("GET", "/admin/v1/requests/{request_id}/body", "One call's archived, redacted bodies (?workspace_id=): "
+          "`key` (the object), `request`, `response` and the call's ids, read from the archive bucket; 404 "
+          "`request_not_found`, `body_not_archived` (metadata only), `body_not_found` (past its retention)", None,
+          get_body),
     Route("POST", "/admin/v1/prompts", "Create a prompt template version: version 1 of a new `name`, the next "
           "version of an existing one (`messages` with `{{variable}}` placeholders, optional `model` and `params`)",
           prompts.CreatePrompt, create_prompt, 201),

@@ -23,45 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
-from collections.abc import AsyncIterator, Iterable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import aioboto3
 import msgspec
 import structlog
-from aiobotocore.config import AioConfig
 from botocore.exceptions import ClientError
 from psycopg_pool import AsyncConnectionPool
 
-from events.archive import s3_region
+from events.archive import open_s3
+from schemas.body_archive import PREFIX, parse_key
 from schemas.entities import LogSettings
 from schemas.settings import Settings
 
 log = structlog.get_logger(__name__)
 
-# The layout `dataplane.bodies.object_key` writes (the control plane does not import the data plane).
-PREFIX = "bodies/"
 DEFAULT_RETENTION_DAYS = 30
 DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
-_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
 # -- the decision (pure) -------------------------------------------------------------------------
-
-def parse_body_key(key: str) -> tuple[str, dt.date] | None:
-    """(workspace id, day) of a `bodies/<workspace>/<YYYY-MM-DD>/<name>` key; None for any other
-    key (another layout, an empty segment, a deeper path, an impossible date)."""
-    parts = key.split("/")
-    if len(parts) != 4 or f"{parts[0]}/" != PREFIX or not parts[1] or not parts[3] or not _DATE_RE.match(parts[2]):
-        return None
-    try:
-        return parts[1], dt.date.fromisoformat(parts[2])
-    except ValueError:
-        return None
-
 
 def retention_by_workspace(settings: Iterable[LogSettings]) -> dict[str, int]:
     """Workspace id -> retention days, from the workspace-scoped settings (key-scoped ones ignored)."""
@@ -78,7 +60,7 @@ def expired_keys(keys: Iterable[str], retention: Mapping[str, int], now: dt.date
     today = now.astimezone(dt.UTC).date()
     out: list[str] = []
     for key in keys:
-        parsed = parse_body_key(key)
+        parsed = parse_key(key)
         if parsed is None:
             continue
         workspace, day = parsed
@@ -99,15 +81,6 @@ class SweepResult:
     failed: int = 0
 
 
-@asynccontextmanager
-async def open_s3(settings: Settings) -> AsyncIterator[Any]:
-    """An aioboto3 S3 client on `settings.s3_url`, configured as the event archive's
-    (`events.archive.open_store`: path-style addressing, bounded retries and timeouts)."""
-    config = AioConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
-                       connect_timeout=5, read_timeout=60)
-    async with aioboto3.Session().client("s3", endpoint_url=settings.s3_url, region_name=s3_region(settings),
-                                         config=config) as client:
-        yield client
 
 
 async def sweep(client: Any, bucket: str, retention: Mapping[str, int], now: dt.datetime,

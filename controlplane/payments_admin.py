@@ -29,15 +29,13 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane.inputs import Command, Ident
-from controlplane.relay import OutboxRelay
+from controlplane.relay import OutboxRelay, enqueue_events
 from schemas.errors import Conflict, NotFound
 from schemas.events import (
     PaymentEvent,
     PaymentInbound,
     event_decoder,
-    event_encoder,
     inbound_payment_event_id,
-    subject_for,
 )
 from schemas.money import nanos_to_decimal_str
 
@@ -140,11 +138,7 @@ class Resolver:
             memo = pending[0]
             events = resolution_events(memo, cmd.outcome, cmd.transaction, dt.datetime.now(dt.UTC),
                                        self._relay.last_revision)
-            async with conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) "
-                    "VALUES (%s, %s, %s, '', NULL) ON CONFLICT (event_id) DO NOTHING",
-                    [(e.event_id, subject_for(e, self._prefix), event_encoder.encode(e)) for e in events])
+            await enqueue_events(conn, events, self._prefix)
             body: dict[str, Any] = {"object": "payment.resolution", "outcome": cmd.outcome,
                                     **_view(memo), "events": [str(e.event_id) for e in events]}
             if on_commit is not None:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
+import psycopg
 import structlog
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -28,6 +30,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from events.publisher import MSG_ID
 from schemas.entities import HEARTBEAT_KEY, ConfigEntity, Heartbeat, entity_encoder
+from schemas.events import Event, event_encoder, subject_for
 
 log = structlog.get_logger(__name__)
 
@@ -123,3 +126,15 @@ def _consume(task: asyncio.Future[int]) -> None:
     """Retrieve a background flush's outcome so a failure is logged once, not as 'never retrieved'."""
     if not task.cancelled() and task.exception() is not None:
         log.warning("relay_flush_failed", error=type(task.exception()).__name__)
+
+
+async def enqueue_events(conn: psycopg.AsyncConnection[Any], events: Sequence[Event], subject_prefix: str) -> None:
+    """Put events that are not config changes in the outbox, in the caller's transaction (no KV
+    effect; a row already there is kept): the relay publishes them like config events."""
+    if not events:
+        return
+    async with conn.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) "
+            "VALUES (%s, %s, %s, '', NULL) ON CONFLICT (event_id) DO NOTHING",
+            [(e.event_id, subject_for(e, subject_prefix), event_encoder.encode(e)) for e in events])

@@ -34,10 +34,10 @@ from psycopg_pool import AsyncConnectionPool
 
 from controlplane.commands import CommitHook
 from controlplane.inputs import Command, Ident, ModelId
-from controlplane.relay import OutboxRelay
+from controlplane.relay import OutboxRelay, enqueue_events
 from events.ledger import call_tokens
 from schemas.entities import ConfigEntity, PriceOverride, kv_key
-from schemas.events import LlmCall, LlmRepriced, event_encoder, subject_for
+from schemas.events import LlmCall, LlmRepriced
 from schemas.money import nanos_to_decimal_str
 from schemas.pricing import ANY_MODEL, PriceIndex, bounded_usage, price_call
 from schemas.snapshot import Snapshot
@@ -131,12 +131,7 @@ class Repricer:
                     more = True
                     break
                 after = page.last
-            if events:
-                async with conn.cursor() as cur:
-                    await cur.executemany(
-                        "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) "
-                        "VALUES (%s, %s, %s, '', NULL) ON CONFLICT (event_id) DO NOTHING",
-                        [(e.event_id, subject_for(e, self._prefix), event_encoder.encode(e)) for e in events])
+            await enqueue_events(conn, events, self._prefix)
             total = sum(e.cost_nanos for e in events)
             body: dict[str, Any] = {
                 "object": "finance.reprice", "provider": cmd.provider, "model": cmd.model,

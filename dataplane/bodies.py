@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import structlog
 
+from schemas.body_archive import PREFIX, object_key
 from schemas.entities import LogSettings
 from schemas.redaction import redact_json
 from schemas.settings import Settings
@@ -45,15 +46,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
-PREFIX = "bodies/"
 QUEUE_MAX = 2000
 _ATTEMPTS = 3
 _MAX_PATTERN_CACHE = 1024
 _encoder = msgspec.json.Encoder()
-
-
-def object_key(workspace_id: str, request_id: str, when: dt.datetime) -> str:
-    return f"{PREFIX}{workspace_id}/{when:%Y-%m-%d}/{request_id}.json.gz"
 
 
 def settings_for(call: Call) -> LogSettings | None:

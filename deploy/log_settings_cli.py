@@ -127,3 +127,6 @@ def add_log_settings_commands(cmds: Commands) -> None:
     leaf(g, "sweep", "Delete the archived bodies past their workspace's retention now (the control plane also "
          "sweeps every ALEPHANT_BODY_SWEEP_INTERVAL_S); prints scanned, deleted and failed", "POST",
          lambda a: "/admin/v1/bodies/sweep", ws=False, change=False)
+    leaf(g, "get", "Print one call's archived, redacted request and response (the request id from its answer's "
+         "Alephant-Request-Id, a run timeline or the access log)", "GET",
+         lambda a: f"/admin/v1/requests/{a.request_id}/body?workspace_id={default_ws(a)}").add_argument("request_id")

@@ -226,14 +226,21 @@ def s3_region(settings: Settings) -> str:
 
 
 @asynccontextmanager
-async def open_store(settings: Settings) -> AsyncIterator[ArchiveStore]:
-    """An `ArchiveStore` on `settings.s3_url` / `s3_bucket` (path-style addressing, which MinIO and
-    moto need), with credentials from the AWS variables."""
+async def open_s3(settings: Settings) -> AsyncIterator[Any]:
+    """An aioboto3 S3 client on `settings.s3_url` (path-style addressing, which MinIO and moto
+    need; bounded retries and timeouts), with credentials from the AWS variables."""
     config = AioConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
                        connect_timeout=5, read_timeout=60)
     session = aioboto3.Session()
     async with session.client("s3", endpoint_url=settings.s3_url, region_name=s3_region(settings),
                               config=config) as client:
+        yield client
+
+
+@asynccontextmanager
+async def open_store(settings: Settings) -> AsyncIterator[ArchiveStore]:
+    """An `ArchiveStore` on `settings.s3_url` / `s3_bucket` (`open_s3`)."""
+    async with open_s3(settings) as client:
         yield ArchiveStore(client, settings.s3_bucket)
 
 

@@ -37,7 +37,6 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -48,7 +47,7 @@ from dataplane.lifecycle import bearer
 from dataplane.limits import body_within
 from dataplane.payments import wallet as payments
 from dataplane.pipeline import run
-from dataplane.providers.upstream import send
+from dataplane.providers.upstream import read_whole, send
 from dataplane.stages import governance
 from schemas.entities import Wallet
 from schemas.errors import InvalidRequest, NotFound, PermissionDenied, UpstreamError
@@ -172,12 +171,7 @@ class EgressCall:
         headers = _forwarded(request) | (extra or {})
         up = await send(worker.session, f"egress:{host}", request.method, URL(call.request[_TARGET], encoded=True),
                         call.body_bytes or None, headers, worker.settings.upstream_timeout_s)
-        try:
-            body = await up.content.read(MAX_ANSWER)
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"'{host}' broke off its answer.") from None
-        finally:
-            up.release()
+        body = await read_whole(up, MAX_ANSWER, f"'{host}'")
         if 300 <= up.status < 400:
             raise UpstreamError(f"'{host}' answered with a redirect ({up.status}); the gateway does not follow "
                                 "redirects on egress.", code="upstream_redirect")

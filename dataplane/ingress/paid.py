@@ -37,7 +37,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -52,7 +51,7 @@ from dataplane.limits import body_within
 from dataplane.payments import mpp_rail, x402_rail
 from dataplane.payments.prices import amount_nanos, atomic_nanos, metered
 from dataplane.pipeline import run
-from dataplane.providers.upstream import send
+from dataplane.providers.upstream import read_whole, send
 from dataplane.stages.governance import input_bound
 from schemas.entities import PaidEndpoint, VirtualKey
 from schemas.errors import Conflict, GatewayError, InvalidRequest, NotFound, UpstreamError
@@ -306,12 +305,7 @@ class PaidCall:
                    "Content-Type": request.headers.get("Content-Type", "application/json")}
         up = await send(worker.session, f"paid:{endpoint.slug}", request.method, URL(url), call.body_bytes or None,
                         headers, worker.settings.upstream_timeout_s)
-        try:
-            body = await up.content.read(MAX_BACKEND_ANSWER)
-        except (TimeoutError, aiohttp.ClientError):
-            raise UpstreamError(f"The backend of paid endpoint '{endpoint.slug}' broke off its answer.") from None
-        finally:
-            up.release()
+        body = await read_whole(up, MAX_BACKEND_ANSWER, f"The backend of paid endpoint '{endpoint.slug}'")
         own_run = up.headers.get(RUN_ID)
         if own_run and len(own_run) <= 200 and own_run.isprintable():
             call.ctx = AgentContext(request_id=call.ctx.request_id, agent_id=call.ctx.agent_id, run_id=own_run,

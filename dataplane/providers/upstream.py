@@ -140,6 +140,17 @@ async def send(session: aiohttp.ClientSession, provider: str, method: str, url: 
                             code="upstream_unreachable", upstream_status=0) from None
 
 
+async def read_whole(up: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """An answer's body (at most `limit` bytes), the connection released; a body cut off or timed
+    out is a 502 naming `what` ("'api.example.com'", "The backend of paid endpoint 'x'")."""
+    try:
+        return await up.content.read(limit)
+    except (TimeoutError, aiohttp.ClientError):
+        raise UpstreamError(f"{what} broke off its answer.") from None
+    finally:
+        up.release()
+
+
 def stream_broken(call: UpstreamCall, exc: BaseException) -> UpstreamError:
     """The error for a stream that broke after it began: a stall past the idle timeout (no byte for
     `call.timeout_s`) is a 504 `upstream_idle_timeout`; a connection lost, a 502."""

@@ -15,7 +15,7 @@ import aiohttp
 import psycopg
 from botocore.config import Config
 
-from tests.conftest import Gateway, eventually
+from tests.conftest import Gateway, cli_json, eventually
 from tests.fakes.upstream import FakeUpstream
 
 PROVIDER_CANARY = "sk-canary-bodies-4e1d8a2c9b7f3e50"
@@ -96,3 +96,13 @@ async def test_bodies_are_archived_redacted_and_metadata_only_keys_keep_none(
     assert metadata_only is not None
     plain_event = await eventually(lambda: _event(gateway, metadata_only[0]))
     assert plain_event["body_key"] is None
+
+    # An operator follows a call (a timeline item, an access-log line) to its archived body.
+    request_id = stored["request_id"]
+    got = gateway.admin.call("GET", f"/admin/v1/requests/{request_id}/body?workspace_id=demo")
+    assert (got["key"], got["request"], got["response"]) == (key, stored["request"], stored["response"])
+    assert cli_json(gateway, "bodies", "get", request_id)["key"] == key
+    status, err = gateway.admin.request("GET", f"/admin/v1/requests/{metadata_only[0]}/body")
+    assert (status, err["error"]["code"]) == (404, "body_not_archived")
+    status, err = gateway.admin.request("GET", "/admin/v1/requests/req_nope/body?workspace_id=demo")
+    assert (status, err["error"]["code"]) == (404, "request_not_found")

@@ -23,11 +23,11 @@ from controlplane.bodies_retention import (
     DELETE_BATCH,
     SweepResult,
     expired_keys,
-    parse_body_key,
     retention_by_workspace,
     run_sweeper,
     sweep,
 )
+from schemas.body_archive import parse_key
 from schemas.entities import LogSettings
 from schemas.settings import Settings
 
@@ -43,7 +43,7 @@ def days_ago(n: int) -> dt.date:
 
 
 def test_keys_of_the_layout_parse() -> None:
-    assert parse_body_key("bodies/acme/2026-05-01/req_1.json.gz") == ("acme", dt.date(2026, 5, 1))
+    assert parse_key("bodies/acme/2026-05-01/req_1.json.gz") == ("acme", dt.date(2026, 5, 1))
 
 
 @pytest.mark.parametrize("bad", [
@@ -54,7 +54,7 @@ def test_keys_of_the_layout_parse() -> None:
     "Bodies/acme/2026-05-01/r.json.gz", "", "/", "bodies/acme/2026-05-01T00/r.json.gz",
 ])
 def test_malformed_keys_do_not_parse(bad: str) -> None:
-    assert parse_body_key(bad) is None
+    assert parse_key(bad) is None
 
 
 def test_a_day_expires_once_it_is_wholly_past_the_retention() -> None:
