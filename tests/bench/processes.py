@@ -105,11 +105,11 @@ class Child:
         return "\n".join("    | " + line for line in text.splitlines()[-lines:])
 
 
-def spawn(name: str, argv: list[str], log: Path) -> Child:
-    """Start ``argv`` with stdout and stderr appended to ``log``."""
+def spawn(name: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> Child:
+    """Start ``argv`` with stdout and stderr appended to ``log``, in ``env`` (default: ours)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     return Child(name, proc, log)
 
 

@@ -20,11 +20,18 @@ from typing import Any
 #: ``cached``: the plain gateway's request with ``Alephant-Cache-Ttl``, so every request after the
 #: first is an exact cache hit from Redis (issue 11's bar: at least 0.5x direct at 32 connections);
 #: ``semantic``: a new prompt every request through a semantic cache setting (embed, look up, miss,
-#: call, store): its p50 over the gateway's is the semantic path's added latency.
-TARGET_NAMES = ("direct", "gateway", "governed", "router", "cached", "semantic")
+#: call, store): its p50 over the gateway's is the semantic path's added latency;
+#: ``observed``: the gateway's request to a second stack of the same build with tracing exported
+#: (to a null OTLP collector) and every body archived to S3 (:mod:`tests.bench.observed`);
+#: ``traced``: the same second stack with a key that keeps no bodies (tracing alone).
+TARGET_NAMES = ("direct", "gateway", "governed", "router", "cached", "semantic", "traced", "observed")
 
 #: The targets that are the plain gateway plus one feature, set against the plain gateway.
-VS_GATEWAY = ("governed", "router", "cached", "semantic")
+VS_GATEWAY = ("governed", "router", "cached", "semantic", "traced", "observed")
+
+#: Issue 13 ("Performance"), shown for reference only (never enforced): throughput with tracing
+#: exported and bodies archived over the same build with them off.
+OBSERVABILITY_TARGET = 0.9
 
 #: ARCHITECTURE.md section 9, shown next to the measurements for reference only (never enforced).
 TARGETS = {
@@ -168,6 +175,38 @@ def routing(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def observability(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario with both a ``gateway`` and an ``observed`` result: req/s of each, their
+    ratio (``observed_vs_gateway``, a fraction; ``None`` when the gateway's is 0), worker CPU ms
+    per request of each and the difference, the added p50, and the same for ``traced`` (tracing
+    without bodies) when measured (``None`` where not measured)."""
+    by_key = {(r["scenario"], r["target"]): r for r in results}
+    out: list[dict[str, Any]] = []
+    for first in _scenarios(results):
+        scenario = first["scenario"]
+        gateway, observed = by_key.get((scenario, "gateway")), by_key.get((scenario, "observed"))
+        if gateway is None or observed is None:
+            continue
+        traced = by_key.get((scenario, "traced")) or {}
+        out.append({
+            "scenario": scenario,
+            "connections": first["connections"],
+            "stream": first["stream"],
+            "gateway_rps": gateway["rps"],
+            "observed_rps": observed["rps"],
+            "observed_vs_gateway": _ratio(observed["rps"], gateway["rps"]),
+            "gateway_cpu_ms_per_req": gateway.get("cpu_ms_per_req"),
+            "observed_cpu_ms_per_req": observed.get("cpu_ms_per_req"),
+            "added_cpu_ms_per_req": _delta(observed.get("cpu_ms_per_req"), gateway.get("cpu_ms_per_req")),
+            "added_p50_ms": _delta(observed["p50_ms"], gateway["p50_ms"]),
+            "traced_rps": traced.get("rps"),
+            "traced_vs_gateway": _ratio(traced.get("rps"), gateway["rps"]),
+            "traced_cpu_ms_per_req": traced.get("cpu_ms_per_req"),
+            "traced_added_cpu_ms_per_req": _delta(traced.get("cpu_ms_per_req"), gateway.get("cpu_ms_per_req")),
+        })
+    return out
+
+
 def _num(value: Any, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -281,5 +320,33 @@ def routing_table(rows: list[dict[str, Any]]) -> str:
     lines.append(
         "  router = the demo key through POST /router/{id}/v1/chat/completions, a weighted router over two targets "
         "that are both the fake; cpu = the data-plane workers' user+system CPU per request, as above."
+    )
+    return "\n".join(lines)
+
+
+def observability_table(rows: list[dict[str, Any]]) -> str:
+    """The observed stack against the plain gateway per scenario: req/s of each, their ratio with
+    issue 13's bar, worker CPU ms per request of each and the difference, the added p50; then the
+    traced key's ratio and added CPU (tracing alone)."""
+    header = (f"{'scenario':<16} {'gw req/s':>9} {'obs req/s':>10} {'obs/gw req/s':>12} {'gw cpu ms':>10} "
+              f"{'obs cpu ms':>11} {'+cpu ms':>8} {'+p50 ms':>8} {'trc/gw req/s':>12} {'trc +cpu ms':>11}")
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        ratio, traced = row["observed_vs_gateway"], row.get("traced_vs_gateway")
+        lines.append(
+            f"{row['scenario']:<16} {row['gateway_rps']:>9.1f} {row['observed_rps']:>10.1f} "
+            f"{_num(ratio, '.2f') + ('x' if ratio is not None else ''):>12} "
+            f"{_num(row['gateway_cpu_ms_per_req'], '.3f'):>10} {_num(row['observed_cpu_ms_per_req'], '.3f'):>11} "
+            f"{_num(row['added_cpu_ms_per_req'], '+.3f'):>8} {_num(row['added_p50_ms'], '+.3f'):>8} "
+            f"{_num(traced, '.2f') + ('x' if traced is not None else ''):>12} "
+            f"{_num(row.get('traced_added_cpu_ms_per_req'), '+.3f'):>11}"
+        )
+    lines.append(f"{'target (#13)':<16} {'':>9} {'':>10} {'>= ' + format(OBSERVABILITY_TARGET, '.1f') + 'x':>12}")
+    lines.append(
+        "  observed = a second stack of the same build with traces exported over OTLP/HTTP (to a null collector "
+        "the bench runs) and every request's body archived to S3; trc = the same stack through a key that keeps "
+        "no bodies (tracing alone); gateway = the first stack, tracing off, no bodies kept; metrics and the "
+        "access log are on in both. cpu = the data-plane workers' user+system CPU per request, deferred export "
+        "and upload work included (measured until the workers are idle, at most 30 s); for reference only."
     )
     return "\n".join(lines)

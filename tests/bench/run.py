@@ -18,15 +18,23 @@ the stack's admin API has no routers), ``cached`` (the gateway's request with
 ``Alephant-Cache-Ttl``: every request after the first is an exact cache hit), ``semantic`` (a key
 with a semantic cache setting, embedding with the built-in ``mock/embed``, and a new prompt every
 request: each one is embedded, looked up in Qdrant, missed, called and stored; its p50 over the
-plain gateway's is the semantic path's added latency).
+plain gateway's is the semantic path's added latency), ``observed`` (the gateway's request to a
+second ``alephant dev`` of the same build, state in ``<state-dir>/observed``, exporting traces to a
+null OTLP collector this process runs and archiving every body to its S3:
+:mod:`tests.bench.observed`; ``--only observed`` measures ``gateway`` and ``traced`` too),
+``traced`` (the same second stack through a key that keeps no bodies: tracing alone). The
+first stack runs with every ``OTEL_*`` variable removed from its environment, so tracing is off
+there whatever the caller's environment says.
 Every request names ``max_tokens`` (``BENCH_MAX_TOKENS``), as agents' clients usually do: the
 budget hold is then small (otherwise the gateway injects what the budget affords, up to the
 model's whole output limit, and the hold and token-limit charge grow with it).
 
-Around each gateway-served run (gateway, governed, router) the runner reads the data-plane workers' CPU time from
-``/proc/<pid>/stat`` (the workers are the ``dataplane`` children of ``alephant dev``) and Redis
-``INFO`` (``EVALSHA`` calls, client reads), and divides both by the requests the run completed
-(loadgen's ``completed``: warm-up and errors included, all of which the worker served). Redis
+Around each gateway-served run the runner reads the data-plane workers' CPU time from
+``/proc/<pid>/stat`` (the workers are the ``dataplane`` children of the serving ``alephant dev``)
+and Redis ``INFO`` (``EVALSHA`` calls, client reads), and divides both by the requests the run
+completed (loadgen's ``completed``: warm-up and errors included, all of which the worker served).
+The closing reading is taken once the workers are idle again (``settle_s`` in the JSON, at most
+30 s), so work deferred past the last answer (span export, body uploads, settlements) counts. Redis
 counts include traffic that is not the requests' (the governor's lease refreshes): the ``gateway``
 row, whose path has nothing to govern, shows that baseline.
 
@@ -64,6 +72,14 @@ from tests.bench.governed import (
     register_governed,
 )
 from tests.bench.loadgen import chat_body
+from tests.bench.observed import (
+    NullCollector,
+    S3Target,
+    body_objects,
+    ready_observed,
+    register_traced_key,
+    tracing_env,
+)
 from tests.bench.processes import BenchError, Child, admin_post, http, say, spawn, wait_for
 from tests.bench.report import (
     GOVERNANCE_TARGETS,
@@ -73,13 +89,15 @@ from tests.bench.report import (
     comparison_table,
     governance,
     governance_table,
+    observability,
+    observability_table,
     results_table,
     routing,
     routing_table,
     scenario_name,
 )
 from tests.bench.routed import Routed, RouterUnavailable, register_router
-from tests.bench.server_costs import RedisCounters, cpu_seconds, per_request, redis_url, worker_pids
+from tests.bench.server_costs import RedisCounters, cpu_seconds, per_request, redis_url, settle, worker_pids
 
 FAKE_PROVIDER_KEY = "sk-fake-upstream"
 DIRECT_MODEL = "gpt-4o-mini"
@@ -118,8 +136,11 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def start_stack(state_dir: Path, workers: int, timeout_s: float) -> tuple[Child, dict[str, str]]:
-    """Start ``alephant dev`` on free ports; return it and its ``demo.env`` once ``/readyz`` is 200."""
+def start_stack(state_dir: Path, workers: int, timeout_s: float, *, name: str = "alephant dev",
+                extra_env: dict[str, str] | None = None) -> tuple[Child, dict[str, str]]:
+    """Start ``alephant dev`` on free ports; return it and its ``demo.env`` once ``/readyz`` is 200.
+    Its environment is this process's without the ``OTEL_*`` variables (tracing off), plus
+    ``extra_env``; ``alephant dev`` hands it on to every gateway process it starts."""
     alephant = Path(sys.executable).with_name("alephant")
     command = [str(alephant)] if alephant.exists() else [sys.executable, "-m", "deploy.cli"]
     demo_path = state_dir / "demo.env"
@@ -127,7 +148,8 @@ def start_stack(state_dir: Path, workers: int, timeout_s: float) -> tuple[Child,
     stale = demo_path.stat().st_mtime_ns if demo_path.exists() else None
     argv = [*command, "--state-dir", str(state_dir), "dev", "--port", "0", "--admin-port", "0"]
     argv += ["--workers", str(workers)]
-    child = spawn("alephant dev", argv, state_dir / "alephant-dev.log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")} | (extra_env or {})
+    child = spawn(name, argv, state_dir / "alephant-dev.log", env=env)
     required = ("ALEPHANT_BASE_URL", "ALEPHANT_API_KEY", "ALEPHANT_ADMIN_URL", "ALEPHANT_ADMIN_TOKEN")
 
     def demo_env() -> dict[str, str] | None:
@@ -136,8 +158,8 @@ def start_stack(state_dir: Path, workers: int, timeout_s: float) -> tuple[Child,
         env = read_env_file(demo_path)
         return env if all(env.get(k) for k in required) else None
 
-    env = wait_for(child, "demo.env", timeout_s, demo_env)
-    origin = env["ALEPHANT_BASE_URL"].removesuffix("/").removesuffix("/v1")
+    demo = wait_for(child, "demo.env", timeout_s, demo_env)
+    origin = demo["ALEPHANT_BASE_URL"].removesuffix("/").removesuffix("/v1")
 
     def ready() -> bool:
         try:
@@ -146,7 +168,7 @@ def start_stack(state_dir: Path, workers: int, timeout_s: float) -> tuple[Child,
             return False
 
     wait_for(child, f"{origin}/readyz", timeout_s, ready)
-    return child, env
+    return child, demo
 
 
 def register_fake(env: dict[str, str], fake_url: str, stack: Child) -> None:
@@ -354,12 +376,20 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     """
     children: list[tuple[Child, int, float]] = []
     results: list[dict[str, Any]] = []
+    all_runs: list[dict[str, Any]] = []
     gov: Governed | None = None
     router: Routed | None = None
     semantic_key: str | None = None
     paid: dict[str, Any] | None = None
     gov_budgets: list[dict[str, Any]] = []
     counters = RedisCounters(None)
+    observed_counters = RedisCounters(None)
+    collector: NullCollector | None = None
+    observed_stack: Child | None = None
+    observed_env: dict[str, str] = {}
+    observed_setup: dict[str, Any] | None = None
+    s3: S3Target | None = None
+    traced_key: str | None = None
     started = time.time()
     try:
         say(f"==> starting fake upstream ({args.words} words per answer)")
@@ -368,7 +398,9 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         say(f"  fake upstream at {fake_url}")
 
         env: dict[str, str] = {}
-        targets = [t for t in TARGET_NAMES if args.only in (None, t)]
+        # `observed` and `traced` are read against `gateway`, so they bring it along (`observed` brings `traced`).
+        along = {"observed": ("gateway", "traced"), "traced": ("gateway",)}.get(args.only or "", ())
+        targets = [t for t in TARGET_NAMES if args.only in (None, t) or t in along]
         stack: Child | None = None
         if args.only != "direct":
             say(f"==> starting stack: alephant dev --workers {args.workers} (log: {state_dir}/alephant-dev.log)")
@@ -403,6 +435,29 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
             counters = RedisCounters(redis_url(state_dir))
             if counters.read() is None:
                 say("  (Redis INFO unavailable: the Redis columns stay empty)")
+            if "observed" in targets or "traced" in targets:
+                observed_dir = state_dir / "observed"
+                collector = NullCollector()
+                say(f"==> observed: a second stack of this build, traces to a null OTLP collector at "
+                    f"{collector.endpoint}, bodies archived (log: {observed_dir}/alephant-dev.log)")
+                t0 = time.monotonic()
+                observed_stack, observed_env = start_stack(observed_dir, args.workers, args.startup_timeout,
+                                                           name="alephant dev (observed)",
+                                                           extra_env=tracing_env(collector))
+                children.append((observed_stack, signal.SIGINT, STOP_GRACE_S))
+                say(f"  observed gateway at {observed_env['ALEPHANT_BASE_URL']} "
+                    f"(ready in {time.monotonic() - t0:.1f}s)")
+                register_fake(observed_env, fake_url, observed_stack)
+                s3 = S3Target.from_ops_env(read_env_file(observed_dir / "ops.env"))
+                traced_key = register_traced_key(observed_env)
+                setting = ready_observed(observed_env, observed_stack, collector, s3, model=GATEWAY_MODEL,
+                                         headers=GATEWAY_HEADERS, max_tokens=BENCH_MAX_TOKENS)
+                observed_setup = {"otlp_endpoint": collector.endpoint, "log_setting": setting.get("id"),
+                                  "bucket": s3.bucket, "setup_spans": collector.counts()["spans"],
+                                  "setup_body_objects": body_objects(s3)}
+                say(f"  bodies kept for workspace demo; the collector has {observed_setup['setup_spans']} spans "
+                    f"and the bucket {observed_setup['setup_body_objects']} body objects already")
+                observed_counters = RedisCounters(redis_url(observed_dir))
 
         modes = {"both": [False, True], "non-stream": [False], "stream": [True]}[args.mode]
         for connections in args.connections:
@@ -428,11 +483,17 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         assert semantic_key is not None
                         url, key, model = env["ALEPHANT_BASE_URL"], semantic_key, GATEWAY_MODEL
                         headers = GATEWAY_HEADERS
+                    elif target in ("observed", "traced"):  # the gateway's request, to the stack with tracing on
+                        assert traced_key is not None
+                        url, model, headers = observed_env["ALEPHANT_BASE_URL"], GATEWAY_MODEL, GATEWAY_HEADERS
+                        key = observed_env["ALEPHANT_API_KEY"] if target == "observed" else traced_key
                     else:
                         assert gov is not None
                         url, key, model, headers = env["ALEPHANT_BASE_URL"], gov.key, GATEWAY_MODEL, gov.headers
-                    pids = worker_pids(stack.proc.pid) if stack is not None and target != "direct" else []
-                    cpu0, redis0 = cpu_seconds(pids) if pids else None, counters.read() if pids else None
+                    observed = target in ("observed", "traced")
+                    serving, redis_counters = (observed_stack, observed_counters) if observed else (stack, counters)
+                    pids = worker_pids(serving.proc.pid) if serving is not None and target != "direct" else []
+                    cpu0, redis0 = cpu_seconds(pids) if pids else None, redis_counters.read() if pids else None
                     result = loadgen(
                         label=f"{scenario} {target}",
                         url=url,
@@ -446,18 +507,21 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                         log_dir=state_dir,
                         vary=target == "semantic",
                     )
-                    cpu1, redis1 = cpu_seconds(pids) if pids else None, counters.read() if pids else None
+                    settle_s = settle(pids) if pids else None
+                    cpu1, redis1 = cpu_seconds(pids) if pids else None, redis_counters.read() if pids else None
                     done = int(result.get("completed", 0))
                     result.update(
                         scenario=scenario,
                         target=target,
                         workers=len(pids) or None,
+                        settle_s=None if settle_s is None else round(settle_s, 2),
                         cpu_ms_per_req=per_request(cpu0, cpu1, done, 1000.0),
                         redis_evalsha_per_req=per_request(redis0 and redis0[0], redis1 and redis1[0], done),
                         redis_reads_per_req=per_request(redis0 and redis0[1], redis1 and redis1[1], done),
                         redis_cpu_ms_per_req=per_request(redis0 and redis0[2], redis1 and redis1[2], done, 1000.0),
                     )
                     runs[target].append(result)
+                    all_runs.append(result)
                     errors = f", {result['errors']} errors" if result["errors"] else ""
                     server = ""
                     if result["cpu_ms_per_req"] is not None:
@@ -469,6 +533,17 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                 results.extend(median_run(runs[t]) for t in targets)
         if gov is not None:
             gov_budgets = [budget_state(env, budget_id) for budget_id in gov.budget_ids]
+        if collector is not None and s3 is not None and observed_setup is not None:
+            say("==> observed: waiting for the last spans and body uploads")
+            o = observed_setup
+            o.update(observed_totals(collector, s3, state_dir / "observed" / "logs"))
+            # Measured requests: every run's, warm-up included (the setup's calls are subtracted); the
+            # traced key's are traced too but keep no body.
+            served = {t: sum(int(r.get("completed", 0)) for r in all_runs if r["target"] == t)
+                      for t in ("observed", "traced")}
+            o["requests_measured"], o["traced_requests_measured"] = served["observed"], served["traced"]
+            o["spans_per_request"] = per_request(o["setup_spans"], o["spans"], sum(served.values()))
+            o["objects_per_request"] = per_request(o["setup_body_objects"], o["body_objects"], served["observed"])
         if args.paid_calls > 0 and stack is not None:
             say(f"==> paid path: {args.paid_calls} sequential calls each of model, challenge and paid "
                 "(local fake facilitator)")
@@ -478,17 +553,20 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
                             300, state_dir / "paid-error.log", "paid path")
     finally:
         counters.close()
+        observed_counters.close()
         # A second Ctrl-C must not abandon the stack half-stopped.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child, sig, grace in reversed(children):
             if child.alive():
                 say(f"==> stopping {child.name}")
-            if child.stop(sig, grace) and child.name == "alephant dev":
+            if child.stop(sig, grace) and child.name.startswith("alephant dev"):
                 keep[0] = True
                 say(f"!! alephant dev was killed; its services may still run (look for {state_dir} in ps)")
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        if collector is not None:
+            collector.close()
 
     micro = governance_micro(args.micro_iterations, state_dir) if args.micro_iterations > 0 else None
     projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
@@ -513,6 +591,8 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "comparisons": compare(results),
         "governance": governance(results),
         "routing": routing(results),
+        "observability": observability(results),
+        "observed_setup": observed_setup,
         "router_setup": None if router is None else {
             "router_id": router.router_id, "name": router.name, "strategy": "weighted",
             "targets": [f"fake/{DIRECT_MODEL}", f"fake2/{DIRECT_MODEL}"], "probes_served_by": router.probes_served_by,
@@ -526,6 +606,26 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "projector": projector,
         "finance_queries": finance,
     }
+
+
+def observed_totals(collector: NullCollector, s3: S3Target, logs: Path) -> dict[str, Any]:
+    """What the observed stack exported and archived, read once both counts have stopped growing
+    (the batch span processor exports every 5 s; the uploader drains its queue; at most 30 s): the
+    collector's counts, the body objects, and the bodies dropped (one warning each, queue full or
+    upload failed) in its data-plane workers' logs (``logs/dataplane-*.log``)."""
+    deadline, last, steady = time.monotonic() + 30, None, 0
+    while time.monotonic() < deadline and steady < 2:
+        time.sleep(1.0)
+        now = (collector.counts()["spans"], body_objects(s3))
+        steady, last = (steady + 1 if now == last else 0), now
+    counts, objects = collector.counts(), body_objects(s3)
+    dropped = {"body_archive_queue_full": 0, "body_archive_failed": 0}
+    for log in logs.glob("dataplane-*.log"):
+        text = log.read_text(errors="replace")
+        for event in dropped:
+            dropped[event] += text.count(event)
+    return {**counts, "body_objects": objects, "bodies_dropped_queue_full": dropped["body_archive_queue_full"],
+            "bodies_dropped_upload_failed": dropped["body_archive_failed"]}
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -559,6 +659,10 @@ def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:
     say(f"==> governance micro-benchmark ({iterations:,} requests over a 100k-key snapshot)")
     argv = [sys.executable, "-m", "tests.bench.governance_micro", "--json", "--iterations", str(iterations)]
     return run_json(argv, 600, log_dir / "micro-error.log", "governance_micro")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -601,6 +705,19 @@ def main(argv: list[str] | None = None) -> int:
         say("")
         say("Router (weighted over two targets, both the fake) against the plain gateway and direct:")
         say(routing_table(doc["routing"]))
+    if doc["observability"]:
+        say("")
+        say("Observability (issue 13): the same build with traces exported and bodies archived against the plain "
+            "gateway:")
+        say(observability_table(doc["observability"]))
+        o = doc["observed_setup"]
+        if o:
+            say(f"  on, as counted: {o['spans']:,} spans received by the null collector in {o['exports']:,} exports "
+                f"({_rate(o['spans_per_request'])} per measured request, traced's included), {o['body_objects']:,} "
+                f"body objects under bodies/ ({_rate(o['objects_per_request'])} per measured observed request; "
+                f"{o['requests_measured']:,} of them, warm-up included); bodies dropped: "
+                f"{o['bodies_dropped_queue_full']:,} (queue full), "
+                f"{o['bodies_dropped_upload_failed']:,} (upload failed)")
     setup = doc["governed_setup"]
     if setup and setup["budgets"]:
         spent = ", ".join(f"{b.get('scope')} spent ${b.get('spent_usd')} held ${b.get('held_usd')}"

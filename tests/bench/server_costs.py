@@ -6,6 +6,7 @@ returns ``None`` rather than raising when its source is gone, so a run is never 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import redis
@@ -40,6 +41,22 @@ def cpu_seconds(pids: list[int]) -> float | None:
         fields = stat[stat.rindex(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
     return total / _CLK_TCK
+
+
+def settle(pids: list[int], *, idle_share: float = 0.05, interval_s: float = 0.5, max_s: float = 30.0) -> float:
+    """Wait until the workers are idle: their CPU over ``interval_s`` below ``idle_share`` of a
+    core each, i.e. a clock tick or two (or ``max_s`` passed, or a worker gone). Returns the seconds
+    waited. Run after a load run so work the workers defer past the last answer (span export, body
+    uploads, settlement batches) is counted in that run's CPU and does not spill into the next run."""
+    started = time.monotonic()
+    before = cpu_seconds(pids)
+    while before is not None and time.monotonic() - started < max_s:
+        time.sleep(interval_s)
+        after = cpu_seconds(pids)
+        if after is None or after - before < idle_share * interval_s * len(pids):
+            break
+        before = after
+    return time.monotonic() - started
 
 
 def redis_url(state_dir: Path) -> str | None:

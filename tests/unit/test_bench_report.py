@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.bench.report import compare, comparison_table, governance, governance_table, results_table
+from tests.bench.report import (
+    compare,
+    comparison_table,
+    governance,
+    governance_table,
+    observability,
+    observability_table,
+    results_table,
+)
 
 
 def _result(scenario: str, target: str, rps: float, p50: float | None, **extra: Any) -> dict[str, Any]:
@@ -63,3 +71,24 @@ def test_median_run_reports_the_middle_round_whole_with_every_rounds_throughput(
     assert median_run(runs[:2])["rps"] == 700.0  # an even count takes the lower middle
     table = results_table([median])
     assert "700-900" in table
+
+
+def test_observability_sets_the_observed_stack_against_the_plain_gateway() -> None:
+    results = [*RESULTS,
+               _result("32c non-stream", "observed", 920.0, 21.5, cpu_ms_per_req=0.55),
+               _result("1c non-stream", "observed", 450.0, 2.0)]  # no gateway run in 1c: no row
+    (row,) = observability(results)
+    assert row["scenario"] == "32c non-stream"
+    assert row["observed_vs_gateway"] == 0.92
+    assert abs(row["added_cpu_ms_per_req"] - 0.05) < 1e-12 and row["added_p50_ms"] == 1.5
+    observed = {(c["scenario"], c["target"]): c for c in compare(results)}[("32c non-stream", "observed")]
+    assert observed["vs_gateway_pct"] == 92.0
+    table = observability_table([row])
+    assert "0.92x" in table and "+0.050" in table and ">= 0.9x" in table
+    assert row["traced_vs_gateway"] is None and "-" in table.splitlines()[2]  # no traced run
+    (both,) = observability([*results, _result("32c non-stream", "traced", 960.0, 21.0, cpu_ms_per_req=0.52)])
+    assert both["traced_vs_gateway"] == 0.96 and abs(both["traced_added_cpu_ms_per_req"] - 0.02) < 1e-12
+    assert "0.96x" in observability_table([both])
+    no_cpu = observability([_result("1c stream", "gateway", 10.0, 1.0), _result("1c stream", "observed", 0.0, None)])
+    assert no_cpu[0]["observed_vs_gateway"] == 0.0 and no_cpu[0]["added_cpu_ms_per_req"] is None
+    assert "-" in observability_table(no_cpu).splitlines()[2]
