@@ -108,7 +108,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         tracing.setup()  # only when the OTEL_* variables configure an exporter
         nc = await connect(settings.nats_url, "alephant-dataplane", bus_auth(settings, "dataplane"))
         js = nc.jetstream()
-        kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
+        # The control plane and `alephant migrate` raise the bucket's replicas; a worker may not.
+        kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas, raise_replicas=False)
         store = SnapshotStore(stale_after_s=settings.stale_after_s, refuse_stale=settings.stale_policy == "refuse")
         watcher = SnapshotWatcher(kv, store)
         # Each worker claims its own spool slot and replays what a previous (or dead) worker left.

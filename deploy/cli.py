@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.admin_cli import add_admin_commands
+from deploy.strict import StrictRole
 from schemas.settings import Settings, SettingsError, load_settings
 
 
@@ -35,6 +36,16 @@ def _settings() -> Settings:
         return load_settings()
     except SettingsError as exc:
         sys.exit(f"alephant: {exc}")
+
+
+def _enforce_strict(settings: Settings, role: StrictRole, loop: asyncio.AbstractEventLoop) -> None:
+    """Under ALEPHANT_STRICT=1, exit non-zero naming each setting to fix when the deployment can
+    lose acknowledged events (deploy/strict.py); nothing otherwise."""
+    from deploy.strict import refusal
+
+    message = loop.run_until_complete(refusal(settings, role))
+    if message:
+        sys.exit(message)
 
 
 def _uvloop_loop() -> asyncio.AbstractEventLoop:
@@ -54,10 +65,12 @@ def cmd_dataplane(args: argparse.Namespace) -> None:
 
     settings = _settings()
     configure_logging(settings.log_level, service="dataplane")
+    loop = _uvloop_loop()
+    _enforce_strict(settings, "dataplane", loop)
     # reuse_port lets several workers share one port; the kernel balances connections.
     # run_app: aiohttp's own parser errors are answered in the API's JSON error shape too.
     run_app(build_app(settings), host=args.host or settings.host, port=args.port or settings.port,
-            reuse_port=True, loop=_uvloop_loop(), shutdown_timeout=10, keepalive_timeout=settings.keepalive_timeout_s,
+            reuse_port=True, loop=loop, shutdown_timeout=10, keepalive_timeout=settings.keepalive_timeout_s,
             max_connections=settings.max_connections)
 
 
@@ -71,6 +84,7 @@ def cmd_controlplane(args: argparse.Namespace) -> None:
     configure_logging(settings.log_level, service="controlplane")
     loop = _uvloop_loop()
     loop.run_until_complete(migrate(settings.database_url))
+    _enforce_strict(settings, "controlplane", loop)
     try:
         app = build_admin_app(settings)
     except ValueError as exc:
@@ -116,7 +130,9 @@ def cmd_projector(args: argparse.Namespace) -> None:
 
     settings = _settings()
     configure_logging(settings.log_level, service="projector")
-    _uvloop_loop().run_until_complete(_run_projector(settings, args.only))
+    loop = _uvloop_loop()
+    _enforce_strict(settings, "projector", loop)
+    loop.run_until_complete(_run_projector(settings, args.only))
 
 
 async def _migrate(settings: Settings) -> list[str]:

@@ -102,7 +102,8 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
     `$KV.<bucket>.<key>`, acks go to `$JS.ACK.<stream>.<consumer>.>` and push-consumer flow control
     replies to `$JS.FC.<stream>.>`. Only the control plane writes the bucket or changes streams;
     the data plane reads the bucket, publishes events and beats on the fleet subject (and hears
-    its peers' beats there, as the control plane does); the projector reads its consumers.
+    its peers' beats there, as the control plane does); the projector reads its consumers. Every
+    role may read the event stream's info (its replica count, for strict mode).
     `admin` (operators' `nats` CLI, tests) may do anything.
     """
     if role == "admin":
@@ -127,7 +128,8 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
         publish += [p for p in kv_read if p != f"{api}.STREAM.INFO.{kv}"] + [f"$KV.{kv_bucket}.>", events]
         subscribe = [fleet]
     elif role == "dataplane":
-        publish = [*kv_read, events, fleet]
+        # The event stream's info: strict mode checks its replica count (deploy/strict.py).
+        publish = [f"{api}.STREAM.INFO.{stream}", *kv_read, events, fleet]
         subscribe = [fleet]
     elif role == "projector":
         publish = [f"{api}.STREAM.INFO.{stream}"]
@@ -182,11 +184,37 @@ def _stream_matches(current: StreamConfig, wanted: StreamConfig) -> bool:
                for f in dataclasses.fields(wanted) if getattr(wanted, f.name) is not None)
 
 
-async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
-    """Create (or open) the config snapshot bucket. Idempotent."""
+async def ensure_kv(js: JetStreamContext, bucket: str, replicas: int = 1, *, raise_replicas: bool = True) -> KeyValue:
+    """Create (or open) the config snapshot bucket. Idempotent.
+
+    An existing bucket's replica count is raised to `replicas` when lower (`raise_replicas`; the
+    bucket is the stream `KV_<bucket>` underneath), never lowered. Roles that may not update
+    streams (the data plane) pass `raise_replicas=False`. Raises the server's error when the raise
+    is refused, e.g. more replicas than JetStream servers.
+    """
     try:
-        return await js.key_value(bucket)
+        kv = await js.key_value(bucket)
     except BucketNotFoundError:
         return await js.create_key_value(
             KeyValueConfig(bucket=bucket, history=KV_HISTORY, replicas=replicas, storage=StorageType.FILE)
         )
+    if raise_replicas:
+        await _raise_replicas(js, f"KV_{bucket}", replicas)
+    return kv
+
+
+def replicas_to_apply(current: int | None, wanted: int) -> int | None:
+    """The replica count to set on an existing stream: `wanted` when above `current` (unset reads
+    as 1, the server's default), else None: leave it. Never lowers durability, so a process
+    started without ALEPHANT_STREAM_REPLICAS cannot turn an R3 stream into R1."""
+    return wanted if wanted > (current or 1) else None
+
+
+async def _raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    info = await js.stream_info(stream)
+    target = replicas_to_apply(info.config.num_replicas, replicas)
+    if target is None:
+        return
+    log.info("stream_replicas_raised", stream=stream, replicas_before=info.config.num_replicas or 1,
+             replicas=target)
+    await js.update_stream(dataclasses.replace(info.config, num_replicas=target))

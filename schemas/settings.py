@@ -64,6 +64,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     subject_prefix: str = "events"
     kv_bucket: str = "alephant_config"
     stream_replicas: int = 1
+    # Strict durability mode (deploy/strict.py), on in every deploy/ manifest: a process refuses
+    # to start when the event stream or the config bucket has fewer than 3 replicas, a NATS server
+    # does not fsync every write (`sync_interval: always`), or (data plane) the spool is unusable.
+    strict: bool = False
+    # NATS monitoring endpoints (`http://host:8222`, comma-separated: every server of the cluster),
+    # whose /varz strict mode reads `sync_interval: always` from; required when strict.
+    nats_monitor_urls: str = ""
     max_body_bytes: int = 4 * 1024 * 1024
     upstream_timeout_s: float = 600.0
     stale_after_s: float = 15.0
