@@ -168,7 +168,7 @@ async def _traced(call: Call) -> web.StreamResponse:
             if stage is _dispatch:
                 with tracing.dispatch_span(call):
                     await stage(call)
-            elif (name := _TRACED_STAGES.get(stage)) is not None:
+            elif (name := _TRACED_STAGES.get(stage)) is not None and _waits(stage, call):
                 with tracing.stage_span(name):
                     await stage(call)
             else:
@@ -179,3 +179,12 @@ async def _traced(call: Call) -> web.StreamResponse:
 
 
 _TRACED_STAGES: dict[Stage, str] = {governance.admit: "alephant.admit", cache: "alephant.cache"}
+
+
+def _waits(stage: Stage, call: Call) -> bool:
+    """Whether a traced stage has work to do (a span costs ~25 µs; a no-op stage gets none): admit
+    when limits or budgets govern the call, cache when the call has a cache plan to read."""
+    if stage is cache:
+        return call.cache_plan is not None and call.cache_plan.read
+    governing = governance.on_path(call)
+    return call.endpoint.governed and bool(governing.limits or governing.budgets)

@@ -13,7 +13,8 @@ Per request (`pipeline.run`):
   `http.response.status_code`, `error.type` (the error code), and the agent context
   (`alephant.request_id`, `.agent_id`, `.run_id`, `.session_id`, `.workspace_id`, `.key_id`);
 * INTERNAL spans for the stages that wait on something: `alephant.admit` (limits and the budget
-  hold, a Redis round trip) and `alephant.cache` (the cache lookup), when they do work;
+  hold, a Redis round trip) and `alephant.cache` (the cache lookup), only when they have work to
+  do (a call with no limits, budgets or cache gets two spans in all);
 * a CLIENT span for the upstream call (the dispatch stage), named and attributed after the
   OpenTelemetry GenAI semantic conventions: `{gen_ai.operation.name} {gen_ai.request.model}`
   with `gen_ai.operation.name` (chat, embeddings), `gen_ai.system` (openai, anthropic,
@@ -106,7 +107,8 @@ def request_span(call: Call) -> Iterator[Span]:
     request = call.request
     route = request.match_info.route.resource
     template = route.canonical if route is not None else request.path
-    parent = propagate.extract(request.headers)
+    # Most callers send no trace context: skip the propagator's parsing then.
+    parent = propagate.extract(request.headers) if "traceparent" in request.headers else None
     with TRACER.start_as_current_span(f"{request.method} {template}", context=parent, kind=SpanKind.SERVER,
                                       record_exception=False, set_status_on_exception=False) as span:
         ctx = span.get_span_context()
