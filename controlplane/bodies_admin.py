@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 from psycopg_pool import AsyncConnectionPool
 
+from schemas.body_archive import split_body_key
 from schemas.errors import Conflict, NotFound
 from schemas.settings import Settings
 
@@ -43,17 +44,22 @@ async def archived_body(pool: AsyncConnectionPool[Any], settings: Settings, requ
     if not settings.s3_url:
         raise Conflict("Body archival is off: ALEPHANT_S3_URL is not set.", code="body_archive_off")
     key = await body_key(pool, request_id, workspace_id)
+    obj, wanted = split_body_key(key)
     from botocore.exceptions import ClientError
 
     from events.archive import open_store
 
+    gone = NotFound(f"The archived bodies of '{request_id}' are gone (past their retention, or never uploaded: "
+                    "a batch still in its worker's buffer arrives within seconds).", code="body_not_found")
     async with open_store(settings) as store:
         try:
-            raw = await store.get(key)
+            raw = await store.get(obj)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NoSuchBucket"):
-                raise NotFound(f"The archived bodies of '{request_id}' are gone (past their retention, or never "
-                               "uploaded).", code="body_not_found") from None
+                raise gone from None
             raise
-    body: dict[str, Any] = msgspec.json.decode(gzip.decompress(raw))
-    return {"object": "request.body", "key": key, **body}
+    for line in gzip.decompress(raw).splitlines():
+        record: dict[str, Any] = msgspec.json.decode(line)
+        if record.get("request_id") == (wanted or request_id):
+            return {"object": "request.body", "key": key, **record}
+    raise gone

@@ -1,8 +1,13 @@
 """The layout of archived request bodies in the archive bucket, shared by the data plane that
 writes them (`dataplane.bodies`) and the control plane that reads and expires them
-(`controlplane.bodies_admin`, `controlplane.bodies_retention`):
+(`controlplane.bodies_admin`, `controlplane.bodies_retention`).
 
-    bodies/<workspace_id>/<YYYY-MM-DD>/<request_id>.json.gz
+Bodies are written in batches (one S3 PUT per batch: botocore costs milliseconds of CPU a request,
+too much per call), one gzip JSON-lines object per worker, workspace and few seconds:
+
+    bodies/<workspace_id>/<YYYY-MM-DD>/<HHMMSS>-<worker>-<seq>.jsonl.gz     one record per line
+
+A call's body key (its `llm.call`'s `body_key`) is `<object key>#<request_id>`.
 """
 
 from __future__ import annotations
@@ -14,8 +19,18 @@ PREFIX = "bodies/"
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
 
-def object_key(workspace_id: str, request_id: str, when: dt.datetime) -> str:
-    return f"{PREFIX}{workspace_id}/{when:%Y-%m-%d}/{request_id}.json.gz"
+def object_key(workspace_id: str, when: dt.datetime, worker: str, seq: int) -> str:
+    return f"{PREFIX}{workspace_id}/{when:%Y-%m-%d}/{when:%H%M%S}-{worker}-{seq}.jsonl.gz"
+
+
+def body_key(object_key: str, request_id: str) -> str:
+    return f"{object_key}#{request_id}"
+
+
+def split_body_key(key: str) -> tuple[str, str]:
+    """(object key, request id) of a body key; the request id is "" for a bare object key."""
+    obj, _, request_id = key.partition("#")
+    return obj, request_id
 
 
 def parse_key(key: str) -> tuple[str, dt.date] | None:

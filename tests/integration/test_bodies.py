@@ -21,7 +21,14 @@ from tests.fakes.upstream import FakeUpstream
 PROVIDER_CANARY = "sk-canary-bodies-4e1d8a2c9b7f3e50"
 
 
-async def _object(gateway: Gateway, key: str) -> dict[str, Any] | None:
+async def _object(gateway: Gateway, body_key: str) -> dict[str, Any] | None:
+    """The record a body key (`<object>#<request_id>`) names, once its batch is uploaded."""
+    key, request_id = body_key.split("#")
+    records = await _records(gateway, key)
+    return next((r for r in records if r["request_id"] == request_id), None) if records is not None else None
+
+
+async def _records(gateway: Gateway, key: str) -> list[dict[str, Any]] | None:
     env = gateway.stack.child_env()
     session = aioboto3.Session(aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
                                aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
@@ -36,8 +43,7 @@ async def _object(gateway: Gateway, key: str) -> dict[str, Any] | None:
                 return None
             raise
         async with got["Body"] as body:
-            data: dict[str, Any] = json.loads(gzip.decompress(await body.read()))
-            return data
+            return [json.loads(line) for line in gzip.decompress(await body.read()).splitlines()]
 
 
 async def _event(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
@@ -74,7 +80,7 @@ async def test_bodies_are_archived_redacted_and_metadata_only_keys_keep_none(
         event = await eventually(lambda: _event(gateway, answer[0]))
         return str(event["body_key"]) if event.get("body_key") else None
     key = await eventually(archived_call, timeout=20)
-    assert key.startswith("bodies/demo/") and key.endswith(".json.gz")
+    assert key.startswith("bodies/demo/") and ".jsonl.gz#req_" in key  # one record of a batch object
     stored = await eventually(lambda: _object(gateway, key), timeout=20)
     text = json.dumps(stored)
     for secret in (kept["key"], PROVIDER_CANARY, "sk-live-ABCDEFGHIJKLMNOPQR", "SSN-123-45-6789", "a@example.com"):
