@@ -26,6 +26,8 @@ ADMIN_PORT = 8081
 # port, is for the local stack only).
 PROJECTOR_PORT = 8082
 NATS_MONITOR_PORT = 8222
+# The projections a second projector shares with the first (deploy/cluster.py SHARED_PROJECTIONS).
+SHARED_PROJECTIONS = ("ledger", "finance")
 
 
 class Process(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,9 +55,16 @@ PROCESSES: tuple[Process, ...] = (
             env=_NATS_LOGIN | {"ALEPHANT_DATABASE_URL", "ALEPHANT_REDIS_URL", "ALEPHANT_SECRET_KEY",
                                "ALEPHANT_ADMIN_TOKEN"},
             port=ADMIN_PORT, liveness="/healthz", readiness="/readyz"),
-    # Two sharing each durable consumer: a batch locks its checkpoint row, the journal dedups.
-    Process(name="projector", command=("projector",), replicas=2, bus_role="projector",
+    # Two projectors (deploy/cluster.py): the first runs every projection, the S3 archiver and log
+    # delivery; the second only the projections two instances can share (each batch locks its
+    # checkpoint row, the journal dedups by event id). The archiver and delivery run once: an
+    # archive object must hold a gapless run of sequences, and a destination's concurrency bound
+    # and backoff hold within one process.
+    Process(name="projector", command=("projector",), replicas=1, bus_role="projector",
             env=_NATS_LOGIN | {"ALEPHANT_DATABASE_URL", "ALEPHANT_SECRET_KEY"},
+            port=PROJECTOR_PORT, liveness="/healthz", readiness="/readyz"),
+    Process(name="projector-shared", command=("projector", *(a for n in SHARED_PROJECTIONS for a in ("--only", n))),
+            replicas=1, bus_role="projector", env=_NATS_LOGIN | {"ALEPHANT_DATABASE_URL"},
             port=PROJECTOR_PORT, liveness="/healthz", readiness="/readyz"),
     # No database URL and no admin token: a worker reads the bucket and publishes events.
     Process(name="dataplane", command=("dataplane",), replicas=4, bus_role="dataplane",

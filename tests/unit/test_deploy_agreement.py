@@ -4,6 +4,7 @@ NATS users, probes, strict durability mode and a 3-node NATS with `sync_interval
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,9 @@ from deploy.topology import (
     NATS_MONITOR_PORT,
     NATS_NODES,
     PROCESSES,
+    SHARED_PROJECTIONS,
     Process,
+    process,
 )
 from schemas.settings import Settings
 
@@ -189,3 +192,15 @@ def test_every_variable_is_a_setting() -> None:
     for proc in PROCESSES:
         assert (COMMON_ENV | proc.env) <= SETTINGS_VARS, (COMMON_ENV | proc.env) - SETTINGS_VARS
     assert set(DURABILITY_ENV) <= COMMON_ENV
+
+
+def test_the_local_cluster_runs_the_topology() -> None:
+    """`alephant dev --cluster` (deploy/cluster.py) starts the same counts and projector split."""
+    cluster = pytest.importorskip("deploy.cluster")
+    defaults = {f.name: f.default for f in dataclasses.fields(cluster.ClusterStack)}
+    assert defaults["workers"] == process("dataplane").replicas
+    assert defaults["controlplanes"] == process("controlplane").replicas
+    assert defaults["projectors"] == sum(p.replicas for p in PROCESSES if p.command[0] == "projector")
+    assert defaults["nats_nodes"] == NATS_NODES
+    assert tuple(cluster.SHARED_PROJECTIONS) == SHARED_PROJECTIONS
+    assert process("projector-shared").command == ("projector", *(a for n in SHARED_PROJECTIONS for a in ("--only", n)))
