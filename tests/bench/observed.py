@@ -29,8 +29,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from dataplane.bodies import PREFIX as BODIES_PREFIX
 from events.archive import ArchiveStore
+from schemas.body_archive import PREFIX as BODIES_PREFIX
 from tests.bench.loadgen import chat_body
 from tests.bench.processes import BenchError, Child, admin_post, http, wait_for
 
@@ -124,18 +124,24 @@ class S3Target:
 
 
 def body_objects(s3: S3Target) -> int:
-    """Objects under ``bodies/`` in the bucket (0 before the first upload created the bucket)."""
+    """Bodies archived under ``bodies/``: the records (lines) of every batch object (0 before the
+    first upload created the bucket)."""
 
     async def count() -> int:
         session = aioboto3.Session(aws_access_key_id=s3.access_key, aws_secret_access_key=s3.secret_key)
         async with session.client("s3", endpoint_url=s3.url, region_name="us-east-1",
                                   config=Config(s3={"addressing_style": "path"})) as client:
+            store = ArchiveStore(client, s3.bucket)
             try:
-                return len(await ArchiveStore(client, s3.bucket).keys(BODIES_PREFIX))
+                keys = await store.keys(BODIES_PREFIX)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") == "NoSuchBucket":
                     return 0
                 raise
+            records = 0
+            for key in keys:
+                records += len(gzip.decompress(await store.get(key)).splitlines())
+            return records
 
     return asyncio.run(count())
 

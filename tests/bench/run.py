@@ -619,12 +619,12 @@ def observed_totals(collector: NullCollector, s3: S3Target, logs: Path) -> dict[
         now = (collector.counts()["spans"], body_objects(s3))
         steady, last = (steady + 1 if now == last else 0), now
     counts, objects = collector.counts(), body_objects(s3)
-    dropped = {"body_archive_queue_full": 0, "body_archive_failed": 0}
+    dropped = {"body_archive_buffer_full": 0, "body_archive_failed": 0}
     for log in logs.glob("dataplane-*.log"):
         text = log.read_text(errors="replace")
         for event in dropped:
             dropped[event] += text.count(event)
-    return {**counts, "body_objects": objects, "bodies_dropped_queue_full": dropped["body_archive_queue_full"],
+    return {**counts, "body_objects": objects, "bodies_dropped_queue_full": dropped["body_archive_buffer_full"],
             "bodies_dropped_upload_failed": dropped["body_archive_failed"]}
 
 
@@ -714,9 +714,9 @@ def main(argv: list[str] | None = None) -> int:
         if o:
             say(f"  on, as counted: {o['spans']:,} spans received by the null collector in {o['exports']:,} exports "
                 f"({_rate(o['spans_per_request'])} per measured request, traced's included), {o['body_objects']:,} "
-                f"body objects under bodies/ ({_rate(o['objects_per_request'])} per measured observed request; "
+                f"bodies archived under bodies/ ({_rate(o['objects_per_request'])} per measured observed request; "
                 f"{o['requests_measured']:,} of them, warm-up included); bodies dropped: "
-                f"{o['bodies_dropped_queue_full']:,} (queue full), "
+                f"{o['bodies_dropped_queue_full']:,} (buffer full), "
                 f"{o['bodies_dropped_upload_failed']:,} (upload failed)")
     setup = doc["governed_setup"]
     if setup and setup["budgets"]:
