@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: install run test test-all lint fmt bench clean help
+.PHONY: install run cluster test test-all lint fmt bench clean help
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ install: $(STAMP) ## Install uv and every locked dependency
 
 run: install ## Start the whole local stack with a demo workspace and key (Ctrl-C stops it)
 	@$(VENV)/bin/alephant dev --workers $(WORKERS)
+
+cluster: install ## Start the multi-node stack: 3 NATS (R3), 2 control planes, 4 workers, 2 projectors
+	@$(VENV)/bin/alephant dev --cluster
 
 test: install ## Lint, type-check and run the test suite (slow tests only with SLOW=1)
 	@$(VENV)/bin/ruff check .

@@ -91,7 +91,8 @@ def _auth_middleware(token: str) -> Middleware:
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in ("/admin/v1/openapi.json", "/admin/v1/healthz", "/metrics"):
+        if request.path in ("/admin/v1/openapi.json", "/admin/v1/healthz", "/admin/v1/readyz", "/healthz", "/readyz",
+                            "/metrics"):
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
@@ -449,7 +450,15 @@ async def resolve_payment(request: web.Request) -> web.StreamResponse:
 
 
 async def healthz(request: web.Request) -> web.StreamResponse:
-    return _json({"ok": True, "snapshot_revision": request.app[ADMIN].relay.last_revision})
+    relay = request.app[ADMIN].relay
+    return _json({"ok": True, "snapshot_revision": relay.last_revision, "leader": relay.leading})
+
+
+async def readyz(request: web.Request) -> web.StreamResponse:
+    """200 while the relay reaches Postgres (it leads, or it can tell that another instance does)."""
+    relay = request.app[ADMIN].relay
+    ready = relay.postgres_ok
+    return _json({"ready": ready, "leader": relay.leading}, 200 if ready else 503)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -586,7 +595,10 @@ ROUTES: tuple[Route, ...] = (
           "(true: call again)", Reprice, reprice),
     Route("GET", "/admin/v1/fleet", "Data-plane workers heard in the last 30 s and the config revision each applied",
           None, get_fleet),
-    Route("GET", "/admin/v1/healthz", "Liveness of the admin API", None, healthz),
+    Route("GET", "/admin/v1/healthz", "Liveness of the admin API: `snapshot_revision`, and `leader` (this control "
+          "plane relays the config outbox; one instance does at a time)", None, healthz),
+    Route("GET", "/admin/v1/readyz", "Readiness: 200 while the control plane reaches Postgres, else 503", None,
+          readyz),
 )
 
 
@@ -665,10 +677,10 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         kv = await ensure_kv(js, settings.kv_bucket, settings.stream_replicas)
         pool = open_pool(settings.database_url)
         await pool.open(wait=True, timeout=30)
-        relay = OutboxRelay(pool, js, kv, settings.stream)
-        await relay.flush()
-        changed = await relay.resync()
-        log.info("kv_resynced", changed=changed)
+        # Leads the relay if no other control plane does (then flushes and resyncs the bucket first).
+        relay = OutboxRelay(pool, js, kv, settings.stream, settings.database_url,
+                            stall_s=max(10.0, 5 * settings.heartbeat_interval_s))
+        await relay.try_lead()
         commands = c.ConfigCommands(pool, keyring, relay, settings.subject_prefix,
                                     ssrf_allow=parse_allow_list(settings.ssrf_allow),
                                     propagation_wait_s=settings.admin_propagation_wait_s)
@@ -692,6 +704,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await relay.close()  # hands the lead over at once
         await redis.aclose()
         await pool.close()
         await nc.drain()
@@ -710,6 +723,9 @@ def build_admin_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_resources(settings))
     app.router.add_get("/metrics", metrics_endpoint)  # no token: counts and the revision only
     app.router.add_get("/admin/v1/openapi.json", openapi)
+    # The probe paths every process serves (no token).
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     return app

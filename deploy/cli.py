@@ -1,6 +1,7 @@
 """`alephant`: the one command line for every process and for administration.
 
-    alephant dev            the whole stack on this machine (what `make run` starts)
+    alephant dev            the whole stack on this machine (what `make run` starts; `--cluster`:
+                            the multi-node one, `make cluster`)
     alephant dataplane      a data-plane worker (stateless; run N behind a load balancer)
     alephant controlplane   the admin API and the config-snapshot publisher
     alephant projector      folds the event stream into the Postgres ledgers
@@ -158,12 +159,21 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_dev(args: argparse.Namespace) -> None:
+    from deploy.cluster import ClusterStack
     from deploy.stack import Stack
 
     if args.dev_state_dir:
         args.state_dir = args.dev_state_dir
-    stack = Stack(state_dir=Path(args.state_dir), port=args.port, admin_port=args.admin_port, workers=args.workers)
-    print(f"Alephant Gateway: starting the local stack (state in {args.state_dir}/)", flush=True)
+    stack: Stack
+    if args.cluster:
+        stack = ClusterStack(state_dir=Path(args.state_dir), port=args.port,
+                             admin_port=8090 if args.admin_port is None else args.admin_port,
+                             workers=args.workers or 4)
+    else:
+        stack = Stack(state_dir=Path(args.state_dir), port=args.port,
+                      admin_port=8081 if args.admin_port is None else args.admin_port, workers=args.workers or 1)
+    shape = "multi-node stack" if args.cluster else "local stack"
+    print(f"Alephant Gateway: starting the {shape} (state in {args.state_dir}/)", flush=True)
 
     def interrupted(signum: int, _frame: Any) -> None:
         raise KeyboardInterrupt
@@ -186,10 +196,18 @@ def cmd_dev(args: argparse.Namespace) -> None:
 def _print_banner(stack: Any) -> None:
     d = stack.demo
     env_path = Path(stack.state_dir) / "demo.env"
+    cluster = ""
+    if "ALEPHANT_BASE_URLS" in d:
+        nats = ", ".join(svc.url for svc in stack.nats_services)
+        cluster = f"""
+  workers    {d['ALEPHANT_BASE_URLS'].replace(',', ', ')}
+  admin      {d['ALEPHANT_ADMIN_URLS'].replace(',', ', ')}  (one relays config: leader on /admin/v1/healthz)
+  projectors {d['ALEPHANT_PROJECTOR_METRICS_URLS'].replace('/metrics', '').replace(',', ', ')}  (/healthz)
+  nats       {nats}"""
     print(f"""
 Alephant Gateway is running.
   gateway    {d['ALEPHANT_BASE_URL']}
-  admin API  {d['ALEPHANT_ADMIN_URL']}/admin/v1  (OpenAPI: /admin/v1/openapi.json)
+  admin API  {d['ALEPHANT_ADMIN_URL']}/admin/v1  (OpenAPI: /admin/v1/openapi.json){cluster}
   demo key   {d['ALEPHANT_API_KEY'][:12]}...   (full key and admin token in {env_path})
   logs       {stack.state_dir}/logs/
 
@@ -217,8 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "control plane, data-plane workers and the projector; seed a demo workspace; "
                                    "write <state-dir>/demo.env. Ctrl-C stops everything.")
     p.add_argument("--port", type=int, default=8080, help="gateway port (default 8080; 0 = any free port)")
-    p.add_argument("--admin-port", type=int, default=8081, help="admin API port (default 8081; 0 = any free port)")
-    p.add_argument("--workers", type=int, default=1, help="data-plane worker processes sharing the port (default 1)")
+    p.add_argument("--admin-port", type=int, default=None,
+                   help="admin API port (default 8081, with --cluster 8090 and the next; 0 = any free port)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data-plane worker processes (default 1, sharing the port; with --cluster 4, on --port "
+                        "and the next ports)")
+    p.add_argument("--cluster", action="store_true",
+                   help="the multi-node stack: a 3-node NATS cluster (R3), 2 control planes (one relays), "
+                        "4 workers on their own ports, 2 projectors (see deploy/cluster.py)")
     p.add_argument("--state-dir", dest="dev_state_dir", metavar="DIR",
                    help="local state directory (same as the global --state-dir)")
     p.set_defaults(fn=cmd_dev)

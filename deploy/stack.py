@@ -167,6 +167,11 @@ class Stack:
     services: dict[str, Service] = field(default_factory=dict)
     procs: dict[str, Service] = field(default_factory=dict)
     demo: dict[str, str] = field(default_factory=dict)
+    # Embedded NATS nodes: 1 is the single server `services["nats"]`; more is a JetStream
+    # cluster, `services["nats-1"]`, ... (deploy.services.start_nats_cluster).
+    nats_nodes: int = 1
+    # How each child was started (`spawn`): the supervisor restarts it the same way.
+    _spawned: dict[str, tuple[tuple[str, ...], dict[str, str]]] = field(default_factory=dict, init=False, repr=False)
 
     # ---- configuration handed to every child process -------------------------------------
     def _secrets(self) -> dict[str, str]:
@@ -187,8 +192,18 @@ class Stack:
         return values
 
     @property
+    def nats_services(self) -> list[Service]:
+        """The NATS server(s): `nats`, or a cluster's `nats-1`, `nats-2`, ..."""
+        return [svc for name, svc in self.services.items() if name == "nats" or name.startswith("nats-")]
+
+    @property
     def nats_embedded(self) -> bool:
-        return bool(self.services["nats"].argv)
+        return any(svc.argv for svc in self.nats_services)
+
+    @property
+    def nats_servers(self) -> str:
+        """Every NATS server's URL, comma-separated (what ALEPHANT_NATS_URL carries)."""
+        return ",".join(svc.url for svc in self.nats_services)
 
     def _nats_authorization(self) -> str:
         """The embedded NATS's users and permissions, for this stack's stream, bucket and prefix."""
@@ -205,11 +220,11 @@ class Stack:
     def nats_url(self, role: BusRole = "admin") -> str:
         """The NATS URL with `role`'s credentials in it (embedded NATS; tests, the `nats` CLI);
         for an external server, its URL as given."""
-        url = self.services["nats"].url
+        url = self.nats_servers
         if not self.nats_embedded:
             return url
         password = quote(self._secrets()[BUS_PASSWORD_VARS[role]], safe="")
-        return url.replace("nats://", f"nats://{role}:{password}@", 1)
+        return url.replace("nats://", f"nats://{role}:{password}@")  # every server of a cluster
 
     def child_env(self, role: BusRole | None = None) -> dict[str, str]:
         """The environment of a child process; with the embedded NATS, `role`'s bus credentials
@@ -224,7 +239,7 @@ class Stack:
                 env["ALEPHANT_NATS_USER"] = role
                 env["ALEPHANT_NATS_PASSWORD"] = self._secrets()[BUS_PASSWORD_VARS[role]]
         env.update({
-            "ALEPHANT_NATS_URL": self.services["nats"].url,
+            "ALEPHANT_NATS_URL": self.nats_servers,
             "ALEPHANT_DATABASE_URL": self.services["postgres"].url,
             "ALEPHANT_REDIS_URL": self.services["redis"].url,
             "ALEPHANT_PORT": str(self.port),
@@ -267,7 +282,7 @@ class Stack:
         names = {k: v for k, v in self.child_env().items()
                  if k in ("ALEPHANT_STREAM", "ALEPHANT_SUBJECT_PREFIX", "ALEPHANT_KV_BUCKET", "ALEPHANT_S3_BUCKET")}
         values = {"ALEPHANT_DATABASE_URL": self.services["postgres"].url,
-                  "ALEPHANT_NATS_URL": self.services["nats"].url, **names, **self._s3_env()}
+                  "ALEPHANT_NATS_URL": self.nats_servers, **names, **self._s3_env()}
         if self.nats_embedded:
             values.update(ALEPHANT_NATS_USER="admin",
                           ALEPHANT_NATS_PASSWORD=self._secrets()[BUS_PASSWORD_VARS["admin"]])
@@ -299,14 +314,16 @@ class Stack:
             {**self.env, **self.extra_env}.get("ALEPHANT_PROJECTOR_METRICS_PORT") or 0)
         self.projector_metrics_port = wanted if wanted and not port_open(wanted) else free_port()
 
-    def spawn(self, name: str, *args: str) -> Service:
-        """Start `alephant <args>` as a child named `name`, logging to `<state_dir>/logs/<name>.log`."""
+    def spawn(self, name: str, *args: str, env: Mapping[str, str] | None = None) -> Service:
+        """Start `alephant <args>` as a child named `name`, logging to `<state_dir>/logs/<name>.log`;
+        `env` is added to its environment (its own port, say). Remembered for the supervisor."""
         log = self.state_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
+        self._spawned[name] = (args, dict(env or {}))
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "deploy.cli", *args], stdout=out, stderr=subprocess.STDOUT,
-                env=self.child_env(_COMMAND_ROLES.get(args[0])), start_new_session=True,
+                env={**self.child_env(_COMMAND_ROLES.get(args[0])), **(env or {})}, start_new_session=True,
                 preexec_fn=die_with_parent,
             )
         svc = Service(name, "", proc, log, stop_signal=signal.SIGTERM)
@@ -346,7 +363,7 @@ class Stack:
         try:
             self.log("==> backing services")
             self.services = start_services(self.state_dir, self.env, self.log,
-                                           nats_authorization=self._nats_authorization())
+                                           nats_authorization=self._nats_authorization(), nats_nodes=self.nats_nodes)
             self._pick_ports()
             self.write_ops_env()
             self.log("==> migrations, event stream and config bucket")
@@ -406,12 +423,16 @@ class Stack:
             if svc.exited():
                 code = svc.proc.returncode if svc.proc is not None else None
                 self.log(f"!! {name} exited with {code}; restarting (log: {svc.log})")
-                args = ("dataplane",) if name.startswith("dataplane") else (name,)
-                self.spawn(name, *args)
+                args, env = self._spawned.get(name, (("dataplane",) if name.startswith("dataplane") else (name,), {}))
+                self.spawn(name, *args, env=env)
                 restarted.append(name)
         return restarted
 
     # ---- demo seed -----------------------------------------------------------------------
+    def demo_urls(self) -> dict[str, str]:
+        """More demo.env addresses (a cluster's every worker, control plane and projector)."""
+        return {}
+
     def seed_demo(self) -> dict[str, str]:
         """Create the demo workspace, agent, providers and key (idempotent) and write demo.env."""
         admin = self.admin()
@@ -445,6 +466,7 @@ class Stack:
             "ALEPHANT_DEMO_WORKSPACE": DEMO_WORKSPACE,
             # Prometheus targets: the gateway and the admin API serve /metrics on their own ports.
             "ALEPHANT_PROJECTOR_METRICS_URL": self.projector_metrics_url,
+            **self.demo_urls(),
         }
         write_env_file(demo_path, values, "Written by `alephant dev`: the demo gateway's URLs and credentials.")
         return values

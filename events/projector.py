@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -390,6 +391,10 @@ class Projector:
         # yet acked was stored (Unix s; None: none in hand), and when the newest acked one was.
         self.in_hand_since: float | None = None
         self.folded_until: float | None = None
+        # Health (events.projector_metrics): the durable consumer is bound (this instance fetches
+        # from it), and when this instance last committed a batch (Unix s; None: not yet).
+        self.bound = False
+        self.last_commit_at: float | None = None
 
     async def run(self) -> None:
         puller = BatchPuller(self._js._nc, self._js, self._stream, ConsumerConfig(
@@ -401,9 +406,11 @@ class Projector:
             max_ack_pending=self._batch * 4,
         ))
         await puller.start()
+        self.bound = True
         try:
             await self._fold_forever(puller)
         finally:
+            self.bound = False
             await puller.close()
 
     async def _fold_forever(self, puller: BatchPuller) -> None:
@@ -432,6 +439,7 @@ class Projector:
                 conn = None
                 await asyncio.sleep(1.0)
                 continue
+            self.last_commit_at = time.time()
             await _settle(msgs, ack=True)
             self.in_hand_since, self.folded_until = None, msgs[-1].metadata.timestamp.timestamp()
             self.applied += result.journalled

@@ -1,4 +1,7 @@
-"""The projector's Prometheus endpoint: `GET /metrics` on `ALEPHANT_PROJECTOR_METRICS_PORT`.
+"""The projector's HTTP endpoints on `ALEPHANT_PROJECTOR_METRICS_PORT`: Prometheus `GET /metrics`,
+and the probes `GET /healthz` (200 while the process serves: per projection its lag, whether its
+durable consumer is bound and when this instance last committed a batch) and `GET /readyz`
+(200 once every projection's consumer is bound, else 503).
 
 Per projection (its durable consumer):
 * `alephant_projector_lag_events`: events the projection has not acked yet (the consumer's
@@ -17,6 +20,7 @@ expects). The server binds `ALEPHANT_HOST`; a scrape does one consumer-info requ
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
@@ -89,21 +93,48 @@ async def measure_lag(js: JetStreamContext, stream: str, projector: Projector, n
     return Lag(events, 0.0 if since is None else max(0.0, now - since))
 
 
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else dt.datetime.fromtimestamp(ts, dt.UTC).isoformat()
+
+
+def health(projectors: Sequence[Projector], lag: dict[str, Lag]) -> dict[str, object]:
+    """The /healthz body: per projection `bound`, `lag_events`, `lag_seconds`, `last_commit_at`
+    (ISO-8601 UTC, null before this instance's first commit), `folded` and `dead_lettered`."""
+    return {"ok": True, "ready": all(p.bound for p in projectors), "projections": {
+        p.projection.name: {"bound": p.bound, "lag_events": lag.get(p.projection.name, Lag()).events,
+                            "lag_seconds": round(lag.get(p.projection.name, Lag()).seconds, 3),
+                            "last_commit_at": _iso(p.last_commit_at), "folded": p.applied, "dead_lettered": p.dead}
+        for p in projectors}}
+
+
 def metrics_app(js: JetStreamContext, stream: str, projectors: Sequence[Projector]) -> web.Application:
     registry = CollectorRegistry(auto_describe=False)
     collector = ProjectorCollector(projectors)
     registry.register(collector)
 
-    async def metrics(request: web.Request) -> web.Response:
+    async def refresh_lag() -> None:
         now = time.time()
         measured = await asyncio.gather(*(measure_lag(js, stream, p, now) for p in projectors))
         for p, lag in zip(projectors, measured, strict=True):
             if lag is not None:
                 collector.lag[p.projection.name] = lag
+
+    async def metrics(request: web.Request) -> web.Response:
+        await refresh_lag()
         return render(registry)
+
+    async def healthz(request: web.Request) -> web.Response:
+        await refresh_lag()
+        return web.json_response(health(projectors, collector.lag))
+
+    async def readyz(request: web.Request) -> web.Response:
+        ready = all(p.bound for p in projectors)
+        return web.json_response({"ready": ready}, status=200 if ready else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     return app
 
 

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 import pytest_asyncio
 
+from deploy.cluster import ClusterStack
 from deploy.stack import AdminClient, Stack
 from events.jetstream import connect
 from tests.fakes.upstream import FakeUpstream
@@ -116,6 +117,29 @@ def dedicated_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
                   extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
                              **(extra_env or {})},
                   log=log or (lambda _msg: None))
+    stack.start()
+    try:
+        yield stack
+    finally:
+        for svc in (*stack.services.values(), *stack.procs.values()):
+            svc.resume()
+        stack.stop()
+
+
+@contextlib.contextmanager
+def cluster_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
+                  log: Callable[[str], None] | None = None, workers: int = 4) -> Iterator[ClusterStack]:
+    """The multi-node stack (deploy/cluster.py) of its own, on embedded services, for the cluster
+    and fault suites: `stack.services["nats-1".."nats-3"]`, `stack.procs["controlplane-0|1"]`,
+    `["dataplane-<i>"]`, `["projector-0|1"]` (pause, resume, kill; `stack.start_worker(i)`,
+    `start_controlplane_at(i)` and `start_projector_at(i)` start one again on its port;
+    `stack.relay_leader()` names the leading control plane). Paused processes are resumed before
+    the stop."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
+    stack = ClusterStack(state_dir=state_dir, port=0, admin_port=0, workers=workers, env=env,
+                         extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
+                                    **(extra_env or {})},
+                         log=log or (lambda _msg: None))
     stack.start()
     try:
         yield stack
