@@ -275,11 +275,13 @@ class OutboxRelay:
                     await self._follow()
                     continue
                 self.postgres_ok = True
+                # Flush first: its first statement is on the lock session, so a leader whose session
+                # was ended learns it here, before it writes anything.
+                await self.flush()
+                await self._resync_once()
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + heartbeat_s
                     await self._kv.put(HEARTBEAT_KEY, entity_encoder.encode(Heartbeat(ts_ms=int(time.time() * 1000))))
-                await self._resync_once()
-                await self.flush()
                 await self._wait_for_work(max(0.0, next_beat - time.monotonic()))
             except (psycopg.Error, OSError, NotLeading) as exc:  # the lock session (or Postgres) is gone
                 log.warning("relay_postgres_failed", error=type(exc).__name__, leading=self.leading)

@@ -140,6 +140,38 @@ def test_both_projectors_are_healthy_and_bound(cluster: ClusterStack) -> None:
     assert sorted(_get_json(f"{cluster.projector_urls[1]}/healthz")["projections"]) == ["finance", "ledger"]
 
 
+async def test_a_stopped_leader_is_replaced_and_steps_down_when_resumed(cluster: ClusterStack,
+                                                                        http: aiohttp.ClientSession) -> None:
+    """SIGSTOP keeps the leader's Postgres session open (and its lock held): the follower ends that
+    session once it has been idle past the stall limit (10 s here), takes the lead, and the
+    stopped one, resumed, finds its session gone and follows."""
+    leader = cluster.relay_leader()
+    assert leader is not None
+    index = int(leader.rsplit("-", 1)[1])
+    survivor_url = cluster.admin_urls[1 - index]
+    cluster.procs[leader].pause()
+    stopped_at = time.monotonic()
+    try:
+        async def survivor_leads() -> bool | None:
+            return True if _get_json(f"{survivor_url}/admin/v1/healthz")["leader"] else None
+
+        await eventually(survivor_leads, timeout=20, interval=0.2)
+        takeover_s = time.monotonic() - stopped_at
+        created = cluster.admin_at(1 - index).call("POST", "/admin/v1/virtual-keys",
+                                                   {"workspace_id": "demo", "name": "while-stopped"})
+        assert created["propagated"] is True, created
+        await _applied_everywhere(cluster, created["revision"])
+    finally:
+        cluster.procs[leader].resume()
+
+    async def one_leader() -> bool | None:
+        leaders = [_get_json(f"{u}/admin/v1/healthz")["leader"] for u in cluster.admin_urls]
+        return True if leaders == [i != index for i in range(2)] else None
+
+    await eventually(one_leader, timeout=10, interval=0.2)
+    print(f"relay takeover from a stopped leader: {takeover_s:.1f} s")
+
+
 async def test_killing_the_leader_hands_the_relay_over(cluster: ClusterStack, http: aiohttp.ClientSession) -> None:
     leader = cluster.relay_leader()
     assert leader is not None
