@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: install run cluster test test-all lint fmt bench clean help
+.PHONY: install run cluster test test-faults test-all lint fmt bench clean help
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,10 +37,14 @@ run: install ## Start the whole local stack with a demo workspace and key (Ctrl-
 cluster: install ## Start the multi-node stack: 3 NATS (R3), 2 control planes, 4 workers, 2 projectors
 	@$(VENV)/bin/alephant dev --cluster
 
-test: install ## Lint, type-check and run the test suite (slow tests only with SLOW=1)
+test: install ## Lint, type-check and run the test suite (slow tests only with SLOW=1; fault suite: make test-faults)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
-	@$(VENV)/bin/pytest $(if $(SLOW),,-m "not slow") $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest $(if $(SLOW),-m "not fault",-m "not slow and not fault") $(PYTEST_ARGS)
+
+FAULT_TIMEOUT ?= 300
+test-faults: install ## The fault suite on the multi-node stack (kill, pause, partition); prints each fault's figures
+	@$(VENV)/bin/pytest tests/fault -m fault --timeout=$(FAULT_TIMEOUT) -rA $(PYTEST_ARGS)
 
 lint: install ## ruff and mypy --strict
 	@$(VENV)/bin/ruff check .
