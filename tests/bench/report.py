@@ -350,3 +350,67 @@ def observability_table(rows: list[dict[str, Any]]) -> str:
         "and upload work included (measured until the workers are idle, at most 30 s); for reference only."
     )
     return "\n".join(lines)
+
+
+def _verdict(value: Any, target: float) -> str:
+    """``within`` / ``OVER`` a ceiling target (reference only), ``-`` when not measured."""
+    if value is None:
+        return "-"
+    return "within" if value <= target else "OVER"
+
+
+def scaleout_lines(doc: dict[str, Any]) -> list[str]:
+    """The scale-out parts (:mod:`tests.bench.scaleout`: ``propagation``, ``cold_start`` and
+    ``scaling``, each None when skipped) as printed lines, issue 14's targets alongside (reference
+    only, never enforced)."""
+    lines: list[str] = []
+    p = doc.get("propagation")
+    if p:
+        every, admin = p["all_workers"], p["admin_answer"]
+        lines += [
+            f"Config propagation (tests.bench.scaleout, multi-node stack): {p['changes']} virtual-key renames "
+            f"alternately via each control plane, until all {p['workers']} workers report the revision "
+            f"(polled every {p['poll_interval_ms']:g} ms; {p['wall_s']}s; load average "
+            f"{_num(p.get('load_avg_1m'), '.1f')}):",
+            f"  all workers applied: p50 {_num(every['p50_ms'], '.1f')} ms, p99 {_num(every['p99_ms'], '.1f')} ms "
+            f"(target p99 <= {p['target_p99_ms']:g} ms: {_verdict(every['p99_ms'], p['target_p99_ms'])}), "
+            f"max {_num(every['max_ms'], '.1f')} ms",
+            f"  first worker p50 {_num(p['first_worker']['p50_ms'], '.1f')} ms; admin answer p50 "
+            f"{_num(admin['p50_ms'], '.1f')} / p99 {_num(admin['p99_ms'], '.1f')} ms; via the relay leader p50 "
+            f"{_num(p['via_leader']['p50_ms'], '.1f')} ms, via the follower p50 "
+            f"{_num(p['via_follower']['p50_ms'], '.1f')} ms; not propagated within the admin wait: "
+            f"{p['not_propagated_in_wait']}",
+        ]
+    c = doc.get("cold_start")
+    if c:
+        lines += [
+            f"Cold start (single-node stack, {c['keys']:,} virtual keys written straight into the bucket in "
+            f"{c['write_s']}s, {c['keys_written_per_s']:,} keys/s; {c['wall_s']}s; load average "
+            f"{_num(c.get('load_avg_1m'), '.1f')}):",
+            f"  a fresh worker: up (/healthz) in {_num(c['up_s'], '.2f')}s, ready (/readyz 200) in "
+            f"{c['ready_s']:.2f}s (replay {_num(c['replay_s'], '.2f')}s, {c['entities']} entities); "
+            f"a bulk key answered {c['bulk_key_status']}",
+            f"  RSS when ready {_num(c['rss_ready_mb'], '.1f')} MB (target <= {c['target_rss_mb']:g} MB: "
+            f"{_verdict(c['rss_ready_mb'], c['target_rss_mb'])}), 2 s later {_num(c['rss_after_2s_mb'], '.1f')} MB, "
+            f"peak {_num(c['rss_peak_mb'], '.1f')} MB; a worker with the demo config only "
+            f"{_num(c['rss_baseline_mb'], '.1f')} MB, the live worker that followed the writes "
+            f"{_num(c['rss_live_worker_mb'], '.1f')} MB",
+        ]
+    s = doc.get("scaling")
+    if s:
+        lines.append(f"Throughput by worker count (single-node stack, workers sharing one port, "
+                     f"{s['connections']} connections, non-stream, fake upstream; {s['cpus']} CPUs; {s['wall_s']}s):")
+        header = (f"  {'workers':>7} {'req/s':>9} {'vs 1':>6} {'p50 ms':>8} {'p99 ms':>8} {'cpu ms/req':>10} "
+                  f"{'box cpu ms/req':>14} {'box busy':>8} {'load':>5}  worker CPU shares")
+        lines += [header, "  " + "-" * (len(header) - 2)]
+        base = s["runs"][0]["rps"] if s["runs"] else None
+        for r in s["runs"]:
+            shares = " / ".join(f"{x:.0f}%" for x in r["worker_cpu_share_pct"])
+            lines.append(
+                f"  {r['workers']:>7} {r['rps']:>9.1f} {_num(_ratio(r['rps'], base), '.2f'):>6} "
+                f"{_num(r['p50_ms'], '.2f'):>8} {_num(r['p99_ms'], '.2f'):>8} {_num(r['cpu_ms_per_req'], '.3f'):>10} "
+                f"{_num(r['box_cpu_ms_per_req'], '.3f'):>14} {_num(r['box_busy_pct'], '.0f'):>7}% "
+                f"{_num(r.get('load_avg_1m'), '.1f'):>5}  {shares}")
+        ratios = ", ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in s["ratios"].items())
+        lines.append(f"  ratios {ratios}")
+    return lines

@@ -6,7 +6,9 @@ fresh state dir -> wait for ``demo.env`` and ``/readyz`` -> register the fake as
 tenant (:mod:`tests.bench.governed`) and the router (:mod:`tests.bench.routed`) -> for each
 scenario ({connections} x {non-stream, stream}) run :mod:`tests.bench.loadgen` in its own process
 against four targets in turn -> stop the stack -> run the micro-benchmark
-:mod:`tests.bench.governance_micro` -> print the tables and write JSON.
+:mod:`tests.bench.governance_micro`, the projector, finance-query and scale-out benchmarks
+(:mod:`tests.bench.scaleout`: config propagation to 4 cluster workers, a cold start over 100k keys,
+throughput with 1, 2 and 4 workers; stacks of their own) -> print the tables and write JSON.
 
 Targets: ``direct`` (the fake itself), ``gateway`` (the demo key: nothing governs its path, so
 no Redis call), ``governed`` (issue 8's full governance: a key bound to an agent in a member and
@@ -94,6 +96,7 @@ from tests.bench.report import (
     results_table,
     routing,
     routing_table,
+    scaleout_lines,
     scenario_name,
 )
 from tests.bench.routed import Routed, RouterUnavailable, register_router
@@ -336,6 +339,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1_000_000,
         help="finance facts the finance-query benchmark loads and queries (default 1000000; 0 skips it)",
     )
+    parser.add_argument("--propagation-changes", type=int, default=50,
+                        help="admin changes timed until all 4 workers of a multi-node stack apply each "
+                        "(tests.bench.scaleout; default 50, about 45 s with the cluster's start; 0 skips it)")
+    parser.add_argument("--coldstart-keys", type=int, default=100_000,
+                        help="virtual keys a fresh worker replays from the bucket before /readyz "
+                        "(tests.bench.scaleout; default 100000, about 60 s; 0 skips it)")
+    parser.add_argument("--scaling-duration", type=float, default=5.0,
+                        help="measured seconds at each of 1, 2 and 4 workers on one port (tests.bench.scaleout; "
+                        "default 5, about 40 s with a stack start; 0 skips it)")
     parser.add_argument("--paid-calls", type=int, default=100,
                         help="sequential calls per series of the paid-path latency run (default 100; 0 skips it)")
     parser.add_argument(
@@ -571,6 +583,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     micro = governance_micro(args.micro_iterations, state_dir) if args.micro_iterations > 0 else None
     projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
     finance = finance_bench(args.finance_rows, state_dir) if args.finance_rows > 0 else None
+    scaleout = scaleout_bench(args, state_dir)
 
     return {
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -605,6 +618,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "paid": paid,
         "projector": projector,
         "finance_queries": finance,
+        **scaleout,
     }
 
 
@@ -651,6 +665,37 @@ def finance_bench(rows: int, log_dir: Path) -> dict[str, Any]:
     say(f"==> finance queries over {rows:,} finance facts (loaded with COPY first)")
     argv = [sys.executable, "-m", "tests.bench.finance_queries", "--json", "--rows", str(rows)]
     return run_json(argv, 1800, log_dir / "finance-error.log", "finance queries bench")
+
+
+def scaleout_bench(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
+    """Run :mod:`tests.bench.scaleout` (stacks of its own under ``<state-dir>/scaleout``) in a child
+    process, its progress on our stdout; ``{"propagation", "cold_start", "scaling"}``, each None
+    when skipped."""
+    skipped: dict[str, Any] = {"propagation": None, "cold_start": None, "scaling": None}
+    if args.propagation_changes <= 0 and args.coldstart_keys <= 0 and args.scaling_duration <= 0:
+        return skipped
+    say("==> scale-out: config propagation, cold start, throughput by worker count (tests.bench.scaleout)")
+    out = state_dir / "scaleout.json"
+    out.unlink(missing_ok=True)
+    argv = [sys.executable, "-m", "tests.bench.scaleout", "--json-out", str(out),
+            "--state-dir", str(state_dir / "scaleout"), "--propagation-changes", str(args.propagation_changes),
+            "--coldstart-keys", str(args.coldstart_keys), "--scaling-duration", str(args.scaling_duration),
+            "--warmup", str(args.warmup), "--words", str(args.words)]
+    proc = subprocess.Popen(argv, start_new_session=True)
+    try:
+        code = proc.wait(1800)
+    except BaseException:
+        proc.send_signal(signal.SIGINT)  # it stops its stacks on the way out: give it time
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        raise
+    if code != 0 or not out.exists():
+        raise BenchError(f"the scale-out bench exited with {code} (logs under {state_dir / 'scaleout'})")
+    result: dict[str, Any] = {**skipped, **json.loads(out.read_text())}
+    return result
 
 
 def governance_micro(iterations: int, log_dir: Path) -> dict[str, Any]:
@@ -749,6 +794,10 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Finance queries (tests.bench.finance_queries) over {f['rows']:,} facts (loaded in {f['load_s']}s):")
         for q in f["queries"]:
             say(f"  {q['query']:<40} {q['median_ms']:>9.1f} ms median ({q['rows']:,} rows)")
+    scaleout = scaleout_lines(doc)
+    if scaleout:
+        say("")
+        say("\n".join(scaleout))
     say(f"\nresults written to {out}")
     return 0
 

@@ -43,6 +43,14 @@ def cpu_seconds(pids: list[int]) -> float | None:
     return total / _CLK_TCK
 
 
+def box_cpu_seconds() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine since boot (``/proc/stat``; busy is all
+    but idle and iowait): whatever ran, the load generator and other users' work included."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]
+    return (sum(ticks) - idle) / _CLK_TCK, sum(ticks) / _CLK_TCK
+
+
 def settle(pids: list[int], *, idle_share: float = 0.05, interval_s: float = 0.5, max_s: float = 30.0) -> float:
     """Wait until the workers are idle: their CPU over ``interval_s`` below ``idle_share`` of a
     core each, i.e. a clock tick or two (or ``max_s`` passed, or a worker gone). Returns the seconds

@@ -12,6 +12,7 @@ from tests.bench.report import (
     observability,
     observability_table,
     results_table,
+    scaleout_lines,
 )
 
 
@@ -92,3 +93,24 @@ def test_observability_sets_the_observed_stack_against_the_plain_gateway() -> No
     no_cpu = observability([_result("1c stream", "gateway", 10.0, 1.0), _result("1c stream", "observed", 0.0, None)])
     assert no_cpu[0]["observed_vs_gateway"] == 0.0 and no_cpu[0]["added_cpu_ms_per_req"] is None
     assert "-" in observability_table(no_cpu).splitlines()[2]
+
+
+def test_scaleout_lines_print_each_part_against_its_target_and_skip_absent_parts() -> None:
+    q = {"p50_ms": 40.0, "p99_ms": 260.0, "max_ms": 260.0}
+    doc = {
+        "propagation": {"changes": 50, "workers": 4, "poll_interval_ms": 5.0, "wall_s": 51.0, "load_avg_1m": 1.0,
+                        "all_workers": q, "first_worker": q, "admin_answer": q, "via_leader": q,
+                        "via_follower": {"p50_ms": None, "p99_ms": None, "max_ms": None},
+                        "not_propagated_in_wait": 0, "target_p99_ms": 250.0},
+        "cold_start": None,
+        "scaling": {"connections": 32, "cpus": 2, "wall_s": 38.0, "ratios": {"2/1": 1.5, "4/1": None},
+                    "runs": [{"workers": w, "rps": rps, "p50_ms": 1.0, "p99_ms": 2.0, "cpu_ms_per_req": 0.8,
+                              "box_cpu_ms_per_req": 3.0, "box_busy_pct": 99.0, "load_avg_1m": None,
+                              "worker_cpu_share_pct": [100.0 / w] * w} for w, rps in ((1, 500.0), (2, 750.0))]},
+    }
+    text = "\n".join(scaleout_lines(doc))
+    assert "p99 260.0 ms (target p99 <= 250 ms: OVER)" in text
+    assert "via the follower p50 - ms" in text
+    assert "Cold start" not in text
+    assert "2/1: 1.50x, 4/1: -" in text and "50% / 50%" in text
+    assert scaleout_lines({"propagation": None, "cold_start": None, "scaling": None}) == []
