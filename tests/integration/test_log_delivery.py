@@ -234,7 +234,9 @@ async def test_dead_destinations_slow_no_request_and_end_dead_lettered(stack: St
             assert st["delivered"] == 0 and st["failed"] >= 10 * MAX_ATTEMPTS
             assert st["last_error"].startswith(error), st
             status, letters = await admin(http, stack, "GET", f"/admin/v1/log-destinations/{dest['id']}/dead-letters")
-            assert status == 200 and len(letters["data"]) == 10
+            # The 10 calls made while it was dead, and (on a loaded machine) maybe a baseline call
+            # whose event reached the stream after the destination was created: each one dead-lettered.
+            assert status == 200 and len(letters["data"]) == st["dead_lettered"] >= 10
             for letter in letters["data"]:
                 assert letter["attempts"] == MAX_ATTEMPTS and letter["type"] == "llm.call"
                 assert letter["reason"].startswith(f"gave up after {MAX_ATTEMPTS} attempts: {error}")

@@ -72,7 +72,9 @@ async def test_paid_endpoint_lifecycle(admin: Admin, ws: dict[str, str]) -> None
     got = await admin.ok("GET", f"{P}/{pid}")
     assert (got["revenue_usd"], got["revenue_nanos"], got["calls"]) == ("0", 0, 0)
     assert (got["cost_nanos"], got["margin_nanos"], got["margin_usd"]) == (0, 0, "0")
-    books = ("revenue_usd", "revenue_nanos", "calls", "cost_usd", "cost_nanos", "margin_usd", "margin_nanos")
+    assert (got["refunds_due_usd"], got["refunds_due_nanos"]) == ("0", 0)
+    books = ("revenue_usd", "revenue_nanos", "calls", "cost_usd", "cost_nanos", "margin_usd", "margin_nanos",
+             "refunds_due_usd", "refunds_due_nanos")
     assert {k: v for k, v in got.items() if k not in books} == {
         k: v for k, v in created.items() if k not in ("revision", "snapshot_revision", "propagated")}
     listed = await admin.ok("GET", f"{P}?workspace_id={ws['ws']}")
