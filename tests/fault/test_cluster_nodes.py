@@ -255,9 +255,9 @@ def exactly_once_figures(name: str, answered: set[str], journal: Counter[str], p
 
 
 async def test_killed_worker_events_arrive_once_and_its_holds_lapse(cluster: ClusterStack, gw: Gateway) -> None:
-    """Mock load on all four workers (run A, no budget) and eight slow calls of $0.01 on a budgeted
-    agent (six on the victim, two on a survivor) while the victim is SIGKILLed; the victim is
-    started again on its port (it adopts its old spool slot and replays it)."""
+    """Mock load on all four workers (80 calls/s for 3 s, on a key with no budget) and eight slow
+    calls of $0.01 on a budgeted agent (six on the victim, two on a survivor) while the victim is
+    SIGKILLed; the victim is started again on its port (it adopts its old spool slot and replays it)."""
     started = time.monotonic()
     origins, victim = cluster.worker_origins, cluster.worker_origins[VICTIM]
     async with FakeUpstream(words=10, latency_ms=2500, record=False) as slow, client() as http:
