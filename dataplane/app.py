@@ -74,6 +74,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(status)
 
 
+async def snapshot_digest(request: web.Request) -> web.Response:
+    """`GET /healthz/snapshot`: the applied config revision, entity count and digest
+    (`dataplane.snapshot.entities_digest`), to prove a worker holds exactly the bucket's config
+    (RELIABILITY row 9: a watcher reset ends on a snapshot equal to a full bucket dump). Names no
+    key and no value; one digest per snapshot, however often it is polled."""
+    return web.json_response(request.app[WORKER].store.digest())
+
+
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text format: every worker's metrics (merged in multiprocess mode), unauthenticated
     like /healthz; labels carry no key, agent, run or request ids."""
@@ -212,6 +220,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/alephant/spend", _route(SpendEndpoint()))
     app.router.add_post("/v1/alephant/runs/{run_id}/complete", _route(RunCompleteEndpoint()))
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz/snapshot", snapshot_digest)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", PAID_ROUTE, paid)

@@ -14,18 +14,33 @@ once a minute), `refuse` answers model calls 503 `config_stale`.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import msgspec
 import structlog
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from schemas.entities import ConfigEntity, entity_decoder
+from schemas.entities import ConfigEntity, entity_decoder, entity_encoder
 from schemas.errors import UpstreamError
 from schemas.snapshot import Snapshot
 
 log = structlog.get_logger(__name__)
+
+
+def entities_digest(entities: Mapping[str, ConfigEntity]) -> str:
+    """SHA-256 (hex) over every `(KV key, entity)` in key order, each entity in its JSON encoding:
+    equal digests mean the same config. Pure; O(n). A bucket dump decoded with `entity_decoder`
+    digests the same way, so a worker's snapshot can be compared with the server's bucket."""
+    digest = hashlib.sha256()
+    for key in sorted(entities):
+        digest.update(key.encode())
+        digest.update(b"\0")
+        digest.update(entity_encoder.encode(entities[key]))
+        digest.update(b"\n")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -45,6 +60,8 @@ class SnapshotStore:
     served_stale: int = 0
     # Set at every swap; whoever reports the applied revision (dataplane.fleet) waits on it and clears it.
     swapped: asyncio.Event = field(default_factory=asyncio.Event)
+    # The current snapshot's digest, once asked for: computed at most once per snapshot.
+    _digest: tuple[Snapshot, str] | None = None
 
     def swap(self, snap: Snapshot) -> None:
         self.current = snap
@@ -90,6 +107,14 @@ class SnapshotStore:
             "served_while_stale": self.served_stale,
             "entities": len(snap.entities),
         }
+
+    def digest(self) -> dict[str, object]:
+        """The current snapshot's revision, entity count and `entities_digest`. The digest is
+        computed once per snapshot (O(entities)), so polling between swaps costs nothing."""
+        snap = self.current
+        if self._digest is None or self._digest[0] is not snap:
+            self._digest = (snap, entities_digest(snap.entities))
+        return {"snapshot_revision": snap.revision, "entities": len(snap.entities), "digest": self._digest[1]}
 
     async def report_staleness(self, every_s: float = 60.0, poll_s: float = 1.0) -> None:
         """Log `snapshot_stale` at most once per `every_s` while stale, and `snapshot_fresh` when
