@@ -112,18 +112,8 @@ def dedicated_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
     kill, pause and reconfigure their stack), for fault and limit suites, with `workers` data-plane
     workers (`stack.procs["dataplane-<i>"]`). Paused processes are resumed before the stop (a
     stopped process cannot handle the stop signal)."""
-    env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
-    stack = Stack(state_dir=state_dir, port=0, admin_port=0, workers=workers, env=env,
-                  extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
-                             **(extra_env or {})},
-                  log=log or (lambda _msg: None))
-    stack.start()
-    try:
+    with _own_stack(Stack, state_dir, extra_env, log, workers) as stack:
         yield stack
-    finally:
-        for svc in (*stack.services.values(), *stack.procs.values()):
-            svc.resume()
-        stack.stop()
 
 
 @contextlib.contextmanager
@@ -135,11 +125,23 @@ def cluster_stack(state_dir: Path, extra_env: Mapping[str, str] | None = None,
     `start_controlplane_at(i)` and `start_projector_at(i)` start one again on its port;
     `stack.relay_leader()` names the leading control plane). Paused processes are resumed before
     the stop."""
+    with _own_stack(ClusterStack, state_dir, extra_env, log, workers) as stack:
+        yield stack
+
+
+S = TypeVar("S", bound=Stack)
+
+
+@contextlib.contextmanager
+def _own_stack(kind: type[S], state_dir: Path, extra_env: Mapping[str, str] | None,
+               log: Callable[[str], None] | None, workers: int) -> Iterator[S]:
+    """`kind` started on embedded services with the test settings, stopped (paused parts resumed
+    first: a stopped process cannot handle the stop signal) when done."""
     env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED and not k.startswith("ALEPHANT_")}
-    stack = ClusterStack(state_dir=state_dir, port=0, admin_port=0, workers=workers, env=env,
-                         extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
-                                    **(extra_env or {})},
-                         log=log or (lambda _msg: None))
+    stack = kind(state_dir=state_dir, port=0, admin_port=0, workers=workers, env=env,
+                 extra_env={"ALEPHANT_HEARTBEAT_INTERVAL_S": "0.5", "ALEPHANT_PROJECTOR_ACK_WAIT_S": "2",
+                            **(extra_env or {})},
+                 log=log or (lambda _msg: None))
     stack.start()
     try:
         yield stack
