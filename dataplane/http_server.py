@@ -94,6 +94,9 @@ class JsonErrorAppRunner(web.AppRunner):
                                loop=asyncio.get_running_loop(), **server._kwargs)
 
 
+LEFTOVER_WAIT_S = 5.0  # for tasks still running once the app is cleaned up
+
+
 def run_app(app: web.Application, *, host: str, port: int, loop: asyncio.AbstractEventLoop,
             reuse_port: bool | None = None, shutdown_timeout: float = 60.0, keepalive_timeout: float = 75.0,
             max_connections: int = 0, **handler_args: Any) -> None:
@@ -126,6 +129,9 @@ def run_app(app: web.Application, *, host: str, port: int, loop: asyncio.Abstrac
         leftover = asyncio.all_tasks(loop)
         for other in leftover:
             other.cancel()
-        loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+        if leftover:
+            # Bounded: nats-py's reconnect task swallows cancellation while its server is gone (the
+            # launcher died and took NATS with it), and waiting for it would keep this process alive.
+            loop.run_until_complete(asyncio.wait(leftover, timeout=LEFTOVER_WAIT_S))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

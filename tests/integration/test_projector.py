@@ -32,7 +32,9 @@ async def _ledger_for_run(gw: Gateway, run_id: str) -> tuple[int, int, int, int]
 
 async def _checkpoint(gw: Gateway) -> int:
     async with await psycopg.AsyncConnection.connect(gw.database_url) as conn:
-        cur = await conn.execute("SELECT coalesce(max(last_seq), 0) FROM projector_checkpoint")
+        # The ledger projection's own checkpoint: the finance one may be ahead of it.
+        cur = await conn.execute("SELECT coalesce(max(last_seq), 0) FROM projector_checkpoint "
+                                 "WHERE projector = 'ledger'")
         return int((await cur.fetchone() or (0,))[0])
 
 
