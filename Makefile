@@ -44,7 +44,7 @@ test: install ## Lint, type-check and run the test suite (slow tests only with S
 
 FAULT_TIMEOUT ?= 300
 test-faults: install ## The fault suite on the multi-node stack (kill, pause, partition); prints each fault's figures
-	@$(VENV)/bin/pytest tests/fault -m fault --timeout=$(FAULT_TIMEOUT) -rA $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m fault --timeout=$(FAULT_TIMEOUT) -rA $(PYTEST_ARGS)
 
 lint: install ## ruff and mypy --strict
 	@$(VENV)/bin/ruff check .

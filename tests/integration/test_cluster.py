@@ -25,7 +25,8 @@ from deploy.cluster import ClusterStack
 from events.jetstream import connect
 from tests.conftest import cluster_stack, eventually
 
-pytestmark = pytest.mark.timeout(300)
+# In the fault suite (make test-faults): it starts the whole multi-node stack and kills its relay leader.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.fault]
 
 
 @pytest.fixture(scope="module")
