@@ -29,7 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane.inputs import Command, Ident
-from controlplane.relay import OutboxRelay, enqueue_events
+from controlplane.relay import OutboxWriter, enqueue_events
 from schemas.errors import Conflict, NotFound
 from schemas.events import (
     PaymentEvent,
@@ -116,15 +116,8 @@ def resolution_events(memo: PaymentEvent, outcome: str, transaction: str, now: d
     return events
 
 
-class Resolver:
+class Resolver(OutboxWriter):
     """Resolves one pending settlement through the config outbox (see the module docstring)."""
-
-    def __init__(self, pool: AsyncConnectionPool[Any], relay: OutboxRelay, subject_prefix: str,
-                 propagation_wait_s: float = 2.0) -> None:
-        self._pool = pool
-        self._relay = relay
-        self._prefix = subject_prefix
-        self._wait_s = propagation_wait_s
 
     async def resolve(self, cmd: ResolvePayment,
                       on_commit: Callable[[psycopg.AsyncConnection[Any], dict[str, Any]], Awaitable[None]] | None
@@ -143,7 +136,7 @@ class Resolver:
                                     **_view(memo), "events": [str(e.event_id) for e in events]}
             if on_commit is not None:
                 await on_commit(conn, body | {"propagated": False})
-        propagated = await self._relay.flush_within(self._wait_s) is not None
+        propagated = await self.propagated()
         return body | {"propagated": propagated}
 
     async def _refuse_unknown(self, conn: psycopg.AsyncConnection[Any], cmd: ResolvePayment) -> None:

@@ -331,3 +331,20 @@ async def enqueue_events(conn: psycopg.AsyncConnection[Any], events: Sequence[Ev
             "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) "
             "VALUES (%s, %s, %s, '', NULL) ON CONFLICT (event_id) DO NOTHING",
             [(e.event_id, subject_for(e, subject_prefix), event_encoder.encode(e)) for e in events])
+
+
+class OutboxWriter:
+    """Base of the admin commands that publish events which are not config changes (re-pricing,
+    payment resolutions): they write them with `enqueue_events` in their own transaction, then
+    wait a bounded time for the relay to publish them (`propagated`)."""
+
+    def __init__(self, pool: AsyncConnectionPool[Any], relay: OutboxRelay, subject_prefix: str,
+                 propagation_wait_s: float = 2.0) -> None:
+        self._pool = pool
+        self._relay = relay
+        self._prefix = subject_prefix
+        self._wait_s = propagation_wait_s
+
+    async def propagated(self) -> bool:
+        """Whether the relay published what was committed within the wait (it keeps trying if not)."""
+        return await self._relay.flush_within(self._wait_s) is not None

@@ -30,11 +30,10 @@ from typing import Any
 
 import msgspec
 import psycopg
-from psycopg_pool import AsyncConnectionPool
 
 from controlplane.commands import CommitHook
 from controlplane.inputs import Command, Ident, ModelId
-from controlplane.relay import OutboxRelay, enqueue_events
+from controlplane.relay import OutboxWriter, enqueue_events
 from events.ledger import call_tokens
 from schemas.entities import ConfigEntity, PriceOverride, kv_key
 from schemas.events import LlmCall, LlmRepriced
@@ -91,15 +90,8 @@ class _Page:
     last: tuple[dt.datetime, uuid.UUID] | None
 
 
-class Repricer:
+class Repricer(OutboxWriter):
     """Re-prices unpriced calls through the config outbox (see the module docstring)."""
-
-    def __init__(self, pool: AsyncConnectionPool[Any], relay: OutboxRelay, subject_prefix: str,
-                 propagation_wait_s: float = 2.0) -> None:
-        self._pool = pool
-        self._relay = relay
-        self._prefix = subject_prefix
-        self._wait_s = propagation_wait_s
 
     async def reprice(self, cmd: Reprice, on_commit: CommitHook | None = None) -> dict[str, Any]:
         """Price what can be priced now; returns `{repriced, cost_usd, cost_nanos, still_unpriced,
@@ -139,7 +131,7 @@ class Repricer:
                 "cost_nanos": total, "still_unpriced": still_unpriced, "more": more}
             if on_commit is not None:
                 await on_commit(conn, body | {"propagated": False})
-        propagated = True if not events else await self._relay.flush_within(self._wait_s) is not None
+        propagated = True if not events else await self.propagated()
         return body | {"propagated": propagated}
 
     async def _unpriced_page(self, conn: psycopg.AsyncConnection[Any], cmd: Reprice,
