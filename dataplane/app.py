@@ -18,6 +18,7 @@ import structlog
 from aiohttp import web
 
 from dataplane import tracing
+from dataplane.access_log import enabled as access_log_enabled
 from dataplane.bodies import BodyArchive
 from dataplane.cache import ExactCache
 from dataplane.cache_semantic import SemanticIndex
@@ -145,7 +146,8 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         bodies = BodyArchive(settings)
         app[WORKER] = worker = WorkerState(settings=settings, keyring=keyring, store=store, events=publisher,
                                            session=session, governor=governor, idempotency=idempotency, fleet=fleet,
-                                           cache=cache, semantic=semantic, bodies=bodies)
+                                           cache=cache, semantic=semantic, bodies=bodies,
+                                           access_log=access_log_enabled(settings.access_log, settings.log_level))
         tasks = [asyncio.create_task(t, name=n) for n, t in (
             ("snapshot-watcher", watcher.run()),
             ("bucket-status", watcher.poll_bucket_seq()),

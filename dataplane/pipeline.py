@@ -125,7 +125,7 @@ def finish(call: Call) -> Iterator[None]:
             if call.body_key is not None:  # promised on the event: the bodies follow, off the request path
                 call.worker.bodies.submit(call, call.body_key)
             call.worker.metrics.observe(call)
-            if call.worker.settings.access_log:
+            if call.worker.access_log:
                 access_line(call)
 
 

@@ -41,6 +41,7 @@ class WorkerState:
     semantic: SemanticIndex | None = None  # the semantic cache's index (Qdrant), opened on first use
     bodies: BodyArchive = field(default_factory=lambda: BodyArchive(Settings()))  # request bodies to S3, when kept
     policy_allows: int = 0  # plain policy allows (counted, not emitted)
+    access_log: bool = False  # one access line per request (dataplane.access_log; set at start)
     # The smallest remaining budget (nano-USD) last admitted against, per budget id: what a
     # request without max_tokens is given (see stages.governance.admit).
     budget_remaining: dict[str, int] = field(default_factory=dict)
