@@ -404,6 +404,20 @@ class KindSpec:
     guard: Callable[[psycopg.AsyncConnection[Any], Any], Awaitable[None]] | None = None
 
 
+async def taken_by(conn: psycopg.AsyncConnection[Any], kind: str, field: str, value: str, own_id: str,
+                   workspace_id: str | None = None) -> str | None:
+    """The id of another live entity of `kind` whose `field` is `value` (within `workspace_id`;
+    None: across the gateway), or None. For a command's uniqueness guard: writes of one value
+    are serialised by a transaction-level advisory lock, so two concurrent ones cannot both pass."""
+    scope = workspace_id if workspace_id is not None else "*"
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"{kind}/{scope}/{field}/{value}",))
+    cur = await conn.execute(
+        "SELECT id FROM config_entity WHERE kind = %s AND body->>%s = %s AND id <> %s AND deleted_at IS NULL "
+        "AND (%s::text IS NULL OR workspace_id = %s) LIMIT 1", (kind, field, value, own_id, workspace_id, workspace_id))
+    row = await cur.fetchone()
+    return None if row is None else str(row[0])
+
+
 def _builtins(entity: Any, *names: str) -> dict[str, Any]:
     return {n: msgspec.to_builtins(getattr(entity, n)) for n in names}
 

@@ -37,7 +37,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
 from controlplane.inputs import PRINTABLE_ASCII, ApiKey, BaseUrl, Command, now_ms
-from controlplane.paid_admin import check_url_resolving
+from controlplane.paid_admin import check_http_url, check_url_resolving
 from schemas.entities import LOG_DESTINATION_TYPES, LogDestination, LogDestinationType
 from schemas.errors import InvalidRequest
 from schemas.ids import new_id
@@ -78,7 +78,7 @@ class CreateLogDestination(Command):
         if self.kind == "s3":
             check_s3_url(self.url)
         else:
-            check_web_url(self.url)
+            check_http_url(self.url, "url")
         check_event_types(self.event_types)
         if self.secret is not None:
             check_secret(self.secret, self.kind)
@@ -104,17 +104,6 @@ def check_kind(kind: str) -> None:
                              param="kind", code="invalid_kind")
 
 
-def check_web_url(url: str) -> None:
-    """An absolute http(s) URL with a host (https or allow-listed http and the SSRF rules are
-    checked with the allow list and DNS in `_build`)."""
-    try:
-        parts = urlsplit(url)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise InvalidRequest(f"'url' must be an https:// URL with a host; got {url[:120]!r}.", param="url",
-                             code="invalid_url")
 
 
 def check_s3_url(url: str) -> None:

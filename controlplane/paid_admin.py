@@ -39,7 +39,7 @@ import msgspec
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, taken_by
 from controlplane.inputs import BaseUrl, Command, Ident
 from controlplane.ssrf import check_base_url_resolving
 from schemas.entities import (
@@ -414,12 +414,8 @@ async def _build(cc: ConfigCommands, cmd: CreatePaidEndpoint, ent_id: str, prior
 
 
 async def _unique_slug(conn: psycopg.AsyncConnection[Any], endpoint: Any) -> None:
-    """409 `slug_taken` when another live paid endpoint (of any workspace) has this slug. Two
-    concurrent writes of one slug are serialised by a transaction-level advisory lock."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"paid/{endpoint.slug}",))
-    cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'paid' AND body->>'slug' = %s "
-                             "AND id <> %s AND deleted_at IS NULL LIMIT 1", (endpoint.slug, endpoint.id))
-    if await cur.fetchone() is not None:
+    """409 `slug_taken` when another live paid endpoint (of any workspace) has this slug."""
+    if await taken_by(conn, "paid", "slug", endpoint.slug, endpoint.id) is not None:
         raise Conflict(f"The slug '{endpoint.slug}' is taken by another paid endpoint; slugs are unique across the "
                        "gateway (they are the path /paid/{slug}/...).", param="slug", code="slug_taken")
 

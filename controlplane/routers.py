@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import msgspec
 import psycopg
 
-from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, taken_by
 from controlplane.inputs import Command, Globs, Ident, ModelId, ModelRef
 from controlplane.references import router_target_sets
 from schemas.entities import OPERATOR, Router, RouterStrategy
@@ -223,16 +223,10 @@ async def _build(cc: ConfigCommands, cmd: CreateRouter, ent_id: str, prior: Prio
 
 
 async def _unique_name(conn: psycopg.AsyncConnection[Any], router: Any) -> None:
-    """409 `router_name_taken` when another live router of the workspace has this name. Two
-    concurrent writes of one name are serialised by a transaction-level advisory lock."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                       (f"router/{router.workspace_id}/{router.name}",))
-    cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'router' AND workspace_id = %s "
-                             "AND body->>'name' = %s AND id <> %s AND deleted_at IS NULL LIMIT 1",
-                             (router.workspace_id, router.name, router.id))
-    row = await cur.fetchone()
-    if row is not None:
-        raise Conflict(f"Workspace '{router.workspace_id}' already has a router named '{router.name}' ({row[0]}); "
+    """409 `router_name_taken` when another live router of the workspace has this name."""
+    other = await taken_by(conn, "router", "name", router.name, router.id, router.workspace_id)
+    if other is not None:
+        raise Conflict(f"Workspace '{router.workspace_id}' already has a router named '{router.name}' ({other}); "
                        "router names are unique in a workspace (clients call them as model 'router/<name>').",
                        param="name", code="router_name_taken")
 

@@ -40,7 +40,7 @@ from typing import Annotated, Any
 import msgspec
 import psycopg
 
-from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, taken_by
 from controlplane.inputs import BaseUrl, Command, Ident
 from controlplane.paid_admin import (
     SLUG_RE,
@@ -224,16 +224,10 @@ async def _build(cc: ConfigCommands, cmd: CreateWallet, ent_id: str, prior: Prio
 
 
 async def _unique_name(conn: psycopg.AsyncConnection[Any], wallet: Any) -> None:
-    """409 `name_taken` when another live wallet of the workspace has this name. Two concurrent
-    writes of one name are serialised by a transaction-level advisory lock."""
-    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
-                       (f"wallet/{wallet.workspace_id}/{wallet.name}",))
-    cur = await conn.execute("SELECT id FROM config_entity WHERE kind = 'wallet' AND workspace_id = %s "
-                             "AND body->>'name' = %s AND id <> %s AND deleted_at IS NULL LIMIT 1",
-                             (wallet.workspace_id, wallet.name, wallet.id))
-    row = await cur.fetchone()
-    if row is not None:
-        raise Conflict(f"Workspace '{wallet.workspace_id}' already has a wallet named '{wallet.name}' ({row[0]}); "
+    """409 `name_taken` when another live wallet of the workspace has this name."""
+    other = await taken_by(conn, "wallet", "name", wallet.name, wallet.id, wallet.workspace_id)
+    if other is not None:
+        raise Conflict(f"Workspace '{wallet.workspace_id}' already has a wallet named '{wallet.name}' ({other}); "
                        "wallet names are unique in a workspace.", param="name", code="name_taken")
 
 
