@@ -20,6 +20,9 @@ from tests.conftest import Gateway, eventually, journal_event
 from tests.fakes.upstream import FakeUpstream
 
 MODEL = "gpt-4o-mini"
+# Target health is per (provider, credential, model) on a worker and outlives a router, so the
+# load test asks for a model no earlier test ejected.
+LOAD_MODEL = "gpt-4o-mini-2024-07-18"
 HELLO = [{"role": "user", "content": "hello"}]
 
 
@@ -30,8 +33,8 @@ async def fakes(gateway: Gateway) -> AsyncIterator[tuple[FakeUpstream, FakeUpstr
             gateway.admin.call("POST", "/admin/v1/providers", {
                 "workspace_id": "demo", "name": name, "type": "openai", "base_url": fake.base_url,
                 "api_key": f"sk-{name}-upstream-0123456789"})
-        for name in ("ra", "rb"):
-            gateway.admin.call("POST", "/admin/v1/prices", {"provider": name, "model": MODEL,
+        for name, model in ((p, m) for p in ("ra", "rb") for m in (MODEL, LOAD_MODEL)):
+            gateway.admin.call("POST", "/admin/v1/prices", {"provider": name, "model": model,
                                                             "input_per_mtok_nanos": 150_000_000,
                                                             "output_per_mtok_nanos": 600_000_000})
         yield ra, rb
@@ -349,7 +352,7 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
         async with sem:
             if i == 100:
                 ra.fail_next(500, count=100_000)  # the outage starts under load
-            status, headers, _ = await chat(gateway, http, path, stream=i % 2 == 0,
+            status, headers, _ = await chat(gateway, http, path, stream=i % 2 == 0, model=LOAD_MODEL,
                                             headers={"Alephant-Agent-Id": "router-agent", "Alephant-Run-Id": "run-r1"})
             results.append((status, headers.get("Alephant-Provider", ""), headers.get("Alephant-Attempts", ""),
                             headers["Alephant-Request-Id"]))
@@ -363,7 +366,8 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
     failed_over = [r for r in results if r[2] == "2"]
     assert failed_over and all(r[1] == "rb" for r in failed_over)
     event = await eventually(lambda: journal_event(gateway.database_url, failed_over[0][3]))
-    assert [(a["target"], a["status"]) for a in event["attempts"]] == [(f"ra/{MODEL}", 500), (f"rb/{MODEL}", 200)]
+    assert [(a["target"], a["status"]) for a in event["attempts"]] == [(f"ra/{LOAD_MODEL}", 500),
+                                                                       (f"rb/{LOAD_MODEL}", 200)]
     assert (event["agent_id"], event["run_id"], event["provider"]) == ("router-agent", "run-r1", "rb")
 
 
