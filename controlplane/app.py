@@ -33,6 +33,7 @@ from redis.asyncio import Redis
 from controlplane import (
     bodies_admin,
     cache_admin,
+    console,
     finance,
     paid_admin,
     payments_admin,
@@ -92,8 +93,8 @@ def _auth_middleware(token: str) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in ("/admin/v1/openapi.json", "/admin/v1/healthz", "/admin/v1/readyz", "/healthz", "/readyz",
-                            "/metrics"):
-            return await handler(request)
+                            "/metrics") or request.path == "/console" or request.path.startswith("/console/"):
+            return await handler(request)  # the console signs its users in itself (console/auth.py)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             raise AuthenticationFailed("Missing or invalid admin token. Send 'Authorization: Bearer <admin token>'.",
@@ -716,7 +717,7 @@ def build_admin_app(settings: Settings) -> web.Application:
     if not settings.admin_token:
         raise ValueError("ALEPHANT_ADMIN_TOKEN must be set for the control plane")
     metrics = AdminMetrics()
-    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware,
+    app = web.Application(middlewares=[metrics_middleware(metrics), error_middleware, console.middleware(),
                                        _auth_middleware(settings.admin_token.reveal())],
                           client_max_size=ADMIN_BODY_LIMIT)
     app[METRICS] = metrics
@@ -728,4 +729,5 @@ def build_admin_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", readyz)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
+    console.install(app, lambda app_: app_[ADMIN].pool)
     return app

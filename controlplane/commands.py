@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Annotated, Any, cast
 
@@ -436,6 +437,11 @@ class Write:
 Plan = Callable[[psycopg.AsyncConnection[Any]], Awaitable[tuple[Sequence[Write], dict[str, Any]]]]
 
 
+# Who a command runs for, written into its `config.changed` events (and an escalation's
+# `decided_by`): "admin" for the admin API's bearer token, "console:<name>" for a console session.
+ACTOR: ContextVar[str] = ContextVar("actor", default="admin")
+
+
 class ConfigCommands:
     """The admin commands. Each one validates, then commits state + outbox in one transaction,
     then waits at most `propagation_wait_s` for the relay.
@@ -487,7 +493,7 @@ class ConfigCommands:
             )
         event = ConfigChanged(
             event_id=uuid7(), occurred_at=dt.datetime.now(dt.UTC), workspace_id=ws or "_system",
-            entity=kind, entity_id=ent_id, op=w.op, data=public_view(entity),
+            entity=kind, entity_id=ent_id, op=w.op, actor=ACTOR.get(), data=public_view(entity),
         )
         await conn.execute(
             "INSERT INTO config_outbox (event_id, subject, event, kv_key, kv_value) VALUES (%s, %s, %s, %s, %s)",

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from controlplane.commands import CommitHook, ConfigCommands, Write, public_view
+from controlplane.commands import ACTOR, CommitHook, ConfigCommands, Write, public_view
 from controlplane.inputs import Command, iso_ms, now_ms
 from schemas.budget_keys import escalation_key
 from schemas.entities import EscalationGrant
@@ -131,12 +131,12 @@ class Escalations:
                                "key), so no grant can be issued; reject it instead.", code="escalation_not_grantable")
             expires_ms = now_ms() + cmd.ttl_s * 1000
             await conn.execute(
-                "UPDATE escalation SET status = 'approved', decided_at = now(), decided_by = 'admin', "
-                "expires_at = to_timestamp(%s / 1000.0) WHERE id = %s", (expires_ms, escalation_id))
+                "UPDATE escalation SET status = 'approved', decided_at = now(), decided_by = %s, "
+                "expires_at = to_timestamp(%s / 1000.0) WHERE id = %s", (ACTOR.get(), expires_ms, escalation_id))
             grant = EscalationGrant(id=escalation_id, workspace_id=row["workspace_id"], key_id=row["key_id"],
                                     rule=row["rule"], expires_at_ms=expires_ms)
-            body = _view(row) | {"status": "approved", "used": False, "decided_at": _now_iso(), "decided_by": "admin",
-                                 "expires_at": iso_ms(expires_ms),
+            body = _view(row) | {"status": "approved", "used": False, "decided_at": _now_iso(),
+                                 "decided_by": ACTOR.get(), "expires_at": iso_ms(expires_ms),
                                  "grant": public_view(grant)}
             return [Write(grant, "approved"), *await _expired_grants(conn)], body
         return await self._commands.commit(plan, on_commit)
@@ -146,9 +146,9 @@ class Escalations:
         control plane's current one."""
         async with self._commands.pool.connection() as conn, conn.transaction():
             row = await self._pending(conn, escalation_id)
-            await conn.execute("UPDATE escalation SET status = 'rejected', decided_at = now(), decided_by = 'admin' "
-                               "WHERE id = %s", (escalation_id,))
-            body = _view(row) | {"status": "rejected", "decided_at": _now_iso(), "decided_by": "admin"}
+            await conn.execute("UPDATE escalation SET status = 'rejected', decided_at = now(), decided_by = %s "
+                               "WHERE id = %s", (ACTOR.get(), escalation_id))
+            body = _view(row) | {"status": "rejected", "decided_at": _now_iso(), "decided_by": ACTOR.get()}
             if on_commit is not None:
                 await on_commit(conn, body | {"propagated": False, "snapshot_revision": None, "revision": None})
         rev = self._commands.relay.last_revision or None
