@@ -87,10 +87,11 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 
 def _pages() -> tuple[list[tuple[str, Page]], list[tuple[str, Page]]]:
-    from controlplane.console import overview
+    from controlplane.console import live, overview, people, policy, providers, runs
 
-    pages: list[tuple[str, Page]] = [*overview.PAGES]
-    actions: list[tuple[str, Page]] = [*overview.ACTIONS]
+    modules = (overview, runs, people, policy, providers, live)
+    pages: list[tuple[str, Page]] = [p for m in modules for p in m.PAGES]
+    actions: list[tuple[str, Page]] = [a for m in modules for a in m.ACTIONS]
     return pages, actions
 
 

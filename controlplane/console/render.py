@@ -85,12 +85,15 @@ def session_of(request: web.Request) -> Session:
 
 
 async def workspaces(request: web.Request) -> tuple[list[str], str]:
-    """The workspaces the picker lists and the one this page shows (`?ws=`, else `demo` when it
-    exists, else the first)."""
+    """The workspaces the picker lists (every workspace with live config) and the one this page
+    shows (`?ws=`, else `demo` when it exists, else the first)."""
     from controlplane.app import ADMIN  # the admin app module imports this package
 
-    items = await request.app[ADMIN].commands.list("workspace", None)
-    ids = sorted(str(w["id"]) for w in items)
+    async with request.app[ADMIN].pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT DISTINCT coalesce(workspace_id, id) FROM config_entity WHERE deleted_at IS NULL "
+            "AND (kind = 'workspace' OR workspace_id IS NOT NULL) ORDER BY 1")
+        ids = [str(r[0]) for r in await cur.fetchall() if r[0] and r[0] != "_system"]
     asked = request.query.get("ws", "")
     if asked in ids:
         return ids, asked
