@@ -27,6 +27,7 @@ import msgspec
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from nats.aio.client import Client as NATS
 from psycopg_pool import AsyncConnectionPool
 from redis.asyncio import Redis
 
@@ -82,6 +83,8 @@ class AdminState:
     dry_run: DecisionDryRun
     # Budget counters live in Redis; the admin API only reads them (GET /budgets/{id}).
     redis: Redis | None = None
+    # The control plane's NATS connection (the console's live tail subscribes to call events).
+    nats: NATS | None = None
 
 
 ADMIN: web.AppKey[AdminState] = web.AppKey("admin", AdminState)
@@ -692,7 +695,7 @@ def _resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[
         redis = Redis.from_url(settings.redis_url, socket_connect_timeout=1.0, socket_timeout=1.0)
         app[METRICS].revision = lambda: relay.last_revision
         app[ADMIN] = AdminState(settings, pool, commands, relay, IdempotencyStore(pool, keyring),
-                                Escalations(commands, redis), DecisionDryRun(commands), redis)
+                                Escalations(commands, redis), DecisionDryRun(commands), redis, nc)
         tasks = [asyncio.create_task(relay.run(settings.heartbeat_interval_s), name="outbox-relay"),
                  # Redis is not the record of truth: raise budget spend to the ledger's after a loss.
                  asyncio.create_task(run_reconciler(redis, pool, settings.reconcile_interval_s),
