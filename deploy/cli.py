@@ -168,10 +168,11 @@ def cmd_dev(args: argparse.Namespace) -> None:
     if args.cluster:
         stack = ClusterStack(state_dir=Path(args.state_dir), port=args.port,
                              admin_port=8090 if args.admin_port is None else args.admin_port,
-                             workers=args.workers or 4)
+                             workers=args.workers or 4, demo_activity=not args.no_demo_activity)
     else:
         stack = Stack(state_dir=Path(args.state_dir), port=args.port,
-                      admin_port=8081 if args.admin_port is None else args.admin_port, workers=args.workers or 1)
+                      admin_port=8081 if args.admin_port is None else args.admin_port, workers=args.workers or 1,
+                      demo_activity=not args.no_demo_activity)
     shape = "multi-node stack" if args.cluster else "local stack"
     print(f"Alephant Gateway: starting the {shape} (state in {args.state_dir}/)", flush=True)
 
@@ -208,6 +209,7 @@ def _print_banner(stack: Any) -> None:
 Alephant Gateway is running.
   gateway    {d['ALEPHANT_BASE_URL']}
   admin API  {d['ALEPHANT_ADMIN_URL']}/admin/v1  (OpenAPI: /admin/v1/openapi.json){cluster}
+  console    {d['ALEPHANT_ADMIN_URL']}/console  (sign in with ALEPHANT_ADMIN_TOKEN from {env_path})
   demo key   {d['ALEPHANT_API_KEY'][:12]}...   (full key and admin token in {env_path})
   logs       {stack.state_dir}/logs/
 
@@ -217,8 +219,27 @@ Try it:
     -H 'Content-Type: application/json' -H 'Alephant-Agent-Id: demo-agent' -H 'Alephant-Run-Id: run-1' \\
     -d '{{"model":"'$ALEPHANT_DEMO_MODEL'","messages":[{{"role":"user","content":"hello gateway"}}]}}'
   .venv/bin/alephant runs get run-1
-
+{_escalation_hint(d)}
 Ctrl-C stops everything.""", flush=True)
+
+
+def _escalation_hint(d: dict[str, str]) -> str:
+    """How to see the demo escalation through: approve it in the console, then retry."""
+    esc = d.get("ALEPHANT_DEMO_ESCALATION_ID")
+    if not esc:
+        return ""
+    import json
+
+    from deploy.demo_history import REVIEW_AGENT, escalation_request
+
+    body = json.dumps(escalation_request())
+    return f"""
+The review agent's request {esc} waits for approval: approve it in the console (Policy &
+escalations), then the agent's retry goes through:
+  curl -s $ALEPHANT_BASE_URL/chat/completions -H "Authorization: Bearer $ALEPHANT_REVIEW_KEY" \\
+    -H 'Content-Type: application/json' -H 'Alephant-Agent-Id: {REVIEW_AGENT}' -H 'Alephant-Escalation-Id: {esc}' \\
+    -d '{body}'
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 workers on their own ports, 2 projectors (see deploy/cluster.py)")
     p.add_argument("--state-dir", dest="dev_state_dir", metavar="DIR",
                    help="local state directory (same as the global --state-dir)")
+    p.add_argument("--no-demo-activity", action="store_true",
+                   help="do not seed demo activity (two weeks of synthetic agent runs, once per state dir, and a "
+                        "pending escalation of the review agent) for the console")
     p.set_defaults(fn=cmd_dev)
 
     for name, fn, help_text in (

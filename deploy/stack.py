@@ -170,6 +170,9 @@ class Stack:
     # Embedded NATS nodes: 1 is the single server `services["nats"]`; more is a JetStream
     # cluster, `services["nats-1"]`, ... (deploy.services.start_nats_cluster).
     nats_nodes: int = 1
+    # `alephant dev` also seeds demo activity (deploy/demo_history.py): two weeks of synthetic
+    # agent history (once per state dir) and a pending escalation for the console's queue.
+    demo_activity: bool = False
     # How each child was started (`spawn`): the supervisor restarts it the same way.
     _spawned: dict[str, tuple[tuple[str, ...], dict[str, str]]] = field(default_factory=dict, init=False, repr=False)
 
@@ -468,5 +471,33 @@ class Stack:
             "ALEPHANT_PROJECTOR_METRICS_URL": self.projector_metrics_url,
             **self.demo_urls(),
         }
+        if self.demo_activity:
+            values |= self.seed_demo_activity(admin, previous)
         write_env_file(demo_path, values, "Written by `alephant dev`: the demo gateway's URLs and credentials.")
         return values
+
+    def seed_demo_activity(self, admin: AdminClient, previous: Mapping[str, str]) -> dict[str, str]:
+        """Two weeks of demo history (published once per state dir) and the review agent's
+        pending escalation; returns the demo.env additions (its key and the escalation id)."""
+        import asyncio
+        import datetime as dt
+
+        from deploy import demo_history
+
+        marker = self.state_dir / "demo-history.done"
+        if not marker.exists():
+            events = demo_history.history(DEMO_WORKSPACE, dt.datetime.now(dt.UTC))
+            self.log(f"  history   {len(events)} events of demo agent runs over 14 days")
+            from schemas.settings import load_settings
+
+            names = load_settings({**self.env, **self.extra_env})
+            asyncio.run(demo_history.publish(self.nats_url("admin"), names.stream, names.subject_prefix, events))
+            marker.write_text("published\n")
+        live = {k["id"] for k in admin.call("GET", f"/admin/v1/virtual-keys?workspace_id={DEMO_WORKSPACE}")["data"]}
+        key, key_id, escalation = demo_history.seed_escalation(
+            admin, DEMO_WORKSPACE, f"{self.origin}/v1", previous.get("ALEPHANT_REVIEW_KEY"), live,
+            previous.get("ALEPHANT_REVIEW_KEY_ID"))
+        if escalation:
+            self.log(f"  escalation {escalation} (review-agent) waits in the console's queue")
+        return {"ALEPHANT_REVIEW_KEY": key, "ALEPHANT_REVIEW_KEY_ID": key_id,
+                "ALEPHANT_DEMO_ESCALATION_ID": escalation or ""}

@@ -32,7 +32,9 @@ def window_start(now: dt.datetime, granularity: str) -> dt.datetime:
 
 
 def series_name(row: dict[str, Any], by: str) -> str:
-    return str(row.get("agent_id") or "(no agent)") if by == "agent" else str(row.get("provider") or "(none)")
+    if by == "agent":
+        return str(row.get("agent_id") or "(no agent)")
+    return str(row.get("provider") or "tools & payments")  # spend with no model call behind it
 
 
 def stacked(rows: list[dict[str, Any]], by: str, granularity: str) -> dict[str, Any]:
