@@ -88,11 +88,12 @@ async def workspaces(request: web.Request) -> tuple[list[str], str]:
     """The workspaces the picker lists (every workspace with live config) and the one this page
     shows (`?ws=`, else `demo` when it exists, else the first)."""
     from controlplane.app import ADMIN  # the admin app module imports this package
+    from controlplane.commands import WORKSPACE
 
     async with request.app[ADMIN].pool.connection() as conn:
         cur = await conn.execute(
             "SELECT DISTINCT coalesce(workspace_id, id) FROM config_entity WHERE deleted_at IS NULL "
-            "AND (kind = 'workspace' OR workspace_id IS NOT NULL) ORDER BY 1")
+            "AND (kind = %s OR workspace_id IS NOT NULL) ORDER BY 1", (WORKSPACE.kind,))
         ids = [str(r[0]) for r in await cur.fetchall() if r[0] and r[0] != "_system"]
     asked = request.query.get("ws", "")
     if asked in ids:
