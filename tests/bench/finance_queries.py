@@ -60,11 +60,12 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{name}"))
 
 
-def _rows(count: int, seed: int = 7) -> Any:
+def _rows(count: int, seed: int = 7, start: dt.datetime = MONTH_START, end: dt.datetime = MONTH_END,
+          workspaces: tuple[str, ...] = WORKSPACES) -> Any:
     rng = random.Random(seed)
-    span = (MONTH_END - MONTH_START).total_seconds()
+    span = (end - start).total_seconds()
     for _ in range(count):
-        ws = rng.choices(WORKSPACES, WEIGHTS)[0]
+        ws = rng.choices(workspaces, WEIGHTS)[0]
         run = rng.randrange(RUNS)
         agent = run % AGENTS  # a run belongs to one agent
         provider, model = MODELS[rng.randrange(len(MODELS))]
@@ -73,20 +74,21 @@ def _rows(count: int, seed: int = 7) -> Any:
         cost = 0 if unpriced else tokens_in * 2500 + tokens_out * 10_000
         if run % 997 == 0:  # a few runaway runs, for the spike query to find
             cost *= 20
-        at = MONTH_START + dt.timedelta(seconds=rng.random() * span)
+        at = start + dt.timedelta(seconds=rng.random() * span)
         yield (uuid.UUID(int=rng.getrandbits(128), version=4), ws, at, "llm", f"agent-{agent}", f"run-{run}",
                f"wf-{run % 50}", f"member-{agent % 40}", f"dept-{agent % 8}", provider, model, 1,
                int(rng.random() < 0.01), tokens_in, tokens_out, cost, cost if rng.random() < 0.03 else 0,
                tokens_in + tokens_out if unpriced else 0, json.dumps({"customer": f"c{rng.randrange(30)}"}))
 
 
-def load(url: str, count: int) -> float:
-    """COPY `count` rows into finance_fact, then ANALYZE; returns the seconds it took."""
+def load(url: str, count: int, **shape: Any) -> float:
+    """COPY `count` rows into finance_fact, then ANALYZE; returns the seconds it took. `shape`:
+    `_rows`'s window and workspaces."""
     started = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
         with conn.cursor() as cur, cur.copy(sql.SQL("COPY finance_fact ({}) FROM STDIN").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c in COLUMNS))) as copy:
-            for row in _rows(count):
+            for row in _rows(count, **shape):
                 copy.write_row(row)
         conn.execute("ANALYZE finance_fact")
     return time.perf_counter() - started
