@@ -315,6 +315,32 @@ def _collated(names: tuple[str, ...]) -> sql.Composable:
                               for n in names)
 
 
+# -- sources: the facts, or a rollup when it gives the same sums ----------------------------------
+
+FACTS = "finance_fact"
+# Rollups (events/migrations/0012): the table, its bucket, and the key columns it keeps.
+HOURLY = ("finance_hourly", "hour", frozenset({"workspace_id", "agent_id", "provider"}))
+RUN_DAY = ("finance_run_day", "day", frozenset({"workspace_id", "run_id", "agent_id"}))
+
+
+def _aligned(value: dt.datetime | None, grain: str) -> bool:
+    if value is None:
+        return True
+    value = value.astimezone(dt.UTC)
+    if value.minute or value.second or value.microsecond:
+        return False
+    return grain == "hour" or value.hour == 0
+
+
+def source(window: Window, keys: frozenset[str], *rollups: tuple[str, str, frozenset[str]]) -> str:
+    """The first of `rollups` that keeps every key column and whose buckets the window's bounds
+    fall on (so its sums are exactly the facts'), else the facts."""
+    for table, grain, kept in rollups:
+        if keys <= kept and _aligned(window.start, grain) and _aligned(window.end, grain):
+            return table
+    return FACTS
+
+
 # -- summary ---------------------------------------------------------------------------------------
 
 def summary_sql(q: SummaryQuery) -> tuple[sql.Composable, dict[str, Any]]:
@@ -331,10 +357,11 @@ def summary_sql(q: SummaryQuery) -> tuple[sql.Composable, dict[str, Any]]:
     group_by = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(select)))
     order: list[sql.Composable] = [sql.SQL("period_start")] if q.interval is not None else []
     order += [sql.SQL("llm_cost_nanos + tool_cost_nanos + payments_out_nanos DESC"), _collated(key_names)]
-    query = sql.SQL("SELECT * FROM (SELECT {select}, {aggs} FROM finance_fact WHERE {where} GROUP BY {group_by}) g "
+    table = FACTS if prop is not None else source(q.window, frozenset(q.keys), HOURLY)
+    query = sql.SQL("SELECT * FROM (SELECT {select}, {aggs} FROM {table} WHERE {where} GROUP BY {group_by}) g "
                     "ORDER BY {order} LIMIT %(limit)s").format(
-        select=sql.SQL(", ").join(select), aggs=aggregates(), where=where, group_by=group_by,
-        order=sql.SQL(", ").join(order))
+        select=sql.SQL(", ").join(select), aggs=aggregates(), table=sql.Identifier(table), where=where,
+        group_by=group_by, order=sql.SQL(", ").join(order))
     return query, params
 
 
@@ -376,9 +403,11 @@ def top_sql(q: TopQuery) -> tuple[sql.Composable, dict[str, Any]]:
     keys = ("workspace_id", column)
     where, params = _filters(q.workspace_id, q.window, sql.SQL("{} IS NOT NULL").format(sql.Identifier(column)))
     params["limit"] = q.limit
-    query = sql.SQL("SELECT workspace_id, {col}, {aggs} FROM finance_fact WHERE {where} GROUP BY 1, 2 "
+    table = source(q.window, frozenset(keys), HOURLY, RUN_DAY)
+    query = sql.SQL("SELECT workspace_id, {col}, {aggs} FROM {table} WHERE {where} GROUP BY 1, 2 "
                     "ORDER BY {metric} {direction}, {keys} LIMIT %(limit)s").format(
-        col=sql.Identifier(column), aggs=aggregates(), where=where, metric=_METRIC_SQL[q.metric],
+        col=sql.Identifier(column), aggs=aggregates(), table=sql.Identifier(table), where=where,
+        metric=_METRIC_SQL[q.metric],
         direction=sql.SQL("DESC" if q.descending else "ASC"), keys=_collated(keys))
     return query, params
 
@@ -408,8 +437,8 @@ async def top(pool: AsyncConnectionPool[Any], q: TopQuery) -> Table:
 # sort and one aggregate, no per-run array.
 _SPIKES = """
 WITH runs AS (
-    SELECT workspace_id, agent_id, run_id, {cost} AS cost, min(occurred_at) AS first_at, max(occurred_at) AS last_at
-    FROM finance_fact WHERE {where} GROUP BY 1, 2, 3
+    SELECT workspace_id, agent_id, run_id, {cost} AS cost, min({first}) AS first_at, max({last}) AS last_at
+    FROM {table} WHERE {where} GROUP BY 1, 2, 3
 ), ranked AS (
     SELECT runs.*,
            row_number() OVER (PARTITION BY workspace_id, agent_id ORDER BY cost, run_id COLLATE "C") AS pos,
@@ -437,7 +466,10 @@ LIMIT %(limit)s
 def spikes_sql(q: SpikeQuery) -> tuple[sql.Composable, dict[str, Any]]:
     where, params = _filters(q.workspace_id, q.window, sql.SQL("run_id IS NOT NULL AND agent_id IS NOT NULL"))
     params |= {"min_runs": q.min_runs, "factor": q.factor, "limit": q.limit}
-    return sql.SQL(_SPIKES).format(cost=_COST, where=where), params
+    table = source(q.window, frozenset({"workspace_id", "agent_id", "run_id"}), RUN_DAY)
+    first, last = ("first_at", "last_at") if table != FACTS else ("occurred_at", "occurred_at")
+    return sql.SQL(_SPIKES).format(cost=_COST, where=where, table=sql.Identifier(table),
+                                   first=sql.Identifier(first), last=sql.Identifier(last)), params
 
 
 async def spikes(pool: AsyncConnectionPool[Any], q: SpikeQuery) -> Table:

@@ -108,7 +108,7 @@ async def render(request: web.Request, template: str, *, page: str, title: str, 
     flash = await request.app[SESSIONS].take_flash(session)
     body = _ENV.get_template(template).render(
         page=page, title=title, nav=NAV, actor=session.actor, csrf=session.csrf, workspaces=ids, ws=ws,
-        flash=flash, path=request.path, **context)
+        flash=flash, path=request.rel_url.raw_path, **context)
     return web.Response(text=body, status=status, content_type="text/html", charset="utf-8", headers=HEADERS)
 
 

@@ -382,6 +382,8 @@ WINDOWS = [
     (T0 + dt.timedelta(hours=30, minutes=17), None),
     (None, dt.datetime(2026, 2, 1, tzinfo=dt.UTC)),
     (dt.datetime(2026, 2, 1, 3, tzinfo=dt.timezone(dt.timedelta(hours=2))), T0 + dt.timedelta(days=3)),
+    # UTC days: answered from the per-run-day rollup (hours: the hourly one; else the facts).
+    (T0 + dt.timedelta(hours=6), T0 + dt.timedelta(hours=54)),
 ]
 
 
@@ -421,7 +423,8 @@ async def test_summary_csv_is_the_json_rows(pool: AsyncConnectionPool[Any], work
 async def test_top_by_each_metric(pool: AsyncConnectionPool[Any], facts: list[Fact], workload: Workload,
                                   by: str) -> None:
     column = f"{by}_id"
-    for ws, window in ((workload.workspaces[2], finance.Window()), (None, finance.Window(*WINDOWS[0]))):
+    for ws, window in ((workload.workspaces[2], finance.Window()), (None, finance.Window(*WINDOWS[0])),
+                       (workload.workspaces[0], finance.Window(*WINDOWS[4])), (None, finance.Window(*WINDOWS[1]))):
         groups = expected_groups(facts, lambda f: (f.ws, f.dims[column]), ws, window.start, window.end)
         groups = {k: t for k, t in groups.items() if k[1] is not None}
         for metric in ("cost", "revenue", "margin"):
@@ -475,6 +478,8 @@ async def test_spikes_against_the_leave_one_out_median(pool: AsyncConnectionPool
     queries = [finance.SpikeQuery(workspace_id=workload.workspaces[0]), finance.SpikeQuery(),
                finance.SpikeQuery(Decimal("1.5"), 3, 100, None, finance.Window(*WINDOWS[0])),
                finance.SpikeQuery(Decimal("2.25"), 1, 4, workload.workspaces[1]),
+               finance.SpikeQuery(Decimal("1.5"), 2, 100, None, finance.Window(*WINDOWS[4])),
+               finance.SpikeQuery(Decimal("1.5"), 2, 100, None, finance.Window(*WINDOWS[1])),
                finance.SpikeQuery(Decimal(1), 1, 10_000)]  # every run above its median: the whole mapping
     for q in queries:
         table = await finance.spikes(pool, q)
@@ -608,3 +613,33 @@ async def test_two_outcomes_of_one_run_in_one_batch(database: str, workload: Wor
     async with AsyncConnectionPool(database, min_size=1, max_size=1, open=False) as p:
         detail = await finance.run_detail(p, run, ws)
     assert detail["outcome"]["outcome"] == "failed"
+
+
+async def test_the_rollups_hold_the_facts_sums_and_answer_aligned_windows(pool: AsyncConnectionPool[Any]) -> None:
+    """The trigger-maintained rollups (migration 0012) equal the facts' sums after batches and a
+    full redelivery; aligned windows read them, others the facts."""
+    sums = ("sum(requests)::numeric, sum(errors)::numeric, sum(input_tokens)::numeric, sum(unpriced_tokens)::numeric, "
+            "coalesce(sum(llm_cost_nanos) FILTER (WHERE currency = 'USD'), 0), "
+            "coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0)")
+    async with pool.connection() as conn:
+        facts_by_hour = await (await conn.execute(
+            f"SELECT workspace_id, date_trunc('hour', occurred_at, 'UTC'), agent_id, provider, {sums} "
+            "FROM finance_fact GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")).fetchall()
+        hourly = await (await conn.execute(
+            f"SELECT workspace_id, occurred_at, agent_id, provider, {sums} FROM finance_hourly "
+            "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")).fetchall()
+        facts_by_run = await (await conn.execute(
+            f"SELECT workspace_id, run_id, agent_id, min(occurred_at), max(occurred_at), {sums} "
+            "FROM finance_fact WHERE run_id IS NOT NULL GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")).fetchall()
+        run_days = await (await conn.execute(
+            f"SELECT workspace_id, run_id, agent_id, min(first_at), max(last_at), {sums} "
+            "FROM finance_run_day GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")).fetchall()
+    assert hourly == facts_by_hour and len(hourly) > 10
+    assert run_days == facts_by_run and len(run_days) > 10
+    hour, day = finance.Window(*WINDOWS[0]), finance.Window(*WINDOWS[4])
+    assert finance.source(hour, frozenset({"workspace_id", "agent_id"}), finance.HOURLY) == "finance_hourly"
+    assert finance.source(day, frozenset({"workspace_id", "run_id"}), finance.HOURLY, finance.RUN_DAY) == \
+        "finance_run_day"
+    assert finance.source(hour, frozenset({"workspace_id", "run_id"}), finance.RUN_DAY) == "finance_fact"
+    assert finance.source(finance.Window(*WINDOWS[1]), frozenset({"workspace_id"}), finance.HOURLY) == "finance_fact"
+    assert finance.source(finance.Window(), frozenset({"workspace_id", "model"}), finance.HOURLY) == "finance_fact"
