@@ -319,6 +319,7 @@ def _collated(names: tuple[str, ...]) -> sql.Composable:
 
 FACTS = "finance_fact"
 # Rollups (events/migrations/0012): the table, its bucket, and the key columns it keeps.
+DAILY = ("finance_daily", "day", frozenset({"workspace_id", "agent_id", "provider"}))
 HOURLY = ("finance_hourly", "hour", frozenset({"workspace_id", "agent_id", "provider"}))
 RUN_DAY = ("finance_run_day", "day", frozenset({"workspace_id", "run_id", "agent_id"}))
 
@@ -332,10 +333,13 @@ def _aligned(value: dt.datetime | None, grain: str) -> bool:
     return grain == "hour" or value.hour == 0
 
 
-def source(window: Window, keys: frozenset[str], *rollups: tuple[str, str, frozenset[str]]) -> str:
-    """The first of `rollups` that keeps every key column and whose buckets the window's bounds
-    fall on (so its sums are exactly the facts'), else the facts."""
+def source(window: Window, keys: frozenset[str], *rollups: tuple[str, str, frozenset[str]],
+           interval: str | None = None) -> str:
+    """The first of `rollups` that keeps every key column, whose buckets the window's bounds fall
+    on, and no coarser than `interval` (so its sums are exactly the facts'), else the facts."""
     for table, grain, kept in rollups:
+        if interval == "hour" and grain != "hour":
+            continue
         if keys <= kept and _aligned(window.start, grain) and _aligned(window.end, grain):
             return table
     return FACTS
@@ -357,7 +361,7 @@ def summary_sql(q: SummaryQuery) -> tuple[sql.Composable, dict[str, Any]]:
     group_by = sql.SQL(", ").join(sql.Literal(i + 1) for i in range(len(select)))
     order: list[sql.Composable] = [sql.SQL("period_start")] if q.interval is not None else []
     order += [sql.SQL("llm_cost_nanos + tool_cost_nanos + payments_out_nanos DESC"), _collated(key_names)]
-    table = FACTS if prop is not None else source(q.window, frozenset(q.keys), HOURLY)
+    table = FACTS if prop is not None else source(q.window, frozenset(q.keys), DAILY, HOURLY, interval=q.interval)
     query = sql.SQL("SELECT * FROM (SELECT {select}, {aggs} FROM {table} WHERE {where} GROUP BY {group_by}) g "
                     "ORDER BY {order} LIMIT %(limit)s").format(
         select=sql.SQL(", ").join(select), aggs=aggregates(), table=sql.Identifier(table), where=where,
@@ -403,7 +407,7 @@ def top_sql(q: TopQuery) -> tuple[sql.Composable, dict[str, Any]]:
     keys = ("workspace_id", column)
     where, params = _filters(q.workspace_id, q.window, sql.SQL("{} IS NOT NULL").format(sql.Identifier(column)))
     params["limit"] = q.limit
-    table = source(q.window, frozenset(keys), HOURLY, RUN_DAY)
+    table = source(q.window, frozenset(keys), DAILY, HOURLY, RUN_DAY)
     query = sql.SQL("SELECT workspace_id, {col}, {aggs} FROM {table} WHERE {where} GROUP BY 1, 2 "
                     "ORDER BY {metric} {direction}, {keys} LIMIT %(limit)s").format(
         col=sql.Identifier(column), aggs=aggregates(), table=sql.Identifier(table), where=where,

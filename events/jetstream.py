@@ -126,7 +126,8 @@ def role_permissions(role: BusRole, *, stream: str, kv_bucket: str, subject_pref
         for name in (stream, kv):
             publish += [f"{api}.STREAM.INFO.{name}", f"{api}.STREAM.CREATE.{name}", f"{api}.STREAM.UPDATE.{name}"]
         publish += [p for p in kv_read if p != f"{api}.STREAM.INFO.{kv}"] + [f"$KV.{kv_bucket}.>", events]
-        subscribe = [fleet]
+        # The fleet's beats, and the calls as they are published (the console's live tail).
+        subscribe = [fleet, f"{subject_prefix}.*.llm.call"]
     elif role == "dataplane":
         # The event stream's info: strict mode checks its replica count (deploy/strict.py).
         publish = [f"{api}.STREAM.INFO.{stream}", *kv_read, events, fleet]

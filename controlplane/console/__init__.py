@@ -106,6 +106,9 @@ def install(app: web.Application, pool_of: Any) -> None:
         app.router.add_get(path, handler)
     for path, handler in actions:
         app.router.add_post(path, handler)
+    from controlplane.console import live
+
+    live.setup(app)  # the live tail's stream registry and its shutdown hook
 
     async def sessions(app_: web.Application) -> Any:
         app_[SESSIONS] = auth.Sessions(pool_of(app_))

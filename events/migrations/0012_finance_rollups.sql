@@ -2,14 +2,37 @@
 -- under a second). Each holds, per bucket, the sums `controlplane.finance.aggregates()` reads:
 -- the counts of every fact and the amounts of USD facts (so `currency` is always 'USD' here),
 -- with `occurred_at` the bucket's start (UTC):
---   finance_hourly   per workspace, hour, agent and provider: summaries by workspace, agent or
---                    provider over hour-aligned windows, and the top agents;
+--   finance_daily    per workspace, UTC day, agent and provider: summaries by workspace, agent or
+--                    provider per day or month (or none) over day-aligned windows, the top agents;
+--   finance_hourly   the same per hour: the same over hour-aligned windows, and per hour;
 --   finance_run_day  per workspace, UTC day, run and agent, with the run's first and last fact
 --                    that day: the top runs and spikes over day-aligned windows.
 -- A statement-level trigger folds the rows each INSERT adds to finance_fact (the finance
 -- projection inserts a batch with one COPY, and only facts it does not hold yet), in the same
 -- transaction, so a rollup always equals the sums of the facts. Keys are upserted in key order,
 -- so two projectors' batches cannot deadlock on them.
+CREATE TABLE finance_daily (
+    workspace_id          text          NOT NULL,
+    occurred_at           timestamptz   NOT NULL,
+    agent_id              text,
+    provider              text,
+    currency              text          NOT NULL DEFAULT 'USD',
+    requests              bigint        NOT NULL DEFAULT 0,
+    errors                bigint        NOT NULL DEFAULT 0,
+    input_tokens          bigint        NOT NULL DEFAULT 0,
+    output_tokens         bigint        NOT NULL DEFAULT 0,
+    unpriced_tokens       bigint        NOT NULL DEFAULT 0,
+    llm_cost_nanos        numeric(38,0) NOT NULL DEFAULT 0,
+    tool_cost_nanos       numeric(38,0) NOT NULL DEFAULT 0,
+    payments_out_nanos    numeric(38,0) NOT NULL DEFAULT 0,
+    revenue_nanos         numeric(38,0) NOT NULL DEFAULT 0,
+    cache_savings_nanos   numeric(38,0) NOT NULL DEFAULT 0,
+    estimated_cost_nanos  numeric(38,0) NOT NULL DEFAULT 0,
+    refunds_due_nanos     numeric(38,0) NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX finance_daily_key ON finance_daily (workspace_id, occurred_at, agent_id, provider)
+    NULLS NOT DISTINCT;
+
 CREATE TABLE finance_hourly (
     workspace_id          text          NOT NULL,
     occurred_at           timestamptz   NOT NULL,
@@ -58,6 +81,31 @@ CREATE UNIQUE INDEX finance_run_day_key ON finance_run_day (workspace_id, occurr
 
 CREATE FUNCTION finance_rollup() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    INSERT INTO finance_daily AS h (workspace_id, occurred_at, agent_id, provider, requests, errors, input_tokens,
+        output_tokens, unpriced_tokens, llm_cost_nanos, tool_cost_nanos, payments_out_nanos, revenue_nanos,
+        cache_savings_nanos, estimated_cost_nanos, refunds_due_nanos)
+    SELECT workspace_id, date_trunc('day', occurred_at, 'UTC'), agent_id, provider,
+           sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(unpriced_tokens),
+           coalesce(sum(llm_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(tool_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(payments_out_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(cache_savings_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(estimated_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+           coalesce(sum(refunds_due_nanos) FILTER (WHERE currency = 'USD'), 0)
+    FROM new_facts GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+    ON CONFLICT (workspace_id, occurred_at, agent_id, provider) DO UPDATE SET
+        requests = h.requests + EXCLUDED.requests, errors = h.errors + EXCLUDED.errors,
+        input_tokens = h.input_tokens + EXCLUDED.input_tokens, output_tokens = h.output_tokens + EXCLUDED.output_tokens,
+        unpriced_tokens = h.unpriced_tokens + EXCLUDED.unpriced_tokens,
+        llm_cost_nanos = h.llm_cost_nanos + EXCLUDED.llm_cost_nanos,
+        tool_cost_nanos = h.tool_cost_nanos + EXCLUDED.tool_cost_nanos,
+        payments_out_nanos = h.payments_out_nanos + EXCLUDED.payments_out_nanos,
+        revenue_nanos = h.revenue_nanos + EXCLUDED.revenue_nanos,
+        cache_savings_nanos = h.cache_savings_nanos + EXCLUDED.cache_savings_nanos,
+        estimated_cost_nanos = h.estimated_cost_nanos + EXCLUDED.estimated_cost_nanos,
+        refunds_due_nanos = h.refunds_due_nanos + EXCLUDED.refunds_due_nanos;
+
     INSERT INTO finance_hourly AS h (workspace_id, occurred_at, agent_id, provider, requests, errors, input_tokens,
         output_tokens, unpriced_tokens, llm_cost_nanos, tool_cost_nanos, payments_out_nanos, revenue_nanos,
         cache_savings_nanos, estimated_cost_nanos, refunds_due_nanos)
@@ -116,6 +164,19 @@ CREATE TRIGGER finance_fact_rollup AFTER INSERT ON finance_fact
     REFERENCING NEW TABLE AS new_facts FOR EACH STATEMENT EXECUTE FUNCTION finance_rollup();
 
 -- The facts already folded.
+INSERT INTO finance_daily (workspace_id, occurred_at, agent_id, provider, requests, errors, input_tokens,
+    output_tokens, unpriced_tokens, llm_cost_nanos, tool_cost_nanos, payments_out_nanos, revenue_nanos,
+    cache_savings_nanos, estimated_cost_nanos, refunds_due_nanos)
+SELECT workspace_id, date_trunc('day', occurred_at, 'UTC'), agent_id, provider,
+       sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(unpriced_tokens),
+       coalesce(sum(llm_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(tool_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(payments_out_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(revenue_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(cache_savings_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(estimated_cost_nanos) FILTER (WHERE currency = 'USD'), 0),
+       coalesce(sum(refunds_due_nanos) FILTER (WHERE currency = 'USD'), 0)
+FROM finance_fact GROUP BY 1, 2, 3, 4;
 INSERT INTO finance_hourly (workspace_id, occurred_at, agent_id, provider, requests, errors, input_tokens,
     output_tokens, unpriced_tokens, llm_cost_nanos, tool_cost_nanos, payments_out_nanos, revenue_nanos,
     cache_savings_nanos, estimated_cost_nanos, refunds_due_nanos)

@@ -61,7 +61,9 @@ def _with_database(url: str, name: str) -> str:
 
 
 def _rows(count: int, seed: int = 7, start: dt.datetime = MONTH_START, end: dt.datetime = MONTH_END,
-          workspaces: tuple[str, ...] = WORKSPACES) -> Any:
+          workspaces: tuple[str, ...] = WORKSPACES, run_span_s: float | None = None) -> Any:
+    """`count` facts; with `run_span_s`, each run's calls fall within that many seconds of the
+    run's own start (agent runs are minutes long), else anywhere in the window."""
     rng = random.Random(seed)
     span = (end - start).total_seconds()
     for _ in range(count):
@@ -74,7 +76,11 @@ def _rows(count: int, seed: int = 7, start: dt.datetime = MONTH_START, end: dt.d
         cost = 0 if unpriced else tokens_in * 2500 + tokens_out * 10_000
         if run % 997 == 0:  # a few runaway runs, for the spike query to find
             cost *= 20
-        at = start + dt.timedelta(seconds=rng.random() * span)
+        if run_span_s is None:
+            at = start + dt.timedelta(seconds=rng.random() * span)
+        else:
+            run_start = (run * 7919 + workspaces.index(ws) * 613) % int(span - run_span_s)
+            at = start + dt.timedelta(seconds=run_start + rng.random() * run_span_s)
         yield (uuid.UUID(int=rng.getrandbits(128), version=4), ws, at, "llm", f"agent-{agent}", f"run-{run}",
                f"wf-{run % 50}", f"member-{agent % 40}", f"dept-{agent % 8}", provider, model, 1,
                int(rng.random() < 0.01), tokens_in, tokens_out, cost, cost if rng.random() < 0.03 else 0,

@@ -237,15 +237,16 @@ async def test_a_run_page_shows_the_run_apis_totals_and_its_calls(
 
 async def test_archived_bodies_open_from_the_timeline_escaped(console: Console, workload: Workload) -> None:
     w = workload
+
+    async def archived() -> bool | None:  # the archive uploads in batches: a new body may take seconds
+        got = await console.context.request.get(console.url(f"/console/requests/{w.archived}/body?ws=demo"))
+        return True if got.status == 200 else None
+
+    # Polled outside the page: a 404 document load would be a console error.
+    await eventually(archived, timeout=30, interval=0.5)
     page = await console.open(f"/console/runs/{w.runs['e']}?ws=demo")
     async with page.expect_navigation():
         await page.get_by_role("link", name=f"Bodies of {w.archived}").click()
-
-    async def shown() -> bool | None:  # the archive uploads in batches: a new body may take seconds
-        response = await page.reload()
-        return True if response is not None and response.status == 200 else None
-
-    await eventually(shown, timeout=30, interval=0.5)
     request = await page.locator("#body-request").inner_text()
     assert MARKUP in request  # shown as text: no element made of it
     assert await page.locator("#body-request b, #body-request script").count() == 0

@@ -635,9 +635,22 @@ async def test_the_rollups_hold_the_facts_sums_and_answer_aligned_windows(pool: 
             f"SELECT workspace_id, run_id, agent_id, min(first_at), max(last_at), {sums} "
             "FROM finance_run_day GROUP BY 1, 2, 3 ORDER BY 1, 2, 3")).fetchall()
     assert hourly == facts_by_hour and len(hourly) > 10
+    async with pool.connection() as conn:
+        facts_by_day = await (await conn.execute(
+            f"SELECT workspace_id, date_trunc('day', occurred_at, 'UTC'), agent_id, provider, {sums} "
+            "FROM finance_fact GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")).fetchall()
+        daily = await (await conn.execute(
+            f"SELECT workspace_id, occurred_at, agent_id, provider, {sums} FROM finance_daily "
+            "GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4")).fetchall()
+    assert daily == facts_by_day and len(daily) > 10
     assert run_days == facts_by_run and len(run_days) > 10
     hour, day = finance.Window(*WINDOWS[0]), finance.Window(*WINDOWS[4])
-    assert finance.source(hour, frozenset({"workspace_id", "agent_id"}), finance.HOURLY) == "finance_hourly"
+    assert finance.source(hour, frozenset({"workspace_id", "agent_id"}), finance.DAILY, finance.HOURLY) == \
+        "finance_hourly"
+    assert finance.source(day, frozenset({"workspace_id", "agent_id"}), finance.DAILY, finance.HOURLY) == \
+        "finance_daily"
+    assert finance.source(day, frozenset({"workspace_id"}), finance.DAILY, finance.HOURLY, interval="hour") == \
+        "finance_hourly"
     assert finance.source(day, frozenset({"workspace_id", "run_id"}), finance.HOURLY, finance.RUN_DAY) == \
         "finance_run_day"
     assert finance.source(hour, frozenset({"workspace_id", "run_id"}), finance.RUN_DAY) == "finance_fact"
