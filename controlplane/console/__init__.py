@@ -86,6 +86,13 @@ async def logout(request: web.Request) -> web.StreamResponse:
     raise response
 
 
+async def not_found(request: web.Request) -> web.StreamResponse:
+    from controlplane.console.render import render
+
+    return await render(request, "notfound.html", page="", title="Page not found", status=404,
+                        missing=request.path)
+
+
 def _pages() -> tuple[list[tuple[str, Page]], list[tuple[str, Page]]]:
     from controlplane.console import live, overview, people, policy, providers, runs
 
@@ -106,6 +113,7 @@ def install(app: web.Application, pool_of: Any) -> None:
         app.router.add_get(path, handler)
     for path, handler in actions:
         app.router.add_post(path, handler)
+    app.router.add_get("/console/{missing:.*}", not_found)  # last: after every page
     from controlplane.console import live
 
     live.setup(app)  # the live tail's stream registry and its shutdown hook

@@ -339,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=1_000_000,
         help="finance facts the finance-query benchmark loads and queries (default 1000000; 0 skips it)",
     )
+    parser.add_argument("--console-rows", type=int, default=1_000_000,
+                        help="finance facts under the console page benchmark (tests.bench.console_pages; default "
+                        "1000000; 0 skips it)")
     parser.add_argument("--propagation-changes", type=int, default=50,
                         help="admin changes timed until all 4 workers of a multi-node stack apply each "
                         "(tests.bench.scaleout; default 50, about 45 s with the cluster's start; 0 skips it)")
@@ -583,6 +586,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     micro = governance_micro(args.micro_iterations, state_dir) if args.micro_iterations > 0 else None
     projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
     finance = finance_bench(args.finance_rows, state_dir) if args.finance_rows > 0 else None
+    console = console_bench(args.console_rows, state_dir) if args.console_rows > 0 else None
     scaleout = scaleout_bench(args, state_dir)
 
     return {
@@ -618,6 +622,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "paid": paid,
         "projector": projector,
         "finance_queries": finance,
+        "console_pages": console,
         **scaleout,
     }
 
@@ -665,6 +670,14 @@ def finance_bench(rows: int, log_dir: Path) -> dict[str, Any]:
     say(f"==> finance queries over {rows:,} finance facts (loaded with COPY first)")
     argv = [sys.executable, "-m", "tests.bench.finance_queries", "--json", "--rows", str(rows)]
     return run_json(argv, 1800, log_dir / "finance-error.log", "finance queries bench")
+
+
+def console_bench(rows: int, log_dir: Path) -> dict[str, Any]:
+    """Run :mod:`tests.bench.console_pages` (a stack of its own with `rows` finance facts) in a
+    child process and return its JSON result."""
+    say(f"==> console pages over {rows:,} finance facts (tests.bench.console_pages)")
+    argv = [sys.executable, "-m", "tests.bench.console_pages", "--json", "--rows", str(rows)]
+    return run_json(argv, 1800, log_dir / "console-error.log", "console pages bench")
 
 
 def scaleout_bench(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
@@ -794,6 +807,11 @@ def main(argv: list[str] | None = None) -> int:
         say(f"Finance queries (tests.bench.finance_queries) over {f['rows']:,} facts (loaded in {f['load_s']}s):")
         for q in f["queries"]:
             say(f"  {q['query']:<40} {q['median_ms']:>9.1f} ms median ({q['rows']:,} rows)")
+    if doc.get("console_pages"):
+        from tests.bench.console_pages import lines as console_lines
+
+        say("")
+        say("\n".join(console_lines(doc["console_pages"])))
     scaleout = scaleout_lines(doc)
     if scaleout:
         say("")

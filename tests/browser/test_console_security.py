@@ -79,3 +79,9 @@ async def test_the_admin_token_is_in_no_page_cookie_or_log_line(console: Console
         assert token not in log.read_text(errors="replace"), log
     # Nor is the session cookie's own value logged.
     assert all(session[0]["value"] not in log.read_text(errors="replace") for log in logs)
+
+
+async def test_an_unknown_console_path_is_a_page_not_a_json_error(console: Console) -> None:
+    response = await console.page.request.get(console.url("/console/no-such-page"))
+    assert response.status == 404 and response.headers["content-type"].startswith("text/html")
+    assert "There is no console page at" in await response.text()

@@ -82,8 +82,8 @@ async def chat(gateway: Gateway, http: aiohttp.ClientSession, path: str, *, stre
         return resp.status, dict(resp.headers), payload
 
 
-async def served_by(gateway: Gateway, http: aiohttp.ClientSession, path: str) -> str:
-    status, headers, body = await chat(gateway, http, path)
+async def served_by(gateway: Gateway, http: aiohttp.ClientSession, path: str, model: str = MODEL) -> str:
+    status, headers, body = await chat(gateway, http, path, model=model)
     assert status == 200, body
     return headers["Alephant-Provider"]
 
@@ -374,16 +374,25 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
 async def test_an_active_probe_readmits_an_ejected_target_before_its_ejection_ends(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, _ = fakes
-    _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    # A provider of its own on ra's upstream, with one credential: other tests add provider keys
+    # to `ra`, and two failures spread over two credentials eject neither.
+    name = f"rp{os.urandom(3).hex()}"
+    gateway.admin.call("POST", "/admin/v1/providers", {"workspace_id": "demo", "name": name, "type": "openai",
+                                                       "base_url": ra.base_url, "api_key": "sk-rp-upstream-0123456789"})
+    _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": f"{name}/*"}, {"model": "rb/*"}],
                                retry={"retries": 0},
                                health={"consecutive_failures": 2, "base_ejection_s": 120, "probe_interval_s": 0.3})
+
+    async def ra_serves() -> bool | None:
+        return True if await served_by(gateway, http, path) == name else None
+    await eventually(ra_serves, timeout=10)
     ra.fail_next(500, count=2)
+    before = attempts_at(ra)
     assert [await served_by(gateway, http, path) for _ in range(3)] == ["rb", "rb", "rb"]  # ejected after 2
+    assert attempts_at(ra) - before == 2  # the two that failed; the third skipped the ejected target
     probes_before = sum(1 for r in ra.requests if r.path == "/v1/models")
 
-    async def back() -> bool | None:
-        return True if await served_by(gateway, http, path) == "ra" else None
     started = time.monotonic()
-    await eventually(back, timeout=5)
+    await eventually(ra_serves, timeout=5)
     assert time.monotonic() - started < 3.0  # not the 120 s ejection
     assert sum(1 for r in ra.requests if r.path == "/v1/models") > probes_before  # the probe is what readmitted it

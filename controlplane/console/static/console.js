@@ -27,7 +27,9 @@
     var usd = nanos / 1e9;
     if (usd === 0) { return "$0"; }
     if (Math.abs(usd) >= 1) { return "$" + usd.toFixed(2); }
-    return "$" + usd.toPrecision(2);
+    // Two significant digits, never exponent notation (at most 9 decimals: one nano-USD).
+    var decimals = Math.min(9, 1 - Math.floor(Math.log10(Math.abs(usd))));
+    return "$" + usd.toFixed(decimals);
   }
 
   var PALETTE = ["#2563eb", "#d97706", "#059669", "#db2777", "#7c3aed", "#0891b2", "#65a30d", "#dc2626", "#6b7280"];
