@@ -59,9 +59,10 @@ def history(workspace_id: str, now: dt.datetime, *, days: int = 14, seed: str = 
                                        "workflow_id": workflow}
                 for _ in range(rng.randint(2, 5) * (4 if spike else 1)):
                     provider, model, per_in, per_out = rng.choice(models)
-                    usage = Usage(input_tokens=rng.randint(300, 4_000), output_tokens=rng.randint(50, 900))
                     event_id, request_id = ids()
                     status = 200 if rng.random() > 0.04 else rng.choice((429, 500, 503))
+                    usage = Usage(input_tokens=rng.randint(300, 4_000),
+                                  output_tokens=rng.randint(50, 900) if status == 200 else 0)
                     cost = usage.input_tokens * per_in + usage.output_tokens * per_out if status == 200 else 0
                     out.append(LlmCall(event_id=event_id, occurred_at=at, request_id=request_id, provider=provider,
                                        model=model, status=status, usage=usage, cost_nanos=cost,
