@@ -36,8 +36,10 @@ class Seeded:
 
 def workload(ws: str) -> list[Event]:
     """r-one: a1 then a2 (calls of $0.001 and $0.002, a $0.0005 tool spend), succeeded; r-two: a2,
-    $0.003 and a call in EUR (not counted as money); r-a%b and r-axb: a1, $0.0001 each, an hour
-    apart; r_early: a1, $0.004 two days before the rest, and $0.0002 inside the window."""
+    $0.003 and a failed call (no cost; the shared stack's ledger must stay balanced per currency, so
+    no foreign-currency call here: test_finance_queries covers those on a database of its own);
+    r-a%b and r-axb: a1, $0.0001 each, an hour apart; r_early: a1, $0.004 two days before the rest,
+    and $0.0002 inside the window."""
     def env(run: str, agent: str, at: dt.datetime, **extra: Any) -> dict[str, Any]:
         return {"event_id": uuid7(), "occurred_at": at, "workspace_id": ws, "run_id": run, "agent_id": agent,
                 "workflow_id": "wf-x" if run == "r-one" else None, **extra}
@@ -49,8 +51,8 @@ def workload(ws: str) -> list[Event]:
         ToolSpend(**env("r-one", "a2", T + 2 * HOUR), spend_id=f"sp-{ws}", amount_nanos=500_000, vendor="serpapi"),
         RunCompleted(**env("r-one", "a2", T + 3 * HOUR), outcome="succeeded"),
         LlmCall(**env("r-two", "a2", T + 4 * HOUR), provider="mock", model="echo", cost_nanos=3_000_000),
-        LlmCall(**env("r-two", "a2", T + 5 * HOUR), provider="mock", model="echo", cost_nanos=9_000_000,
-                currency="EUR"),
+        LlmCall(**env("r-two", "a2", T + 5 * HOUR), provider="mock", model="echo", status=500,
+                error_code="upstream_error"),
         LlmCall(**env("r-a%b", "a1", T + 6 * HOUR), provider="mock", model="echo", cost_nanos=100_000),
         LlmCall(**env("r-axb", "a1", T + 7 * HOUR), provider="mock", model="echo", cost_nanos=100_000),
         LlmCall(**env("r_early", "a1", T - 2 * DAY), provider="mock", model="echo", cost_nanos=4_000_000),
@@ -103,7 +105,7 @@ async def test_every_run_in_the_window_with_the_finance_summarys_numbers_newest_
         ["a1", "a2"], ["wf-x"], "succeeded", "0.0035")
     assert (one["first_at"], one["last_at"]) == (T, T + 2 * HOUR)
     two = rows[2]
-    assert (two["requests"], two["cost_usd"], two["outcome"]) == (2, "0.003", None)  # EUR is no USD money
+    assert (two["requests"], two["cost_usd"], two["outcome"]) == (2, "0.003", None)
     assert rows[4]["cost_usd"] == "0.0002"
     wider, _ = await list_runs(seeded.pool, seeded.ws, RunFilter(first=(T - 3 * DAY).date(), last=T.date()))
     assert next(r for r in wider if r["run_id"] == "r_early")["cost_usd"] == "0.0042"
