@@ -47,6 +47,7 @@ from controlplane import commands as c
 from controlplane import governance as g
 from controlplane import log_destinations as logdest
 from controlplane import log_settings as logset
+from controlplane import mcp_servers as mcp
 from controlplane.bodies_retention import run_sweeper, sweep_once
 from controlplane.budget_state import run_reconciler
 from controlplane.dry_run import DecisionDryRun, DryRun, parse_dry_run
@@ -536,6 +537,11 @@ ROUTES: tuple[Route, ...] = (
           "`last_delivered_at`", None, get_log_destination),
     Route("GET", "/admin/v1/log-destinations/{id}/dead-letters", "The destination's dead-lettered events, newest "
           "first (at most 100): the event, `attempts`, `reason`, `dead_lettered_at`", None, list_log_dead_letters),
+    # The body's fields are described by CreateMcpServer's docstring in the OpenAPI schema.
+    *_crud("mcp-servers", mcp.MCP_SERVER, "MCP server (an upstream Streamable HTTP MCP server the workspace's keys "
+           "reach at /mcp/{name} and /mcp: `url` SSRF-checked, `headers` stored encrypted and shown by name only, "
+           "`tools` priced per call in `price_usd` or denied with `allowed: false`; names unique in the workspace, "
+           "409 `name_taken`)"),
     # The body's fields are described by SetLogSettings's docstring in the OpenAPI schema.
     *_crud("log-settings", logset.LOG_SETTINGS, "log setting (per workspace or virtual key: `bodies` none | request "
            "| both archived to S3 redacted by `redact_paths` and `redact_patterns`, kept `retention_days`; one per "

@@ -61,6 +61,7 @@ from schemas.entities import (
     ConfigEntity,
     EscalationGrant,
     LogDestination,
+    McpServer,
     ModelAlias,
     PaidEndpoint,
     Policy,
@@ -322,7 +323,8 @@ def _stable_id(*parts: str) -> str:
 
 def public_view(entity: ConfigEntity) -> dict[str, Any]:
     """An entity as the API shows it: no key hash, no ciphertext (`has_api_key`,
-    `has_private_key`, `has_secret` say whether there is one); money also as decimal USD
+    `has_private_key`, `has_secret` say whether there is one; an MCP server's `headers` are
+    its header names); money also as decimal USD
     strings and epoch-ms instants also as ISO-8601."""
     data: dict[str, Any] = msgspec.to_builtins(entity)
     data.pop("key_hash", None)
@@ -367,6 +369,11 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
             # The API names the destination's type `kind` (the entity's `kind` is its tag).
             data["kind"] = data.pop("type")
             data["created_at"] = iso_ms(entity.created_at_ms) if entity.created_at_ms else None
+        case McpServer():
+            # Header names only: the values are credentials (`headers_enc`, never shown).
+            data["headers"] = sorted(data.pop("headers_enc"))
+            data["tools"] = {name: {"price_usd": nanos_to_decimal_str(t.price_nanos), "price_nanos": t.price_nanos,
+                                    "allowed": t.allowed} for name, t in sorted(entity.tools.items())}
     return data
 
 

@@ -311,6 +311,9 @@ def add_admin_commands(sub: Any) -> None:
     from deploy.log_settings_cli import add_log_settings_commands  # it imports this module
 
     add_log_settings_commands(cmds)
+    from deploy.mcp_servers_cli import add_mcp_server_commands  # it imports this module
+
+    add_mcp_server_commands(cmds)
     _finance_commands(cmds)
 
     g = cmds.group("models", "The model catalog")

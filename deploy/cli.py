@@ -7,7 +7,7 @@
     alephant projector      folds the event stream into the Postgres ledgers
     alephant migrate        Postgres migrations + JetStream stream + config bucket (idempotent)
     alephant workspaces|departments|members|agents|providers|keys|aliases|prices|budgets|limits|
-             policies|escalations|decisions|models|runs|ledger ...   admin commands
+             policies|escalations|decisions|mcp-servers|models|runs|ledger ...   admin commands
     alephant fleet          the data-plane workers and the config revision each has applied
 
 Admin commands (deploy/admin_cli.py) talk to the admin API at ALEPHANT_ADMIN_URL with

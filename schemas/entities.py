@@ -596,6 +596,39 @@ class LogSettings(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", t
     retention_days: int = 30
 
 
+class McpTool(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One tool of an MCP server as the operator configured it (a tool not named: price 0, allowed)."""
+
+    price_nanos: int = 0  # integer nano-USD per call
+    allowed: bool = True  # False: hidden from tools/list and refused on tools/call for every key
+
+
+class McpServer(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="mcp"):
+    """An upstream MCP server (Streamable HTTP) a workspace's keys reach at /mcp/{name} and /mcp.
+
+    `name` is `[a-z0-9][a-z0-9_-]{0,63}`, unique in the workspace: the path segment of
+    `/mcp/{name}` and the prefix of its tools' names (`<name>.<tool>`) on the aggregate endpoint
+    and in policies. `url` is http(s), SSRF-checked like a custom provider's base URL.
+    `headers_enc` maps a header name to its value's Fernet ciphertext (the KeyRing, like
+    `Provider.api_key_enc`), sent on every upstream request; never shown (the API shows the names).
+    `timeout_s` bounds each upstream request."""
+
+    id: str
+    workspace_id: str
+    name: str
+    url: str
+    headers_enc: dict[str, str] = msgspec.field(default_factory=dict)
+    tools: dict[str, McpTool] = msgspec.field(default_factory=dict)
+    timeout_s: float = 30.0
+
+    def tool(self, name: str) -> McpTool:
+        """The configured price and switch of tool `name` (not named: price 0, allowed)."""
+        return self.tools.get(name, _ANY_TOOL)
+
+
+_ANY_TOOL = McpTool()
+
+
 class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="heartbeat"):
     """Written by the control plane every few seconds; its age tells workers if they are stale."""
 
@@ -605,7 +638,7 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
 ConfigEntity = (Workspace | Department | Member | Agent | Provider | ProviderKey | VirtualKey | ModelAlias
                 | PriceOverride | Budget | Limit | Policy | EscalationGrant | PromptTemplate
                 | Router | CacheSettings | CachePurge | PaidEndpoint | Wallet | LogDestination | LogSettings
-                | Heartbeat)
+                | McpServer | Heartbeat)
 
 HEARTBEAT_KEY = "meta.heartbeat"
 

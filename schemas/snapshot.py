@@ -36,6 +36,7 @@ from schemas.entities import (
     Limit,
     LogDestination,
     LogSettings,
+    McpServer,
     Member,
     ModelAlias,
     PaidEndpoint,
@@ -129,6 +130,8 @@ INDEXES: tuple[Index, ...] = (
     Index(LogDestination, "log_destinations", _by_id),
     # What is kept of requests (bodies, redaction, retention) by (workspace, scope, scope id).
     Index(LogSettings, "log_settings", _by_scope),
+    # Upstream MCP servers by (workspace, name): `/mcp/{name}` and the aggregate `/mcp`.
+    Index(McpServer, "mcp_servers", attrgetter("workspace_id", "name")),
 )
 
 _ROWS_BY_KIND: dict[type[Any], tuple[Index, ...]] = {}
@@ -169,6 +172,7 @@ class Snapshot:
     wallets: Mapping[str, tuple[Wallet, ...]]
     log_destinations: Mapping[str, LogDestination]
     log_settings: Mapping[ScopeKey, LogSettings]
+    mcp_servers: Mapping[tuple[str, str], McpServer]
     heartbeat_ms: int | None = None
 
     @classmethod

@@ -23,6 +23,8 @@ from schemas.entities import (
     Limit,
     LogDestination,
     LogSettings,
+    McpServer,
+    McpTool,
     Member,
     ModelAlias,
     PaidAmount,
@@ -85,7 +87,10 @@ ALL: list[ConfigEntity] = [WS, AGENT, PROVIDER, VK, ALIAS, PRICE, BEAT, DEPT, ME
                            LogDestination(id="logdest_1", type="webhook", url="https://example.com/hook",
                                           workspace_id="ws_1", secret_enc="gAAAA", event_types=("llm.call",)),
                            LogSettings(id="logset_1", workspace_id="ws_1", scope="workspace", scope_id="ws_1",
-                                       bodies="both")]
+                                       bodies="both"),
+                           McpServer(id="mcp_1", workspace_id="ws_1", name="search", url="https://mcp.example.com/mcp",
+                                     headers_enc={"Authorization": "gAAAA"},
+                                     tools={"web_search": McpTool(price_nanos=10_000_000)})]
 
 
 def entities(*ents: ConfigEntity) -> dict[str, ConfigEntity]:
@@ -208,6 +213,7 @@ def _variants() -> list[ConfigEntity]:
             Policy(id="pol_2", workspace_id="ws_1", scope="department", scope_id="dept_1"),
             Policy(id="pol_1", workspace_id="ws_1", scope="key", scope_id="vk_1"),
             Member(id="mem_1", workspace_id="ws_1", name="renamed"),
+            McpServer(id="mcp_1", workspace_id="ws_1", name="search", url="https://mcp.example.com/v2", timeout_s=5),
             Heartbeat(ts_ms=7)]
 
 
