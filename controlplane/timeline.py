@@ -8,11 +8,14 @@ Contracts:
   `limit` items (default 1000, at most 10000); `truncated` says whether there were more.
 * Every item has `type`, `occurred_at` (ISO-8601, UTC), `request_id`, `trace_id` (may be null),
   `cost_usd` and `cost_nanos`: what the event costs, in the finance projection's terms
-  (`events.finance`): an `llm.call`'s or `llm.repriced`'s `cost_nanos`, a `tool.spend`'s or a
-  `payment.outbound`'s `amount_nanos`; "0" for every other event. Revenue is not cost: a
-  `payment.inbound` shows `revenue_usd`; a cache hit shows what it saved (`saved_usd`). Like the
-  finance views, `cost_usd` counts USD amounts only (`cost_nanos` is in the item's `currency`).
-  `llm.call` items carry `body_key` (null when only metadata was kept).
+  (`events.finance`): an `llm.call`'s, `llm.repriced`'s or `tool.call`'s `cost_nanos`, a
+  `tool.spend`'s or a `payment.outbound`'s `amount_nanos`; "0" for every other event. Revenue is
+  not cost: a `payment.inbound` shows `revenue_usd`; a cache hit shows what it saved
+  (`saved_usd`). Like the finance views, `cost_usd` counts USD amounts only (`cost_nanos` is in
+  the item's `currency`).
+  `llm.call` items carry `body_key` (null when only metadata was kept). A `tool.call` item (a
+  tool called through the gateway's MCP endpoint) carries `server`, `tool`, `status` (ok | error
+  | refused), `error_code`, `latency_ms` and its `vendor` (`mcp:<server>`).
 * `totals` are the finance projection's sums for the same run (`GET /admin/v1/runs/{id}`: the
   same statement) or session: counts, then `<money>_usd` strings and `<money>_nanos` integers.
   Both projections fold the same stream through their own consumers, so for a moment after an
@@ -34,7 +37,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from controlplane.finance import Params, aggregates, metric_fields, run_sql
-from events.ledger import bounded
+from events.ledger import bounded, mcp_vendor
 from schemas.errors import NotFound
 from schemas.events import (
     BudgetAlert,
@@ -47,6 +50,7 @@ from schemas.events import (
     PaymentOutbound,
     PolicyDecision,
     RunCompleted,
+    ToolCall,
     ToolSpend,
     Usage,
     event_decoder,
@@ -79,7 +83,7 @@ def event_cost(event: Event) -> tuple[int, str]:
     payments-out cost for it; 0 for the rest (revenue, memos, decisions)."""
     if isinstance(event, LlmCall):
         return max(0, event.cost_nanos), event.currency
-    if isinstance(event, LlmRepriced):
+    if isinstance(event, LlmRepriced | ToolCall):
         return event.cost_nanos, event.currency
     if isinstance(event, ToolSpend | PaymentOutbound):
         return event.amount_nanos, event.currency
@@ -119,6 +123,10 @@ def _details(event: Event) -> dict[str, Any]:
         return {"vendor": event.vendor, "tool": event.tool, "description": event.description,
                 "spend_id": event.spend_id, "amount_usd": _usd(event.amount_nanos, event.currency),
                 "key_id": event.key_id}
+    if isinstance(event, ToolCall):
+        return {"server": event.server, "tool": event.tool, "status": event.status, "error_code": event.error_code,
+                "latency_ms": event.latency_ms, "vendor": mcp_vendor(event.server),
+                "mcp_server_id": event.mcp_server_id or None, "key_id": event.key_id}
     if isinstance(event, PaymentOutbound):
         return {"rail": event.rail, "payment_id": event.payment_id,
                 "amount_usd": _usd(event.amount_nanos, event.currency), "payee": event.payee,

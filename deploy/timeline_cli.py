@@ -28,7 +28,7 @@ def _what(item: dict[str, Any]) -> str | None:
     kind = item.get("type")
     if item.get("provider") and item.get("model"):
         return f"{item['provider']}/{item['model']}"
-    if kind == "tool.spend":
+    if kind in ("tool.spend", "tool.call"):
         return "/".join(x for x in (item.get("vendor"), item.get("tool")) if x) or None
     if kind == "policy.decision":
         return item.get("rule") or None
@@ -50,6 +50,9 @@ def _status(item: dict[str, Any]) -> str | None:
         return f"{item.get('decision')}: {item.get('code')}"
     if kind == "cache.hit":
         return f"{item.get('cache')}, saved {show_usd(item.get('saved_usd') or '0')}"
+    if kind == "tool.call":
+        code = item.get("error_code")
+        return f"{item.get('status')}{' ' + code if code else ''}"
     status = item.get("status")
     return None if status is None else str(status)
 

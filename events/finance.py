@@ -8,7 +8,9 @@ Amount columns (nano-units of the event's currency) are separate, so any groupin
   price was known (cost 0 and `priced` false);
 * `llm.repriced`: the cost of an unpriced call priced later, dated at the original call, and its
   tokens taken back out of `unpriced_tokens`;
-* `tool.spend`: `tool_cost_nanos`; `payment.outbound`: `payments_out_nanos`;
+* `tool.spend`: `tool_cost_nanos`; `tool.call` (the gateway's MCP endpoint): one request (an error
+  unless its status is ok), `tool_cost_nanos`, vendor `mcp:<server>` and the tool;
+  `payment.outbound`: `payments_out_nanos`;
   `payment.inbound`: `revenue_nanos`; `cache.hit`: `cache_savings_nanos` (a memo); a
   `payment.event` `refund_due`: `refunds_due_nanos` (owed back to a payer; revenue was booked net
   of it, so it is a memo for what to pay back, not a cost).
@@ -22,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from events.ledger import bounded, call_tokens
+from events.ledger import bounded, call_tokens, mcp_vendor
 from schemas.events import (
     CacheHit,
     Event,
@@ -32,6 +34,7 @@ from schemas.events import (
     PaymentInbound,
     PaymentOutbound,
     RunCompleted,
+    ToolCall,
     ToolSpend,
 )
 
@@ -94,6 +97,9 @@ def finance_row(event: Event) -> tuple[Any, ...] | None:
     if isinstance(event, ToolSpend):
         return _row(event, "tool", event.currency, vendor=event.vendor, tool=event.tool or None,
                     tool_cost_nanos=event.amount_nanos)
+    if isinstance(event, ToolCall):
+        return _row(event, "tool", event.currency, vendor=mcp_vendor(event.server), tool=event.tool, requests=1,
+                    errors=0 if event.status == "ok" else 1, tool_cost_nanos=event.cost_nanos)
     if isinstance(event, PaymentOutbound):
         return _row(event, "payment_out", event.currency, rail=event.rail, vendor=event.payee or None,
                     payments_out_nanos=event.amount_nanos)

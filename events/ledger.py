@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from schemas.events import Event, LlmCall, LlmRepriced, PaymentInbound, PaymentOutbound, ToolSpend, Usage
+from schemas.events import Event, LlmCall, LlmRepriced, PaymentInbound, PaymentOutbound, ToolCall, ToolSpend, Usage
 
 UNATTRIBUTED_AGENT = "unattributed"
 # The unit of an unpriced call's suspense postings: its tokens, kept apart from money by currency
@@ -64,6 +64,11 @@ def vendor_payable_account(workspace_id: str, vendor: str) -> str:
     return f"vendor:{workspace_id}:{bounded(vendor)}:payable"
 
 
+def mcp_vendor(server: str) -> str:
+    """The vendor a tool called through the gateway's MCP endpoint is booked to: `mcp:<server>`."""
+    return f"mcp:{server}"
+
+
 def rail_account(workspace_id: str, rail: str, purpose: str) -> str:
     return f"rail:{workspace_id}:{bounded(rail)}:{purpose}"
 
@@ -98,7 +103,9 @@ def transfers_for(event: Event) -> list[Transfer]:
       price) and with tokens: the tokens (currency TOKENS) from the agent's `unpriced_usage` to the
       suspense account of its provider and model, so its usage shows in a balance.
     * `llm.repriced`: that suspense posting reversed (leg 0) and the cost posted (leg 1).
-    * `tool.spend`: agent `tool_cost` <- vendor `payable`. `payment.outbound`: agent
+    * `tool.spend`: agent `tool_cost` <- vendor `payable`. `tool.call` (the gateway's MCP endpoint)
+      with a price: the same accounts, vendor `mcp:<server>`, code `tool_call`; an unpriced,
+      failed or refused call (cost 0) posts nothing. `payment.outbound`: agent
       `payments_out` <- rail `payable`. `payment.inbound`: rail `receivable` <- endpoint `revenue`.
     * `cache.hit` is a memo (the finance projection records it), not a money movement.
     """
@@ -125,6 +132,10 @@ def transfers_for(event: Event) -> list[Transfer]:
     if isinstance(event, ToolSpend) and event.amount_nanos > 0:
         return [_one(eid, agent_account(ws, event.agent_id, "tool_cost"), vendor_payable_account(ws, event.vendor),
                      event.amount_nanos, event.currency, "tool_spend")]
+    if isinstance(event, ToolCall) and event.cost_nanos > 0:
+        return [_one(eid, agent_account(ws, event.agent_id, "tool_cost"),
+                     vendor_payable_account(ws, mcp_vendor(event.server)), event.cost_nanos, event.currency,
+                     "tool_call")]
     if isinstance(event, PaymentOutbound) and event.amount_nanos > 0:
         return [_one(eid, agent_account(ws, event.agent_id, "payments_out"), rail_account(ws, event.rail, "payable"),
                      event.amount_nanos, event.currency, "payment_outbound")]
@@ -187,7 +198,7 @@ def journal_rejection(event: Event, raw: bytes) -> str | None:
         value = getattr(event, name, None)
         if isinstance(value, int) and not 0 <= value < NUMERIC_38_LIMIT:
             return f"out_of_range: {name}"
-    if isinstance(event, LlmRepriced) and not 0 <= event.cost_nanos < NUMERIC_38_LIMIT:
+    if isinstance(event, LlmRepriced | ToolCall) and not 0 <= event.cost_nanos < NUMERIC_38_LIMIT:
         return "out_of_range: cost_nanos"
     if isinstance(event, LlmCall):
         for name in _USAGE_FIELDS:

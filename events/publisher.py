@@ -7,9 +7,9 @@ each acked record in the spool. `publish()` is for callers that must know the ev
 before they answer (the control plane).
 
 Failure handling, per message so one bad message never slows the others:
-- an event over `max_event_bytes` never reaches NATS: an `LlmCall` is published as a reduced
-  copy (oversized strings cut, `"event_truncated"` in `anomalies`, money facts intact); anything
-  else, or a copy still too large, is dead-lettered locally;
+- an event over `max_event_bytes` never reaches NATS: an `LlmCall` or a `ToolCall` is published
+  as a reduced copy (oversized strings cut, an `LlmCall` flags `"event_truncated"` in `anomalies`,
+  money facts intact); anything else, or a copy still too large, is dead-lettered locally;
 - a permanent refusal (message too large for the stream, a subject NATS rejects) is
   dead-lettered locally (`<spool>/dead-letter.spool`, a log line, `dead_lettered` counter);
 - a transient failure (timeout, no responders, disconnected) is retried after a per-message
@@ -26,6 +26,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -35,7 +36,7 @@ from nats.js.api import PubAck
 from nats.js.errors import APIError
 
 from events.spool import Record, Segment, Spool
-from schemas.events import Event, LlmCall, event_encoder, subject_for
+from schemas.events import Event, LlmCall, ToolCall, event_encoder, subject_for
 
 log = structlog.get_logger(__name__)
 
@@ -63,17 +64,22 @@ class Outgoing:
     attempts: int = 0
 
 
-def reduced_call(event: LlmCall, max_bytes: int) -> tuple[LlmCall, bytes] | None:
-    """`event` with every string over TRUNCATED_FIELD_CHARS cut and `"event_truncated"` added
-    to its anomalies, and its encoding, if that fits in `max_bytes`; else None. The numbers
-    (usage, cost, status) and the workspace and currency are never changed."""
+_Call = TypeVar("_Call", bound=LlmCall | ToolCall)
+
+
+def reduced_call(event: _Call, max_bytes: int) -> tuple[_Call, bytes] | None:
+    """`event` (an `LlmCall` or a `ToolCall`) with every string over TRUNCATED_FIELD_CHARS cut
+    (and for an `LlmCall`, `"event_truncated"` added to its anomalies), and its encoding, if that
+    fits in `max_bytes`; else None. The numbers (usage, cost, status, latency) and the workspace
+    and currency are never changed."""
     changes: dict[str, object] = {}
     for name in event.__struct_fields__:
         value = getattr(event, name)
         if name not in _UNTOUCHABLE and isinstance(value, str) and len(value) > TRUNCATED_FIELD_CHARS:
             changes[name] = value[:TRUNCATED_FIELD_CHARS]
-    anomalies = tuple(a[:TRUNCATED_FIELD_CHARS] for a in event.anomalies[:32])
-    changes["anomalies"] = (*anomalies, TRUNCATED_ANOMALY) if TRUNCATED_ANOMALY not in anomalies else anomalies
+    if isinstance(event, LlmCall):
+        anomalies = tuple(a[:TRUNCATED_FIELD_CHARS] for a in event.anomalies[:32])
+        changes["anomalies"] = (*anomalies, TRUNCATED_ANOMALY) if TRUNCATED_ANOMALY not in anomalies else anomalies
     smaller = msgspec.structs.replace(event, **changes)
     payload = event_encoder.encode(smaller)
     return (smaller, payload) if len(payload) <= max_bytes else None
@@ -197,7 +203,7 @@ class EventPublisher:
 
     def _shrink(self, event: Event, out: Outgoing) -> bool:
         size = len(out.payload)
-        reduced = reduced_call(event, self._max_bytes) if isinstance(event, LlmCall) else None
+        reduced = reduced_call(event, self._max_bytes) if isinstance(event, LlmCall | ToolCall) else None
         if reduced is None:
             self._dead_letter(out, "event_too_large")
             return False

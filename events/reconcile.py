@@ -42,11 +42,11 @@ from events.jetstream import bus_auth, connect
 from events.ledger import transfers_for
 from events.projector import PROJECTIONS
 from events.rebuild import plain
-from schemas.events import LlmCall, LlmRepriced, PaymentInbound, PaymentOutbound, ToolSpend, event_decoder
+from schemas.events import LlmCall, LlmRepriced, PaymentInbound, PaymentOutbound, ToolCall, ToolSpend, event_decoder
 from schemas.settings import Settings
 
 Status = Literal["ok", "warning", "problem"]
-MONEY_TYPES = tuple(str(t.__struct_config__.tag) for t in (LlmCall, LlmRepriced, ToolSpend, PaymentOutbound,
+MONEY_TYPES = tuple(str(t.__struct_config__.tag) for t in (LlmCall, LlmRepriced, ToolSpend, ToolCall, PaymentOutbound,
                                                            PaymentInbound))
 SAMPLES = 10
 # Gap candidates read back from the stream, at most (each is one request).
@@ -290,7 +290,7 @@ async def _finance(conn: psycopg.AsyncConnection[Any], upto: int) -> Finding:
         l AS (
             SELECT t.workspace_id, t.currency,
                    sum(t.amount) FILTER (WHERE t.code IN ('llm_cost', 'llm_cost_repriced')) AS llm_cost,
-                   sum(t.amount) FILTER (WHERE t.code = 'tool_spend') AS tool_cost,
+                   sum(t.amount) FILTER (WHERE t.code IN ('tool_spend', 'tool_call')) AS tool_cost,
                    sum(t.amount) FILTER (WHERE t.code = 'payment_outbound') AS payments_out,
                    sum(t.amount) FILTER (WHERE t.code = 'payment_inbound') AS revenue
             FROM ledger_transfer t JOIN event_journal j ON j.event_id = t.event_id

@@ -178,6 +178,21 @@ class ToolSpend(_Money, frozen=True, kw_only=True, tag="tool.spend"):
     description: str = ""
 
 
+class ToolCall(_Money, frozen=True, kw_only=True, tag="tool.call"):
+    """A tool called through the gateway's MCP endpoint (issue 16): `server` (the MCP server's name),
+    `tool`, `status` ok | error | refused, `latency_ms`, `cost_nanos` (integer nano-USD, the tool's
+    price; 0 unless status is ok), `error_code` when not ok."""
+
+    server: str
+    tool: str
+    status: str = "ok"
+    latency_ms: float = 0.0
+    cost_nanos: int = 0
+    currency: str = "USD"
+    mcp_server_id: str = ""
+    error_code: str | None = None
+
+
 class _Payment(_Money, frozen=True, kw_only=True):
     """A payment over a rail (x402, MPP, ...): its id on the rail and its amount."""
 
@@ -281,7 +296,7 @@ class ConfigChanged(_Envelope, frozen=True, kw_only=True, tag="config.changed"):
 
 
 Event = (LlmCall | ConfigChanged | PolicyDecision | BudgetAlert | AuthRefusals | ToolSpend | PaymentOutbound
-         | PaymentInbound | PaymentEvent | CacheHit | RunCompleted | LlmRepriced)
+         | PaymentInbound | PaymentEvent | CacheHit | RunCompleted | LlmRepriced | ToolCall)
 
 event_encoder = msgspec.json.Encoder()
 event_decoder = msgspec.json.Decoder(Event)
