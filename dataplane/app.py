@@ -29,6 +29,7 @@ from dataplane.ingress.alephant import RunCompleteEndpoint, SpendEndpoint
 from dataplane.ingress.chat import ChatIngress
 from dataplane.ingress.egress import EGRESS_ALIAS_ROUTE, EGRESS_ROUTE, egress
 from dataplane.ingress.embeddings import Embeddings
+from dataplane.ingress.mcp import MCP_ROUTE, MCP_SERVER_ROUTE, mcp
 from dataplane.ingress.messages import CountTokens, MessagesIngress
 from dataplane.ingress.paid import PAID_ROUTE, paid
 from dataplane.ingress.passthrough import ROUTE as PASSTHROUGH_ROUTE
@@ -228,6 +229,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_route("*", PAID_ROUTE, paid)
     app.router.add_route("*", EGRESS_ROUTE, egress)
     app.router.add_route("*", EGRESS_ALIAS_ROUTE, egress)
+    app.router.add_route("*", MCP_ROUTE, mcp)
+    app.router.add_route("*", MCP_SERVER_ROUTE, mcp)
     # Last: `/{provider}/*` must never shadow the routes above (reserved names never match it).
     app.router.add_route("*", PASSTHROUGH_ROUTE, passthrough)
     return app

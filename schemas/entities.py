@@ -21,7 +21,8 @@ ProviderKind = Literal[
 
 # First path segments the data plane serves itself. A provider is reachable as `/{name}/...`
 # (passthrough), so these names are refused by the admin API and never match that route.
-RESERVED_PROVIDER_NAMES = frozenset({"v1", "ai", "router", "paid", "egress", "admin", "healthz", "readyz", "metrics"})
+RESERVED_PROVIDER_NAMES = frozenset({"v1", "ai", "router", "paid", "egress", "mcp", "admin", "healthz", "readyz",
+                                    "metrics"})
 
 
 # Where a budget, limit or policy attaches. A request's path is workspace -> department -> member

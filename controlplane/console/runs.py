@@ -208,6 +208,10 @@ def timeline_row(item: Mapping[str, Any]) -> dict[str, Any]:
     elif kind == "cache.hit":
         what, status = _join(item.get("provider"), item.get("model")), str(item.get("cache") or "hit")
         detail = f"saved ${item.get('saved_usd')}"
+    elif kind == "tool.call":  # a tool called through the MCP gateway
+        what = _join(item.get("vendor") or f"mcp:{item.get('server')}", item.get("tool"))
+        status = _join(item.get("status"), item.get("error_code"))
+        bad = item.get("status") != "ok"
     elif kind == "tool.spend":
         what, detail = _join(item.get("vendor"), item.get("tool")), str(item.get("description") or "")
     elif kind == "payment.outbound":
