@@ -342,6 +342,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--console-rows", type=int, default=1_000_000,
                         help="finance facts under the console page benchmark (tests.bench.console_pages; default "
                         "1000000; 0 skips it)")
+    parser.add_argument("--mcp-calls", type=int, default=300,
+                        help="sequential MCP tool calls, direct and through /mcp/{name} (tests.bench.mcp_latency; "
+                        "default 300; 0 skips it)")
     parser.add_argument("--propagation-changes", type=int, default=50,
                         help="admin changes timed until all 4 workers of a multi-node stack apply each "
                         "(tests.bench.scaleout; default 50, about 45 s with the cluster's start; 0 skips it)")
@@ -587,6 +590,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
     projector = projector_bench(args.projector_events, state_dir) if args.projector_events > 0 else None
     finance = finance_bench(args.finance_rows, state_dir) if args.finance_rows > 0 else None
     console = console_bench(args.console_rows, state_dir) if args.console_rows > 0 else None
+    mcp = mcp_bench(args.mcp_calls, state_dir) if args.mcp_calls > 0 else None
     scaleout = scaleout_bench(args, state_dir)
 
     return {
@@ -623,6 +627,7 @@ def bench(args: argparse.Namespace, state_dir: Path, keep: list[bool]) -> dict[s
         "projector": projector,
         "finance_queries": finance,
         "console_pages": console,
+        "mcp_latency": mcp,
         **scaleout,
     }
 
@@ -678,6 +683,13 @@ def console_bench(rows: int, log_dir: Path) -> dict[str, Any]:
     say(f"==> console pages over {rows:,} finance facts (tests.bench.console_pages)")
     argv = [sys.executable, "-m", "tests.bench.console_pages", "--json", "--rows", str(rows)]
     return run_json(argv, 1800, log_dir / "console-error.log", "console pages bench")
+
+
+def mcp_bench(calls: int, log_dir: Path) -> dict[str, Any]:
+    """Run :mod:`tests.bench.mcp_latency` (a stack and an MCP server of its own) in a child process."""
+    say(f"==> MCP tool calls, direct and through the gateway ({calls} each, tests.bench.mcp_latency)")
+    argv = [sys.executable, "-m", "tests.bench.mcp_latency", "--json", "--calls", str(calls)]
+    return run_json(argv, 900, log_dir / "mcp-error.log", "MCP latency bench")
 
 
 def scaleout_bench(args: argparse.Namespace, state_dir: Path) -> dict[str, Any]:
@@ -812,6 +824,11 @@ def main(argv: list[str] | None = None) -> int:
 
         say("")
         say("\n".join(console_lines(doc["console_pages"])))
+    if doc.get("mcp_latency"):
+        from tests.bench.mcp_latency import lines as mcp_lines
+
+        say("")
+        say("\n".join(mcp_lines(doc["mcp_latency"])))
     scaleout = scaleout_lines(doc)
     if scaleout:
         say("")
