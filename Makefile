@@ -14,7 +14,7 @@ export UV_PROJECT_ENVIRONMENT := $(VENV)
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PYTHON)
 
-.PHONY: install run cluster test test-faults test-browser test-all lint fmt bench clean help
+.PHONY: install run cluster test test-faults test-browser test-agents test-all lint fmt bench clean help
 
 help: ## Show the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,10 +40,13 @@ cluster: install ## Start the multi-node stack: 3 NATS (R3), 2 control planes, 4
 test: install ## Lint, type-check and run the test suite (slow tests only with SLOW=1; fault suite: make test-faults)
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/mypy
-	@$(VENV)/bin/pytest $(if $(SLOW),-m "not fault and not browser",-m "not slow and not fault and not browser") $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest $(if $(SLOW),-m "not fault and not browser and not agent_cli",-m "not slow and not fault and not browser and not agent_cli") $(PYTEST_ARGS)
 
 test-browser: install ## The console in headless Chromium (Playwright); screenshots in .alephant/artifacts/console/
 	@$(VENV)/bin/pytest -m browser tests/browser $(PYTEST_ARGS)
+
+test-agents: install ## Real agent CLIs (Claude Code) through the gateway, installed from npm
+	@$(VENV)/bin/pytest -m agent_cli tests/agents $(PYTEST_ARGS)
 
 FAULT_TIMEOUT ?= 300
 test-faults: install ## The fault suite on the multi-node stack (kill, pause, partition); prints each fault's figures
