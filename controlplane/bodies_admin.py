@@ -1,7 +1,7 @@
 """`GET /admin/v1/requests/{request_id}/body`: one call's archived, redacted bodies (issue 13).
 
 The link from a run timeline item (or a trace, or an access-log line) to what was said: the
-request's `llm.call` in the event journal names its object (`body_key`, written by
+request's `llm.call` (or an MCP tool call's `tool.call`) in the event journal names its object (`body_key`, written by
 `dataplane.bodies`); the object is read from the archive bucket and answered as JSON. 404
 `request_not_found` for a request the journal does not know (in the workspace, when given),
 `body_not_archived` when its settings kept metadata only, `body_not_found` when the object is
@@ -21,7 +21,8 @@ from schemas.body_archive import split_body_key
 from schemas.errors import Conflict, NotFound
 from schemas.settings import Settings
 
-_FIND = ("SELECT body->>'body_key' FROM event_journal WHERE type = 'llm.call' AND body->>'request_id' = %s "
+_FIND = ("SELECT body->>'body_key' FROM event_journal WHERE type IN ('llm.call', 'tool.call') "
+         "AND body->>'request_id' = %s "
          "AND (%s::text IS NULL OR workspace_id = %s) ORDER BY occurred_at DESC LIMIT 1")
 
 

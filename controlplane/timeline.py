@@ -126,7 +126,7 @@ def _details(event: Event) -> dict[str, Any]:
     if isinstance(event, ToolCall):
         return {"server": event.server, "tool": event.tool, "status": event.status, "error_code": event.error_code,
                 "latency_ms": event.latency_ms, "vendor": mcp_vendor(event.server),
-                "mcp_server_id": event.mcp_server_id or None, "key_id": event.key_id}
+                "mcp_server_id": event.mcp_server_id or None, "key_id": event.key_id, "body_key": event.body_key}
     if isinstance(event, PaymentOutbound):
         return {"rail": event.rail, "payment_id": event.payment_id,
                 "amount_usd": _usd(event.amount_nanos, event.currency), "payee": event.payee,

@@ -231,10 +231,10 @@ class Call:
             router_rule=self.route.rule if self.route is not None else "",
             attempts=tuple(self.attempts),
             trace_id=self.trace_id,
-            body_key=self._body_key(),
+            body_key=self.archive_key(),
         )
 
-    def _body_key(self) -> str | None:
+    def archive_key(self) -> str | None:
         """Decided when the event is made (a stream's before its last write): the archive is
         promised on the event, and `finish` queues the upload under the same key."""
         if self.body_key is None and self.authenticated:

@@ -191,6 +191,9 @@ class ToolCall(_Money, frozen=True, kw_only=True, tag="tool.call"):
     currency: str = "USD"
     mcp_server_id: str = ""
     error_code: str | None = None
+    # The archived arguments and result (the body archive's object and line), when the workspace's
+    # log settings keep bodies; as on `llm.call`.
+    body_key: str | None = None
 
 
 class _Payment(_Money, frozen=True, kw_only=True):

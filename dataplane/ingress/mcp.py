@@ -216,6 +216,7 @@ class McpToolCall(_Endpoint):
                                  param="params.arguments", code="arguments_too_large")
         server, tool = _resolve(call, params["name"])
         call.request[_TOOL] = (server, tool, arguments)
+        call.raw = call.request[_MSG]  # what the body archive keeps as the request
         call.requested_model = f"mcp/{server.name}"
 
     def plan(self, call: Call) -> None:
@@ -256,7 +257,7 @@ class McpToolCall(_Endpoint):
             request_id=ctx.request_id, snapshot_revision=call.snap.revision, trace_id=call.trace_id,
             key_id=call.vk.id, department_id=call.department_id, member_id=call.member_id,
             server=server.name, tool=tool[:256], status=status, error_code=error_code, mcp_server_id=server.id,
-            latency_ms=round((time.perf_counter() - started) * 1000, 3), cost_nanos=cost)
+            latency_ms=round((time.perf_counter() - started) * 1000, 3), cost_nanos=cost, body_key=call.archive_key())
 
 
 _TOOL: web.RequestKey[tuple[McpServer, str, dict[str, Any]]] = web.RequestKey("mcp_tool", tuple)

@@ -262,3 +262,31 @@ async def test_bad_input_gets_clear_json_rpc_or_http_errors(gateway: Gateway, up
     code, refused = await asyncio.to_thread(gateway.admin.request, "POST", "/admin/v1/mcp-servers", {
         "workspace_id": org.ws, "name": "internal", "url": "http://10.0.0.7/mcp"})
     assert code == 400 and refused["error"]["param"] == "url"
+
+
+async def test_tool_arguments_and_results_are_archived_redacted_and_on_the_run_timeline(
+        gateway: Gateway, upstream: McpTestServer) -> None:
+    org = await make_org(gateway, upstream)
+    org.create("log-settings", scope="workspace", scope_id=org.ws, bodies="both",
+               redact_patterns=[r"SSN-\d{3}-\d{2}-\d{4}"])
+    await org.synced()
+    run = f"run-bodies-{org.ws}"
+    async with mcp_client(org.url(), org.headers(run=run)) as client:
+        result = await client.call_tool("tools__echo", {"text": "customer SSN-123-45-6789 asked"})
+    assert text(result) == "customer SSN-123-45-6789 asked"  # the caller gets the answer as the tool gave it
+
+    async def archived() -> dict[str, Any] | None:
+        calls = await journal(gateway, "tool.call", "run_id", run)
+        if not calls or not calls[0].get("body_key"):
+            return None
+        status, body = await asyncio.to_thread(gateway.admin.request, "GET",
+                                               f"/admin/v1/requests/{calls[0]['request_id']}/body?workspace_id={org.ws}")
+        return body if status == 200 else None
+    stored = await eventually(archived, timeout=30)
+    assert stored["request"]["params"]["arguments"] == {"text": "customer *** asked"}
+    assert "***" in json.dumps(stored["response"]) and "SSN-123" not in json.dumps(stored)
+    assert org.key not in json.dumps(stored)
+    timeline = gateway.admin.call("GET", f"/admin/v1/runs/{run}/timeline?workspace_id={org.ws}")
+    [item] = [i for i in timeline["items"] if i["type"] == "tool.call"]
+    assert (item["server"], item["tool"], item["status"], item["body_key"]) == (
+        "tools", "echo", "ok", stored["key"])
