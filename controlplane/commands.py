@@ -372,8 +372,10 @@ def public_view(entity: ConfigEntity) -> dict[str, Any]:
         case McpServer():
             # Header names only: the values are credentials (`headers_enc`, never shown).
             data["headers"] = sorted(data.pop("headers_enc"))
-            data["tools"] = {name: {"price_usd": nanos_to_decimal_str(t.price_nanos), "price_nanos": t.price_nanos,
-                                    "allowed": t.allowed} for name, t in sorted(entity.tools.items())}
+            from controlplane.mcp_servers import tool_view  # it imports this module
+
+            data["tools"] = {name: tool_view(t) | {"price_nanos": t.price_nanos}
+                             for name, t in sorted(entity.tools.items())}
     return data
 
 

@@ -76,12 +76,24 @@ ToolName = Annotated[str, msgspec.Meta(max_length=1024)]
 UsdText = Annotated[str, msgspec.Meta(max_length=40)]
 
 
+FieldName = Annotated[str, msgspec.Meta(max_length=64)]
+
+
 class ToolIn(Command):
     """A tool's price per call (`price_usd`, a decimal string such as "0.01"; default 0) and
-    switch (`allowed`: false hides it from tools/list and refuses tools/call for every key)."""
+    switch (`allowed`: false hides it from tools/list and refuses tools/call for every key).
+    Per-unit pricing: `unit_price_usd` per unit, the units read from the result's
+    `structuredContent[unit_field]`, at most `max_units` (what the budget hold reserves); all
+    three together. Limits of the tool across the workspace's keys: `calls_per_minute` and
+    `max_concurrent`."""
 
     price_usd: UsdText | None = None
     allowed: bool = True
+    unit_price_usd: UsdText | None = None
+    unit_field: FieldName | None = None
+    max_units: Annotated[int, msgspec.Meta(ge=1, le=1_000_000_000)] | None = None
+    calls_per_minute: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
+    max_concurrent: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
 
 
 Tools = Annotated[dict[ToolName, ToolIn], msgspec.Meta(max_length=4 * MAX_TOOLS)]
@@ -169,6 +181,15 @@ def check_tools(tools: dict[str, ToolIn]) -> None:
                                  f"{name[:80]!r}.", param="tools", code="invalid_tool_name")
         if tool.price_usd is not None:
             tool_price_nanos(tool.price_usd, name)
+        unit = (tool.unit_price_usd, tool.unit_field, tool.max_units)
+        if any(v is not None for v in unit):
+            if any(v is None for v in unit):
+                raise InvalidRequest(f"Per-unit pricing of tool '{name}' needs all of 'unit_price_usd', 'unit_field' "
+                                     "and 'max_units'.", param=f"tools.{name}", code="incomplete_unit_price")
+            usd_to_nanos(str(tool.unit_price_usd), f"tools.{name}.unit_price_usd", allow_zero=True)
+            if not str(tool.unit_field).isidentifier():
+                raise InvalidRequest(f"'unit_field' of tool '{name}' must be a field name (letters, digits, _).",
+                                     param=f"tools.{name}.unit_field", code="invalid_unit_field")
 
 
 def tool_price_nanos(price_usd: str, tool: str) -> int:
@@ -202,10 +223,31 @@ async def _build(cc: ConfigCommands, cmd: CreateMcpServer, ent_id: str, prior: P
                                  param="headers", code="headers_required")
     else:
         headers_enc = {name: cc.keyring.encrypt(value) for name, value in (cmd.headers or {}).items()}
-    tools = {name: McpTool(price_nanos=0 if t.price_usd is None else tool_price_nanos(t.price_usd, name),
-                           allowed=t.allowed) for name, t in cmd.tools.items()}
+    tools = {name: _tool(name, t) for name, t in cmd.tools.items()}
     return McpServer(id=ent_id, workspace_id=cmd.workspace_id, name=cmd.name, url=cmd.url, headers_enc=headers_enc,
                      tools=tools, timeout_s=float(cmd.timeout_s))
+
+
+def _tool(name: str, t: ToolIn) -> McpTool:
+    return McpTool(
+        price_nanos=0 if t.price_usd is None else tool_price_nanos(t.price_usd, name), allowed=t.allowed,
+        unit_price_nanos=0 if t.unit_price_usd is None else usd_to_nanos(
+            t.unit_price_usd, f"tools.{name}.unit_price_usd", allow_zero=True),
+        unit_field=t.unit_field or "", max_units=t.max_units or 0, calls_per_minute=t.calls_per_minute,
+        max_concurrent=t.max_concurrent)
+
+
+def tool_view(t: McpTool) -> dict[str, Any]:
+    """A tool's config as the API shows it (and a PATCH merges over)."""
+    out: dict[str, Any] = {"price_usd": nanos_to_decimal_str(t.price_nanos), "allowed": t.allowed}
+    if t.unit_field:
+        out |= {"unit_price_usd": nanos_to_decimal_str(t.unit_price_nanos), "unit_field": t.unit_field,
+                "max_units": t.max_units}
+    if t.calls_per_minute is not None:
+        out["calls_per_minute"] = t.calls_per_minute
+    if t.max_concurrent is not None:
+        out["max_concurrent"] = t.max_concurrent
+    return out
 
 
 async def _unique_name(conn: psycopg.AsyncConnection[Any], server: Any) -> None:
@@ -219,8 +261,7 @@ async def _unique_name(conn: psycopg.AsyncConnection[Any], server: Any) -> None:
 def _fields(server: McpServer) -> dict[str, Any]:
     # What a PATCH merges over: no `headers` (only their ciphertext is stored), so `_build` keeps
     # them unless the PATCH gives some.
-    tools = {name: {"price_usd": nanos_to_decimal_str(t.price_nanos), "allowed": t.allowed}
-             for name, t in server.tools.items()}
+    tools = {name: tool_view(t) for name, t in server.tools.items()}
     return _builtins(server, "workspace_id", "name", "url", "timeout_s") | {"tools": tools}
 
 

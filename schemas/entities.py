@@ -602,6 +602,19 @@ class McpTool(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     price_nanos: int = 0  # integer nano-USD per call
     allowed: bool = True  # False: hidden from tools/list and refused on tools/call for every key
+    # Per-unit pricing: `unit_price_nanos` per unit, the units read from the result's
+    # `structuredContent[unit_field]` (a non-negative integer, at most `max_units`); the budget
+    # hold reserves `max_units` of them.
+    unit_price_nanos: int = 0
+    unit_field: str = ""
+    max_units: int = 0
+    # Limits of this tool across every key of the workspace (cluster-wide, in Redis).
+    calls_per_minute: int | None = None
+    max_concurrent: int | None = None
+
+    def hold_nanos(self) -> int:
+        """What a call of this tool may cost at most (its budget hold)."""
+        return self.price_nanos + self.unit_price_nanos * self.max_units
 
 
 class McpServer(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="mcp"):

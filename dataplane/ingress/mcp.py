@@ -28,6 +28,7 @@ session to end) 204.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import time
@@ -41,7 +42,7 @@ from dataplane.lifecycle import bearer
 from dataplane.mcp_upstream import McpClients, McpUpstreamError, list_tools, request
 from dataplane.pipeline import run
 from dataplane.stages.governance import on_path
-from schemas.entities import McpServer
+from schemas.entities import Limit, McpServer, McpTool
 from schemas.errors import GatewayError, InvalidRequest, NotFound, PermissionDenied
 from schemas.events import ToolCall
 from schemas.http import read_limited
@@ -121,16 +122,28 @@ def _resolve(call: Call, name: str) -> tuple[McpServer, str]:
 def _visible(call: Call, server: McpServer, tool: str, now: dt.datetime) -> bool:
     """Whether a key may see `tool`: on in the server's config, and its policies allow it (or
     would escalate it) without stripping it."""
-    conf = server.tools.get(tool)
-    if conf is not None and not conf.allowed:
+    conf = server.tool(tool)
+    if not conf.allowed:
         return False
     policies = on_path(call).policies
     ws = call.snap.workspaces.get(call.vk.workspace_id)
     qualified = f"{server.name}.{tool}"
     verdict = decide(policies, call.vk, ws, PolicyInput(
         endpoint=call.request.path, model="", provider_type="", tools=(qualified,), max_tokens=0,
-        est_cost_nanos=conf.price_nanos if conf is not None else 0, prompt=""), now)
+        est_cost_nanos=conf.hold_nanos(), prompt=""), now)
     return (verdict.allowed or verdict.outcome == "escalate") and qualified not in verdict.strip_tools
+
+
+def price_of(conf: McpTool, result: dict[str, Any]) -> int:
+    """A served call's cost: the price per call, plus the unit price times the units the result
+    reports in `structuredContent[unit_field]` (a non-negative integer, at most `max_units`)."""
+    units = 0
+    if conf.unit_field:
+        structured = result.get("structuredContent")
+        value = structured.get(conf.unit_field) if isinstance(structured, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            units = min(value, conf.max_units)
+    return conf.price_nanos + conf.unit_price_nanos * units
 
 
 class _Endpoint:
@@ -222,18 +235,24 @@ class McpToolCall(_Endpoint):
     def plan(self, call: Call) -> None:
         super().plan(call)
         server, tool, _ = call.request[_TOOL]
-        conf = server.tools.get(tool)
-        if conf is not None and not conf.allowed:
+        conf = server.tool(tool)
+        if not conf.allowed:
             raise PermissionDenied(f"The tool '{server.name}.{tool}' is switched off for every key (MCP server "
                                    f"'{server.name}' config).", code="tool_disabled")
         call.tools = (f"{server.name}.{tool}",)
-        call.fixed_cost_nanos = conf.price_nanos if conf is not None else 0
+        call.fixed_cost_nanos = conf.hold_nanos()  # the most it may cost; settled at what it did
+        if conf.calls_per_minute is not None or conf.max_concurrent is not None:
+            # The tool's own limits, counted across the workspace's keys like any limit (Redis).
+            ws = call.vk.workspace_id
+            base = on_path(call)
+            call.on_path = dataclasses.replace(base, limits=(*base.limits, Limit(
+                id=f"tool:{server.name}.{tool}", workspace_id=ws, scope="workspace", scope_id=ws,
+                rpm=conf.calls_per_minute, concurrency=conf.max_concurrent)))
 
     async def dispatch(self, call: Call) -> web.StreamResponse:
         server, tool, arguments = call.request[_TOOL]
         msg_id = call.request[_MSG].get("id")
         started = time.perf_counter()
-        price = call.fixed_cost_nanos or 0
         try:
             result = await request(_CLIENTS, call.worker.session, server, _headers(call, server), "tools/call",
                                    {"name": tool, "arguments": arguments})
@@ -243,7 +262,7 @@ class McpToolCall(_Endpoint):
             return _answer(msg_id, call=call, error={"code": UPSTREAM_ERROR, "message": exc.message,
                                                      "data": {"code": exc.code, "server": server.name}})
         failed = bool(result.get("isError"))
-        call.cost_nanos = 0 if failed else price
+        call.cost_nanos = 0 if failed else price_of(server.tool(tool), result)
         call.success_event = self._event(call, server, tool, "error" if failed else "ok", started, call.cost_nanos,
                                          "tool_error" if failed else None)
         return _answer(msg_id, result=result, call=call)

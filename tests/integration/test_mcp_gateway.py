@@ -290,3 +290,49 @@ async def test_tool_arguments_and_results_are_archived_redacted_and_on_the_run_t
     [item] = [i for i in timeline["items"] if i["type"] == "tool.call"]
     assert (item["server"], item["tool"], item["status"], item["body_key"]) == (
         "tools", "echo", "ok", stored["key"])
+
+
+async def test_a_tool_priced_per_unit_books_the_units_its_result_reports(gateway: Gateway,
+                                                                         upstream: McpTestServer) -> None:
+    # `add` reports {"result": a + b}: priced at $0.001 per unit of `result`, at most 100 units held.
+    org = await make_org(gateway, upstream, tools={"add": {"price_usd": "0.0001", "unit_price_usd": "0.001",
+                                                           "unit_field": "result", "max_units": 100}})
+    shown = org.admin("GET", f"/admin/v1/mcp-servers?workspace_id={org.ws}")["data"][0]["tools"]["add"]
+    assert (shown["unit_price_usd"], shown["unit_field"], shown["max_units"]) == ("0.001", "result", 100)
+    run = f"run-units-{org.ws}"
+    async with mcp_client(org.url("tools"), org.headers(run=run)) as client:
+        assert "5" in text(await client.call_tool("add", {"a": 2, "b": 3}))
+
+    async def booked() -> dict[str, Any] | None:
+        status, body = await asyncio.to_thread(gateway.admin.request, "GET",
+                                               f"/admin/v1/runs/{run}?workspace_id={org.ws}")
+        return body if status == 200 and body.get("tool_cost_nanos") else None
+    summary = await eventually(booked, timeout=20)
+    assert summary["tool_cost_usd"] == "0.0051"  # 0.0001 per call + 5 units of 0.001
+    # A budget below the most a call may cost (0.0001 + 100 units) refuses before the server sees it.
+    org.create("budgets", scope="agent", scope_id=org.agent, period="month", limit_usd="0.05")
+    await org.synced()
+    before = len(upstream.called("add"))
+    async with mcp_client(org.url("tools"), org.headers(run=run)) as client:
+        refused = await client.call_tool("add", {"a": 1, "b": 1})
+    assert refused.is_error and "budget_exceeded" in text(refused)
+    assert len(upstream.called("add")) == before
+    code, bad = await asyncio.to_thread(gateway.admin.request, "POST", "/admin/v1/mcp-servers", {
+        "workspace_id": org.ws, "name": "halfway", "url": upstream.url, "tools": {"add": {"unit_price_usd": "0.1"}}})
+    assert code == 400 and bad["error"]["code"] == "incomplete_unit_price"
+
+
+async def test_a_tools_own_limits_hold_across_the_workspaces_keys(gateway: Gateway, upstream: McpTestServer) -> None:
+    org = await make_org(gateway, upstream, tools={"echo": {"calls_per_minute": 2},
+                                                   "slow": {"max_concurrent": 1}})
+    other_key = org.create("virtual-keys", name="second", agent_id=org.agent)["key"]
+    await org.synced()
+    async with mcp_client(org.url("tools"), org.headers()) as client, \
+            mcp_client(org.url("tools"), {**org.headers(), "Authorization": f"Bearer {other_key}"}) as second:
+        first = [await client.call_tool("echo", {"text": "one"}), await second.call_tool("echo", {"text": "two"})]
+        third = await client.call_tool("echo", {"text": "three"})
+        assert not any(r.is_error for r in first)
+        assert third.is_error and "rate_limit_exceeded" in text(third) and "tools.echo" in text(third)
+        both = await asyncio.gather(client.call_tool("slow", {"seconds": 1}), second.call_tool("slow", {"seconds": 1}))
+    refused = [r for r in both if r.is_error]
+    assert len(refused) == 1 and "Concurrency limit tool:tools.slow" in text(refused[0])
