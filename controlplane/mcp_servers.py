@@ -9,7 +9,9 @@ without `headers` keeps the stored ones; `"headers": null` (or `{}`) removes the
 moves `url` to another origin (scheme, host, port) must give `headers` anew, so stored secrets
 never follow the URL somewhere else. `tools` sets each tool's price per call (`price_usd`, a
 decimal string, stored as integer nano-USD) and switch (`allowed`); a tool not named costs 0 and
-is allowed. A given `tools` replaces the stored map whole.
+is allowed. A given `tools` replaces the stored map whole. `payments` says what a paid tool's x402
+PaymentRequired gets: "pass" (default, relayed to the client) or "pay" (paid from the wallet open
+to the caller's agent, under its policy and budgets).
 
 Every refusal is a 400 (409 for a taken name, 404 for a missing workspace) whose `param` names the
 field, and nothing is written:
@@ -29,7 +31,7 @@ field, and nothing is written:
   whitespace (`invalid_tool_name`, param `tools`); a `price_usd` that is not a non-negative
   decimal string of at most 9 decimals and at most 1000000 (`invalid_amount`, param
   `tools.<name>.price_usd`);
-* `timeout_s` outside 1..300 (`invalid_timeout`);
+* `timeout_s` outside 1..300 (`invalid_timeout`); `payments` not "pass" or "pay";
 * a PATCH moving `url` to another origin without `headers` while headers are stored
   (`headers_required`).
 """
@@ -37,7 +39,7 @@ field, and nothing is written:
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
@@ -107,7 +109,8 @@ class CreateMcpServer(Command):
     upstream request (at most 16, e.g. `{"Authorization": "Bearer ..."}`), stored encrypted and
     never shown (answers list the names). `tools`: per tool, `price_usd` per call (default "0") and
     `allowed` (default true); tools not named cost nothing and are allowed. `timeout_s`: per
-    upstream request, 1..300 (default 30)."""
+    upstream request, 1..300 (default 30). `payments`: "pass" (default) relays a paid tool's x402
+    PaymentRequired to the client; "pay" pays it from the wallet open to the caller's agent."""
 
     workspace_id: Ident
     name: ServerName
@@ -115,6 +118,7 @@ class CreateMcpServer(Command):
     headers: Headers | None = None
     tools: Tools = msgspec.field(default_factory=dict)
     timeout_s: float = 30.0
+    payments: Literal["pass", "pay"] = "pass"
 
     def check(self) -> None:
         check_name(self.name)
@@ -135,6 +139,7 @@ class PatchMcpServer(Command):
     headers: Headers | msgspec.UnsetType | None = msgspec.UNSET
     tools: Tools | msgspec.UnsetType = msgspec.UNSET
     timeout_s: float | msgspec.UnsetType = msgspec.UNSET
+    payments: Literal["pass", "pay"] | msgspec.UnsetType = msgspec.UNSET
 
 
 # ---- pure checks (each raises InvalidRequest naming the field) ------------------------------------
@@ -225,7 +230,7 @@ async def _build(cc: ConfigCommands, cmd: CreateMcpServer, ent_id: str, prior: P
         headers_enc = {name: cc.keyring.encrypt(value) for name, value in (cmd.headers or {}).items()}
     tools = {name: _tool(name, t) for name, t in cmd.tools.items()}
     return McpServer(id=ent_id, workspace_id=cmd.workspace_id, name=cmd.name, url=cmd.url, headers_enc=headers_enc,
-                     tools=tools, timeout_s=float(cmd.timeout_s))
+                     tools=tools, timeout_s=float(cmd.timeout_s), payments=cmd.payments)
 
 
 def _tool(name: str, t: ToolIn) -> McpTool:
@@ -262,7 +267,7 @@ def _fields(server: McpServer) -> dict[str, Any]:
     # What a PATCH merges over: no `headers` (only their ciphertext is stored), so `_build` keeps
     # them unless the PATCH gives some.
     tools = {name: tool_view(t) for name, t in server.tools.items()}
-    return _builtins(server, "workspace_id", "name", "url", "timeout_s") | {"tools": tools}
+    return _builtins(server, "workspace_id", "name", "url", "timeout_s", "payments") | {"tools": tools}
 
 
 MCP_SERVER = KindSpec("mcp", "MCP server", CreateMcpServer, PatchMcpServer, lambda c: new_id("mcp"), _fields, _build,

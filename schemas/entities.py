@@ -625,7 +625,9 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     and in policies. `url` is http(s), SSRF-checked like a custom provider's base URL.
     `headers_enc` maps a header name to its value's Fernet ciphertext (the KeyRing, like
     `Provider.api_key_enc`), sent on every upstream request; never shown (the API shows the names).
-    `timeout_s` bounds each upstream request."""
+    `timeout_s` bounds each upstream request. `payments`: what a paid tool's x402 PaymentRequired
+    result gets, "pass" (relayed to the client) or "pay" (paid from the caller's agent's wallet,
+    `dataplane.mcp_payments`)."""
 
     id: str
     workspace_id: str
@@ -634,6 +636,7 @@ class McpServer(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag
     headers_enc: dict[str, str] = msgspec.field(default_factory=dict)
     tools: dict[str, McpTool] = msgspec.field(default_factory=dict)
     timeout_s: float = 30.0
+    payments: Literal["pass", "pay"] = "pass"
 
     def tool(self, name: str) -> McpTool:
         """The configured price and switch of tool `name` (not named: price 0, allowed)."""

@@ -16,7 +16,9 @@ pipeline: authentication, agent context, then:
   tool error result (`isError: true`) naming the rule; it is recorded like any refusal (the
   call's `llm.call` with its decision, and the `policy.decision`). A served call is a `tool.call`
   event: the tool's price is booked as tool spend on the caller's run when it succeeded, nothing
-  when the tool failed.
+  when the tool failed. The client's `params._meta` is forwarded. A paid tool (x402's MCP
+  transport: a PaymentRequired tool error result) is relayed as is, or paid from the agent's
+  wallet when its server's `payments` is "pay" (`dataplane.mcp_payments`).
 
 Upstream failures (down, slow, HTTP errors, protocol errors) answer a JSON-RPC error naming the
 server (`dataplane.mcp_upstream`), recorded as a `tool.call` with status `error`. Bad input gets
@@ -37,6 +39,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from dataplane import mcp_payments
 from dataplane.call import Call
 from dataplane.lifecycle import bearer
 from dataplane.mcp_upstream import McpClients, McpUpstreamError, list_tools, request
@@ -227,6 +230,8 @@ class McpToolCall(_Endpoint):
         if len(json.dumps(arguments, separators=(",", ":"))) > MAX_ARGUMENT_BYTES:
             raise InvalidRequest(f"params.arguments is over the {MAX_ARGUMENT_BYTES}-byte limit.",
                                  param="params.arguments", code="arguments_too_large")
+        if not isinstance(params.get("_meta", {}), dict):
+            raise InvalidRequest("params._meta must be an object.", param="params._meta")
         server, tool = _resolve(call, params["name"])
         call.request[_TOOL] = (server, tool, arguments)
         call.raw = call.request[_MSG]  # what the body archive keeps as the request
@@ -252,10 +257,20 @@ class McpToolCall(_Endpoint):
     async def dispatch(self, call: Call) -> web.StreamResponse:
         server, tool, arguments = call.request[_TOOL]
         msg_id = call.request[_MSG].get("id")
+        meta = call.request[_MSG]["params"].get("_meta")  # forwarded as is (progress, x402/payment, ...)
+        params = {"name": tool, "arguments": arguments, **({"_meta": meta} if isinstance(meta, dict) else {})}
         started = time.perf_counter()
+
+        async def send(p: dict[str, Any]) -> dict[str, Any]:
+            return await request(_CLIENTS, call.worker.session, server, _headers(call, server), "tools/call", p)
+        paid = None
         try:
-            result = await request(_CLIENTS, call.worker.session, server, _headers(call, server), "tools/call",
-                                   {"name": tool, "arguments": arguments})
+            result = await send(params)
+            document = mcp_payments.payment_required(result)
+            if document is not None and server.payments == "pay" and mcp_payments.PAYMENT_META not in (meta or {}):
+                paid = await mcp_payments.pay(call, server, tool, params, document, server.tool(tool).hold_nanos(),
+                                              send)
+                result = paid.result
         except McpUpstreamError as exc:
             call.status, call.error_code = exc.status, exc.code
             call.success_event = self._event(call, server, tool, "error", started, 0, exc.code)
@@ -263,8 +278,13 @@ class McpToolCall(_Endpoint):
                                                      "data": {"code": exc.code, "server": server.name}})
         failed = bool(result.get("isError"))
         call.cost_nanos = 0 if failed else price_of(server.tool(tool), result)
+        error = None if not failed else "mcp_payment_refused" if paid is not None and paid.event is None else \
+            "mcp_payment_required" if mcp_payments.payment_required(result) else "tool_error"
         call.success_event = self._event(call, server, tool, "error" if failed else "ok", started, call.cost_nanos,
-                                         "tool_error" if failed else None)
+                                         error)
+        if paid is not None and paid.event is not None:  # the payment: its own spend, on the same run
+            call.worker.events.emit(paid.event)
+            call.cost_nanos += paid.nanos
         return _answer(msg_id, result=result, call=call)
 
     def _event(self, call: Call, server: McpServer, tool: str, status: str, started: float, cost: int,
