@@ -95,7 +95,8 @@ def run_set(a: Args) -> None:
     existing = _find(a, a.name)
     headers = headers_given(a)
     tools = merged_tools(existing["tools"] if existing else {}, a)
-    fields = drop_none({"url": a.url, "headers": headers, "tools": tools, "timeout_s": a.timeout})
+    fields = drop_none({"url": a.url, "headers": headers, "tools": tools, "timeout_s": a.timeout,
+                        "payments": a.payments})
     if existing is None:
         if a.url is None:
             sys.exit(f"alephant: workspace '{default_ws(a)}' has no MCP server named '{a.name}'; give --url to "
@@ -148,6 +149,9 @@ def add_mcp_server_commands(cmds: Commands) -> None:
                    help="forget tool NAME's settings: it is allowed and free again (repeatable)")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
                    help="the most one upstream request may take, 1..300 (default 30)")
+    p.add_argument("--payments", choices=("pass", "pay"),
+                   help="x402-paid tools: 'pass' the payment request to the client (default) or 'pay' it from the "
+                        "workspace's wallet, under the agent's policies and budgets")
     leaf(g, "list", "List the workspace's MCP servers", "GET",
          lambda a: f"{BASE}?{urlencode({'workspace_id': default_ws(a)})}")
     p = leaf(g, "get", "Show an MCP server (by name in the workspace, or by id): its URL, header names (never "

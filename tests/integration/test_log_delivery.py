@@ -232,7 +232,7 @@ async def test_dead_destinations_slow_no_request_and_end_dead_lettered(stack: St
         for dest, error in ((refused, "connect error"), (hung, "timeout after 1 s")):
             st = await eventually(lambda d=dest["id"]: all_dead(d), timeout=90)  # type: ignore[misc]
             assert st["delivered"] == 0 and st["failed"] >= 10 * MAX_ATTEMPTS
-            assert st["last_error"].startswith(error), st
+            assert error in st["last_error"], st  # the last attempt's error, or the give-up naming it
             status, letters = await admin(http, stack, "GET", f"/admin/v1/log-destinations/{dest['id']}/dead-letters")
             # The 10 calls made while it was dead, and (on a loaded machine) maybe a baseline call
             # whose event reached the stream after the destination was created: each one dead-lettered.

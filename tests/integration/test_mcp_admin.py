@@ -125,7 +125,8 @@ async def test_lifecycle(gateway: Gateway, admin: Admin, ws: str) -> None:
     assert sid.startswith("mcp_") and created["propagated"] is True
     assert isinstance(created["revision"], int) and created["revision"] == created["snapshot_revision"]
     assert _stored(created) == {"kind": "mcp", "id": sid, "workspace_id": ws, "name": body["name"], "url": UPSTREAM,
-                                "headers": ["Authorization", "X-Team"], "tools": VIEW_TOOLS, "timeout_s": 20.0}
+                                "headers": ["Authorization", "X-Team"], "tools": VIEW_TOOLS, "timeout_s": 20.0,
+                                "payments": "pass"}
 
     # The KV entry the workers read and the Postgres row hold ciphertext, which decrypts to the value.
     stored = await _kv_server(gateway, sid)
@@ -341,7 +342,7 @@ async def test_cli(gateway: Gateway, admin: Admin, ws: str, monkeypatch: pytest.
     assert SECRET.split()[1] not in done.stdout + done.stderr and "snapshot revision" in done.stderr
     assert _stored(created) == {"kind": "mcp", "id": created["id"], "workspace_id": ws, "name": name,
                                 "url": UPSTREAM, "headers": ["Authorization", "X-Team"], "tools": VIEW_TOOLS,
-                                "timeout_s": 20.0}
+                                "timeout_s": 20.0, "payments": "pass"}
     stored = await _kv_server(gateway, created["id"])
     assert _keyring(gateway).decrypt(stored.headers_enc["Authorization"]).reveal() == SECRET
 

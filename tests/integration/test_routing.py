@@ -67,6 +67,17 @@ async def live_router(gateway: Gateway, http: aiohttp.ClientSession, **body: Any
     return router, f"/router/{router['id']}/v1/chat/completions"
 
 
+def fresh_provider(gateway: Gateway, fake: FakeUpstream, prefix: str) -> str:
+    """A provider of its own on `fake`'s upstream, with one credential: target health and
+    cool-downs are per (provider, credential, model) and outlive a test, and other tests add
+    provider keys to `ra`, so a test that counts attempts must not share a target with them."""
+    name = f"{prefix}{os.urandom(3).hex()}"
+    gateway.admin.call("POST", "/admin/v1/providers", {"workspace_id": "demo", "name": name, "type": "openai",
+                                                       "base_url": fake.base_url,
+                                                       "api_key": f"sk-{prefix}-upstream-0123456789"})
+    return name
+
+
 def root(gateway: Gateway) -> str:
     return gateway.base_url.removesuffix("/v1")
 
@@ -261,15 +272,16 @@ async def test_the_client_never_waits_past_the_total_timeout(
 async def test_every_target_failing_is_one_clear_error_in_each_api_shape(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, rb = fakes
-    router = await make_router(gateway, strategy="fallback", targets=[{"model": "ra/*"}, {"model": "rb/*"}],
+    pa, pb = fresh_provider(gateway, ra, "pa"), fresh_provider(gateway, rb, "pb")
+    router = await make_router(gateway, strategy="fallback", targets=[{"model": f"{pa}/*"}, {"model": f"{pb}/*"}],
                                retry={"retries": 0}, health={"consecutive_failures": 100})
     await until_live(gateway, http, router["id"])
     ra.fail_next(500)
     rb.fail_next(503)
     status, headers, body = await chat(gateway, http, f"/router/{router['id']}/v1/chat/completions")
-    assert status == 503 and headers["Alephant-Attempts"] == "2" and headers["Alephant-Provider"] == "rb"
+    assert status == 503 and headers["Alephant-Attempts"] == "2" and headers["Alephant-Provider"] == pb
     message = body["error"]["message"]
-    assert "All 2 upstream attempts failed" in message and "ra/" in message and "rb/" in message
+    assert "All 2 upstream attempts failed" in message and f"{pa}/" in message and f"{pb}/" in message
     assert "returned 503" in message  # the last upstream reason
     ra.fail_next(500)
     rb.fail_next(502)
@@ -374,11 +386,7 @@ async def test_done_when_one_provider_fails_under_load_the_agent_keeps_succeedin
 async def test_an_active_probe_readmits_an_ejected_target_before_its_ejection_ends(
         gateway: Gateway, http: aiohttp.ClientSession, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
     ra, _ = fakes
-    # A provider of its own on ra's upstream, with one credential: other tests add provider keys
-    # to `ra`, and two failures spread over two credentials eject neither.
-    name = f"rp{os.urandom(3).hex()}"
-    gateway.admin.call("POST", "/admin/v1/providers", {"workspace_id": "demo", "name": name, "type": "openai",
-                                                       "base_url": ra.base_url, "api_key": "sk-rp-upstream-0123456789"})
+    name = fresh_provider(gateway, ra, "rp")  # two failures spread over ra's several credentials eject neither
     _, path = await live_router(gateway, http, strategy="fallback", targets=[{"model": f"{name}/*"}, {"model": "rb/*"}],
                                retry={"retries": 0},
                                health={"consecutive_failures": 2, "base_ejection_s": 120, "probe_interval_s": 0.3})

@@ -188,7 +188,7 @@ async def test_the_public_view_shows_header_names_only() -> None:
                     "url": "http://127.0.0.1:9/mcp", "headers": ["Authorization", "X-Team"],
                     "tools": {"delete_index": {"price_usd": "0", "price_nanos": 0, "allowed": False},
                               "web_search": {"price_usd": "0.01", "price_nanos": 10_000_000, "allowed": True}},
-                    "timeout_s": 30.0}
+                    "timeout_s": 30.0, "payments": "pass"}
     text = json.dumps(view)
     assert SECRET not in text and server.headers_enc["Authorization"] not in text and "headers_enc" not in text
 
