@@ -30,9 +30,7 @@ and a PaymentRequired answer to it is relayed).
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -41,8 +39,9 @@ import structlog
 
 from dataplane.call import Call
 from dataplane.payments import wallet as payments
+from dataplane.payments.outbound import outbound_event, payer
 from dataplane.stages import governance
-from schemas.entities import McpServer, Wallet
+from schemas.entities import McpServer
 from schemas.errors import PermissionDenied
 from schemas.events import PaymentOutbound
 
@@ -52,9 +51,6 @@ log = structlog.get_logger(__name__)
 
 PAYMENT_META: Final = "x402/payment"
 RESPONSE_META: Final = "x402/payment-response"
-WALLET_HEADER: Final = "Alephant-Wallet"
-# The egress's namespace: a payment id is one `payment.outbound` whichever path made it.
-OUTBOUND_NAMESPACE: Final = uuid.UUID("7c1e4f0a-2d5b-4c8e-9f3a-6b1d0e2c4a58")
 _MAX_TEXT: Final = 256 * 1024
 
 Send = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -114,27 +110,12 @@ def settled(result: Mapping[str, Any]) -> tuple[bool | None, str]:
     return False, str(receipt.get("errorReason") or "refused")
 
 
-def _wallet(call: Call) -> Wallet:
-    """The wallet that pays: the one the `Alephant-Wallet` header names, else the workspace's
-    first open to the caller's agent (as on egress)."""
-    agent = call.ctx.agent_id
-    usable = [w for w in call.snap.wallets.get(call.vk.workspace_id, ())
-              if not w.agent_ids or (agent is not None and agent in w.agent_ids)]
-    named = call.request.headers.get(WALLET_HEADER)
-    found = next((w for w in usable if named in (w.name, w.id)), None) if named else (usable[0] if usable else None)
-    if found is None:
-        what = f"no wallet '{named[:64]}'" if named else "no wallet of this workspace"
-        raise McpPaymentRefused(f"The tool asks to be paid and {what} is open to this agent.",
-                                code="egress_no_wallet")
-    return found
-
-
 async def pay(call: Call, server: McpServer, tool: str, params: dict[str, Any], document: Mapping[str, Any],
               hold_nanos: int, send: Send) -> Paid:
     """Pay the tool's `PaymentRequired` (`document`) and call it once more with `params` plus the
     payment (see the module docstring). `hold_nanos` is the tool's own budget hold, reserved again
     with the payment's price; `send` calls the tool with the given params."""
-    wallet = _wallet(call)
+    wallet = payer(call, lambda message: McpPaymentRefused(message, code="egress_no_wallet"))
     choice = payments.choose(wallet, offers(document))
     if isinstance(choice, payments.Refusal):
         raise McpPaymentRefused(choice.message.replace("The endpoint", f"Tool '{server.name}.{tool}'", 1),
@@ -158,17 +139,6 @@ async def pay(call: Call, server: McpServer, tool: str, params: dict[str, Any], 
     if ok is False or (ok is None and result.get("isError") is True):
         log.info("mcp_payment_refused", server=server.name, tool=tool[:128], reason=detail[:100])
         return Paid(result, 0, None)
-    return Paid(result, choice.nanos, _spend(call, server, tool, wallet, choice, signed, detail))
+    return Paid(result, choice.nanos, outbound_event(call, wallet, choice, signed, detail,
+                                                           resource=f"mcp://{server.name}/{tool}"))
 
-
-def _spend(call: Call, server: McpServer, tool: str, wallet: Wallet, choice: payments.Choice,
-           signed: payments.Signed, transaction: str) -> PaymentOutbound:
-    ctx, offer = call.ctx, choice.offer
-    return PaymentOutbound(
-        event_id=uuid.uuid5(OUTBOUND_NAMESPACE, signed.payment_id), occurred_at=dt.datetime.now(dt.UTC),
-        workspace_id=call.vk.workspace_id, agent_id=ctx.agent_id, run_id=ctx.run_id, session_id=ctx.session_id,
-        workflow_id=ctx.workflow_id, request_id=ctx.request_id, snapshot_revision=call.snap.revision,
-        key_id=call.vk.id, department_id=call.department_id, member_id=call.member_id,
-        payment_id=signed.payment_id, amount_nanos=choice.nanos, rail=offer.rail, payee=offer.pay_to,
-        resource=f"mcp://{server.name}/{tool}"[:500], wallet_id=wallet.id, asset=offer.asset,
-        network=offer.network, amount_atomic=str(offer.amount), transaction=transaction[:200])

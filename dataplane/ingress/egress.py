@@ -32,8 +32,6 @@ Answers are read whole (at most 16 MiB), not streamed.
 
 from __future__ import annotations
 
-import datetime as dt
-import uuid
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,22 +44,19 @@ from dataplane.call import Call
 from dataplane.lifecycle import bearer
 from dataplane.limits import body_within
 from dataplane.payments import wallet as payments
+from dataplane.payments.outbound import WALLET_HEADER, outbound_event, payer
 from dataplane.pipeline import run
 from dataplane.providers.upstream import read_whole, send
 from dataplane.stages import governance
-from schemas.entities import Wallet
 from schemas.errors import InvalidRequest, NotFound, PermissionDenied, UpstreamError
-from schemas.events import PaymentOutbound
 from schemas.http import read_limited
 
 log = structlog.get_logger(__name__)
 
 EGRESS_ROUTE = "/egress"
 EGRESS_ALIAS_ROUTE = "/egress/{alias:[A-Za-z0-9_-]{1,64}}{tail:(/.*)?}"
-WALLET_HEADER = "Alephant-Wallet"
 PAYMENT_HEADER = "Alephant-Payment"
 MAX_ANSWER = 16 * 1024 * 1024
-OUTBOUND_NAMESPACE = uuid.UUID("7c1e4f0a-2d5b-4c8e-9f3a-6b1d0e2c4a58")
 # Never forwarded: the caller's gateway credentials, hop-by-hop headers, our own, and payment
 # credentials (the gateway pays; a client's own would be a second payment).
 _DROP = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie", "host", "content-length",
@@ -107,28 +102,6 @@ def _target(call: Call) -> str:
         raise InvalidRequest("Name the endpoint to call as ?url=<http(s) URL> (no credentials in it).", param="url",
                              code="invalid_url")
     return url
-
-
-def _wallet(call: Call) -> Wallet:
-    """The wallet that pays (module docstring, step 2); 403 `egress_no_wallet` when none may."""
-    wallets = call.snap.wallets.get(call.vk.workspace_id, ())
-    agent = call.ctx.agent_id
-    usable = [w for w in wallets if not w.agent_ids or (agent is not None and agent in w.agent_ids)]
-    named = call.request.headers.get(WALLET_HEADER)
-    if named:
-        found = next((w for w in usable if named in (w.name, w.id)), None)
-        if found is None:
-            raise EgressRefused(f"No wallet '{named[:64]}' this agent may pay from.", param=WALLET_HEADER,
-                                code="egress_no_wallet")
-        return found
-    alias = call.request.match_info.get("alias")
-    found = next((w for w in usable if alias in w.aliases), None) if alias else None
-    if found is None and usable:
-        found = usable[0]
-    if found is None:
-        raise EgressRefused("The endpoint asks to be paid and no wallet of this workspace is open to this agent.",
-                            code="egress_no_wallet")
-    return found
 
 
 def _forwarded(request: web.Request) -> dict[str, str]:
@@ -195,7 +168,8 @@ class EgressCall:
         if first.status != 402:
             return self._relay(call, first)
         found = payments.offers(first.headers, first.body)
-        wallet = _wallet(call)
+        wallet = payer(call, lambda message: EgressRefused(message, param=WALLET_HEADER, code="egress_no_wallet"),
+                       alias=call.request.match_info.get("alias"))
         choice = payments.choose(wallet, found)
         if isinstance(choice, payments.Refusal):
             if choice.code == "egress_no_payable_offer":
@@ -215,20 +189,9 @@ class EgressCall:
             log.info("egress_payment_refused", status=answer.status, reason=detail[:100], rail=choice.offer.rail)
             return self._relay(call, answer, {PAYMENT_HEADER: "refused"})
         call.cost_nanos = choice.nanos
-        call.success_event = self._spend(call, wallet, choice, signed, detail)
+        call.success_event = outbound_event(call, wallet, choice, signed, detail,
+                                            resource=call.request[_TARGET].split("?", 1)[0])
         return self._relay(call, answer, {PAYMENT_HEADER: "paid", "Alephant-Payment-Id": signed.payment_id})
-
-    def _spend(self, call: Call, wallet: Wallet, choice: payments.Choice, signed: payments.Signed,
-               transaction: str) -> PaymentOutbound:
-        ctx, offer = call.ctx, choice.offer
-        return PaymentOutbound(
-            event_id=uuid.uuid5(OUTBOUND_NAMESPACE, signed.payment_id), occurred_at=dt.datetime.now(dt.UTC),
-            workspace_id=call.vk.workspace_id, agent_id=ctx.agent_id, run_id=ctx.run_id, session_id=ctx.session_id,
-            workflow_id=ctx.workflow_id, request_id=ctx.request_id, snapshot_revision=call.snap.revision,
-            key_id=call.vk.id, department_id=call.department_id, member_id=call.member_id,
-            payment_id=signed.payment_id, amount_nanos=choice.nanos, rail=offer.rail, payee=offer.pay_to,
-            resource=call.request[_TARGET].split("?", 1)[0][:500], wallet_id=wallet.id, asset=offer.asset,
-            network=offer.network, amount_atomic=str(offer.amount), transaction=transaction[:200])
 
 
 _ENDPOINT = EgressCall()
