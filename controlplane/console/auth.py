@@ -45,6 +45,7 @@ class Session:
     token_hash: str
     actor: str  # as given at sign-in
     csrf: str
+    flash: str | None = None  # the notice waiting for the next page (see Sessions.flash)
 
     @property
     def audit_actor(self) -> str:
@@ -82,7 +83,7 @@ class Sessions:
         if not token or len(token) > 128:
             return None
         async with self.pool.connection() as conn:
-            cur = await conn.execute("SELECT token_hash, actor, csrf FROM console_session "
+            cur = await conn.execute("SELECT token_hash, actor, csrf, flash FROM console_session "
                                      "WHERE token_hash = %s AND expires_at > now()", (_hash(token),))
             row = await cur.fetchone()
         return None if row is None else Session(*row)
@@ -97,14 +98,11 @@ class Sessions:
             await conn.execute("UPDATE console_session SET flash = %s WHERE token_hash = %s",
                                (message[:500], session.token_hash))
 
-    async def take_flash(self, session: Session) -> str | None:
+    async def clear_flash(self, session: Session) -> None:
+        """The notice was shown: forget it (only a page that had one writes)."""
         async with self.pool.connection() as conn:
-            cur = await conn.execute(
-                "UPDATE console_session s SET flash = NULL FROM (SELECT token_hash, flash FROM console_session "
-                "WHERE token_hash = %s FOR UPDATE) old WHERE s.token_hash = old.token_hash RETURNING old.flash",
-                (session.token_hash,))
-            row = await cur.fetchone()
-        return None if row is None else row[0]
+            await conn.execute("UPDATE console_session SET flash = NULL WHERE token_hash = %s AND flash = %s",
+                               (session.token_hash, session.flash))
 
 
 def safe_next(target: str | None) -> str:

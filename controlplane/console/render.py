@@ -105,7 +105,9 @@ async def render(request: web.Request, template: str, *, page: str, title: str, 
                  **context: Any) -> web.Response:
     session = session_of(request)
     ids, ws = context.pop("workspace_choice", None) or await workspaces(request)
-    flash = await request.app[SESSIONS].take_flash(session)
+    flash = session.flash
+    if flash is not None:
+        await request.app[SESSIONS].clear_flash(session)
     body = _ENV.get_template(template).render(
         page=page, title=title, nav=NAV, actor=session.actor, csrf=session.csrf, workspaces=ids, ws=ws,
         flash=flash, path=request.rel_url.raw_path, **context)
