@@ -428,6 +428,18 @@ async def taken_by(conn: psycopg.AsyncConnection[Any], kind: str, field: str, va
     return None if row is None else str(row[0])
 
 
+def unique_name(kind: str, noun: str) -> Callable[[psycopg.AsyncConnection[Any], Any], Awaitable[None]]:
+    """A KindSpec guard: 409 `name_taken` when another live `kind` of the entity's workspace has
+    its `name` (`noun` names the kind in the message, e.g. "wallet")."""
+    async def guard(conn: psycopg.AsyncConnection[Any], entity: Any) -> None:
+        other = await taken_by(conn, kind, "name", entity.name, entity.id, entity.workspace_id)
+        if other is not None:
+            raise Conflict(f"Workspace '{entity.workspace_id}' already has a {noun} named '{entity.name}' ({other}); "
+                           f"{noun} names are unique in a workspace.", param="name", code="name_taken")
+
+    return guard
+
+
 def _builtins(entity: Any, *names: str) -> dict[str, Any]:
     return {n: msgspec.to_builtins(getattr(entity, n)) for n in names}
 

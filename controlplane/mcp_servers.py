@@ -43,14 +43,13 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import msgspec
-import psycopg
 
-from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, taken_by
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, unique_name
 from controlplane.governance import usd_to_nanos
 from controlplane.inputs import PRINTABLE_ASCII, BaseUrl, Command, Ident
 from controlplane.paid_admin import check_http_url, check_url_resolving
 from schemas.entities import McpServer, McpTool
-from schemas.errors import Conflict, InvalidRequest
+from schemas.errors import InvalidRequest
 from schemas.ids import new_id
 from schemas.money import nanos_to_decimal_str
 
@@ -255,14 +254,6 @@ def tool_view(t: McpTool) -> dict[str, Any]:
     return out
 
 
-async def _unique_name(conn: psycopg.AsyncConnection[Any], server: Any) -> None:
-    """409 `name_taken` when another live MCP server of the workspace has this name."""
-    other = await taken_by(conn, "mcp", "name", server.name, server.id, server.workspace_id)
-    if other is not None:
-        raise Conflict(f"Workspace '{server.workspace_id}' already has an MCP server named '{server.name}' ({other}); "
-                       "MCP server names are unique in a workspace.", param="name", code="name_taken")
-
-
 def _fields(server: McpServer) -> dict[str, Any]:
     # What a PATCH merges over: no `headers` (only their ciphertext is stored), so `_build` keeps
     # them unless the PATCH gives some.
@@ -271,4 +262,4 @@ def _fields(server: McpServer) -> dict[str, Any]:
 
 
 MCP_SERVER = KindSpec("mcp", "MCP server", CreateMcpServer, PatchMcpServer, lambda c: new_id("mcp"), _fields, _build,
-                      guard=_unique_name)
+                      guard=unique_name("mcp", "MCP server"))

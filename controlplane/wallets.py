@@ -38,9 +38,8 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import msgspec
-import psycopg
 
-from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, taken_by
+from controlplane.commands import ConfigCommands, KindSpec, Prior, _builtins, unique_name
 from controlplane.inputs import BaseUrl, Command, Ident
 from controlplane.paid_admin import (
     SLUG_RE,
@@ -54,7 +53,7 @@ from controlplane.paid_admin import (
     check_url_resolving,
 )
 from schemas.entities import Wallet, WalletAsset
-from schemas.errors import Conflict, InvalidRequest
+from schemas.errors import InvalidRequest
 from schemas.evm import PRIVATE_KEY_RE, address_of, generate_private_key
 from schemas.ids import new_id
 
@@ -223,14 +222,6 @@ async def _build(cc: ConfigCommands, cmd: CreateWallet, ent_id: str, prior: Prio
         agent_ids=cmd.agent_ids, aliases=dict(cmd.aliases), rails=cmd.rails)
 
 
-async def _unique_name(conn: psycopg.AsyncConnection[Any], wallet: Any) -> None:
-    """409 `name_taken` when another live wallet of the workspace has this name."""
-    other = await taken_by(conn, "wallet", "name", wallet.name, wallet.id, wallet.workspace_id)
-    if other is not None:
-        raise Conflict(f"Workspace '{wallet.workspace_id}' already has a wallet named '{wallet.name}' ({other}); "
-                       "wallet names are unique in a workspace.", param="name", code="name_taken")
-
-
 def _fields(wallet: Wallet) -> dict[str, Any]:
     # What a PATCH merges over: no `private_key` (only its ciphertext is stored), so `_build`
     # keeps the stored key unless the PATCH gives one.
@@ -238,4 +229,4 @@ def _fields(wallet: Wallet) -> dict[str, Any]:
 
 
 WALLET = KindSpec("wallet", "Wallet", CreateWallet, PatchWallet, lambda c: new_id("wallet"), _fields, _build,
-                  guard=_unique_name)
+                  guard=unique_name("wallet", "wallet"))
